@@ -1,0 +1,36 @@
+"""Loading a YAML (or dict) config with omegaconf: dotted overrides and `${variables.x}` interpolation."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Sequence, Union
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from llmfoundry_lite.errors import ConfigError, UserError
+
+
+def load_config(source: Union[str, os.PathLike, Mapping], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """YAML path or dict + `key.sub=value` overrides -> plain dict with interpolations resolved.
+
+    The top-level `variables` section only feeds interpolation and is removed from the result.
+    """
+    try:
+        if isinstance(source, Mapping):
+            cfg = OmegaConf.create(dict(source))
+        else:
+            if not os.path.isfile(source):
+                raise UserError(f"config file not found: {source}")
+            cfg = OmegaConf.load(source)
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError([f"override {o!r}: expected key=value (e.g. max_duration=10ba)" for o in bad])
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError([str(e).splitlines()[0]], header=f"cannot read config {source if not isinstance(source, Mapping) else ''}".strip()) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping, got {type(data).__name__}"])
+    data.pop("variables", None)
+    return data

@@ -1,0 +1,81 @@
+import dataclasses
+from typing import Dict, List, Literal, Optional, Union
+
+import pytest
+
+from llmfoundry_lite.config import check, check_kwargs, load_config, parse
+from llmfoundry_lite.errors import ConfigError, UserError
+from llmfoundry_lite.registry import Registry
+
+
+@dataclasses.dataclass
+class Inner:
+    rate: float
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str
+    inner: Inner
+    sizes: List[int] = dataclasses.field(default_factory=list)
+    batch: Union[int, str] = 1
+    extra: Optional[Dict[str, int]] = None
+
+    def validate(self, path):
+        return [f"{path}.batch: 'auto' or an int"] if isinstance(self.batch, str) and self.batch != "auto" else []
+
+
+def test_valid_config_builds_nested_dataclasses():
+    obj = parse(Outer, {"name": "x", "inner": {"rate": 1, "kind": "b"}, "sizes": [1, 2], "batch": "auto"})
+    assert obj.inner == Inner(rate=1.0, kind="b") and isinstance(obj.inner.rate, float)
+    assert obj.sizes == [1, 2]
+
+
+def test_every_problem_reported_at_once_with_paths_and_suggestions():
+    _, problems = check(Outer, {"nmae": "x", "inner": {"rte": 1, "kind": "c"}, "sizes": [1, "two"], "batch": 1.5},
+                        "cfg")
+    text = "\n".join(problems)
+    assert "cfg.nmae: unknown key (did you mean 'name'?)" in text
+    assert "cfg.name: missing required key" in text
+    assert "cfg.inner.rte: unknown key (did you mean 'rate'?)" in text
+    assert "cfg.inner.kind: 'c' is not allowed" in text
+    assert "cfg.sizes[1]: expected int" in text
+    assert "cfg.batch: expected int or str" in text
+    assert len(problems) == 7  # the missing inner.rate too
+
+
+def test_cross_field_validate_runs_after_types_pass():
+    with pytest.raises(ConfigError, match=r"batch: 'auto' or an int"):
+        parse(Outer, {"name": "x", "inner": {"rate": 1}, "batch": "many"})
+
+
+def test_check_kwargs_against_a_signature():
+    def opt(lr, betas=(0.9, 0.95), weight_decay=0.0):
+        pass
+    assert check_kwargs(opt, {"lr": 1e-3, "weight_decay": 0}, "optimizer") == []
+    problems = check_kwargs(opt, {"weight_decy": 0}, "optimizer")
+    assert problems == ["optimizer.weight_decy: unknown key (did you mean 'weight_decay'?)",
+                        "optimizer.lr: missing required key"]
+
+
+def test_load_config_interpolation_overrides_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("variables:\n  seq: 128\nmax_seq_len: ${variables.seq}\nmodel:\n  d_model: 64\n")
+    cfg = load_config(str(y), ["model.d_model=32", "seed=3"])
+    assert cfg == {"max_seq_len": 128, "model": {"d_model": 32}, "seed": 3}
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(str(y), ["seed"])
+    y.write_text("a: ${variables.nope}\n")
+    with pytest.raises(ConfigError):
+        load_config(str(y))
+
+
+def test_registry_lookup_and_did_you_mean():
+    r = Registry("widget")
+    r.register("alpha")(object)
+    assert r.get("alpha") is object and "alpha" in r
+    with pytest.raises(UserError, match=r"unknown widget 'alpah' \(did you mean 'alpha'\?\)"):
+        r.get("alpah")
