@@ -5,3 +5,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- data (issue 3): a tiny byte-level BPE every test can share -------------------------------
+import pytest  # noqa: E402
+
+
+def stdlib_docstrings(limit_chars: int = 200_000) -> str:
+    """Text to train tokenizers on and to tokenize: docstrings of standard-library modules."""
+    import collections, argparse, json, os, pathlib, textwrap, inspect as _inspect  # noqa: E401
+    parts = []
+    for mod in (collections, argparse, json, os, pathlib, textwrap, _inspect):
+        for obj in [mod, *vars(mod).values()]:
+            doc = getattr(obj, "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 40:
+                parts.append(doc.strip())
+    return "\n\n".join(dict.fromkeys(parts))[:limit_chars]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """Folder of a byte-level BPE (vocab 400) with <|endoftext|> as eos/pad, <|im_start|>, <|im_end|>
+    and a ChatML chat template; load it with `AutoTokenizer.from_pretrained(path)`."""
+    from llmfoundry_lite.data.tokenizer import train_tokenizer
+    root = tmp_path_factory.mktemp("tiny_tokenizer")
+    text = root / "train.txt"
+    text.write_text(stdlib_docstrings(), encoding="utf-8")
+    out = root / "tokenizer"
+    train_tokenizer([str(text)], str(out), vocab_size=400, model_max_length=64)
+    return str(out)

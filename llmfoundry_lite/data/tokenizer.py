@@ -1,0 +1,118 @@
+"""Tokenizers: load one by hub name or local folder, or train a small byte-level BPE offline.
+
+`build_tokenizer` is what configs call (`tokenizer: {name: ..., kwargs: {...}}`). It guarantees an
+EOS token (concatenated pretraining text and finetuning targets end with it) and a pad token (EOS
+when the tokenizer has none; padded positions are masked anyway).
+
+`train_tokenizer` trains a byte-level BPE with `tokenizers` on local text files and saves a folder
+that `AutoTokenizer.from_pretrained` loads, with a ChatML chat template. This is how tests, the
+quickstart and offline users get a tokenizer, since nothing can be fetched from the hub here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, List, Optional, Sequence
+
+from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.registry import tokenizers as tokenizer_registry
+
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+DEFAULT_SPECIAL_TOKENS = (EOS, IM_START, IM_END)
+
+# ChatML: <|im_start|>role\ncontent<|im_end|>\n per message; the assistant header opens a reply.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(name_or_path: str, kwargs: Optional[dict] = None):
+    """A Hugging Face tokenizer with an EOS and a pad token.
+
+    `name_or_path` is a name registered in `llmfoundry_lite.registry.tokenizers` (called with
+    `**kwargs`), a local folder, or a hub name. `kwargs` go to `AutoTokenizer.from_pretrained`
+    (e.g. `model_max_length`, `padding_side`, `trust_remote_code`).
+    """
+    kwargs = dict(kwargs or {})
+    if name_or_path in tokenizer_registry:
+        tok = tokenizer_registry.get(name_or_path)(**kwargs)
+    else:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as e:
+            where = "folder" if os.path.isdir(name_or_path) else "tokenizer"
+            raise UserError(
+                f"cannot load {where} '{name_or_path}': {str(e).splitlines()[0]}\n"
+                "Give a local tokenizer folder (train one with `llmfoundry-lite data-prep train-tokenizer`) "
+                "or a hub name while online (HF_HUB_OFFLINE=0).") from None
+    if tok.eos_token is None:
+        raise UserError(f"tokenizer '{name_or_path}' has no EOS token; set one with "
+                        "tokenizer.kwargs.eos_token (e.g. '<|endoftext|>')")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _read_texts(files: Sequence[str]) -> Iterable[str]:
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                yield from f
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                            "convert it to UTF-8 first") from None
+
+
+def _text_files(inputs: Sequence[str]) -> List[str]:
+    files: List[str] = []
+    for p in inputs:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(root, n) for root, _, names in os.walk(p) for n in names
+                            if n.endswith((".txt", ".md", ".text")))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise UserError(f"tokenizer training input not found: {p}")
+    if not files:
+        raise UserError(f"no .txt/.md files found in {list(inputs)}")
+    return files
+
+
+def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
+                    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, eos_token: str = EOS,
+                    model_max_length: int = 2048, min_frequency: int = 2):
+    """Train a byte-level BPE on text files (or folders of .txt/.md) and save it to `out_dir`.
+
+    `eos_token` (also the pad token) must be one of `special_tokens`. Returns the loaded
+    `PreTrainedTokenizerFast`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special_tokens = list(dict.fromkeys(special_tokens))
+    if eos_token not in special_tokens:
+        raise UserError(f"eos_token {eos_token!r} must be one of the special tokens {special_tokens}")
+    if vocab_size < 256 + len(special_tokens):
+        raise UserError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
+                        f"{256 + len(special_tokens)} (256 bytes + special tokens)")
+    files = _text_files(inputs)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_read_texts(files), trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token=eos_token,
+                                     bos_token=eos_token, unk_token=None,
+                                     additional_special_tokens=[t for t in special_tokens if t != eos_token],
+                                     model_max_length=model_max_length)
+    hf_tok.chat_template = CHATML_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    hf_tok.save_pretrained(out_dir)
+    return hf_tok
