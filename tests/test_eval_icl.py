@@ -1,0 +1,207 @@
+"""ICL task formats, prompts and metrics against hand-computed values, with a stub model whose logits
+are a fixed bigram table (the logits at a position depend only on the token there)."""
+import json
+
+import pytest
+import torch
+
+from llmfoundry_lite.config import check
+from llmfoundry_lite.errors import DataError
+from llmfoundry_lite.eval.icl import (ICLDataset, ICLTaskConfig, build_prompts, continuation_scores, evaluate_icl_task,
+                                      fewshot_indices, load_task_file, normalize_answer)
+from llmfoundry_lite.registry import icl_tasks
+
+V = 128  # character vocabulary: token id = ord(char); 0 is EOS and pad
+
+
+class CharTokenizer:
+    pad_token_id = eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(i) for i in r if i) for r in rows]
+
+
+class BigramModel(torch.nn.Module):
+    """logits[b, t] = table[input_ids[b, t]]."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def table(**edges):
+    """A bigram table: zeros, plus edges like ab=3.0 (logit 3 for 'b' after 'a')."""
+    t = torch.zeros(V, V)
+    for pair, value in edges.items():
+        t[ord(pair[0]), ord(pair[1])] = value
+    return t
+
+
+def write(tmp_path, name, rows):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(p)
+
+
+def cfg(path, kind, **kw):
+    return ICLTaskConfig(label="t", dataset_uri=path, icl_task_type=kind, **kw)
+
+
+def nll(t, prev, tok):
+    return -torch.log_softmax(t[ord(prev)], -1)[ord(tok)].item()
+
+
+def test_multiple_choice_uses_length_normalised_loss(tmp_path):
+    # After ':' the table prefers 'y' (logit 3) over 'x' (logit 1); after 'y' everything is uniform.
+    t = table(**{":y": 3.0, ":x": 1.0})
+    loss_x = nll(t, ":", "x")
+    mean_yy = (nll(t, ":", "y") + nll(t, "y", "y")) / 2
+    assert mean_yy < loss_x < 2 * mean_yy  # normalised picks "yy", a plain sum would pick "x"
+    path = write(tmp_path, "mc.jsonl", [{"query": "q", "choices": ["x", "yy"], "gold": 1},
+                                        {"query": "r", "choices": ["x", "yy"], "gold": 0},
+                                        {"query": "s", "choices": ["yy", "x", "zzz"], "gold": 0}])
+    res = evaluate_icl_task(BigramModel(t), CharTokenizer(), cfg(path, "multiple_choice", continuation_delimiter=":"),
+                            max_seq_len=32, batch_size=2)
+    assert res == {"t/0-shot": pytest.approx(2 / 3)}
+
+
+def test_per_row_scores_equal_hand_computed_losses(tmp_path):
+    t = table(**{":y": 3.0, ":x": 1.0, "yz": 2.0})
+    path = write(tmp_path, "mc.jsonl", [{"query": "q", "choices": ["x", "yz", "yyy"], "gold": 1}])
+    ds = ICLDataset(cfg(path, "multiple_choice", continuation_delimiter=":"), 0, CharTokenizer(), max_seq_len=32)
+    batch = ds.collate(ds.items)
+    mean_loss, greedy_ok = continuation_scores(BigramModel(t)(batch["input_ids"]).logits, batch)
+    expected = [nll(t, ":", "x"), (nll(t, ":", "y") + nll(t, "y", "z")) / 2,
+                (nll(t, ":", "y") + 2 * nll(t, "y", "y")) / 3]
+    assert mean_loss.tolist() == pytest.approx(expected, rel=1e-5)
+    assert greedy_ok.tolist() == [False, True, False]
+
+
+def test_language_modeling_is_greedy_exact_match(tmp_path):
+    t = table(**{" 4": 5.0, "4.": 5.0, " 5": 1.0})  # greedy continues ' ' with '4', then '.'
+    path = write(tmp_path, "lm.jsonl", [{"context": "2+2=", "continuation": "4."},
+                                        {"context": "2+3=", "continuation": "5."},   # '5' is not the argmax
+                                        {"context": "1+3=", "continuation": "4"},    # one token, matches
+                                        {"context": "0+4=", "continuation": "4!"}])  # '!' is not the argmax
+    res = evaluate_icl_task(BigramModel(t), CharTokenizer(), cfg(path, "language_modeling"), max_seq_len=32,
+                            batch_size=3)
+    assert res["t/0-shot"] == pytest.approx(2 / 4)
+
+
+def test_schema_picks_the_context_that_best_predicts_the_continuation(tmp_path):
+    t = table(**{"az": 2.0, "bz": 0.5})  # the continuation "z" follows a context ending in 'a' best
+    path = write(tmp_path, "schema.jsonl", [{"context_options": ["xb", "xa"], "continuation": "z", "gold": 1},
+                                            {"context_options": ["xb", "xa"], "continuation": "z", "gold": 0}])
+    res = evaluate_icl_task(BigramModel(t), CharTokenizer(), cfg(path, "schema", continuation_delimiter=""),
+                            max_seq_len=32, batch_size=1)
+    assert res["t/0-shot"] == 0.5
+
+
+def test_generation_exact_match_after_normalisation_cut_at_delimiter(tmp_path):
+    # Greedy after '=': 'T','h','e',' ','4','\n' ... ; "The 4" normalises to "4".
+    t = table(**{"=T": 9, "Th": 9, "he": 9, "e ": 9, " 4": 9, "4\n": 9, "\nx": 9, "x\x00": 9})
+    path = write(tmp_path, "gen.jsonl", [{"context": "2+2", "answer": "4"},
+                                         {"context": "1+4", "answer": "5", "aliases": ["five", "the 4!"]},
+                                         {"context": "2+3", "answer": "5"}])
+    c = cfg(path, "generation_task_with_answers", continuation_delimiter="=", max_new_tokens=8)
+    res = evaluate_icl_task(BigramModel(t), CharTokenizer(), c, max_seq_len=32, batch_size=2)
+    assert res["t/0-shot"] == pytest.approx(2 / 3)
+    assert normalize_answer("  The Answer,  is: AN apple! ") == "answer is apple"
+
+
+def test_fewshot_prompt_string_and_sampling(tmp_path):
+    rows = [{"context": "one", "continuation": "1"}, {"context": "two", "continuation": "2"}]
+    path = write(tmp_path, "two.jsonl", rows)
+    c = cfg(path, "language_modeling", prompt_string="Numbers:", example_delimiter="\n\n",
+            continuation_delimiter=" -> ")
+    prompts = build_prompts(rows, icl_tasks.get("language_modeling")(), c, num_fewshot=1)
+    assert prompts[0] == [("Numbers:\n\ntwo -> 2\n\none -> ", "1")]
+    assert prompts[1] == [("Numbers:\n\none -> 1\n\ntwo -> ", "2")]
+    # a shot is never the example itself; the draw is fixed by the seed and differs across seeds
+    draws = [fewshot_indices(20, i, 3, seed=7) for i in range(20)]
+    assert all(i not in d and len(set(d)) == 3 for i, d in enumerate(draws))
+    assert draws == [fewshot_indices(20, i, 3, seed=7) for i in range(20)]
+    assert draws != [fewshot_indices(20, i, 3, seed=8) for i in range(20)]
+    with pytest.raises(DataError, match="num_fewshot 2 needs at least 3 examples"):
+        build_prompts(rows, icl_tasks.get("language_modeling")(), c, num_fewshot=2)
+
+
+def test_multiple_choice_fewshot_shot_uses_the_gold_choice(tmp_path):
+    rows = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}, {"query": "Q2", "choices": ["c", "d"], "gold": 0}]
+    c = cfg(write(tmp_path, "mc.jsonl", rows), "multiple_choice", continuation_delimiter="? ")
+    prompts = build_prompts(rows, icl_tasks.get("multiple_choice")(), c, num_fewshot=1)
+    assert prompts[1] == [("Q1? b\nQ2? ", "c"), ("Q1? b\nQ2? ", "d")]
+
+
+def test_left_truncation_and_batching_do_not_change_scores(tmp_path):
+    t = table(**{" 4": 5.0, "4.": 5.0})
+    rows = [{"context": "long context " * 5 + "2+2=", "continuation": "4."}, {"context": "x=", "continuation": "4."},
+            {"context": "y=", "continuation": "5."}]
+    c = cfg(write(tmp_path, "lm.jsonl", rows), "language_modeling")
+    ds = ICLDataset(c, 0, CharTokenizer(), max_seq_len=10)
+    assert max(len(r) for it in ds.items for r in it.rows) == 10
+    assert "".join(map(chr, ds.items[0].rows[0])) == ("long context " * 5 + "2+2= 4.")[-10:]
+    b = ds.collate(ds.items)
+    assert b["input_ids"].shape == (3, 10) and b["attention_mask"].sum().item() == 10 + 5 + 5
+    scores = [evaluate_icl_task(BigramModel(t), CharTokenizer(), c, max_seq_len=n, batch_size=bs)["t/0-shot"]
+              for n, bs in ((10, 1), (10, 3), (64, 2))]
+    assert scores == [pytest.approx(2 / 3)] * 3
+
+
+def test_bpe_tokenizer_moves_the_space_onto_the_continuation(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    rows = [{"context": "The default value", "continuation": "is"}, {"context": "a", "continuation": "b"}]
+    ds = ICLDataset(cfg(write(tmp_path, "lm.jsonl", rows), "language_modeling"), 0, tok, max_seq_len=64)
+    item = next(it for it in ds.items if len(it.rows[0]) > 3)
+    assert item.rows[0] == tok("The default value is")["input_ids"]
+    assert item.rows[0][-item.cont_lens[0]:] == tok(" is")["input_ids"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query": "q", "choices": ["a"], "gold": 0', "not valid JSON"),
+    ('{"query": "q", "gold": 0}', "missing field 'choices'"),
+    ('{"query": "q", "choices": ["a", "b"], "gold": 2}', "field 'gold' must index 'choices' (0..1), got 2"),
+    ('{"query": "q", "choices": ["a", "b"], "gold": "1"}', "field 'gold' must be int, got str"),
+    ('{"query": "q", "choices": [], "gold": 0}', "field 'choices' must be a non-empty list of strings"),
+    ('["q"]', "expected a JSON object"),
+])
+def test_malformed_task_file_names_file_line_and_field(tmp_path, line, message):
+    path = write(tmp_path, "bad.jsonl", ['{"query": "ok", "choices": ["a", "b"], "gold": 0}', "", line])
+    with pytest.raises(DataError) as e:
+        load_task_file(path, icl_tasks.get("multiple_choice")())
+    assert f"{path}:3: " in str(e.value) and message in str(e.value)
+
+
+def test_task_config_problems_are_all_reported(tmp_path):
+    _, problems = check(ICLTaskConfig, {"label": "x", "dataset_uri": str(tmp_path / "nope.jsonl"),
+                                        "icl_task_type": "multiple_choise", "num_fewshot": [0, -1],
+                                        "continuation_delimter": " "}, "icl_tasks[0]")
+    text = "\n".join(problems)
+    assert "icl_tasks[0].continuation_delimter: unknown key (did you mean 'continuation_delimiter'?)" in text
+    _, problems = check(ICLTaskConfig, {"label": "x", "dataset_uri": str(tmp_path / "nope.jsonl"),
+                                        "icl_task_type": "multiple_choise", "num_fewshot": [0, -1]}, "icl_tasks[0]")
+    text = "\n".join(problems)
+    assert "did you mean 'multiple_choice'" in text and "num_fewshot: must be >= 0" in text
+    assert "dataset_uri: file not found" in text and len(problems) == 3
+
+
+def test_plugin_task_type_via_registry(tmp_path):
+    from llmfoundry_lite.eval.icl import ICLTaskType
+
+    class Yes(ICLTaskType):  # correct when the continuation "yes" beats "no"
+        name, fields = "yes_no_test", {"question": str}
+
+        def requests(self, ex, c):
+            return [(ex["question"] + " ", "yes"), (ex["question"] + " ", "no")]
+
+    icl_tasks.register("yes_no_test", Yes)
+    path = write(tmp_path, "yn.jsonl", [{"question": "ok?"}])
+    res = evaluate_icl_task(BigramModel(table(**{" y": 4.0})), CharTokenizer(), cfg(path, "yes_no_test"), 16, 4)
+    assert res == {"t/0-shot": 1.0}
