@@ -1,0 +1,250 @@
+"""MPT self-attention: fused `Wqkv`, MHA / GQA / MQA, ALiBi or RoPE, optional qk-norm and clipping.
+
+The attention kernel is chosen by name (`attn_config.attn_impl`) from `registry.attention_impls`:
+- `torch`: `F.scaled_dot_product_attention`. Everything positional or masking (ALiBi, causal, key
+  padding, packed `sequence_id`, sliding window) is folded into ONE additive float bias per forward
+  (`AttentionContext.bias`), shared by all layers; when no bias is needed (RoPE / learned positions,
+  no padding) SDPA's `is_causal` fast path is used instead.
+- `flash`: flash-attn 2 on CUDA, with native `alibi_slopes`, sliding window and varlen packing.
+  Asking for it without flash-attn or without CUDA is a `UserError`, never a silent fallback.
+A plug-in registers another kernel with the signature of `torch_attention`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.registry import attention_impls
+
+
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8, device=None) -> torch.Tensor:
+    """MPT's ALiBi slopes (float32, one per head).
+
+    Slopes are 2^(-alibi_bias_max * i / n) for i = 1..n with n the next power of two; for other head
+    counts MPT interleaves that list (odd positions first, then even) and keeps the first n_heads.
+    """
+    n = 2 ** math.ceil(math.log2(n_heads))
+    m = torch.arange(1, n + 1, dtype=torch.float32, device=device) * (alibi_bias_max / n)
+    slopes = 1.0 / torch.pow(2, m)
+    if n != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: Dict, max_seq_len: int,
+                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, 1, S, head_dim) for integer positions (B, S); computed in fp32.
+
+    `scaling` is llm-foundry's `rope_hf_config`: `linear` divides positions by `factor`; `dynamic`
+    (NTK) raises the base once the sequence is longer than `max_seq_len`.
+    """
+    kind, factor = scaling.get("type", "no_scaling"), float(scaling.get("factor", 1.0))
+    pos = positions.float()
+    if kind == "linear":
+        pos = pos / factor
+    elif kind == "dynamic":
+        seq_len = int(positions.max()) + 1
+        if seq_len > max_seq_len:
+            theta = theta * ((factor * seq_len / max_seq_len) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))
+    freqs = pos[..., None] * inv_freq  # (B, S, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, S, D) by the non-interleaved (GPT-NeoX) rotary embedding."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs about positions and masking, built once per forward.
+
+    key_padding_mask: (B, K) bool, True = real token, or None when there is no padding.
+    sequence_id: (B, S) ids of packed sequences (no cache), or None.
+    """
+    q_len: int
+    past_len: int
+    key_padding_mask: Optional[torch.Tensor] = None
+    sequence_id: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    sliding_window: int = -1
+    rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    cache: Dict = field(default_factory=dict)  # per-forward (or shared) store for the built bias
+
+    @property
+    def k_len(self) -> int:
+        return self.past_len + self.q_len
+
+    @property
+    def needs_bias(self) -> bool:
+        """False when plain causal attention (SDPA's is_causal, or no mask for one query) is exact."""
+        return (self.alibi_slopes is not None or self.key_padding_mask is not None or self.sequence_id is not None
+                or self.sliding_window > 0 or (self.past_len > 0 and self.q_len > 1))
+
+    def bias(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The additive bias (B|1, H|1, S, K): ALiBi where allowed, the dtype's minimum where masked."""
+        key = (dtype, str(device))
+        if key not in self.cache:
+            self.cache[key] = self._build_bias(dtype, device)
+        return self.cache[key]
+
+    def _build_bias(self, dtype, device) -> torch.Tensor:
+        q_pos = torch.arange(self.past_len, self.k_len, device=device)
+        k_pos = torch.arange(self.k_len, device=device)
+        rel = k_pos[None, :] - q_pos[:, None]  # (S, K), <= 0 where causal
+        allowed = rel <= 0
+        if self.sliding_window > 0:
+            allowed = allowed & (rel >= -self.sliding_window)
+        allowed = allowed[None, None]
+        if self.key_padding_mask is not None:
+            allowed = allowed & self.key_padding_mask[:, None, None, :].to(device)
+        if self.sequence_id is not None:
+            seq = self.sequence_id.to(device)
+            allowed = allowed & (seq[:, None, :, None] == seq[:, None, None, :])
+        if self.alibi_slopes is not None:
+            values = (self.alibi_slopes.to(device)[:, None, None] * rel[None].float())[None]
+        else:
+            values = torch.zeros((), device=device)
+        return torch.where(allowed, values, torch.finfo(torch.float32).min).to(dtype)
+
+
+def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    groups = n_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def torch_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
+                    softcap: Optional[float] = None) -> torch.Tensor:
+    """q (B, H, S, D), k/v (B, Hkv, K, D) -> (B, H, S, D) with PyTorch's SDPA."""
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    bias = ctx.bias(q.dtype, q.device) if ctx.needs_bias else None
+    if softcap:  # SDPA has no logit soft-capping: spell the attention out
+        scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
+        scores = softcap * torch.tanh(scores / softcap)
+        if bias is not None:
+            scores = scores + bias
+        elif ctx.q_len > 1:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        probs = F.dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p)
+        return torch.matmul(probs, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=softmax_scale,
+                                          is_causal=bias is None and ctx.q_len > 1)
+
+
+def _flash_attn():
+    try:
+        import flash_attn
+    except ImportError:
+        raise UserError("attn_config.attn_impl: 'flash' needs the flash-attn package (pip install "
+                        "'llmfoundry-lite[gpu]') and a CUDA GPU; use attn_impl: torch on this machine") from None
+    return flash_attn
+
+
+def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
+                    softcap: Optional[float] = None) -> torch.Tensor:
+    """flash-attn 2 (CUDA, fp16/bf16); padding and packed sequences go through the varlen kernel."""
+    fa = _flash_attn()
+    if q.device.type != "cuda":
+        raise UserError(f"attn_config.attn_impl: 'flash' runs on CUDA only, but the model is on {q.device}; "
+                        f"use attn_impl: torch")
+    B, H, S, D = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, S, H, D)
+    kw = dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=True, softcap=softcap or 0.0,
+              window_size=(ctx.sliding_window, 0) if ctx.sliding_window > 0 else (-1, -1),
+              alibi_slopes=None if ctx.alibi_slopes is None else ctx.alibi_slopes.to(q.device, torch.float32))
+    if ctx.key_padding_mask is None and ctx.sequence_id is None:
+        return fa.flash_attn_func(q, k, v, **kw).transpose(1, 2)
+    # Varlen: every (row, packed sequence) is its own sequence; padding tokens are dropped.
+    K = k.shape[1]
+    valid = ctx.key_padding_mask if ctx.key_padding_mask is not None else torch.ones(B, K, dtype=torch.bool)
+    valid = valid.to(q.device)
+    seg = torch.zeros(B, K, dtype=torch.long, device=q.device)
+    if ctx.sequence_id is not None:
+        seg[:, -S:] = ctx.sequence_id.to(q.device).long()
+    group = torch.arange(B, device=q.device)[:, None] * (int(seg.max()) + 1) + seg
+    k_group = group[valid]
+    ids, k_counts = torch.unique_consecutive(k_group, return_counts=True)
+    q_valid = valid[:, -S:]
+    q_counts = torch.bincount(torch.searchsorted(ids, group[:, -S:][q_valid]), minlength=len(ids))
+    cu = lambda c: F.pad(c.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
+    out_valid = fa.flash_attn_varlen_func(
+        q[q_valid], k[valid], v[valid], cu_seqlens_q=cu(q_counts), cu_seqlens_k=cu(k_counts),
+        max_seqlen_q=int(q_counts.max()), max_seqlen_k=int(k_counts.max()), **kw)
+    out = q.new_zeros(B, S, H, D)
+    out[q_valid] = out_valid
+    return out.transpose(1, 2)
+
+
+attention_impls.register("torch", torch_attention)
+attention_impls.register("flash", flash_attention)
+
+
+class MPTAttention(nn.Module):
+    """Self-attention with MPT's parameter names: `Wqkv` (or `Wq`/`Wk`/`Wv`), `q_ln`/`k_ln`, `out_proj`."""
+
+    def __init__(self, config, layer_idx: int, norm_factory, device=None):
+        super().__init__()
+        attn = config.attn_config
+        self.layer_idx = layer_idx
+        self.n_heads, self.kv_n_heads, self.head_dim = config.n_heads, config.kv_n_heads, config.head_dim
+        self.d_model, self.kv_dim = config.d_model, config.kv_n_heads * config.head_dim
+        self.softmax_scale = attn["softmax_scale"] or 1 / math.sqrt(self.head_dim)
+        self.attn_pdrop, self.clip_qkv = attn["attn_pdrop"], attn["clip_qkv"]
+        self.softcap = attn["attn_logit_softcapping"]
+        self.impl = attention_impls.get(attn["attn_impl"], "model.attn_config.attn_impl")
+        self.fused = attn["fused_qkv"]
+        bias = not config.no_bias
+        if self.fused:
+            self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_dim, bias=bias, device=device)
+            # the init function initialises q, k and v separately, as if they were three layers
+            self.Wqkv._fused = (0, [self.d_model, self.d_model + self.kv_dim])
+        else:
+            self.Wq = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
+            self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=bias, device=device)
+            self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=bias, device=device)
+        self.qk_gn = attn["qk_gn"]
+        if attn["qk_ln"] or attn["qk_gn"]:  # qk_ln normalises all heads together, qk_gn each head
+            self.q_ln = norm_factory(self.head_dim if self.qk_gn else self.d_model)
+            self.k_ln = norm_factory(self.head_dim if self.qk_gn else self.kv_dim)
+        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
+        self.out_proj._is_residual = True
+
+    def _qkv(self, x):
+        if self.fused:
+            qkv = self.Wqkv(x)
+            if self.clip_qkv:
+                qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+            return qkv.split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
+        qkv = self.Wq(x), self.Wk(x), self.Wv(x)
+        return tuple(t.clamp(-self.clip_qkv, self.clip_qkv) for t in qkv) if self.clip_qkv else qkv
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values=None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q, k, v = self._qkv(x)
+        if hasattr(self, "q_ln"):
+            if self.qk_gn:
+                q = self.q_ln(q.view(B, S, -1, self.head_dim)).to(q.dtype)
+                k = self.k_ln(k.view(B, S, -1, self.head_dim)).to(k.dtype)
+            else:
+                q, k = self.q_ln(q).to(q.dtype), self.k_ln(k).to(k.dtype)
+        q = q.reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, S, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, S, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out = self.impl(q, k, v, ctx, softmax_scale=self.softmax_scale,
+                        dropout_p=self.attn_pdrop if self.training else 0.0, softcap=self.softcap)
+        return self.out_proj(out.transpose(1, 2).reshape(B, S, self.d_model))

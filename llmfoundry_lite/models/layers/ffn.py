@@ -1,0 +1,45 @@
+"""Feed-forward blocks by name (`ffn_config.ffn_type`): `mptmlp` and the gated `mptglu`.
+
+Parameter names are MPT's (`up_proj`, `down_proj`, and `gate_proj` for the GLU). `down_proj` is
+marked `_is_residual` so the init function can scale it by `init_div_is_residual`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict
+
+from torch import nn
+from torch.nn import functional as F
+
+from llmfoundry_lite.registry import ffns
+
+
+def build_activation(spec: Dict[str, Any]):
+    """{'name': 'gelu', 'approximate': 'none'} -> partial(F.gelu, approximate='none')."""
+    spec = dict(spec)
+    return functools.partial(getattr(F, spec.pop("name")), **spec)
+
+
+class MPTMLP(nn.Module):
+    def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool, device=None):
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, hidden_size, bias=bias, device=device)
+        self.act = build_activation(act)
+        self.down_proj = nn.Linear(hidden_size, d_model, bias=bias, device=device)
+        self.down_proj._is_residual = True
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class MPTGLU(MPTMLP):
+    def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool, device=None):
+        super().__init__(d_model, hidden_size, act, bias, device)
+        self.gate_proj = nn.Linear(d_model, hidden_size, bias=bias, device=device)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+ffns.register("mptmlp", MPTMLP)
+ffns.register("mptglu", MPTGLU)

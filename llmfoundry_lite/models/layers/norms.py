@@ -1,0 +1,75 @@
+"""Norms by name (`norm_type`): layernorm, rmsnorm and their low-precision variants.
+
+"Low precision" (MPT's default) means: under autocast, normalise in the autocast dtype (bf16/fp16)
+instead of letting autocast upcast to fp32; it is faster and was how MPT was trained. Outside
+autocast the low-precision norms equal the plain ones, which is what the fp32 parity tests see.
+`bias=False` (MPT's `no_bias`) drops the additive bias, as transformers' Mpt LayerNorm does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from llmfoundry_lite.registry import norms
+
+
+def _autocast_dtype(x: torch.Tensor):
+    """The autocast dtype for x's device when autocast is on there, else None."""
+    device = x.device.type
+    if device in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(normalized_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape, device=device, dtype=dtype)) if bias else None
+
+    def _norm(self, x, weight, bias):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y * weight
+        return y + bias if bias is not None else y
+
+    def forward(self, x):
+        return self._norm(x.float(), self.weight, self.bias).to(x.dtype)
+
+
+class LowPrecisionRMSNorm(RMSNorm):
+    def forward(self, x):
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            return self._norm(cast(x), cast(self.weight), cast(self.bias))
+
+
+class LayerNorm(nn.LayerNorm):
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False, device=None, dtype=None):
+        super().__init__(normalized_shape, eps=eps, bias=bias, device=device, dtype=dtype)
+
+
+class LowPrecisionLayerNorm(LayerNorm):
+    def forward(self, x):
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            return F.layer_norm(cast(x), self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
+
+
+norms.register("layernorm", LayerNorm)
+norms.register("low_precision_layernorm", LowPrecisionLayerNorm)
+norms.register("rmsnorm", RMSNorm)
+norms.register("low_precision_rmsnorm", LowPrecisionRMSNorm)
+
+NORM_CLASSES = (nn.LayerNorm, RMSNorm)
+
+
+def build_norm(norm_type: str, size: int, eps: float, bias: bool, device=None) -> nn.Module:
+    return norms.get(norm_type.lower(), "model.norm_type")(size, eps=eps, bias=bias, device=device)

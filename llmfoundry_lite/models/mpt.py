@@ -1,0 +1,350 @@
+"""MPT, the MosaicML Pretrained Transformer, in plain PyTorch, numerically equal to `transformers`' Mpt.
+
+Architecture choices (each set in `MPTConfig`, see config.py):
+- decoder-only, pre-norm blocks: x += attn(norm_1(x)); x += ffn(norm_2(x)); a final `norm_f`.
+- positions: ALiBi (default; slopes as MPT defines them, so `max_seq_len` can be raised at load
+  time to extrapolate), or RoPE (`rope`, `rope_theta`, hf scaling), or learned embeddings (`wpe`).
+- attention: fused `Wqkv`, multi-head / grouped-query / multi-query, optional qk LayerNorm or
+  per-head GroupNorm, `clip_qkv`, packed-sequence masking by `sequence_id`, sliding window, KV cache
+  (transformers' `Cache`); the kernel (`torch` SDPA or `flash`) comes from a registry.
+- no biases and low-precision LayerNorm by default; `mptmlp` (GELU) or `mptglu` FFNs.
+- weight-tied unembedding by default, optional `logit_scale` and final logit soft-capping.
+Parameter names equal transformers' Mpt state-dict keys, so HF folders load in both directions.
+Padding is given by `attention_mask` (left or right); RoPE / learned positions count only real
+tokens, ALiBi is relative and needs no position ids.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
+                                           QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast,
+                                           TokenClassifierOutput)
+
+from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.models.config import MPTConfig
+from llmfoundry_lite.models.layers.attention import AttentionContext, MPTAttention, alibi_slopes, rope_cos_sin
+from llmfoundry_lite.models.layers.norms import build_norm
+from llmfoundry_lite.registry import ffns, param_inits
+
+
+class MPTBlock(nn.Module):
+    def __init__(self, config: MPTConfig, layer_idx: int):
+        super().__init__()
+        bias = not config.no_bias
+
+        def norm(size):
+            return build_norm(config.norm_type, size, config.layer_norm_epsilon, bias)
+
+        self.norm_1 = norm(config.d_model)
+        self.attn = MPTAttention(config, layer_idx, norm)
+        self.norm_2 = norm(config.d_model)
+        ffn_cls = ffns.get(config.ffn_config["ffn_type"], "model.ffn_config.ffn_type")
+        self.ffn = ffn_cls(config.d_model, config.ffn_hidden_size, config.ffn_config["ffn_act_fn"], bias)
+        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values: Optional[Cache] = None):
+        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), ctx, past_key_values))
+        return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
+
+
+class MPTPreTrainedModel(PreTrainedModel):
+    config_class = MPTConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["MPTBlock"]
+    _supports_cache_class = True
+    _supports_sdpa = True
+
+    def __init__(self, config: MPTConfig):
+        super().__init__(config)
+
+    @contextlib.contextmanager
+    def _build_device(self):
+        """Build parameters on `config.init_device` (e.g. 'meta' for FSDP, initialised later)."""
+        if self.config.init_device in ("cpu", None):
+            yield
+        else:
+            with torch.device(self.config.init_device):
+                yield
+
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initialise `module`'s own parameters as `config.init_config` says (for meta-device builds)."""
+        if module is getattr(self, "lm_head", None) and self.config.tie_word_embeddings:
+            return  # it is the embedding matrix, initialised as one
+        cfg = {k: v for k, v in self.config.init_config.items() if k != "name"}
+        param_inits.get(self.config.init_config["name"], "model.init_config.name")(
+            module, n_layers=self.config.n_layers, d_model=self.config.d_model, **cfg)
+
+    def _init_weights(self, module: nn.Module) -> None:  # transformers' hook (post_init, missing keys)
+        if not any(p.is_meta for p in module.parameters(recurse=False)):
+            self.param_init_fn(module)
+
+    @staticmethod
+    def fsdp_wrap_fn(module: nn.Module) -> bool:
+        return isinstance(module, MPTBlock)
+
+    @staticmethod
+    def activation_checkpointing_fn(module: nn.Module) -> bool:
+        return isinstance(module, MPTBlock)
+
+
+class MPTModel(MPTPreTrainedModel):
+    """Embeddings, the blocks and the final norm; returns hidden states."""
+
+    def __init__(self, config: MPTConfig):
+        super().__init__(config)
+        with self._build_device():
+            self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            if config.position_scheme == "learned":
+                self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+            self.emb_drop = nn.Dropout(config.emb_pdrop)
+            self.blocks = nn.ModuleList([MPTBlock(config, i) for i in range(config.n_layers)])
+            self.norm_f = build_norm(config.norm_type, config.d_model, config.layer_norm_epsilon,
+                                     not config.no_bias)
+        self._bias_cache = {}  # the ALiBi/causal bias of the last unpadded shape, reused across steps
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def _positions(self, attention_mask, sequence_id, batch: int, seq: int, past_len: int, device):
+        """Position ids (B, S) counting real tokens only, restarting at each packed sequence."""
+        if sequence_id is not None:
+            idx = torch.arange(seq, device=device).expand(batch, seq)
+            starts = torch.ones_like(sequence_id, dtype=torch.bool)
+            starts[:, 1:] = sequence_id[:, 1:] != sequence_id[:, :-1]
+            return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        return torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, sequence_id=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        cfg = self.config
+        if output_attentions:
+            raise UserError("output_attentions is not supported by MPTModel (its attention kernels never "
+                            "materialise the probabilities)")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise UserError("pass exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if isinstance(past_key_values, (tuple, list)):
+            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_len + S > cfg.max_seq_len:
+            raise UserError(f"the sequence ({past_len + S} tokens) is longer than max_seq_len ({cfg.max_seq_len}); "
+                            f"shorten the input, or raise config.max_seq_len when loading (ALiBi/RoPE models "
+                            f"extrapolate; learned position embeddings cannot)")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(x.device).bool()
+            if attention_mask.shape != (B, past_len + S):
+                raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                f"(batch, past + new tokens) = {(B, past_len + S)}")
+        if sequence_id is not None and not cfg.attn_config["attn_uses_sequence_id"]:
+            sequence_id = None  # as in llm-foundry: packed sequences see each other unless asked not to
+        if sequence_id is not None and past_len:
+            raise UserError("sequence_id cannot be combined with a KV cache (past_key_values)")
+        scheme = cfg.position_scheme
+        positions = None
+        if scheme in ("learned", "rope"):
+            positions = self._positions(attention_mask, sequence_id, B, S, past_len, x.device)
+        if scheme == "learned":
+            x = x + self.wpe(positions)
+        if cfg.embedding_fraction != 1:  # scale the embedding gradient only (MPT's stability trick)
+            x = x * cfg.embedding_fraction + x.detach() * (1 - cfg.embedding_fraction)
+        x = self.emb_drop(x)
+
+        attn = cfg.attn_config
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        ctx = AttentionContext(
+            q_len=S, past_len=past_len, key_padding_mask=attention_mask if padded else None,
+            sequence_id=sequence_id, sliding_window=attn["sliding_window_size"],
+            alibi_slopes=alibi_slopes(cfg.n_heads, attn["alibi_bias_max"], x.device) if scheme == "alibi" else None,
+            rope=rope_cos_sin(positions, cfg.head_dim, attn["rope_theta"], attn["rope_hf_config"],
+                              cfg.max_seq_len, x.dtype) if scheme == "rope" else None)
+        if not padded and sequence_id is None:  # the bias depends on shapes only: reuse it
+            key = (S, past_len)
+            if key not in self._bias_cache:
+                self._bias_cache = {key: {}}
+            ctx.cache = self._bias_cache[key]
+
+        hidden_states = () if output_hidden_states else None
+        for block in self.blocks:
+            if output_hidden_states:
+                hidden_states += (x,)
+            x = block(x, ctx, past_key_values)
+        x = self.norm_f(x)
+        if output_hidden_states:
+            hidden_states += (x,)
+        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
+                                      hidden_states=hidden_states)
+        return out if return_dict is not False else out.to_tuple()
+
+
+class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: MPTConfig):
+        super().__init__(config)
+        self.transformer = MPTModel(config)
+        with self._build_device():
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        scale = config.logit_scale
+        self.logit_scale = 1 / math.sqrt(config.d_model) if scale == "inv_sqrt_d_model" else scale
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, sequence_id=None, labels=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        """labels are aligned with input_ids (shifted inside, -100 ignored), as in transformers."""
+        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                               sequence_id=sequence_id, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(out.last_hidden_state)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.config.final_logit_softcapping:
+            cap = self.config.final_logit_softcapping
+            logits = cap * torch.tanh(logits / cap)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()
+
+
+class MPTForSequenceClassification(MPTPreTrainedModel):
+    """Classifies the last non-pad token (the rightmost token that is not `pad_token_id`)."""
+
+    def __init__(self, config: MPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = MPTModel(config)
+        with self._build_device():
+            self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                               inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        logits = self.score(out.last_hidden_state)
+        B = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise UserError("sequence classification of a batch needs config.pad_token_id to find the last token")
+        if pad is None or input_ids is None:
+            last = torch.full((B,), logits.shape[1] - 1, device=logits.device)
+        else:
+            idx = torch.arange(input_ids.shape[-1], device=logits.device)
+            last = (idx * (input_ids != pad).to(logits.device)).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = _classification_loss(self.config, pooled, labels.to(pooled.device))
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+                                                  hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()
+
+
+def _classification_loss(config, logits, labels):
+    """transformers' rule: regression for one label, CE for integer labels, else multi-label BCE."""
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if config.num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits, labels)
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class MPTForTokenClassification(MPTPreTrainedModel):
+    def __init__(self, config: MPTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = MPTModel(config)
+        dropout = next((p for p in (getattr(config, "classifier_dropout", None),
+                                    getattr(config, "hidden_dropout", None)) if p is not None), 0.1)
+        self.dropout = nn.Dropout(dropout)
+        with self._build_device():
+            self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                               inputs_embeds=inputs_embeds, use_cache=use_cache,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten())
+        result = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()
+
+
+class MPTForQuestionAnswering(MPTPreTrainedModel):
+    def __init__(self, config: MPTConfig):
+        super().__init__(config)
+        self.transformer = MPTModel(config)
+        with self._build_device():
+            self.qa_outputs = nn.Linear(config.d_model, 2)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
+                end_positions=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        out = self.transformer(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state)
+                                    .split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            # positions outside the input are clamped to an ignored index, as in transformers
+            ignored = start_logits.size(1)
+            start = start_positions.reshape(-1).clamp(0, ignored).to(start_logits.device)
+            end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+        result = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
+                                              hidden_states=out.hidden_states)
+        return result if return_dict is not False else result.to_tuple()
+
+
+def flops_per_token(config: MPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (matmul parameters) + 12 * n_layers * d_model * seq_len (attention)."""
+    d, kv = config.d_model, config.kv_n_heads * config.head_dim
+    n_ffn_mats = 3 if config.ffn_config["ffn_type"] == "mptglu" else 2
+    per_layer = d * (d + 2 * kv) + d * d + n_ffn_mats * d * config.ffn_hidden_size
+    n_matmul = config.n_layers * per_layer + d * config.vocab_size
+    return 6.0 * n_matmul + 12.0 * config.n_layers * d * seq_len
