@@ -13,6 +13,7 @@ with every default filled in, so `config.attn_config["alibi"]` always exists.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -244,7 +245,31 @@ def _check(cfg: Dict[str, Any], path: str):
     attn = own.get("attn_config")
     if isinstance(attn, dict):  # transformers' MptAttentionConfig.to_dict() carries PretrainedConfig's keys
         own["attn_config"] = {k: v for k, v in attn.items() if k not in _PRETRAINED_KEYS}
-    return check(MPTSchema, own, path)
+    schema, problems = check(MPTSchema, own, path)
+    if problems:  # also list the cross-field problems, judged on the known keys as far as they can be
+        for p in _lenient_validate(own, path):
+            if p not in problems:
+                problems.append(p)
+    return schema, problems
+
+
+def _lenient_validate(own: Dict[str, Any], path: str) -> List[str]:
+    """MPTSchema.validate on the known keys, without the type checks that stopped `check`."""
+    top = {f.name for f in dataclasses.fields(MPTSchema)}
+    hints = typing.get_type_hints(MPTSchema)
+    values, problems = {}, []
+    try:
+        for key, value in own.items():
+            if key in top:
+                cls = hints[key]
+                if dataclasses.is_dataclass(cls) and isinstance(value, dict):
+                    names = {f.name for f in dataclasses.fields(cls)}
+                    value = cls(**{k: v for k, v in value.items() if k in names})
+                    problems += value.validate(join(path, key))
+                values[key] = value
+        return problems + MPTSchema(**values).validate(path)
+    except (TypeError, ValueError, AttributeError):  # a badly typed value; `check` already reported it
+        return problems
 
 
 def model_config_problems(cfg: Dict[str, Any], path: str = "model") -> List[str]:

@@ -1,0 +1,178 @@
+"""Every MPT option runs forward and backward; masking, padding and packing equal the plain runs;
+invalid configs raise one error listing every problem; meta init gives the configured statistics."""
+import math
+
+import pytest
+import torch
+
+from llmfoundry_lite.errors import ConfigError, UserError
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token, model_config_problems
+from llmfoundry_lite.models.layers.attention import apply_rope, rope_cos_sin
+
+V = 64
+POSITIONS = {"alibi": {}, "rope": {"attn_config": {"alibi": False, "rope": True}},
+             "learned": {"attn_config": {"alibi": False}}}
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    attn = {"attn_uses_sequence_id": True, **kw.pop("attn_config", {})}
+    base = dict(d_model=32, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=32, attn_config=attn,
+                init_config={"name": "baseline_", "init_std": 0.3})
+    return MPTForCausalLM(MPTConfig(**{**base, **kw})).eval()
+
+
+OPTIONS = {
+    "gqa": dict(attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2}),
+    "mqa": dict(attn_config={"attn_type": "multiquery_attention"}),
+    "unfused_qkv_clip": dict(attn_config={"fused_qkv": False, "clip_qkv": 0.5}),
+    "qk_ln": dict(attn_config={"qk_ln": True, "softmax_scale": 0.3}),
+    "qk_gn_gqa": dict(attn_config={"qk_gn": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2}),
+    "rope_linear": dict(attn_config={"alibi": False, "rope": True, "rope_impl": "hf", "rope_theta": 500,
+                                     "rope_hf_config": {"type": "linear", "factor": 2.0}}),
+    "rope_dynamic": dict(attn_config={"alibi": False, "rope": True, "rope_hf_config": {"type": "dynamic",
+                                                                                        "factor": 2.0}}),
+    "learned_pos": dict(attn_config={"alibi": False}),
+    "no_positions": dict(learned_pos_emb=False, attn_config={"alibi": False}),
+    "dropouts": dict(attn_config={"attn_pdrop": 0.1}, resid_pdrop=0.1, emb_pdrop=0.1),
+    "biases_layernorm": dict(no_bias=False, norm_type="layernorm"),
+    "rmsnorm": dict(norm_type="rmsnorm"),
+    "lp_rmsnorm": dict(norm_type="low_precision_rmsnorm"),
+    "glu_silu": dict(ffn_config={"ffn_type": "mptglu", "ffn_act_fn": {"name": "silu"}, "ffn_hidden_size": 48}),
+    "expansion": dict(expansion_ratio=2.5),
+    "logit_scale": dict(logit_scale="inv_sqrt_d_model", final_logit_softcapping=5.0),
+    "softcap_window": dict(attn_config={"attn_logit_softcapping": 4.0, "sliding_window_size": 3}),
+    "untied_embedding_fraction": dict(tie_word_embeddings=False, embedding_fraction=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_every_option_runs_forward_and_backward(name):
+    model = tiny(**OPTIONS[name]).train()
+    x = torch.randint(0, V, (2, 12))
+    out = model(x, labels=x, sequence_id=torch.tensor([[0] * 5 + [1] * 7] * 2))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():  # and a cached decode equals the full recompute
+        model.eval()
+        full = model(x).logits[:, -1]
+        past = model(x[:, :-1], use_cache=True).past_key_values
+        step = model(x[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+    assert (full - step).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pos", list(POSITIONS))
+def test_sequence_id_masking_equals_separate_runs(pos):
+    model = tiny(**POSITIONS[pos])
+    a, b = torch.randint(0, V, (1, 5)), torch.randint(0, V, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    seq_id = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        out = model(packed, sequence_id=seq_id).logits
+        assert (out[:, :5] - model(a).logits).abs().max() < 1e-5
+        assert (out[:, 5:] - model(b).logits).abs().max() < 1e-5
+        # without attn_uses_sequence_id the packed sequences see each other
+        model.config.attn_config["attn_uses_sequence_id"] = False
+        assert (model(packed, sequence_id=seq_id).logits[:, 5:] - model(b).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pos", list(POSITIONS))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_equals_unpadded(pos, side):
+    model = tiny(**POSITIONS[pos])
+    short, long = torch.randint(1, V, (1, 6)), torch.randint(1, V, (1, 10))
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    ids = torch.cat([torch.cat([pad, short] if side == "left" else [short, pad], 1), long])
+    mask = (torch.arange(10) >= 4) if side == "left" else (torch.arange(10) < 6)
+    mask = torch.stack([mask, torch.ones(10, dtype=torch.bool)]).long()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        real = out[0, 4:] if side == "left" else out[0, :6]
+        assert (real - model(short).logits[0]).abs().max() < 1e-5
+        assert (out[1] - model(long).logits[0]).abs().max() < 1e-5
+        if side == "left":  # batched greedy generation with left padding == each prompt alone
+            kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+            batched = model.generate(ids, attention_mask=mask, **kw)
+            assert torch.equal(batched[0, 4:], model.generate(short, **kw)[0])
+            assert torch.equal(batched[1], model.generate(long, **kw)[0])
+
+
+def test_rope_rotation_matches_transformers_llama():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, LlamaRotaryEmbedding
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0, max_position_embeddings=32)
+    q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    pos = torch.arange(9).expand(2, 9)
+    cos, sin = LlamaRotaryEmbedding(cfg)(q, pos)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+    ours_cos, ours_sin = rope_cos_sin(pos, 16, 500.0, {}, 32, torch.float32)
+    assert torch.allclose(apply_rope(q, ours_cos, ours_sin), ref_q, atol=1e-6)
+    assert torch.allclose(apply_rope(k, ours_cos, ours_sin), ref_k, atol=1e-6)
+
+
+def test_invalid_configs_list_every_problem_with_paths():
+    with pytest.raises(ConfigError) as e:
+        MPTConfig(d_model=30, n_heads=4, attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 3,
+                                                      "rope": True, "alibi_bias_mx": 4, "attn_impl": "trch"},
+                  ffn_config={"ffn_typ": "mptmlp"}, init_config={"name": "kaiming"}, n_layer=2)
+    text = str(e.value)
+    for expected in ["model.d_model: d_model (30) must be divisible by n_heads (4)",
+                     "model.attn_config.kv_n_heads: kv_n_heads (3) must divide n_heads (4)",
+                     "model.attn_config.rope: alibi and rope are both on",
+                     "model.attn_config.alibi_bias_mx: unknown key (did you mean 'alibi_bias_max'?)",
+                     "model.ffn_config.ffn_typ: unknown key (did you mean 'ffn_type'?)",
+                     "model.n_layer: unknown key (did you mean 'n_layers'?)"]:
+        assert expected in text, text
+    problems = model_config_problems({"attn_config": {"attn_impl": "trch"}, "init_config": {"name": "kaiming"}})
+    assert problems == ["model.attn_config.attn_impl: unknown attention implementation 'trch' (did you mean "
+                        "'torch'?); choose one of ['flash', 'torch'] or register one with a plug-in",
+                        "model.init_config.name: unknown init function 'kaiming' (did you mean 'kaiming_normal_'?); "
+                        "choose one of ['baseline_', 'default_', 'kaiming_normal_', 'kaiming_uniform_', "
+                        "'neox_init_', 'small_init_', 'xavier_normal_', 'xavier_uniform_'] or register one with a "
+                        "plug-in"]
+    assert model_config_problems({"d_model": 64, "n_heads": 4, "name": "mpt_causal_lm"}) == []
+    with pytest.raises(ConfigError, match="logit_scale"):
+        MPTConfig(logit_scale="huge")
+
+
+def test_flash_without_flash_attn_or_cuda_is_a_clear_error():
+    model = tiny(attn_config={"attn_impl": "flash"})
+    with pytest.raises(UserError, match="attn_impl: torch"):
+        model(torch.randint(0, V, (1, 4)))
+
+
+def test_meta_init_then_param_init_fn_gives_configured_statistics():
+    cfg = MPTConfig(d_model=128, n_heads=4, n_layers=3, vocab_size=256, max_seq_len=16, init_device="meta",
+                    init_config={"name": "baseline_", "init_std": 0.02, "emb_init_std": 0.5})
+    model = MPTForCausalLM(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.apply(model.param_init_fn)
+    params = dict(model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in params.values())
+    std = lambda name: params[name].std().item()  # noqa: E731
+    assert std("transformer.wte.weight") == pytest.approx(0.5, rel=0.05)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert std("transformer.blocks.0.attn.Wqkv.weight") == pytest.approx(0.02, rel=0.05)
+    assert std("transformer.blocks.1.attn.out_proj.weight") == pytest.approx(0.02 / math.sqrt(6), rel=0.08)
+    assert std("transformer.blocks.2.ffn.down_proj.weight") == pytest.approx(0.02 / math.sqrt(6), rel=0.05)
+    assert torch.equal(params["transformer.norm_f.weight"], torch.ones(128))
+
+    # kaiming_normal_ (the default): std = gain / sqrt(fan_in), each of q, k, v separately
+    model = MPTForCausalLM(MPTConfig(d_model=128, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=16,
+                                     init_config={"init_div_is_residual": False}))
+    assert model.transformer.blocks[0].ffn.up_proj.weight.std().item() == pytest.approx(math.sqrt(2 / 128),
+                                                                                         rel=0.05)
+
+
+def test_flops_per_token_counts_matmul_params_and_attention():
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=100, max_seq_len=16)
+    model = MPTForCausalLM(cfg)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(cfg, 16) == 6 * matmul + 12 * 2 * 64 * 16
