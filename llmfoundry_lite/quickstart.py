@@ -1,0 +1,348 @@
+"""`llmfoundry-lite quickstart` (and `make quickstart`): the whole job, offline, on CPU, in minutes.
+
+1. corpus      standard-library docstrings -> train/val JSONL     (`python -m llmfoundry_lite.quickstart_corpus`)
+2. tokenizer   a byte-level BPE trained on the train split       (`llmfoundry-lite data-prep train-tokenizer`)
+3. mds         both splits tokenized and packed into MDS shards  (`llmfoundry-lite data-prep json`)
+4. pretrain    mpt-tiny-cpu with 2 processes and FSDP2           (`composer -n 2 scripts/train.py ...`);
+               validation loss before (eval_first) and during/after training, checkpoints as it goes
+5. export      the last checkpoint -> a Hugging Face folder      (`llmfoundry-lite convert`),
+               then loaded back with stock `transformers.AutoModelForCausalLM` (no custom code)
+6. generate    completions of docstring-style prompts            (`llmfoundry-lite generate`)
+7. plot        train/val loss curves -> PNG, and a summary of paths, numbers and next commands
+
+Every step but the last is an ordinary command, printed before it runs and again in the summary, so a
+user can repeat any step by hand. A step that finished is recorded in `<out_dir>/.steps/<name>.json`
+with its command; a re-run reuses it when the command is the same. Training is resumable: an
+interrupted run continues from its last checkpoint (autoresume) when the quickstart is run again.
+When a step runs again, every later step runs again too, so the outputs never mix two runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+from llmfoundry_lite.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN_YAML = "yamls/pretrain/mpt-tiny-cpu.yaml"
+EVAL_YAML = "yamls/eval/mpt-tiny.yaml"
+RUN_NAME = "mpt-tiny-cpu"          # the YAML's run_name: checkpoints go to <out>/checkpoints/<run_name>
+SEQ_LEN = 128                      # the YAML's max_seq_len: MDS rows are exactly this long
+PROMPTS = ["Return the number of", "This module provides", "Raise ValueError if"]
+
+
+@dataclass
+class Size:
+    """How big the run is: `full` fits in a few minutes on 2 cores, `tiny` is for tests (~1 minute)."""
+    max_docs: int          # 0 = the whole corpus
+    vocab_size: int
+    max_duration: str
+    eval_interval: str     # max_duration must be a multiple, so the last evaluation is the final model
+    save_interval: str
+
+
+SIZES = {
+    "full": Size(max_docs=0, vocab_size=4096, max_duration="300ba", eval_interval="50ba", save_interval="100ba"),
+    "tiny": Size(max_docs=300, vocab_size=512, max_duration="6ba", eval_interval="3ba", save_interval="3ba"),
+}
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    argv: List[str]
+    outputs: List[str]                  # paths the step writes (removed before a fresh run)
+    env: Dict[str, str] = field(default_factory=dict)
+    resumable: bool = False             # an interrupted run is continued, not restarted
+
+
+def layout(out: str) -> SimpleNamespace:
+    """Where each step writes: the same names as the defaults of yamls/pretrain/mpt-tiny-cpu.yaml and
+    yamls/eval/mpt-tiny.yaml, so those YAMLs work on the quickstart's output as they are."""
+    def j(*parts):
+        return os.path.join(out, *parts)
+    return SimpleNamespace(out=out, corpus=j("corpus"), tokenizer=j("tokenizer"), data=j("data"), logs=j("logs"),
+                           metrics=j("logs", "metrics.jsonl"), checkpoints=j("checkpoints", RUN_NAME),
+                           last_checkpoint=j("checkpoints", RUN_NAME, "latest-rank0.pt"), hf=j("hf"),
+                           eval=j("eval"), plot=j("loss.png"), summary=j("summary.txt"))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out_dir", default="quickstart_out", help="where everything goes (default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="a minimal run (small corpus, a few batches) for tests")
+    parser.add_argument("--max_duration", default=None, help="override the training length, e.g. 500ba")
+    parser.add_argument("--num_procs", type=int, default=2, help="training processes for the composer launcher (default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+
+
+def plan(paths: SimpleNamespace, size: Size, max_duration: str, num_procs: int) -> List[Step]:
+    """The steps as commands, with paths as given (relative to the current directory by default)."""
+    llmf = ["llmfoundry-lite"]
+    corpus_argv = ["python", "-m", "llmfoundry_lite.quickstart_corpus", "--out_dir", paths.corpus]
+    if size.max_docs:
+        corpus_argv += ["--max_docs", str(size.max_docs)]
+    steps = [
+        Step("corpus", "build the corpus (standard-library docstrings)", corpus_argv, [paths.corpus]),
+        Step("tokenizer", "train a byte-level BPE tokenizer on the train split",
+             llmf + ["data-prep", "train-tokenizer", os.path.join(paths.corpus, "train.txt"), "--out", paths.tokenizer,
+                     "--vocab_size", str(size.vocab_size)], [paths.tokenizer]),
+    ]
+    for split in ("train", "val"):
+        steps.append(Step(f"data_{split}", f"tokenize the {split} split into MDS shards",
+                          llmf + ["data-prep", "json", "--path", os.path.join(paths.corpus, f"{split}.jsonl"),
+                                  "--out_root", paths.data, "--split", split, "--concat_tokens", str(SEQ_LEN),
+                                  "--tokenizer", paths.tokenizer, "--eos_text", "<|endoftext|>"],
+                          [os.path.join(paths.data, split)]))
+    train_argv = ["composer", "-n", str(num_procs), _repo_file("scripts/train.py"), _repo_file(PRETRAIN_YAML),
+                  f"variables.data_local={paths.data}", f"variables.tokenizer_name={paths.tokenizer}",
+                  f"save_folder={paths.checkpoints}", f"max_duration={max_duration}",
+                  f"eval_interval={size.eval_interval}", f"save_interval={size.save_interval}", "eval_first=true",
+                  "eval_subset_num_batches=-1", "progress_bar=true", f"loggers.jsonl.path={paths.metrics}"]
+    steps += [
+        Step("pretrain", f"pretrain mpt-tiny-cpu with {num_procs} processes (FSDP2 over gloo)", train_argv,
+             [paths.checkpoints, paths.metrics], env={"OMP_NUM_THREADS": "1"}, resumable=True),
+        Step("eval", "evaluate the trained model against its untrained self (val perplexity, ICL tasks)",
+             llmf + ["eval", _repo_file(EVAL_YAML), f"variables.out={paths.out}", f"results_path={paths.eval}",
+                     "progress_bar=false"], [paths.eval]),
+        Step("export", "export the last checkpoint to a Hugging Face folder",
+             llmf + ["convert", "--composer_path", paths.last_checkpoint, "--hf_output_path", paths.hf], [paths.hf]),
+        Step("generate", "complete a few docstring-style prompts",
+             llmf + ["generate", paths.hf, "--prompts", *PROMPTS, "--max_new_tokens", "24"], []),
+    ]
+    return steps
+
+
+def _repo_file(rel: str) -> str:
+    """`rel` as typed from the repository root, or an absolute path when run from elsewhere."""
+    return rel if os.path.abspath(rel) == str(REPO / rel) else str(REPO / rel)
+
+
+def run(args) -> int:
+    size = SIZES["tiny" if args.tiny else "full"]
+    paths = layout(args.out_dir)
+    steps = plan(paths, size, args.max_duration or size.max_duration, args.num_procs)
+    state_dir = os.path.join(paths.out, ".steps")
+    os.makedirs(state_dir, exist_ok=True)
+    env = _env()
+    started = time.time()
+    redo = args.fresh
+    seconds: Dict[str, float] = {}
+    total = len(steps) + 1
+    for i, step in enumerate(steps, 1):
+        record = _read_record(state_dir, step.name)
+        same = record is not None and record["argv"] == step.argv
+        print(f"\n[{i}/{total}] {step.title}\n$ {_show(step)}", flush=True)
+        if same and record["done"] and not redo:
+            print("(done before: reused; pass --fresh to redo everything)", flush=True)
+            seconds[step.name] = record.get("seconds", 0.0)
+            continue
+        redo = True  # every later step follows this one, so outputs never mix two runs
+        if not (same and step.resumable):
+            _remove(step.outputs)
+        _write_record(state_dir, step.name, {"argv": step.argv, "done": False})
+        t0 = time.time()
+        log_path = os.path.join(paths.logs, f"{step.name}.log")
+        rc = _run_logged(step, env, log_path)
+        if rc != 0:
+            raise UserError(f"step '{step.name}' failed (exit code {rc}); its output is in {log_path}.\n"
+                            "Fix the problem and run the quickstart again: finished steps are reused.")
+        seconds[step.name] = time.time() - t0
+        _write_record(state_dir, step.name, {"argv": step.argv, "done": True, "seconds": seconds[step.name]})
+    print(f"\n[{total}/{total}] load the HF folder with stock transformers, plot the loss curves", flush=True)
+    summary = _finish(paths, steps, seconds, time.time() - started)
+    print(summary, flush=True)
+    return 0
+
+
+def _remove(paths: List[str]) -> None:
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+# --- running commands --------------------------------------------------------------------------
+
+def _env() -> Dict[str, str]:
+    """The caller's environment, offline, with this Python's scripts first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _show(step: Step) -> str:
+    prefix = "".join(f"{k}={v} " for k, v in step.env.items())
+    return prefix + shlex.join(step.argv)
+
+
+def _run_logged(step: Step, env: Dict[str, str], log_path: str) -> int:
+    """Run the step's command from the repository root, echoing its output and keeping a copy."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cwd = os.getcwd()
+    proc = subprocess.Popen(step.argv, env={**env, **step.env}, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, bufsize=0)
+    with open(log_path, "wb") as log:
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk)
+    return proc.wait()
+
+
+def _read_record(state_dir: str, name: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(state_dir, f"{name}.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(state_dir: str, name: str, record: dict) -> None:
+    path = os.path.join(state_dir, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# --- the last step: check, plot, summarise -------------------------------------------------------
+
+TRAIN_LOSS = "loss/train/total"
+EVAL_LOSS = "metrics/eval/LanguageCrossEntropy"
+
+
+def read_metrics(path: str) -> Dict[str, List[tuple]]:
+    """{metric: [(batch, value), ...]} from the JSONL logger's file; a resumed run re-logs some batches,
+    and the last value logged for a batch wins."""
+    series: Dict[str, Dict[int, float]] = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    series.setdefault(key, {})[row["step"]] = float(value)
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def plot_losses(metrics: Dict[str, List[tuple]], out_png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in ((TRAIN_LOSS, "train loss", "-"), (EVAL_LOSS, "validation loss", "o-")):
+        if metrics.get(key):
+            xs, ys = zip(*metrics[key])
+            ax.plot(xs, ys, style, label=label)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("llmfoundry-lite quickstart: mpt-tiny-cpu on stdlib docstrings")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def check_hf_folder(hf_dir: str) -> Dict[str, object]:
+    """Load the export with stock transformers (no custom code) and compare its logits with ours."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmfoundry_lite.export import load_hf_model
+
+    stock = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ours = load_hf_model(hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (stock(ids).logits - ours(ids).logits).abs().max().item()
+    return {"class": type(stock).__name__, "params": sum(p.numel() for p in stock.parameters()),
+            "max_logit_diff": diff}
+
+
+def _generations(log_path: str) -> List[str]:
+    """The completions the generate command printed between its #### separators."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return []
+    parts = text.split("#" * 60)
+    return [p.strip() for p in parts[1:-1] if p.strip()]
+
+
+def _eval_rows(eval_dir: str) -> List[Dict[str, str]]:
+    import csv
+    try:
+        with open(os.path.join(eval_dir, "results.csv"), newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def _finish(paths: SimpleNamespace, steps: List[Step], seconds: Dict[str, float], wall: float) -> str:
+    metrics = read_metrics(paths.metrics)
+    plot_losses(metrics, paths.plot)
+    hf = check_hf_folder(paths.hf)
+    lines = ["", "=" * 78, "quickstart summary", "=" * 78, "Where things are:"]
+    for label, path in (("corpus (JSONL)", paths.corpus), ("tokenizer", paths.tokenizer), ("MDS shards", paths.data),
+                        ("checkpoints", paths.checkpoints), ("HF folder", paths.hf), ("eval results", paths.eval),
+                        ("loss plot", paths.plot), ("metrics log", paths.metrics), ("step logs", paths.logs)):
+        lines.append(f"  {label:15s} {path}")
+    lines.append("Numbers:")
+    evals = metrics.get(EVAL_LOSS, [])
+    if evals:
+        (b0, l0), (b1, l1) = evals[0], evals[-1]
+        lines.append(f"  validation loss {l0:.3f} (perplexity {math.exp(l0):.1f}) at batch {b0} -> "
+                     f"{l1:.3f} (perplexity {math.exp(l1):.1f}) at batch {b1}")
+    if metrics.get(TRAIN_LOSS):
+        lines.append(f"  train loss {metrics[TRAIN_LOSS][0][1]:.3f} -> {metrics[TRAIN_LOSS][-1][1]:.3f}")
+    for key, fmt in (("throughput/tokens_per_sec", "  training speed {:,.0f} tokens/s"),
+                     ("throughput/device/mfu", "  MFU {:.2%} of the declared CPU peak")):
+        if metrics.get(key):
+            lines.append(fmt.format(metrics[key][-1][1]))
+    for row in _eval_rows(paths.eval):
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "model_name")
+        lines.append(f"  eval {row.get('model_name', '?')}: {shown}")
+    lines.append(f"  HF export loads with stock transformers as {hf['class']} ({hf['params']:,} parameters); "
+                 f"max |logit difference| to llmfoundry_lite: {hf['max_logit_diff']:.1e}")
+    for text in _generations(os.path.join(paths.logs, "generate.log")):
+        lines.append(f"  generated: {text!r}")
+    lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+                 + f"; this run {wall:.0f}s (reused steps take no time)")
+    lines.append("Each step as a command (run from the repository root to repeat it):")
+    lines += [f"  {_show(step)}" for step in steps]
+    lines += ["Next:",
+              f"  llmfoundry-lite chat {paths.hf}",
+              f"  llmfoundry-lite serve {paths.hf} --port 8080",
+              f"  llmfoundry-lite train {PRETRAIN_YAML} max_duration=600ba   # one process, longer "
+              "(default paths = this folder)",
+              "  jupyter lab notebooks/finetune_mpt.ipynb                     # finetuning from Python",
+              "  README.md: data prep, finetuning, FSDP on GPUs, serving, the YAML reference"]
+    text = "\n".join(lines)
+    with open(paths.summary, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    return text
+
+
+def _fmt(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
