@@ -9,7 +9,7 @@ _LAZY = {
     "ICLTaskType": "llmfoundry_lite.eval.icl",
     "evaluate_icl_task": "llmfoundry_lite.eval.icl",
     "build_icl_evaluators": "llmfoundry_lite.eval.composer_evaluators",
-    "icl_tasks_config_problems": "llmfoundry_lite.eval.composer_evaluators",
+    "icl_tasks_config_problems": "llmfoundry_lite.eval.icl",
     "evaluate": "llmfoundry_lite.eval.runner",
 }
 

@@ -41,6 +41,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from llmfoundry_lite.config import check
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.registry import icl_tasks
 
@@ -80,6 +81,33 @@ class ICLTaskConfig:
             problems.append(f"{path}.dataset_uri: file not found: {self.dataset_uri} "
                             "(relative paths are relative to the current directory)")
         return problems
+
+
+def icl_task_configs(value: Any, path: str = "icl_tasks") -> Tuple[List[ICLTaskConfig], List[str]]:
+    """The `icl_tasks` section (a list of tasks, or the path of a YAML file with an `icl_tasks` list,
+    as in llm-foundry) as configs, and every problem found, each starting with its key path."""
+    if isinstance(value, str):
+        from llmfoundry_lite.config import load_config
+        if not os.path.isfile(value):
+            return [], [f"{path}: task list file not found: {value}"]
+        value, path = load_config(value).get("icl_tasks"), f"{value}: icl_tasks"
+    if not isinstance(value, list):
+        return [], [f"{path}: expected a list of tasks (or the path of a YAML file with one), got {value!r}"]
+    configs, problems = [], []
+    for i, item in enumerate(value):
+        obj, p = check(ICLTaskConfig, item, f"{path}[{i}]")
+        problems += p
+        if obj is not None and not p:
+            configs.append(obj)
+    labels = [c.label for c in configs]
+    problems += [f"{path}: label {x!r} is used by more than one task; labels name the results"
+                 for x in sorted({x for x in labels if labels.count(x) > 1})]
+    return configs, problems
+
+
+def icl_tasks_config_problems(value: Any, path: str = "icl_tasks") -> List[str]:
+    """Problems of an `icl_tasks` section without raising (to gather with other sections)."""
+    return icl_task_configs(value, path)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,6 +385,28 @@ class ICLDataset(torch.utils.data.Dataset):
 def num_examples(batch: Dict[str, Any]) -> int:
     """Examples in a batch (a multiple-choice example spans several rows)."""
     return len(batch["labels"]) if batch["mode"] == "generate" else len(batch["gold"])
+
+
+def split_examples(batch: Dict[str, Any], size: int) -> List[Dict[str, Any]]:
+    """The batch cut into pieces of `size` examples, never separating the rows of one example."""
+    n = num_examples(batch)
+    if size >= n:
+        return [batch]
+    pieces = []
+    for a in range(0, n, size):
+        b = min(a + size, n)
+        piece = dict(batch)
+        if batch["mode"] == "generate":
+            for key in ("input_ids", "attention_mask", "labels"):
+                piece[key] = batch[key][a:b]
+        else:
+            rows = (batch["example_index"] >= a) & (batch["example_index"] < b)
+            for key in ("input_ids", "attention_mask", "labels", "cont_span"):
+                piece[key] = batch[key][rows]
+            piece["example_index"] = batch["example_index"][rows] - a
+            piece["gold"] = batch["gold"][a:b]
+        pieces.append(piece)
+    return pieces
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,242 @@
+"""`evaluate(cfg, overrides)`: perplexity and ICL accuracy of one or more models, from an eval YAML.
+
+Each entry of `models:` names its model one of three ways:
+  load_path: a Composer checkpoint (full `.pt` or sharded folder; model and tokenizer come from it)
+  model: {name: mpt_causal_lm, pretrained_model_name_or_path: <HF folder>}   an HF MPT folder
+  model: {name: mpt_causal_lm, d_model: ..., ...}   a training YAML's model section (fresh weights)
+plus an optional `tokenizer: {name, kwargs}` (required when nothing else provides one). A YAML with
+a single model may put `model_name`/`model`/`tokenizer`/`load_path` at the top level instead.
+
+Perplexity runs on `eval_loader` (the training YAML's section: one loader or a labelled list; MDS
+or local text/JSONL), ICL on `icl_tasks`. Per model: a table on the console; for the run:
+`<results_path>/results.json` and `results.csv` (one row per model); metrics go to `loggers`.
+Scoring here is plain torch (no Trainer), so the same numbers come out on any machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import torch
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.config import check, load_config
+from llmfoundry_lite.config.schema import join
+from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.eval.icl import evaluate_icl_task, icl_task_configs
+from llmfoundry_lite.train.schema import TokenizerSection
+
+SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    model_name: str
+    model: Optional[Dict[str, Any]] = None
+    tokenizer: Optional[TokenizerSection] = None
+    load_path: Optional[str] = None
+
+    def validate(self, path: str) -> List[str]:
+        if (self.model is None) == (self.load_path is None):
+            return [f"{path}: give either `load_path` (a Composer checkpoint) or `model` (a model section, "
+                    "with `pretrained_model_name_or_path` for an HF folder)"]
+        if self.load_path is not None:
+            if not os.path.exists(self.load_path):
+                return [f"{join(path, 'load_path')}: not found: {self.load_path}"]
+            return []
+        name = self.model.get("name")
+        if name not in registry.models:
+            return [registry.models.unknown_message(name, join(path, "model.name"))]
+        section = {k: v for k, v in self.model.items() if k != "name"}
+        problems = getattr(registry.models.get(name), "config_problems", lambda c, p: [])(section, join(path, "model"))
+        if self.tokenizer is None and "pretrained_model_name_or_path" not in section:
+            problems.append(f"{join(path, 'tokenizer')}: missing; a model built from a config needs a tokenizer "
+                            "(e.g. tokenizer: {name: path/to/tokenizer_folder})")
+        return problems
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    max_seq_len: int
+    models: List[ModelEntry]
+    device_eval_batch_size: int = 4
+    icl_tasks: Optional[Union[str, List[Dict[str, Any]]]] = None  # a list, or a YAML file with one
+    eval_loader: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None
+    eval_subset_num_batches: int = -1                # perplexity batches per loader; -1: all
+    precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 17
+    loggers: Dict[str, Optional[Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    run_name: Optional[str] = None
+    results_path: Optional[str] = "eval_results"     # folder for results.json / results.csv; null: none
+    progress_bar: bool = True
+
+    def validate(self, path: str) -> List[str]:
+        problems = []
+        names = [m.model_name for m in self.models]
+        if not names:
+            problems.append("models: empty; list at least one model")
+        problems += [f"models: model_name {n!r} is used twice; names label the results"
+                     for n in sorted({n for n in names if names.count(n) > 1})]
+        for key in ("max_seq_len", "device_eval_batch_size"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.icl_tasks is None and self.eval_loader is None:
+            problems.append("nothing to evaluate: add `icl_tasks` and/or `eval_loader`")
+        return problems
+
+
+def check_eval_config(data: Dict[str, Any]) -> EvalConfig:
+    """The EvalConfig of a loaded YAML, or one ConfigError listing every problem of every section."""
+    from llmfoundry_lite.data import dataloader_config_problems
+    from llmfoundry_lite.train import builders, composer_model  # noqa: F401  (register models, loggers)
+    from llmfoundry_lite.train.schema import eval_loader_sections, named_section_problems
+
+    data = dict(data)
+    if "models" not in data and any(k in data for k in SINGLE_MODEL_KEYS):
+        entry = {k: data.pop(k) for k in SINGLE_MODEL_KEYS if k in data}
+        data["models"] = [{"model_name": "model", **entry}]
+    cfg, problems = check(EvalConfig, data, "")
+    if cfg is not None:
+        for _, loader, path in eval_loader_sections(cfg.eval_loader):
+            problems += dataloader_config_problems(loader, path)
+        for name, kwargs in cfg.loggers.items():
+            problems += named_section_problems(registry.loggers, name, kwargs, f"loggers.{name}")
+        if cfg.icl_tasks is not None:
+            problems += icl_task_configs(cfg.icl_tasks)[1]
+    if problems:
+        raise ConfigError(problems, header="invalid eval config")
+    return cfg
+
+
+def load_model(entry: ModelEntry, path: str = "models"):
+    """(MPTForCausalLM-like module, tokenizer) for one `models:` entry, on CPU."""
+    from llmfoundry_lite.data import build_tokenizer
+    tokenizer = build_tokenizer(entry.tokenizer.name, entry.tokenizer.kwargs) if entry.tokenizer else None
+    if entry.load_path is not None:
+        from llmfoundry_lite.export import load_composer_checkpoint
+        model, saved_tokenizer = load_composer_checkpoint(entry.load_path)
+        tokenizer = tokenizer or saved_tokenizer
+        if tokenizer is None:
+            raise ConfigError([f"{path}.tokenizer: the checkpoint {entry.load_path} holds no tokenizer; "
+                               "add tokenizer: {name: <folder>}"])
+        return model, tokenizer
+    section = {k: v for k, v in entry.model.items() if k != "name"}
+    if tokenizer is None:  # checked: an HF folder then
+        tokenizer = build_tokenizer(section["pretrained_model_name_or_path"])
+    built = registry.models.get(entry.model["name"])(section, tokenizer)
+    return getattr(built, "model", built), tokenizer  # a Composer wrapper holds the HF model in .model
+
+
+@torch.no_grad()
+def perplexity(model, loader, device, max_batches: int = -1) -> Dict[str, float]:
+    """Token-weighted cross-entropy (nats) and perplexity over the labelled positions of `loader`."""
+    total, tokens = 0.0, 0
+    for i, batch in enumerate(loader):
+        if 0 <= max_batches <= i:
+            break
+        kw = {k: batch[k].to(device) for k in ("attention_mask", "sequence_id") if k in batch}
+        logits = model(input_ids=batch["input_ids"].to(device), **kw).logits
+        labels = batch["labels"].to(device)[:, 1:]  # labels are aligned with input_ids: shift
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                   ignore_index=-100, reduction="sum").item()
+        tokens += int((labels != -100).sum())
+    ce = total / max(tokens, 1)
+    return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 700.0)), "tokens": tokens}
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["device: 'cuda' asked for but no CUDA device is visible; use device: auto or cpu"])
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
+
+
+def evaluate_model(model, tokenizer, cfg: EvalConfig, device: torch.device) -> Dict[str, float]:
+    """Every configured metric of one model: '<loader>/cross_entropy', '<task>/<k>-shot', ..."""
+    from llmfoundry_lite.data import build_dataloader
+    from llmfoundry_lite.train.schema import eval_loader_sections
+
+    model.to(device).eval()
+    metrics: Dict[str, float] = {}
+    with _autocast(cfg.precision, device):
+        for label, loader_cfg, _ in eval_loader_sections(cfg.eval_loader):
+            loader = build_dataloader(loader_cfg, tokenizer, cfg.device_eval_batch_size)
+            for k, v in perplexity(model, loader, device, cfg.eval_subset_num_batches).items():
+                metrics[f"{label}/{k}"] = v
+        for task in icl_task_configs(cfg.icl_tasks)[0] if cfg.icl_tasks is not None else []:
+            metrics.update(evaluate_icl_task(model, tokenizer, task, cfg.max_seq_len, cfg.device_eval_batch_size,
+                                             device, progress=cfg.progress_bar))
+    return metrics
+
+
+def format_table(model_name: str, metrics: Dict[str, float]) -> str:
+    width = max([len("metric"), *map(len, metrics)])
+    lines = [f"== {model_name} ==", f"| {'metric':<{width}} | {'value':>10} |", f"|{'-' * (width + 2)}|{'-' * 12}|"]
+    for k, v in metrics.items():
+        value = f"{v:>10d}" if isinstance(v, int) else f"{v:>10.4f}"
+        lines.append(f"| {k:<{width}} | {value} |")
+    return "\n".join(lines)
+
+
+def write_results(results: Dict[str, Dict[str, float]], folder: str) -> None:
+    """results.json ({model: {metric: value}}) and results.csv (a row per model, a column per metric)."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, os.path.join(folder, "results.json"))
+    columns = list(dict.fromkeys(k for m in results.values() for k in m))
+    with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model_name", *columns])
+        for name, m in results.items():
+            w.writerow([name, *(m.get(c, "") for c in columns)])
+
+
+def _log(cfg: EvalConfig, results: Dict[str, Dict[str, float]], model) -> None:
+    """Send `metrics/<model_name>/<metric>` to the configured Composer logger destinations."""
+    if not cfg.loggers:
+        return
+    from composer.core import State
+    from composer.devices import DeviceCPU
+    from composer.loggers import Logger
+
+    from llmfoundry_lite.train.builders import build_named
+    destinations = build_named(registry.loggers, cfg.loggers, "loggers")
+    state = State(model=model, rank_zero_seed=cfg.seed, run_name=cfg.run_name or "eval", device=DeviceCPU())
+    logger = Logger(state, destinations)
+    for d in destinations:
+        d.init(state, logger)
+    logger.log_metrics({f"metrics/{name}/{k}": v for name, m in results.items() for k, v in m.items()})
+    for d in destinations:
+        d.close(state, logger)
+        d.post_close()
+
+
+def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, float]]:
+    """Evaluate every model of an eval YAML (path or dict); returns {model_name: {metric: value}}."""
+    ec = check_eval_config(load_config(cfg, overrides))
+    device = _device(ec.device)
+    results = {}
+    model = None
+    for i, entry in enumerate(ec.models):
+        torch.manual_seed(ec.seed)  # a model built from a config gets the same weights every run
+        model, tokenizer = load_model(entry, f"models[{i}]")
+        results[entry.model_name] = evaluate_model(model, tokenizer, ec, device)
+        print(format_table(entry.model_name, results[entry.model_name]), flush=True)
+    if ec.results_path:
+        write_results(results, ec.results_path)
+        print(f"results written to {os.path.join(ec.results_path, 'results.json')} and results.csv")
+    _log(ec, results, model)
+    return results
