@@ -1,0 +1,246 @@
+"""Reading Composer checkpoints without Composer, a GPU or a process group.
+
+A checkpoint of `ComposerMPTCausalLM` (a Composer `HuggingFaceModel`) holds the weights under
+`state.model` with names prefixed `model.`, and the HF config and tokenizer files under
+`state.integrations.huggingface` (`{'model': {'config': {'content': {...}}}, 'tokenizer': {file:
+{'file_extension', 'content'}}}`). Two layouts:
+- full: one `.pt` file. It is opened with `mmap=True`, so a tensor is read from disk only when it
+  is used: the optimizer state is never materialised, and a converter touching one tensor at a
+  time needs memory for one tensor. `weights_only=True` (with the few plain types Composer
+  pickles allow-listed); an older checkpoint holding other objects falls back to a full unpickle.
+- sharded: a torch.distributed.checkpoint (DCP) folder (`.metadata` + `__R_N.distcp`). Its
+  metadata says where each tensor lives; tensors are loaded one by one with `no_dist=True`, and
+  only the `state.model.*` and `state.integrations.huggingface.*` entries are ever read.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+
+from llmfoundry_lite.errors import CheckpointError
+
+MODEL_PREFIX = "model."
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint path; a Composer save_folder resolves to its `latest-rank0.pt` (file or folder)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    latest = os.path.join(path, "latest-rank0.pt")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")) and os.path.exists(latest):
+        return os.path.realpath(latest)
+    return path
+
+
+def is_composer_checkpoint(path: str) -> bool:
+    """True for a `.pt` file, a sharded (DCP) folder, or a save_folder with `latest-rank0.pt`."""
+    if os.path.isfile(path):
+        return True
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, ".metadata"))
+                                    or os.path.exists(os.path.join(path, "latest-rank0.pt")))
+
+
+def _safe_globals() -> list:
+    """The non-tensor types a Composer checkpoint pickles (timestamps, versions, numpy RNG state)."""
+    import numpy as np
+    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
+    return [datetime.timedelta, torch.torch_version.TorchVersion, np.ndarray, np.dtype, multiarray._reconstruct,
+            *(type(np.dtype(t)) for t in ("bool", "int32", "int64", "uint32", "uint64", "float32", "float64"))]
+
+
+def _load_pt(path: str) -> Dict[str, Any]:
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        warnings.warn(f"{path} holds pickled objects beyond tensors and plain types; loading it with "
+                      "weights_only=False (do this only for checkpoints you trust)")
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(e).splitlines()[0]}); "
+                              "is it truncated, or not a Composer .pt file?") from None
+
+
+def _strip(name: str) -> Optional[str]:
+    """'model.transformer.wte.weight' -> 'transformer.wte.weight' (None for non-model entries)."""
+    if not name.startswith(MODEL_PREFIX):
+        return None
+    return name[len(MODEL_PREFIX):].replace("_orig_mod.", "")  # torch.compile's wrapper, if any
+
+
+def _dcp_load(holder: Dict[str, Any], reader) -> None:
+    """Fill `holder` (flat checkpoint keys) in this process alone, without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    # The default planner fills a flattened copy of the dict, which loses the non-tensor values.
+    planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(holder, storage_reader=reader, planner=planner, no_dist=True)
+
+
+class _DCPWeights(Mapping):
+    """Model tensors of a DCP folder, each read from disk when it is looked up."""
+
+    def __init__(self, path: str, reader, fqns: Dict[str, str], metadata):
+        self.path, self.reader, self.fqns, self.metadata = path, reader, fqns, metadata
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        fqn = self.fqns[name]
+        meta = self.metadata.state_dict_metadata[fqn]
+        holder = {fqn: torch.empty(meta.size, dtype=meta.properties.dtype)}
+        _dcp_load(holder, self.reader)
+        return holder[fqn]
+
+    def __iter__(self):
+        return iter(self.fqns)
+
+    def __len__(self):
+        return len(self.fqns)
+
+
+def _nest(flat: Dict[Tuple, Any]) -> Any:
+    """{('model', 'config', 'content', 'd_model'): 64, ('a', 0): x, ...} -> nested dicts and lists
+    (DCP flattens lists of non-tensors too, with integer indices in the path)."""
+    root: Dict[Any, Any] = {}
+    for path, value in flat.items():
+        node = root
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+
+    def rebuild(node):
+        if not isinstance(node, dict):
+            return node
+        if node and all(isinstance(k, int) for k in node):
+            return [rebuild(node[i]) for i in sorted(node)]
+        return {k: rebuild(v) for k, v in node.items()}
+    return rebuild(root)
+
+
+def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(path)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as e:  # noqa: BLE001  (any unreadable metadata is the same user problem)
+        raise CheckpointError(f"{path}: unreadable sharded-checkpoint metadata ({e})") from None
+    paths = metadata.planner_data or {}
+    fqns, hf_paths = {}, {}
+    for fqn, entry in metadata.state_dict_metadata.items():
+        p = tuple(paths.get(fqn, fqn.split(".")))
+        if p[:2] == ("state", "model") and isinstance(entry, TensorStorageMetadata):
+            name = _strip(".".join(p[2:]))
+            if name is not None:
+                fqns[name] = fqn
+        elif p[:3] == ("state", "integrations", "huggingface"):
+            hf_paths[fqn] = p[3:]
+    holder = dict.fromkeys(hf_paths)
+    if holder:
+        _dcp_load(holder, reader)
+    hf_state = _nest({hf_paths[fqn]: value for fqn, value in holder.items()})
+    return hf_state, _DCPWeights(path, reader, fqns, metadata)
+
+
+def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
+    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names)."""
+    path = resolve_checkpoint(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(f"{path} is a folder without .metadata: not a sharded Composer checkpoint")
+        return _open_dcp(path)
+    ckpt = _load_pt(path)
+    state = ckpt.get("state") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a Composer checkpoint (no state.model); "
+                              "give a file written by `llmfoundry-lite train` (save_folder)")
+    weights = {}
+    for key, tensor in state["model"].items():
+        name = _strip(key)
+        if name is not None:
+            weights[name] = tensor
+    return state.get("integrations", {}).get("huggingface", {}), weights
+
+
+def _read_tokenizer(hf_state: Dict[str, Any]):
+    """The tokenizer saved with the run (files stored by Composer's HuggingFaceModel), or None."""
+    files = hf_state.get("tokenizer") or {}
+    if not files:
+        return None
+    from llmfoundry_lite.data import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, saved in files.items():
+            ext, content = saved["file_extension"], saved["content"]
+            target = os.path.join(tmp, name if name.endswith(ext) else name + ext)
+            if ext == ".json":
+                with open(target, "w", encoding="utf-8") as f:
+                    json.dump(content, f)
+            elif ext == ".txt":
+                with open(target, "w", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in content))
+            elif ext == ".model":  # a serialized sentencepiece proto
+                with open(target, "wb") as f:
+                    f.write(content)
+            else:  # .py, .jinja
+                with open(target, "w", encoding="utf-8") as f:
+                    f.write(content)
+        return build_tokenizer(tmp)
+
+
+def open_composer_checkpoint(path: str):
+    """(MPTConfig, tokenizer or None, lazy mapping HF name -> tensor) of a full or sharded checkpoint."""
+    from llmfoundry_lite.models import MPTConfig
+
+    hf_state, weights = _open(path)
+    try:
+        content = dict(hf_state["model"]["config"]["content"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path} has no Hugging Face model config (state.integrations.huggingface); "
+                              "it was not written by `llmfoundry-lite train` or a Composer HuggingFaceModel") from None
+    if content.get("model_type") != "mpt":
+        raise CheckpointError(f"{path} holds a '{content.get('model_type')}' model; only MPT checkpoints convert")
+    if not weights:
+        raise CheckpointError(f"{path} holds no model weights under state.model")
+    content["init_device"] = "cpu"
+    return MPTConfig(**content), _read_tokenizer(hf_state), weights
+
+
+def iter_composer_weights(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF parameter name, tensor) pairs, each read from disk only when reached."""
+    weights = _open(path)[1]
+    for name in weights:
+        yield name, weights[name]
+
+
+def load_composer_checkpoint(path: str):
+    """(MPTForCausalLM in eval mode on CPU, tokenizer or None) from a full `.pt` or a sharded folder."""
+    from llmfoundry_lite.models import MPTForCausalLM
+
+    config, tokenizer, weights = open_composer_checkpoint(path)
+    with torch.device("meta"):
+        model = MPTForCausalLM(config)
+    state = {name: weights[name] for name in weights}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: the weights do not match the model config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), tokenizer

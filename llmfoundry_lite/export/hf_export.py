@@ -1,0 +1,244 @@
+"""Writing a Hugging Face folder: config, streamed safetensors shards, tokenizer, generation config.
+
+Parameter names already equal transformers' Mpt names, so the weights are written as they are.
+The config decides the folder's kind:
+- native (`model_type: mpt`, only `transformers.MptConfig` keys): when stock `MptForCausalLM`
+  computes exactly what our model computes. `native_blockers` lists what prevents that, checked
+  against what transformers' Mpt code really does (it always applies ALiBi with bias max 8, builds a
+  fused MHA `Wqkv`, a 4x exact-GELU MLP and bias-free LayerNorms, and ignores logit_scale). Options
+  it does not know, when not at their default, also block: a folder never loads with wrong numerics.
+- custom code (`model_type: llmfoundry_mpt`, `auto_map`): our own model source bundled into one
+  modeling file and one configuration file (see remote_code.py), for `trust_remote_code=True`.
+  The distinct model_type makes loading without trust_remote_code an error, not a stock Mpt model.
+
+Tensors are pulled from the state dict one at a time (it may be lazy, see composer_checkpoint.py),
+converted and written when a shard is full, so peak memory is about one shard plus one tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.remote_code import write_remote_code
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+EXACT_GELU = ({"name": "gelu"}, {"name": "gelu", "approximate": "none"})
+
+# Keys that do not change what an eval-mode forward computes (dropout, init, kernels, bookkeeping).
+_NEUTRAL = {
+    "attn_pdrop", "attn_impl", "attn_uses_sequence_id", "resid_pdrop", "emb_pdrop", "embedding_fraction",
+    "init_config", "init_device", "use_cache", "initializer_range", "verbose", "tokenizer_name",
+    "use_pad_tok_in_ffn", "fc_type", "tie_word_embeddings", "layer_norm_epsilon", "max_seq_len",
+    "vocab_size", "d_model", "n_heads", "n_layers", "clip_qkv", "softmax_scale", "rope_theta",
+    "rope_impl", "rope_dail_config", "rope_hf_config", "learned_pos_emb", "flex_attn_mod_list",
+    "prefix_lm", "kv_dim", "model_type",
+}
+
+
+def _native_checks(cfg) -> Dict[str, Tuple[bool, str]]:
+    """key path -> (stock transformers computes the same, why not)."""
+    attn, ffn = cfg.attn_config, cfg.ffn_config
+    mha = attn["attn_type"] == "multihead_attention" and attn.get("kv_n_heads") in (None, cfg.n_heads)
+    return {
+        "attn_config.attn_type": (mha, "stock Mpt has multi-head attention only (no GQA/MQA)"),
+        "attn_config.kv_n_heads": (mha, "stock Mpt has multi-head attention only (no GQA/MQA)"),
+        "attn_config.alibi": (attn["alibi"], "stock Mpt always applies ALiBi"),
+        "attn_config.rope": (not attn.get("rope"), "stock Mpt has no RoPE"),
+        "attn_config.alibi_bias_max": (attn.get("alibi_bias_max", 8) == 8, "stock Mpt uses alibi_bias_max 8"),
+        "attn_config.qk_ln": (not attn.get("qk_ln"), "stock Mpt has no qk LayerNorm"),
+        "attn_config.qk_gn": (not attn.get("qk_gn"), "stock Mpt has no qk GroupNorm"),
+        "attn_config.fused_qkv": (attn.get("fused_qkv", True), "stock Mpt has a fused Wqkv"),
+        "attn_config.sliding_window_size": (attn.get("sliding_window_size", -1) == -1,
+                                            "stock Mpt has no sliding window"),
+        "attn_config.attn_logit_softcapping": (not attn.get("attn_logit_softcapping"),
+                                               "stock Mpt has no attention soft-capping"),
+        "no_bias": (cfg.no_bias, "stock Mpt has no biases"),
+        "norm_type": (cfg.norm_type.lower() in ("layernorm", "low_precision_layernorm"),
+                      "stock Mpt uses LayerNorm"),
+        "ffn_config.ffn_type": (ffn.get("ffn_type", "mptmlp") == "mptmlp", "stock Mpt has a plain MLP (no GLU)"),
+        "ffn_config.ffn_act_fn": (ffn.get("ffn_act_fn") in (None, *EXACT_GELU), "stock Mpt uses exact GELU"),
+        "ffn_config.ffn_hidden_size": (cfg.ffn_hidden_size == 4 * cfg.d_model,
+                                       "stock Mpt's MLP is 4 x d_model wide"),
+        "expansion_ratio": (cfg.ffn_hidden_size == 4 * cfg.d_model, "stock Mpt's MLP is 4 x d_model wide"),
+        "logit_scale": (cfg.logit_scale in (None, 1, 1.0), "stock Mpt does not scale logits"),
+        "final_logit_softcapping": (not getattr(cfg, "final_logit_softcapping", None),
+                                    "stock Mpt has no logit soft-capping"),
+    }
+
+
+def native_blockers(config) -> List[str]:
+    """'key = value: reason' for every setting stock `transformers.MptForCausalLM` cannot represent."""
+    from transformers import PretrainedConfig
+
+    from llmfoundry_lite.models import MPTConfig
+
+    checks = _native_checks(config)
+    out = [f"{key} = {_get(config, key)!r}: {why}" for key, (ok, why) in checks.items() if not ok]
+    skip = set(checks) | set(PretrainedConfig().to_dict()) | {"dtype", "torch_dtype", "auto_map"}
+    out += [f"{key} = {value!r}: not part of stock transformers' Mpt"  # options this exporter does not know
+            for key, value in _changed(config.to_dict(), MPTConfig().to_dict())
+            if key not in skip and key.split(".")[-1] not in _NEUTRAL]
+    return out
+
+
+def _get(config, path: str):
+    value = config
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
+
+
+def _changed(values: dict, defaults: dict, prefix: str = ""):
+    """(dotted key, value) for every entry that differs from `defaults`, looking inside sub-dicts."""
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            yield from _changed(value, default, f"{prefix}{key}.")
+        elif value != default:
+            yield f"{prefix}{key}", value
+
+
+def native_config(config, dtype: torch.dtype, tokenizer=None):
+    """The `transformers.MptConfig` (stock keys only) equal to `config`, for a native export."""
+    from transformers import MptConfig
+
+    attn = config.attn_config
+    ids = _special_token_ids(config, tokenizer)
+    return MptConfig(
+        d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers, expansion_ratio=4,
+        max_seq_len=config.max_seq_len, vocab_size=config.vocab_size, resid_pdrop=config.resid_pdrop,
+        layer_norm_epsilon=config.layer_norm_epsilon, emb_pdrop=config.emb_pdrop, learned_pos_emb=False,
+        attn_config=dict(attn_type="multihead_attention", attn_pdrop=attn["attn_pdrop"], attn_impl="torch",
+                         clip_qkv=attn["clip_qkv"], softmax_scale=attn["softmax_scale"], prefix_lm=False,
+                         qk_ln=False, attn_uses_sequence_id=attn["attn_uses_sequence_id"], alibi=True,
+                         alibi_bias_max=8),
+        init_device="cpu", logit_scale=None, no_bias=True, embedding_fraction=config.embedding_fraction,
+        norm_type=config.norm_type, use_cache=config.use_cache, initializer_range=config.initializer_range,
+        tie_word_embeddings=config.tie_word_embeddings, architectures=["MptForCausalLM"], torch_dtype=dtype,
+        **ids)
+
+
+def _special_token_ids(config, tokenizer) -> dict:
+    """bos/eos/pad ids: the tokenizer's when given, else the config's."""
+    ids = {}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        ids[name] = value if value is not None else getattr(config, name, None)
+    return ids
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """'5GB' / '500MB' / '10KiB' / 1000 -> bytes."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    units = {"KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "B": 1}
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if s.isdigit():
+        return int(s)
+    raise UserError(f"max_shard_size {size!r}: give a size like 5GB, 500MB or 200MiB")
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor owning exactly its bytes (safetensors refuses views of bigger storages)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtype: torch.dtype,
+                 max_shard_size: Union[int, str] = "5GB") -> List[str]:
+    """Stream (name, tensor) pairs into safetensors shards plus `model.safetensors.index.json`.
+
+    Shard names need the total count, which a stream does not know up front: shards are written
+    under temporary names and renamed at the end. Returns the shard file names.
+    """
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    tmp_names: List[str] = []
+    weight_map: Dict[str, int] = {}
+    shard: Dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        name = f".tmp-shard-{len(tmp_names):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        tmp_names.append(name)
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        t = _owned(tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+        size = t.numel() * t.element_size()
+        if shard and shard_bytes + size > limit:
+            flush()
+        shard[name] = t
+        weight_map[name] = len(tmp_names)
+        shard_bytes += size
+        total += size
+    if shard or not tmp_names:
+        flush()
+    n = len(tmp_names)
+    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, name in zip(tmp_names, final):
+        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: final[i] for k, i in weight_map.items()}}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    return final
+
+
+def _export_items(config, state_dict: Mapping[str, torch.Tensor]):
+    """(name, tensor) in order, loaded one at a time; a tied lm_head is left out (it is wte)."""
+    for name in state_dict:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        yield name, state_dict[name]
+
+
+def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Union[str, os.PathLike],
+                    tokenizer=None, dtype: torch.dtype = torch.float32,
+                    max_shard_size: Union[int, str] = "5GB", log=print) -> str:
+    """Write `out_dir` as a Hugging Face folder for `MPTForCausalLM` weights; returns its path.
+
+    `config` is an `MPTConfig`; `state_dict` maps HF parameter names to tensors (it may load them
+    lazily). Native `model_type: mpt` when stock transformers can represent the config, else a
+    self-contained `trust_remote_code` folder; `log` receives the message saying which and why.
+    """
+    from transformers import GenerationConfig
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # shards of an earlier export would mix with ours
+        if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+            os.remove(os.path.join(out_dir, stale))
+    blockers = native_blockers(config)
+    if blockers:
+        write_remote_code(config, out_dir, dtype, _special_token_ids(config, tokenizer))
+        log("stock transformers' MptForCausalLM cannot represent this model; wrote a custom-code folder "
+            "(load it with trust_remote_code=True). Keys preventing a native export:\n"
+            + "\n".join(f"  - {b}" for b in blockers))
+    else:
+        native_config(config, dtype, tokenizer).save_pretrained(out_dir)
+        log("wrote a native transformers MPT folder (model_type mpt): "
+            "AutoModelForCausalLM.from_pretrained loads it without trust_remote_code")
+    shards = write_shards(_export_items(config, state_dict), out_dir, dtype, max_shard_size)
+    ids = _special_token_ids(config, tokenizer)
+    GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    log(f"{out_dir}: {len(shards)} safetensors shard(s), dtype {str(dtype).replace('torch.', '')}"
+        + (", tokenizer" if tokenizer is not None else ", no tokenizer"))
+    return out_dir

@@ -1,0 +1,91 @@
+"""Loading a Hugging Face MPT folder into `MPTForCausalLM`.
+
+Accepted: folders written by `transformers.MptForCausalLM.save_pretrained`, MosaicML's original
+custom-code layout (`mosaicml/mpt-7b`: `attn_config`/`init_config` dicts, `auto_map`,
+`pytorch_model*.bin` shards) and our own exports (native, or `model_type: llmfoundry_mpt`). The
+parameter names are the same in all of them. Any missing or unexpected weight is an error: a model
+that silently kept random weights would be worse than none. Other architectures are refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+from llmfoundry_lite.errors import CheckpointError
+from llmfoundry_lite.export.remote_code import CUSTOM_MODEL_TYPE
+
+MPT_MODEL_TYPES = ("mpt", CUSTOM_MODEL_TYPE)
+# Kernels of MosaicML's original code that are not model properties; ours is picked at load time.
+_ORIGINAL_ATTN_IMPLS = {"triton": "torch", "flash": "torch"}
+
+
+def _folder(path_or_name: str) -> str:
+    """A local folder holding config.json (a hub name is resolved through the HF cache)."""
+    if os.path.isdir(path_or_name):
+        if not os.path.isfile(os.path.join(path_or_name, "config.json")):
+            raise CheckpointError(f"{path_or_name} has no config.json: not a Hugging Face model folder")
+        return path_or_name
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
+                                                                "*.model", "*.py", "*.jinja"])
+    except Exception as e:  # noqa: BLE001  (offline, unknown repo, no network: all the same to the user)
+        raise CheckpointError(f"cannot find model '{path_or_name}': not a local folder, and the hub "
+                              f"lookup failed ({type(e).__name__}); pass a local folder path") from None
+
+
+def _merge(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_hf_config(path_or_name: str, config_overrides: Optional[Dict[str, Any]] = None):
+    """(local folder, MPTConfig) for an HF MPT folder; `config_overrides` may change e.g. max_seq_len."""
+    from llmfoundry_lite.models import MPTConfig
+
+    folder = _folder(path_or_name)
+    with open(os.path.join(folder, "config.json")) as f:
+        data = json.load(f)
+    model_type = data.get("model_type")
+    if model_type not in MPT_MODEL_TYPES:
+        raise CheckpointError(f"{path_or_name} is a '{model_type}' model (architectures "
+                              f"{data.get('architectures')}); llmfoundry_lite loads MPT models only")
+    data.pop("model_type")
+    attn = data.get("attn_config")
+    if isinstance(attn, dict) and attn.get("attn_impl") in _ORIGINAL_ATTN_IMPLS:
+        data["attn_config"] = {**attn, "attn_impl": _ORIGINAL_ATTN_IMPLS[attn["attn_impl"]]}
+    data["init_device"] = "cpu"
+    return folder, MPTConfig(**_merge(data, config_overrides or {}))
+
+
+# `from_pretrained` arguments; every other keyword of `load_hf_model` overrides a config key.
+_LOADING_KWARGS = {"torch_dtype", "dtype", "device_map", "low_cpu_mem_usage", "revision", "cache_dir",
+                   "local_files_only", "token", "attn_implementation"}
+
+
+def load_hf_model(path_or_name: str, **kwargs):
+    """`MPTForCausalLM` with the weights of an HF MPT folder (or hub name while online).
+
+    Keywords that are config keys override the folder's config before the model is built (nested
+    dicts merge), e.g. `max_seq_len=4096` for ALiBi extrapolation or `attn_config={"attn_impl":
+    "flash"}`; `torch_dtype`, `device_map`, ... go to `from_pretrained`.
+    """
+    from llmfoundry_lite.models import MPTForCausalLM
+
+    loading = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOADING_KWARGS}
+    folder, config = load_hf_config(path_or_name, kwargs)
+    try:
+        model, info = MPTForCausalLM.from_pretrained(folder, config=config, output_loading_info=True, **loading)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load the weights in {folder}: {str(e).splitlines()[0]}") from None
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    problems = {"missing": sorted(set(info["missing_keys"]) - tied), "unexpected": sorted(info["unexpected_keys"]),
+                "with the wrong shape": [str(m) for m in info.get("mismatched_keys", [])]}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not match its config.json ("
+                              + "; ".join(f"{k}: {v[:5]}" for k, v in problems.items()) + ")")
+    return model.eval()

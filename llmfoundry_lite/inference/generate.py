@@ -1,0 +1,138 @@
+"""Batched generation: `generate(model, tokenizer, prompts, ...)` and the `generate` command.
+
+Prompts are sorted by length and cut into batches of `max_batch_size`, each left-padded so that every
+row's last prompt token sits in the same column and decoding can continue from the KV cache for the
+whole batch at once. Decoding is `model.generate` (transformers' GenerationMixin over our cache).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.inference.loading import (add_model_arguments, add_sampling_arguments, open_model,
+                                               sampling_kwargs)
+
+
+class Generations(list):
+    """The completed texts (prompt + continuation, in prompt order) plus speed figures."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def generation_kwargs(tokenizer, max_new_tokens: int = 64, temperature: float = 1.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = False,
+                      eos_token_id=None) -> dict:
+    """Keyword arguments for `model.generate`; sampling knobs are passed only when sampling."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=repetition_penalty,
+              pad_token_id=tokenizer.pad_token_id,
+              eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
+    if do_sample:
+        kw.update(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+    else:  # greedy: make sure no sampling default from the model's generation_config sneaks in
+        kw.update(temperature=None, top_k=None, top_p=None)
+    return kw
+
+
+def overlong(tokenizer, prompts: Sequence[str], max_new_tokens: int, max_seq_len: int) -> List[Tuple[int, str]]:
+    """(index, message) for each prompt that, with `max_new_tokens`, would not fit in the model's context."""
+    return [(i, f"{len(ids)} tokens + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len "
+                f"{max_seq_len}; shorten it or lower max_new_tokens")
+            for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]) if len(ids) + max_new_tokens > max_seq_len]
+
+
+def _count_new_tokens(new_ids: torch.Tensor, eos_ids) -> int:
+    """Tokens actually produced: up to and including each row's first end token (the rest is padding)."""
+    is_end = torch.isin(new_ids, torch.tensor(eos_ids, device=new_ids.device)).int()
+    ended_before = (is_end.cumsum(dim=1) - is_end) > 0
+    return int((~ended_before).sum())
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+             do_sample: bool = False, seed: Optional[int] = None, max_batch_size: Optional[int] = None,
+             eos_token_id=None, streamer=None) -> Generations:
+    """Complete every prompt; returns `Generations` (prompt + continuation per prompt, in order).
+
+    Greedy by default. `eos_token_id` (an id or a list) overrides the tokenizer's end token;
+    `streamer` (a transformers streamer) receives tokens as they come and needs a single prompt.
+    """
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise UserError("prompts must be a non-empty list of strings")
+    kw = generation_kwargs(tokenizer, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                           do_sample, eos_token_id)
+    eos_ids = kw["eos_token_id"] if isinstance(kw["eos_token_id"], (list, tuple)) else [kw["eos_token_id"]]
+    problems = overlong(tokenizer, prompts, max_new_tokens, model.config.max_seq_len)
+    if problems:
+        raise UserError("\n".join(f"prompt {i}: {msg}" for i, msg in problems))
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    step = max_batch_size or len(prompts)
+    result = Generations([None] * len(prompts))
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(**batch, **kw, streamer=streamer)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result.seconds += time.perf_counter() - t0
+        new_ids = out[:, batch["input_ids"].shape[1]:]
+        result.new_tokens += _count_new_tokens(new_ids, eos_ids)
+        for row, i in enumerate(idx):
+            result[i] = prompts[i] + tokenizer.decode(new_ids[row], skip_special_tokens=True)
+    return result
+
+
+def read_prompts(values: Sequence[str]) -> List[str]:
+    """--prompts values; `file::PATH` reads a whole file as one prompt (llm-foundry's convention)."""
+    prompts = []
+    for v in values:
+        if v.startswith("file::"):
+            path = v[len("file::"):]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    prompts.append(f.read())
+            except OSError as e:
+                raise UserError(f"--prompts {v}: cannot read {path}: {e.strerror}") from None
+        else:
+            prompts.append(v)
+    return prompts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompts", nargs="+", default=["My name is", "The capital of France is"],
+                        help="prompts, or file::PATH to read one prompt from a file")
+    add_sampling_arguments(parser)
+    parser.add_argument("--max_batch_size", type=int, default=None, help="prompts per batch (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = open_model(args)
+    prompts = read_prompts(args.prompts)
+    outputs = generate(model, tokenizer, prompts, max_batch_size=args.max_batch_size, **sampling_kwargs(args))
+    for text in outputs:
+        print("#" * 60)
+        print(text)
+    print("#" * 60)
+    print(f"{outputs.new_tokens} new tokens in {outputs.seconds:.2f}s: {outputs.tokens_per_s:.1f} tokens/s "
+          f"({len(prompts)} prompts, device {next(model.parameters()).device}, "
+          f"dtype {next(model.parameters()).dtype})")
+    return 0

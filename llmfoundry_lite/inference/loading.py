@@ -1,0 +1,86 @@
+"""Opening a model for inference, and the command-line flags the generate/chat/serve commands share."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Tuple, Union
+
+import torch
+
+from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.hf_export import PRECISIONS as DTYPES
+
+
+def resolve_device(device: Optional[str]) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):  # half precision on GPU, full precision on CPU (CPU half matmuls are slow)
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=None,
+                             tokenizer: Optional[str] = None) -> Tuple[torch.nn.Module, object]:
+    """(MPTForCausalLM in eval mode on `device`/`dtype`, tokenizer) from a model folder or a Composer
+    checkpoint (`.pt` file or sharded folder). `tokenizer` overrides the one stored with the model."""
+    from llmfoundry_lite.data import build_tokenizer
+    from llmfoundry_lite.export import is_composer_checkpoint, load_composer_checkpoint, load_hf_model
+
+    device = resolve_device(device)
+    if is_composer_checkpoint(path):
+        model, tok = load_composer_checkpoint(path)
+    else:
+        model, tok = load_hf_model(path), None
+        if tokenizer is None:
+            tokenizer = path
+    if tokenizer is not None:
+        tok = build_tokenizer(tokenizer)
+    if tok is None:
+        raise UserError(f"{path} holds no tokenizer; pass one with --tokenizer NAME_OR_FOLDER")
+    model = model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()
+    return model, tok
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model to open: positional MODEL (or llm-foundry's --name_or_path), --tokenizer, --device, --dtype."""
+    parser.add_argument("model", nargs="?",
+                        help="an HF model folder, a Composer .pt checkpoint, or a sharded checkpoint folder")
+    parser.add_argument("--name_or_path", dest="name_or_path", default=None, help="same as MODEL")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the model's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on GPU, fp32 on CPU")
+
+
+def model_path(args: argparse.Namespace) -> str:
+    path = getattr(args, "model", None) or args.name_or_path
+    if not path:
+        raise UserError("no model given: pass a model folder or checkpoint as MODEL or --name_or_path")
+    return path
+
+
+def open_model(args: argparse.Namespace):
+    return load_model_and_tokenizer(model_path(args), args.device, args.dtype, args.tokenizer)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                          "repetition_penalty", "do_sample", "seed")}

@@ -1,0 +1,237 @@
+"""An HTTP endpoint for real-time inference, speaking the MPT-7B managed-endpoint request format.
+
+    POST /  (or /score)  {"input_data": {"input_string": ["the meaning of life is"],
+                          "parameters": {"temperature": 0.5, "top_p": 0.5, "max_new_tokens": 10, "do_sample": true}}}
+    -> 200 [{"0": "the meaning of life is ..."}]        (one key per input string, in order)
+    GET /health -> 200 {"status": "ok", ...}
+
+Standard library only (`http.server`). Each connection gets a thread that validates the request and
+puts it on a bounded queue (full -> 503); ONE worker thread owns the model and answers the queue in
+order, so concurrent requests never share model state. Every bad request gets a 4xx JSON body
+`{"error": message, "field": dotted.path}` naming the offending field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, List, Optional
+
+from llmfoundry_lite.inference.generate import generate, overlong
+from llmfoundry_lite.inference.loading import add_model_arguments, open_model
+from llmfoundry_lite.registry import did_you_mean
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, field_path: str, message: str):
+        super().__init__(message)
+        self.status, self.field, self.message = status, field_path, message
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class Limits:
+    max_inputs: int = 8                 # input strings per request
+    max_new_tokens: int = 512           # largest max_new_tokens a request may ask for
+    queue_size: int = 16                # requests waiting for the model; more -> 503
+    max_batch_size: Optional[int] = None
+    timeout_s: float = 600.0            # how long a request waits for its answer
+
+
+# name -> (type check, type name, range check, range text); a range check receives the Limits.
+PARAMETERS = {
+    "max_new_tokens": (_is_int, "an integer", lambda v, lim: 1 <= v <= lim.max_new_tokens, "between 1 and {max_new_tokens}"),
+    "temperature": (_is_number, "a number", lambda v, lim: 0 < v <= 100, "in (0, 100]"),
+    "top_p": (_is_number, "a number", lambda v, lim: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (_is_int, "an integer", lambda v, lim: v >= 0, ">= 0"),
+    "repetition_penalty": (_is_number, "a number", lambda v, lim: 0 < v <= 10, "in (0, 10]"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false", lambda v, lim: True, ""),
+    "seed": (_is_int, "an integer", lambda v, lim: 0 <= v < 2 ** 63, "in [0, 2**63)"),
+}
+DEFAULTS = {"max_new_tokens": 64, "do_sample": False}
+
+
+def parse_request(body: bytes, tokenizer, max_seq_len: int, limits: Limits):
+    """(prompts, generation parameters) from a request body, or RequestError naming the bad field."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, "body", f"malformed JSON: {e}") from None
+    if not isinstance(data, dict) or "input_data" not in data:
+        raise RequestError(400, "input_data", 'expected {"input_data": {"input_string": [...], "parameters": {...}}}')
+    for key in data:
+        if key != "input_data":
+            raise RequestError(400, key, f"unknown field{did_you_mean(key, ['input_data'])}")
+    inp = data["input_data"]
+    if not isinstance(inp, dict):
+        raise RequestError(400, "input_data", "must be an object with input_string and parameters")
+    for key in inp:
+        if key not in ("input_string", "parameters"):
+            raise RequestError(400, f"input_data.{key}",
+                               f"unknown field{did_you_mean(key, ['input_string', 'parameters'])}")
+    prompts = inp.get("input_string")
+    where = "input_data.input_string"
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise RequestError(400, where, "must be a list of strings")
+    if not prompts:
+        raise RequestError(400, where, "must not be empty")
+    if len(prompts) > limits.max_inputs:
+        raise RequestError(400, where, f"{len(prompts)} inputs; at most {limits.max_inputs} per request")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise RequestError(400, f"{where}[{i}]", "must not be an empty string")
+    params = dict(DEFAULTS)
+    raw = inp.get("parameters", {})
+    if not isinstance(raw, dict):
+        raise RequestError(400, "input_data.parameters", "must be an object")
+    for key, value in raw.items():
+        path = f"input_data.parameters.{key}"
+        if key not in PARAMETERS:
+            raise RequestError(400, path, f"unknown parameter{did_you_mean(key, PARAMETERS)}; "
+                                          f"choose from {sorted(PARAMETERS)}")
+        type_ok, type_name, range_ok, range_text = PARAMETERS[key]
+        if not type_ok(value):
+            raise RequestError(400, path, f"must be {type_name}, got {json.dumps(value)}")
+        if not range_ok(value, limits):
+            raise RequestError(400, path, f"{value} out of range: must be "
+                                          f"{range_text.format(max_new_tokens=limits.max_new_tokens)}")
+        params[key] = value
+    for i, message in overlong(tokenizer, prompts, params["max_new_tokens"], max_seq_len):
+        raise RequestError(400, f"{where}[{i}]", message)
+    return prompts, params
+
+
+@dataclass
+class _Job:
+    prompts: List[str]
+    params: dict
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: Optional[BaseException] = None
+
+
+class Endpoint:
+    """The model, its tokenizer, the bounded request queue and the one worker thread that runs the model."""
+
+    def __init__(self, model, tokenizer, limits: Limits = Limits()):
+        self.model, self.tokenizer, self.limits = model, tokenizer, limits
+        self.jobs: "queue.Queue[_Job]" = queue.Queue(maxsize=limits.queue_size)
+        self.served = 0
+        threading.Thread(target=self._work, name="model-worker", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                texts = generate(self.model, self.tokenizer, job.prompts,
+                                 max_batch_size=self.limits.max_batch_size, **job.params)
+                job.result = [{str(i): t for i, t in enumerate(texts)}]
+                self.served += 1
+            except Exception as e:  # reported to the client as a 500, the worker keeps serving
+                job.error = e
+            job.done.set()
+
+    def answer(self, body: bytes):
+        prompts, params = parse_request(body, self.tokenizer, self.model.config.max_seq_len, self.limits)
+        job = _Job(prompts, params)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise RequestError(503, "input_data", f"server busy: {self.limits.queue_size} requests already "
+                                                  "queued; retry later") from None
+        if not job.done.wait(self.limits.timeout_s):
+            raise RequestError(504, "input_data", f"no answer within {self.limits.timeout_s:.0f}s")
+        if job.error is not None:
+            raise RequestError(500, "input_data", f"generation failed: {job.error}")
+        return job.result
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "EndpointServer"
+
+    def _send(self, status: int, payload) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, e: RequestError) -> None:
+        self._send(e.status, {"error": e.message, "field": e.field})
+
+    def do_GET(self):
+        if self.path.rstrip("/") != "/health":
+            return self._error(RequestError(404, "path", f"no route GET {self.path}; try GET /health or POST /"))
+        ep = self.server.endpoint
+        self._send(200, {"status": "ok", "queued": ep.jobs.qsize(), "served": ep.served,
+                         "max_seq_len": ep.model.config.max_seq_len})
+
+    def do_POST(self):
+        try:
+            if self.path not in ("/", "/score"):
+                raise RequestError(404, "path", f"no route POST {self.path}; POST to / or /score")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise RequestError(411, "Content-Length", "a Content-Length header is required")
+            if int(length) > MAX_BODY_BYTES:
+                raise RequestError(413, "body", f"{length} bytes; at most {MAX_BODY_BYTES}")
+            self._send(200, self.server.endpoint.answer(self.rfile.read(int(length))))
+        except RequestError as e:
+            self._error(e)
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+class EndpointServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, endpoint: Endpoint, quiet: bool = False):
+        super().__init__(address, _Handler)
+        self.endpoint, self.quiet = endpoint, quiet
+
+
+def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
+                quiet: bool = False) -> EndpointServer:
+    """A ready server (call `.serve_forever()`); port 0 picks a free port (`server.server_address`)."""
+    return EndpointServer((host, port), Endpoint(model, tokenizer, limits), quiet=quiet)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--max_inputs", type=int, default=Limits.max_inputs, help="input strings per request")
+    parser.add_argument("--max_new_tokens_limit", type=int, default=Limits.max_new_tokens)
+    parser.add_argument("--queue_size", type=int, default=Limits.queue_size, help="waiting requests before 503")
+    parser.add_argument("--max_batch_size", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="do not log each request")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = open_model(args)
+    limits = Limits(args.max_inputs, args.max_new_tokens_limit, args.queue_size, args.max_batch_size)
+    server = make_server(model, tokenizer, args.host, args.port, limits, args.quiet)
+    host, port = server.server_address[:2]
+    print(f"serving on http://{host}:{port}  (POST / with input_data, GET /health; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
