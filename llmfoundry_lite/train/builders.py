@@ -1,0 +1,141 @@
+"""Registry entries for the training building blocks and the functions that build them from config.
+
+Optimizers (`decoupled_adamw`, `decoupled_lionw`, `adamw`), schedulers (`cosine_with_warmup`,
+`linear_decay_with_warmup`, `constant_with_warmup`, `inv_sqrt_with_warmup`), the algorithm
+`gradient_clipping`, callbacks and loggers are registered by the names llm-foundry YAMLs use. A
+section's keys are the keyword arguments of the registered class, so `schema.check_train_config`
+validates them from the signature and a plug-in registers its own classes the same way.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from composer.algorithms import GradientClipping
+from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
+from composer.core import State, Time
+from composer.loggers import ConsoleLogger, ProgressBarLogger, WandBLogger
+from composer.optim import (ComposerScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
+                            DecoupledAdamW, LinearWithWarmupScheduler)
+from composer.optim.scheduler import _convert_time
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.train.callbacks import HFCheckpointer, JSONLLogger, LossSpikeGuard, SpeedMonitor
+
+
+class DecoupledLionW(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") with decoupled weight decay.
+
+    update = sign(beta1 * m + (1 - beta1) * g); p -= lr * update; m = beta2 * m + (1 - beta2) * g.
+    Weight decay shrinks p by `weight_decay * lr / initial_lr`, i.e. it follows the schedule but not
+    the size of lr (as in Composer's DecoupledAdamW), so `weight_decay` is a per-step fraction.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        if lr <= 0 or not all(0.0 <= b < 1.0 for b in betas) or weight_decay < 0:
+            raise ValueError(f"invalid DecoupledLionW arguments lr={lr}, betas={betas}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+            schedule = lr / group["initial_lr"] if group.get("initial_lr") else 1.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                if wd:
+                    p.mul_(1 - wd * schedule)
+                p.add_(exp_avg.lerp(p.grad, 1 - beta1).sign_(), alpha=-lr)
+                exp_avg.lerp_(p.grad, 1 - beta2)
+        return loss
+
+
+class InverseSquareRootWithWarmupScheduler(ComposerScheduler):
+    """Linear warmup, then lr multiplier 1/sqrt(1 + (t - t_warmup) / t_scale), then a linear cooldown.
+
+    The decay part is rescaled to end at `alpha_f_decay` when t_scale -> 0; the last `t_cooldown` of
+    `t_max` goes linearly from wherever the decay is to `alpha_f_cooldown` (the "WSD"-style anneal).
+    All times use Composer time strings and must share a unit once converted (batches or tokens).
+    """
+
+    def __init__(self, t_warmup, t_scale, t_cooldown="0ba", t_max="1dur", alpha_f_decay: float = 0.0,
+                 alpha_f_cooldown: float = 0.0):
+        self.t_warmup, self.t_scale, self.t_cooldown, self.t_max = t_warmup, t_scale, t_cooldown, t_max
+        self.alpha_f_decay, self.alpha_f_cooldown = alpha_f_decay, alpha_f_cooldown
+
+    def _decay(self, t: float, warmup: float, scale: float) -> float:
+        inv = 1.0 / math.sqrt(1.0 + max(t - warmup, 0.0) / scale)
+        return self.alpha_f_decay + (1.0 - self.alpha_f_decay) * inv
+
+    def __call__(self, state: State, ssr: float = 1.0) -> float:
+        times = [_convert_time(x, state, ssr) for x in (self.t_warmup, self.t_scale, self.t_cooldown, self.t_max)]
+        units = {x.unit for x in times if x.value}
+        if len(units) > 1:
+            raise ValueError(f"inv_sqrt_with_warmup: t_warmup, t_scale, t_cooldown and t_max must share a unit, "
+                             f"got {[str(x) for x in times]}")
+        warmup, scale, cooldown, t_max = (float(x.value) for x in times)
+        t = float(state.timestamp.get(times[3].unit).value)
+        if t < warmup:
+            return t / warmup
+        start = t_max - cooldown
+        if cooldown <= 0 or t < start:
+            return self._decay(t, warmup, max(scale, 1.0))
+        at_start = self._decay(start, warmup, max(scale, 1.0))
+        frac = min((t - start) / cooldown, 1.0)
+        return at_start + (self.alpha_f_cooldown - at_start) * frac
+
+
+def _register_builtins() -> None:
+    for reg, entries in (
+        (registry.optimizers, {"decoupled_adamw": DecoupledAdamW, "decoupled_lionw": DecoupledLionW,
+                               "adamw": torch.optim.AdamW}),
+        (registry.schedulers, {"cosine_with_warmup": CosineAnnealingWithWarmupScheduler,
+                               "linear_decay_with_warmup": LinearWithWarmupScheduler,
+                               "constant_with_warmup": ConstantWithWarmupScheduler,
+                               "inv_sqrt_with_warmup": InverseSquareRootWithWarmupScheduler}),
+        (registry.algorithms, {"gradient_clipping": GradientClipping}),
+        (registry.callbacks, {"speed_monitor": SpeedMonitor, "lr_monitor": LRMonitor,
+                              "memory_monitor": MemoryMonitor, "runtime_estimator": RuntimeEstimator,
+                              "hf_checkpointer": HFCheckpointer, "loss_spike_guard": LossSpikeGuard}),
+        (registry.loggers, {"wandb": WandBLogger, "console": ConsoleLogger, "progress_bar": ProgressBarLogger,
+                            "jsonl": JSONLLogger}),
+    ):
+        for name, obj in entries.items():
+            reg.register(name, obj)
+
+
+_register_builtins()
+
+
+def build_optimizer(model: torch.nn.Module, section: Dict) -> torch.optim.Optimizer:
+    kwargs = {k: v for k, v in section.items() if k != "name"}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return registry.optimizers.get(section["name"], "optimizer.name")(model.parameters(), **kwargs)
+
+
+def build_scheduler(section: Optional[Dict]):
+    if section is None:
+        return None
+    return registry.schedulers.get(section["name"], "scheduler.name")(
+        **{k: v for k, v in section.items() if k != "name"})
+
+
+def build_named(reg: registry.Registry, sections: Dict[str, Optional[Dict]], kind: str) -> List:
+    """Instances for a `{registered_name: {kwargs}}` section (algorithms, callbacks, loggers)."""
+    return [reg.get(name, f"{kind}.{name}")(**(kwargs or {})) for name, kwargs in sections.items()]
+
+
+def to_time(value) -> Time:
+    """A YAML duration (time string or int epochs) as a Composer Time."""
+    return Time.from_timestring(value) if isinstance(value, str) else Time(int(value), "ep")

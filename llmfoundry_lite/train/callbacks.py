@@ -1,0 +1,230 @@
+"""Training callbacks and loggers of our own (Composer provides lr/memory monitors and the rest).
+
+- `SpeedMonitor`: tokens/s and MFU against a declared peak-FLOPs table printed at fit start.
+- `HFCheckpointer`: a Hugging Face folder every N batches and at the end (gathered under FSDP2).
+- `LossSpikeGuard`: stops a run whose loss is NaN/inf, or spikes `patience` times in a row.
+- `JSONLLogger`: every logged metric as one JSON line, full float precision (for plots and tests).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from typing import Optional
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+from llmfoundry_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s per device from the vendors' datasheets (no sparsity). `fp32` is the non-tensor-core
+# rate. H200/H100 are assumed SXM. CPUs have no datasheet entry: see `cpu_peak_flops`.
+PEAK_FLOPS = {
+    "h200": {"amp_bf16": 989e12, "amp_fp16": 989e12, "fp32": 67e12},
+    "h100": {"amp_bf16": 989e12, "amp_fp16": 989e12, "fp32": 67e12},
+    "a100": {"amp_bf16": 312e12, "amp_fp16": 312e12, "fp32": 19.5e12},
+    "l40s": {"amp_bf16": 362e12, "amp_fp16": 362e12, "fp32": 91.6e12},
+    "a10": {"amp_bf16": 125e12, "amp_fp16": 125e12, "fp32": 31.2e12},
+    "l4": {"amp_bf16": 121e12, "amp_fp16": 121e12, "fp32": 30.3e12},
+    "v100": {"amp_fp16": 125e12, "fp32": 15.7e12},
+    "t4": {"amp_fp16": 65e12, "fp32": 8.1e12},
+}
+CPU_FLOPS_PER_CYCLE = 32  # fp32, AVX2: 2 FMA units x 8 lanes x 2 FLOPs per FMA
+
+
+def cpu_peak_flops() -> float:
+    """Peak fp32 FLOP/s of the cores this process uses: threads x clock x CPU_FLOPS_PER_CYCLE."""
+    mhz = 2500.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return torch.get_num_threads() * mhz * 1e6 * CPU_FLOPS_PER_CYCLE
+
+
+def device_peak_flops(precision: str) -> tuple:
+    """(device name, peak FLOP/s or None) for this process's device and precision."""
+    if not torch.cuda.is_available():
+        return f"cpu x{torch.get_num_threads()} threads", cpu_peak_flops()
+    name = torch.cuda.get_device_name().lower()
+    for key, rates in PEAK_FLOPS.items():  # ordered so 'a100' is tried before 'a10', 'l40s' before 'l4'
+        if key in name:
+            return name, rates.get(precision, rates["fp32"])
+    return name, None
+
+
+def unwrap(state: State):
+    """The ComposerMPTCausalLM behind DDP (FSDP2 keeps the module itself)."""
+    return getattr(state.model, "module", state.model)
+
+
+class SpeedMonitor(Callback):
+    """Logs throughput/tokens_per_sec, throughput/device/tokens_per_sec, throughput/device/mfu.
+
+    Tokens are all positions of `input_ids` (padding included, as Composer counts them); FLOPs per
+    token come from `models.flops_per_token` (6 x matmul params + attention, forward and backward).
+    `peak_flops` overrides the declared per-device peak (FLOP/s).
+    """
+
+    def __init__(self, window_size: int = 20, peak_flops: Optional[float] = None):
+        self.window = deque(maxlen=window_size + 1)
+        self.peak_override = peak_flops
+        self.peak = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        name, declared = device_peak_flops(state.precision.value)
+        self.peak = self.peak_override or declared
+        if dist.get_global_rank() == 0:
+            table = "\n".join(f"  {k:6s} " + "  ".join(f"{p}={v / 1e12:g}T" for p, v in r.items())
+                              for k, r in PEAK_FLOPS.items())
+            print(f"speed_monitor: declared peak FLOP/s per device (datasheet, dense):\n{table}\n"
+                  f"  cpu    threads x clock x {CPU_FLOPS_PER_CYCLE} fp32 FLOPs/cycle\n"
+                  f"speed_monitor: this run: {name}, precision {state.precision.value}, "
+                  f"peak {self.peak / 1e12 if self.peak else float('nan'):.3g} TFLOP/s"
+                  f"{' (from peak_flops)' if self.peak_override else ''}", flush=True)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self.window.append((time.perf_counter(), state.timestamp.token.value))
+        if len(self.window) < 2:
+            return
+        (t0, n0), (t1, n1) = self.window[0], self.window[-1]
+        tokens_per_sec = (n1 - n0) / max(t1 - t0, 1e-9)
+        per_device = tokens_per_sec / dist.get_world_size()
+        from llmfoundry_lite.models import flops_per_token
+        seq_len = state.batch["input_ids"].shape[1]
+        flops = per_device * flops_per_token(unwrap(state).model.config, seq_len)
+        metrics = {"throughput/tokens_per_sec": tokens_per_sec, "throughput/device/tokens_per_sec": per_device,
+                   "throughput/device/flops_per_sec": flops}
+        if self.peak:
+            metrics["throughput/device/mfu"] = flops / self.peak
+        logger.log_metrics(metrics)
+
+    def state_dict(self):  # throughput windows do not survive a restart
+        return {}
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The unsharded state dict on CPU (on rank 0 under FSDP2; every rank must call this)."""
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+class HFCheckpointer(Callback):
+    """Writes `save_folder/ba{batch}` as a Hugging Face folder every `save_interval` and at fit end.
+
+    `precision`: float32 | bfloat16 | float16 (the dtype of the written weights).
+    """
+
+    def __init__(self, save_folder: str, save_interval: str = "1000ba", precision: str = "float32"):
+        from composer.core import Time, TimeUnit
+        self.save_folder = save_folder
+        self.interval = Time.from_timestring(save_interval)
+        if self.interval.unit != TimeUnit.BATCH:
+            raise UserError(f"hf_checkpointer.save_interval: use batches (e.g. '500ba'), got {save_interval!r}")
+        if precision not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"hf_checkpointer.precision: one of float32, bfloat16, float16; got {precision!r}")
+        self.dtype = getattr(torch, precision)
+        self.last_saved = -1
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if state.timestamp.batch.value % self.interval.value == 0:
+            self.save(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.save(state)
+
+    def save(self, state: State) -> Optional[str]:
+        batch = state.timestamp.batch.value
+        if batch == self.last_saved:
+            return None
+        self.last_saved = batch
+        composer_model = unwrap(state)
+        weights = full_state_dict(composer_model.model)
+        out = None
+        if dist.get_global_rank() == 0:
+            from llmfoundry_lite.export import write_hf_folder
+            config = composer_model.model.config.__class__.from_dict(composer_model.model.config.to_dict())
+            config.init_device = "cpu"  # the folder must load without FSDP
+            out = write_hf_folder(config, weights, os.path.join(self.save_folder, f"ba{batch}"),
+                                  tokenizer=composer_model.tokenizer, dtype=self.dtype)
+            log.info("hf_checkpointer: wrote %s", out)
+        dist.barrier()
+        return out
+
+
+class TrainingDiverged(UserError):
+    """The loss became non-finite or kept spiking."""
+
+
+class LossSpikeGuard(Callback):
+    """Stops training on a non-finite loss, or after `patience` consecutive loss spikes.
+
+    A spike is a loss above `outlier_multiplier` x the mean of the last `window_size` normal losses
+    (once `min_history` are seen), or above `loss_cap` when set. Spikes are logged as they happen.
+    """
+
+    def __init__(self, window_size: int = 100, outlier_multiplier: float = 2.0, patience: int = 4,
+                 loss_cap: Optional[float] = None, min_history: int = 10):
+        self.history = deque(maxlen=window_size)
+        self.outlier_multiplier, self.patience, self.loss_cap = outlier_multiplier, patience, loss_cap
+        self.min_history = min_history
+        self.strikes = 0
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        loss = state.total_loss_dict.get("loss/train/total")
+        if loss is None:
+            return
+        batch = state.timestamp.batch.value
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at batch {batch}: lower the learning rate, add "
+                                   "algorithms.gradient_clipping, or check the data; resume from the last checkpoint")
+        mean = sum(self.history) / len(self.history) if self.history else math.inf
+        spiked = (self.loss_cap is not None and loss > self.loss_cap) or (
+            len(self.history) >= self.min_history and loss > self.outlier_multiplier * mean)
+        if not spiked:
+            self.strikes = 0
+            self.history.append(loss)
+            return
+        self.strikes += 1
+        logger.log_metrics({"loss_spike/strikes": self.strikes})
+        log.warning("loss spike at batch %d: %.4f vs running mean %.4f (%d/%d)", batch, loss, mean,
+                    self.strikes, self.patience)
+        if self.strikes >= self.patience:
+            raise TrainingDiverged(f"loss spiked {self.strikes} batches in a row (last {loss:.4f}, running mean "
+                                   f"{mean:.4f}) at batch {batch}: lower the learning rate or add gradient clipping, "
+                                   "then resume from the last checkpoint")
+
+    def state_dict(self):
+        return {"history": list(self.history), "strikes": self.strikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.extend(state.get("history", []))
+        self.strikes = state.get("strikes", 0)
+
+
+class JSONLLogger(LoggerDestination):
+    """Appends `{"step": batch, metric: value, ...}` per logging call to `path` (rank 0 only)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        row = {"step": step}
+        for k, v in metrics.items():
+            row[k] = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")

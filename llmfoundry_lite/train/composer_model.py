@@ -1,0 +1,68 @@
+"""The Composer wrapper of `MPTForCausalLM` and the `mpt_causal_lm` model builder.
+
+`ComposerMPTCausalLM` is a `composer.models.HuggingFaceModel`, so Composer checkpoints keep the
+weights under `state['model']` as `model.<HF MPT name>` and the HF config and tokenizer under
+`state['integrations']['huggingface']`, which the export code reads back. The loss is the model's own
+(labels aligned with input_ids, shifted inside, -100 ignored); metrics: cross-entropy, perplexity and
+token accuracy over the positions that have a label.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
+from composer.models import HuggingFaceModel
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+class ComposerMPTCausalLM(HuggingFaceModel):
+    """Composer view of an `MPTForCausalLM`: `.model` is the HF model, `.tokenizer` the run's tokenizer."""
+
+    def __init__(self, model, tokenizer=None):
+        train_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), MaskedAccuracy(ignore_index=IGNORE_INDEX)]
+        eval_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), LanguagePerplexity(ignore_index=IGNORE_INDEX),
+                        MaskedAccuracy(ignore_index=IGNORE_INDEX)]
+        # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
+        # position t with the label at t+1, as the model's loss does.
+        super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
+                         shift_labels=True)
+
+
+# Keys of the `model:` section that are not MPTConfig fields.
+BUILDER_KEYS = ("pretrained_model_name_or_path",)
+
+
+def _config_problems(cfg: Dict[str, Any], path: str = "model") -> List[str]:
+    from llmfoundry_lite.models import model_config_problems
+    if cfg.get("pretrained_model_name_or_path") is not None and not isinstance(cfg["pretrained_model_name_or_path"], str):
+        return [f"{path}.pretrained_model_name_or_path: expected a folder path or hub name"]
+    return model_config_problems({k: v for k, v in cfg.items() if k not in BUILDER_KEYS}, path)
+
+
+def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
+    """`model: {name: mpt_causal_lm, <MPTConfig keys>}` from scratch, or with
+    `pretrained_model_name_or_path` from an HF MPT folder (the other keys then override its config).
+
+    A missing `vocab_size` is taken from the tokenizer; one smaller than the tokenizer is an error.
+    """
+    from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+    cfg = dict(cfg)
+    source = cfg.pop("pretrained_model_name_or_path", None)
+    if source is not None:
+        from llmfoundry_lite.export import load_hf_model
+        model = load_hf_model(source, **cfg)
+    else:
+        cfg.setdefault("vocab_size", len(tokenizer))
+        model = MPTForCausalLM(MPTConfig(**cfg))
+    if tokenizer is not None and model.config.vocab_size < len(tokenizer):
+        raise ConfigError([f"model.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
+                           f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} (a multiple of 64 is fastest)"])
+    return ComposerMPTCausalLM(model, tokenizer)
+
+
+build_mpt_causal_lm.config_problems = _config_problems
+registry.models.register("mpt_causal_lm", build_mpt_causal_lm)

@@ -1,0 +1,132 @@
+"""`train(cfg, overrides)`: one function behind `llmfoundry-lite train`, `composer scripts/train.py`
+and notebooks.
+
+Order matters: the whole config is checked first (one ConfigError listing every problem), then the
+process group, tokenizer, model, data, optimizer and the Composer Trainer are built. Autoresume is
+on by default when `run_name` and `save_folder` are set: relaunching the same command continues
+from the latest checkpoint (weights, optimizer, scheduler, RNG and dataloader position).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from typing import Mapping, Sequence, Union
+
+import torch
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.config import load_config
+from llmfoundry_lite.train.schema import TrainConfig, check_train_config, eval_loader_sections
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Union[str, os.PathLike, Mapping], overrides: Sequence[str] = ()):
+    """Train from a YAML path or dict with `key.sub=value` overrides; returns the fitted Composer Trainer."""
+    from composer.utils import dist
+    tc = check_train_config(load_config(cfg, overrides), world_size=dist.get_world_size())
+    return fit(tc)
+
+
+def _setup_logging(level: str) -> None:
+    if level is None:
+        return
+    from composer.utils import dist
+    logging.basicConfig(format=f"%(asctime)s: rank{dist.get_global_rank()}[%(process)d]: %(levelname)s: "
+                               f"%(name)s: %(message)s")
+    logging.getLogger("llmfoundry_lite").setLevel(level.upper())
+
+
+def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
+    mb = tc.device_train_microbatch_size
+    if mb is None:
+        return device_batch
+    if mb == "auto" and not auto_ok:
+        # Composer searches microbatch sizes only on GPU and not under FSDP2.
+        warnings.warn("device_train_microbatch_size 'auto' needs a GPU without FSDP2; using the whole device batch "
+                      f"({device_batch}); set an int to save memory")
+        return device_batch
+    return mb
+
+
+def fit(tc: TrainConfig):
+    """Build everything for a checked TrainConfig and run `Trainer.fit()`."""
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils import dist, reproducibility
+
+    from llmfoundry_lite.data import build_dataloader, build_tokenizer
+    from llmfoundry_lite.train.builders import build_named, build_optimizer, build_scheduler
+    from llmfoundry_lite.train.parallel import fsdp2_config, materialize_meta, on_meta, own_meta_init, resolve_precision
+
+    _setup_logging(tc.python_log_level)
+    on_gpu = torch.cuda.is_available()
+    world_size = dist.get_world_size()
+    if world_size > 1:  # loaders, device meshes and HYBRID_SHARD need the process group before the Trainer
+        dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
+    precision = resolve_precision(tc.precision, on_gpu)
+
+    reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
+    tokenizer = build_tokenizer(tc.tokenizer.name, tc.tokenizer.kwargs)
+    model = registry.models.get(tc.model["name"])({k: v for k, v in tc.model.items() if k != "name"}, tokenizer)
+    fsdp = fsdp2_config(tc.fsdp_config, world_size, "cuda" if on_gpu else "cpu")
+    if fsdp is None and on_meta(model):
+        materialize_meta(model)
+
+    device_batch = tc.global_train_batch_size // world_size
+    train_loader = build_dataloader(tc.train_loader, tokenizer, device_batch)
+    eval_batch = tc.device_eval_batch_size or device_batch
+    evaluators = [Evaluator(label=label, dataloader=build_dataloader(loader, tokenizer, eval_batch),
+                            metric_names=list(model.val_metrics))
+                  for label, loader, _ in eval_loader_sections(tc.eval_loader)]
+
+    optimizer = build_optimizer(model, tc.optimizer)
+    scheduler = build_scheduler(tc.scheduler)
+    callbacks = build_named(registry.callbacks, tc.callbacks, "callbacks")
+    loggers = build_named(registry.loggers, tc.loggers, "loggers")
+    algorithms = build_named(registry.algorithms, tc.algorithms, "algorithms")
+
+    meta_under_fsdp = fsdp is not None and on_meta(model)
+    with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
+        trainer = Trainer(
+            model=model,
+            train_dataloader=train_loader,
+            eval_dataloader=evaluators or None,
+            eval_interval=tc.eval_interval,
+            eval_subset_num_batches=tc.eval_subset_num_batches,
+            max_duration=tc.max_duration,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            algorithms=algorithms,
+            callbacks=callbacks,
+            loggers=loggers,
+            device="gpu" if on_gpu else "cpu",
+            precision=precision,
+            device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
+            parallelism_config={"fsdp": fsdp} if fsdp is not None else None,
+            compile_config=tc.compile_config,
+            seed=tc.seed,
+            run_name=tc.run_name,
+            save_folder=tc.save_folder,
+            save_filename=tc.save_filename,
+            save_interval=tc.save_interval,
+            save_num_checkpoints_to_keep=tc.save_num_checkpoints_to_keep,
+            save_overwrite=tc.save_overwrite,
+            save_weights_only=tc.save_weights_only,
+            load_path=tc.load_path,
+            load_weights_only=tc.load_weights_only,
+            load_strict_model_weights=tc.load_strict_model_weights,
+            load_ignore_keys=tc.load_ignore_keys,
+            autoresume=tc.autoresume_enabled(),
+            progress_bar=tc.progress_bar,
+            log_to_console=tc.log_to_console,
+            console_log_interval=tc.console_log_interval,
+            python_log_level=tc.python_log_level,
+            dist_timeout=tc.dist_timeout,
+        )
+    if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
+        trainer.eval()
+    trainer.fit()
+    return trainer

@@ -1,0 +1,127 @@
+"""`fsdp_config` -> Composer's FSDP2 (`fully_shard`) path, and precision per device.
+
+Composer applies `fully_shard` to each `MPTBlock` (the model's `fsdp_wrap_fn`) and to the model,
+activation checkpointing per block (`activation_checkpointing_fn`), and saves sharded (DCP) or full
+checkpoints per `state_dict_type`. We only translate llm-foundry's keys:
+
+  FULL_SHARD     -> reshard_after_forward=True (ZeRO-3)
+  SHARD_GRAD_OP  -> reshard_after_forward=False (ZeRO-2: params stay gathered between fwd and bwd)
+  HYBRID_SHARD   -> a 2-D mesh (replicate, shard): shard inside groups, replicate across them
+  NO_SHARD       -> no FSDP: Composer's DDP
+
+With one process FSDP buys nothing, so it is dropped with a warning.
+
+`init_device: meta` builds the model without memory; Composer shards it, then `materialize_meta`
+(swapped in for Composer's own, which is CUDA-only) gives each rank its shard, initialised by the
+model's `param_init_fn` exactly as an unsharded init would be.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from llmfoundry_lite.train.schema import FSDPSection, hybrid_degrees
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """Composer allows only fp32 on CPU: amp_* falls back to fp32 there, so GPU YAMLs still run."""
+    if not on_gpu and precision != "fp32":
+        warnings.warn(f"precision {precision} needs a GPU; training in fp32 on CPU")
+        return "fp32"
+    return precision
+
+
+def fsdp2_config(section: Optional[FSDPSection], world_size: int, device_type: str):
+    """The `FSDP2Config` for `fsdp_config`, or None for no FSDP (none given, one process, NO_SHARD)."""
+    if section is None:
+        return None
+    if world_size == 1:
+        warnings.warn("fsdp_config is ignored with a single process (nothing to shard across)")
+        return None
+    if section.sharding_strategy == "NO_SHARD":
+        log.info("fsdp_config.sharding_strategy NO_SHARD: using DDP")
+        return None
+    from composer.utils.parallelism import FSDP2Config
+    mesh = None
+    if section.sharding_strategy == "HYBRID_SHARD":
+        from torch.distributed.device_mesh import init_device_mesh
+        if section.data_parallel_shard_degree in (-1, None) and section.data_parallel_replicate_degree is None:
+            # llm-foundry's default: shard within a node, replicate across nodes
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            section = FSDPSection(**{**section.__dict__, "data_parallel_shard_degree": local})
+        rep, shard = hybrid_degrees(section, world_size)
+        mesh = init_device_mesh(device_type, (rep, shard), mesh_dim_names=("replicate", "shard"))
+    with warnings.catch_warnings():  # "FSDP2 Config/APIs are experimental": we chose them knowingly
+        warnings.simplefilter("ignore", UserWarning)
+        return FSDP2Config(
+            device_mesh=mesh,
+            reshard_after_forward=section.sharding_strategy != "SHARD_GRAD_OP",
+            activation_checkpointing=section.activation_checkpointing,
+            activation_cpu_offload=section.activation_cpu_offload,
+            state_dict_type=section.state_dict_type,
+            mixed_precision=section.mixed_precision,
+            verbose=section.verbose,
+        )
+
+
+def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
+    """Give every meta parameter/buffer storage on `device`, then initialise it with the model's
+    `param_init_fn`, one module at a time.
+
+    Under FSDP2 a parameter is a DTensor holding this rank's shard. Init functions that work on
+    slices (a fused Wqkv is initialised as three matrices) cannot write through a sharded DTensor,
+    so each module is initialised on full-size plain stand-ins and every rank keeps its shard: the
+    shards together form one full tensor, as if initialised unsharded (Composer seeds ranks alike here).
+    `to_empty` may replace a plain parameter object, which would untie tied weights (wte / lm_head),
+    so modules that shared a parameter are pointed back at the first owner's afterwards.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    init_owner = next((m for m in module.modules() if hasattr(m, "param_init_fn")), None)
+    owners = {}
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((sub, name))
+    for sub in module.modules():
+        if not any(t.is_meta for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]):
+            continue
+        if init_owner is None:
+            raise RuntimeError(f"{type(module).__name__} was built on meta but has no param_init_fn")
+        sub.to_empty(device=device, recurse=False)
+        sharded = {n: p for n, p in sub.named_parameters(recurse=False) if isinstance(p, DTensor)}
+        for name, p in sharded.items():
+            setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device)))
+        init_owner.param_init_fn(sub)
+        with torch.no_grad():
+            for name, p in sharded.items():
+                full = getattr(sub, name).detach()
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+                setattr(sub, name, p)
+    for (first, first_name), *others in owners.values():
+        for sub, name in others:
+            if getattr(sub, name) is not getattr(first, first_name):
+                setattr(sub, name, getattr(first, first_name))
+
+
+@contextlib.contextmanager
+def own_meta_init(device: str):
+    """While active, Composer's FSDP2 initialises meta-built models with `materialize_meta` on `device`
+    (Composer 0.32's own version materialises on CUDA only and cannot init sliced DTensors)."""
+    from composer.distributed import prepare_distributed
+    original = prepare_distributed.meta_init
+    prepare_distributed.meta_init = functools.partial(materialize_meta, device=device)
+    try:
+        yield
+    finally:
+        prepare_distributed.meta_init = original
+
+
+def on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
