@@ -99,6 +99,24 @@ def test_padding_equals_unpadded(pos, side):
             assert torch.equal(batched[1], model.generate(long, **kw)[0])
 
 
+@pytest.mark.parametrize("norm_type", ["low_precision_layernorm", "low_precision_rmsnorm", "layernorm"])
+def test_bf16_autocast_runs_and_low_precision_norms_stay_in_bf16(norm_type):
+    model = tiny(norm_type=norm_type, no_bias=False)
+    x = torch.randint(0, V, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        normed = model.transformer.blocks[0].norm_1(model.transformer.wte(x))
+        loss = model(x, labels=x).loss
+    assert normed.dtype == (torch.bfloat16 if norm_type.startswith("low") else torch.float32)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with torch.no_grad():  # outside autocast the low-precision norms equal the plain ones
+        h = torch.randn(3, 32)
+        plain = torch.nn.functional.layer_norm(h, (32,), model.transformer.norm_f.weight,
+                                               model.transformer.norm_f.bias, 1e-5)
+        if "layernorm" in norm_type:
+            assert torch.allclose(model.transformer.norm_f(h), plain, atol=1e-6)
+
+
 def test_rope_rotation_matches_transformers_llama():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, LlamaRotaryEmbedding
     from transformers import LlamaConfig

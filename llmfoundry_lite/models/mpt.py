@@ -229,8 +229,9 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
             logits = cap * torch.tanh(logits / cap)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            # shift the labels, not the logits: slicing the (B, S, vocab) logits would copy them
+            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
@@ -247,17 +248,15 @@ class MPTForSequenceClassification(MPTPreTrainedModel):
             self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                               inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+    def forward(self, input_ids=None, labels=None, return_dict=None, **inputs):
+        """`inputs`: MPTModel's (attention_mask, past_key_values, inputs_embeds, use_cache, ...)."""
+        out = self.transformer(input_ids, **inputs)
         logits = self.score(out.last_hidden_state)
         B = logits.shape[0]
         pad = self.config.pad_token_id
         if pad is None and B != 1:
             raise UserError("sequence classification of a batch needs config.pad_token_id to find the last token")
-        if pad is None or input_ids is None:
+        if pad is None or input_ids is None:  # no way to find padding: the last position
             last = torch.full((B,), logits.shape[1] - 1, device=logits.device)
         else:
             idx = torch.arange(input_ids.shape[-1], device=logits.device)
@@ -301,11 +300,9 @@ class MPTForTokenClassification(MPTPreTrainedModel):
             self.classifier = nn.Linear(config.d_model, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, inputs_embeds=None, labels=None,
-                use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                               inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+    def forward(self, input_ids=None, labels=None, return_dict=None, **inputs):
+        """`inputs`: MPTModel's (attention_mask, past_key_values, inputs_embeds, use_cache, ...)."""
+        out = self.transformer(input_ids, **inputs)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
@@ -322,10 +319,9 @@ class MPTForQuestionAnswering(MPTPreTrainedModel):
             self.qa_outputs = nn.Linear(config.d_model, 2)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, start_positions=None,
-                end_positions=None, output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        out = self.transformer(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+    def forward(self, input_ids=None, start_positions=None, end_positions=None, return_dict=None, **inputs):
+        """`inputs`: MPTModel's (attention_mask, inputs_embeds, output_hidden_states, ...)."""
+        out = self.transformer(input_ids, **inputs)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state)
                                     .split(1, dim=-1))
         loss = None

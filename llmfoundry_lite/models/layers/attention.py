@@ -170,8 +170,9 @@ def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
     valid = ctx.key_padding_mask if ctx.key_padding_mask is not None else torch.ones(B, K, dtype=torch.bool)
     valid = valid.to(q.device)
     seg = torch.zeros(B, K, dtype=torch.long, device=q.device)
-    if ctx.sequence_id is not None:
-        seg[:, -S:] = ctx.sequence_id.to(q.device).long()
+    if ctx.sequence_id is not None:  # ids may start anywhere (padding is often -1): make them >= 0
+        seq = ctx.sequence_id.to(q.device).long()
+        seg[:, -S:] = seq - seq.min()
     group = torch.arange(B, device=q.device)[:, None] * (int(seg.max()) + 1) + seg
     k_group = group[valid]
     ids, k_counts = torch.unique_consecutive(k_group, return_counts=True)

@@ -29,38 +29,40 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(normalized_shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(normalized_shape, device=device, dtype=dtype)) if bias else None
 
-    def _norm(self, x, weight, bias):
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = y * weight
+    def _normalize(self, x, weight, bias):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
         return y + bias if bias is not None else y
 
     def forward(self, x):
-        return self._norm(x.float(), self.weight, self.bias).to(x.dtype)
-
-
-class LowPrecisionRMSNorm(RMSNorm):
-    def forward(self, x):
-        dtype = _autocast_dtype(x)
-        if dtype is None:
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-            return self._norm(cast(x), cast(self.weight), cast(self.bias))
+        return self._normalize(x.float(), self.weight, self.bias).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False, device=None, dtype=None):
         super().__init__(normalized_shape, eps=eps, bias=bias, device=device, dtype=dtype)
 
+    def _normalize(self, x, weight, bias):
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
-class LowPrecisionLayerNorm(LayerNorm):
+
+class _LowPrecision:
+    """Mixin: under autocast, normalise input and parameters in the autocast dtype."""
+
     def forward(self, x):
         dtype = _autocast_dtype(x)
         if dtype is None:
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-            return F.layer_norm(cast(x), self.normalized_shape, cast(self.weight), cast(self.bias), self.eps)
+            return self._normalize(cast(x), cast(self.weight), cast(self.bias))
+
+
+class LowPrecisionLayerNorm(_LowPrecision, LayerNorm):
+    pass
+
+
+class LowPrecisionRMSNorm(_LowPrecision, RMSNorm):
+    pass
 
 
 norms.register("layernorm", LayerNorm)
