@@ -1,0 +1,182 @@
+"""HF folders out and in: which configs export natively, the custom-code folder, and imports of
+folders written by transformers and in MosaicML's original MPT layout."""
+import ast
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM
+
+from llmfoundry_lite.errors import CheckpointError
+from llmfoundry_lite.export import load_hf_model, native_blockers, write_hf_folder
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+
+TINY = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=96)
+
+
+def _imported_packages(source: str) -> set:
+    """Top-level package of every module-level import ('' for relative imports); flash-attn is
+    imported inside a function, only when a config asks for it."""
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("" if node.level else node.module.split(".")[0])
+    return names
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return MPTForCausalLM(MPTConfig(**{**TINY, **kw})).eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+# Options stock transformers' Mpt computes exactly: they must export natively (and match).
+@pytest.mark.parametrize("kw", [
+    {},
+    {"n_heads": 2, "d_model": 48, "attn_config": {"clip_qkv": 0.5, "softmax_scale": 0.3}},
+    {"tie_word_embeddings": False, "norm_type": "layernorm", "layer_norm_epsilon": 1e-6},
+    {"n_heads": 3, "d_model": 48, "attn_config": {"attn_pdrop": 0.1, "attn_uses_sequence_id": True},
+     "resid_pdrop": 0.1, "emb_pdrop": 0.1, "embedding_fraction": 0.5, "init_device": "cpu"},
+], ids=["default", "clip-softmax-scale", "untied-layernorm", "3-heads-dropout"])
+def test_native_export_matches_stock_transformers(kw, tmp_path):
+    model = _model(**kw)
+    assert native_blockers(model.config) == []
+    write_hf_folder(model.config, model.state_dict(), tmp_path, log=lambda m: None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "mpt" and set(config) <= set(MptConfig().to_dict()) | {"architectures", "dtype"}
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(stock) is MptForCausalLM
+    torch.testing.assert_close(_logits(stock, IDS), _logits(model, IDS), rtol=0, atol=1e-5)
+
+
+# Options stock transformers' Mpt does not implement: each must be named, and block a native export.
+BLOCKING = [
+    ({"attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2}}, "attn_config.attn_type"),
+    ({"attn_config": {"attn_type": "multiquery_attention"}}, "attn_config.attn_type"),
+    ({"attn_config": {"qk_ln": True}}, "attn_config.qk_ln"),
+    ({"attn_config": {"qk_gn": True}}, "attn_config.qk_gn"),
+    ({"attn_config": {"alibi": False, "rope": True}}, "attn_config.rope"),
+    ({"attn_config": {"alibi": False}, "learned_pos_emb": True}, "attn_config.alibi"),
+    ({"attn_config": {"alibi_bias_max": 4}}, "attn_config.alibi_bias_max"),
+    ({"attn_config": {"sliding_window_size": 4}}, "attn_config.sliding_window_size"),
+    ({"attn_config": {"fused_qkv": False}}, "attn_config.fused_qkv"),
+    ({"no_bias": False}, "no_bias"),
+    ({"norm_type": "rmsnorm"}, "norm_type"),
+    ({"ffn_config": {"ffn_type": "mptglu"}}, "ffn_config.ffn_type"),
+    ({"ffn_config": {"ffn_act_fn": {"name": "silu"}}}, "ffn_config.ffn_act_fn"),
+    ({"expansion_ratio": 2}, "expansion_ratio"),
+    ({"logit_scale": "inv_sqrt_d_model"}, "logit_scale"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+]
+
+
+@pytest.mark.parametrize("kw,key", BLOCKING, ids=[k for _, k in BLOCKING])
+def test_each_unsupported_option_blocks_native_export(kw, key):
+    blockers = native_blockers(MPTConfig(**{**TINY, **kw}))
+    assert any(b.startswith(key) for b in blockers), blockers
+
+
+@pytest.mark.parametrize("kw", [
+    {"attn_config": {"attn_type": "grouped_query_attention", "kv_n_heads": 2, "qk_ln": True}, "no_bias": False},
+    {"attn_config": {"alibi": False, "rope": True}, "ffn_config": {"ffn_type": "mptglu"}, "norm_type": "rmsnorm",
+     "logit_scale": 0.5, "tie_word_embeddings": False},
+    {"attn_config": {"alibi": False}, "learned_pos_emb": True, "expansion_ratio": 2},
+], ids=["gqa-qkln-bias", "rope-glu-rms-logitscale", "learned-pos"])
+def test_custom_code_folder_loads_with_trust_remote_code_and_matches(kw, tmp_path):
+    model = _model(**kw)
+    messages = []
+    write_hf_folder(model.config, model.state_dict(), tmp_path, log=messages.append)
+    assert "trust_remote_code" in messages[0] and all(b.split(" ")[0] in messages[0]
+                                                      for b in native_blockers(model.config))
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["configuration_mpt.py", "modeling_mpt.py"]
+    for code in tmp_path.glob("*.py"):  # self-contained: only torch, transformers and the stdlib
+        assert _imported_packages(code.read_text()) <= {"torch", "transformers", ""} | sys.stdlib_module_names
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(loaded).__module__.endswith("modeling_mpt")
+    torch.testing.assert_close(_logits(loaded, IDS), _logits(model, IDS), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never silently a stock (wrong) Mpt
+        AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=False)
+    torch.testing.assert_close(_logits(load_hf_model(str(tmp_path)), IDS), _logits(model, IDS), rtol=0, atol=0)
+
+
+def test_streamed_shards_respect_the_size_limit_and_round_trip(tmp_path):
+    model = _model()
+    write_hf_folder(model.config, model.state_dict(), tmp_path, dtype=torch.float16, max_shard_size="20KB",
+                    log=lambda m: None)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and "lm_head.weight" not in index["weight_map"]  # tied: stored once, as wte
+    largest = max(t.numel() * 2 for t in model.state_dict().values())
+    assert all((tmp_path / s).stat().st_size <= max(20_000, largest) + 4096 for s in shards)
+    reloaded = load_hf_model(str(tmp_path))
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name].float(), tensor.half().float(), rtol=0, atol=0)
+
+
+def test_import_folder_saved_by_transformers(tmp_path):
+    torch.manual_seed(0)
+    stock = MptForCausalLM(MptConfig(d_model=48, n_heads=6, n_layers=2, max_seq_len=32, vocab_size=96)).eval()
+    stock.save_pretrained(tmp_path)
+    ours = load_hf_model(str(tmp_path))
+    assert isinstance(ours, MPTForCausalLM)
+    torch.testing.assert_close(_logits(ours, IDS), _logits(stock, IDS), rtol=0, atol=1e-5)
+    longer = load_hf_model(str(tmp_path), max_seq_len=64)  # ALiBi extrapolation, as the MPT-7B card does
+    assert longer.config.max_seq_len == 64
+
+
+def test_import_original_mosaicml_layout(tmp_path):
+    """config.json as on the hub for mosaicml/mpt-7b (custom code, auto_map, triton attn_impl),
+    weights as sharded pytorch_model-*.bin."""
+    torch.manual_seed(0)
+    stock = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=96)).eval()
+    config = {
+        "architectures": ["MPTForCausalLM"], "model_type": "mpt",
+        "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
+        "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "triton", "attn_pdrop": 0,
+                        "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
+                        "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
+        "init_config": {"emb_init_std": None, "emb_init_uniform_lim": None, "fan_mode": "fan_in",
+                        "init_div_is_residual": True, "init_gain": 0, "init_nonlinearity": "relu",
+                        "init_std": 0.02, "name": "kaiming_normal_", "verbose": 0},
+        "d_model": 32, "emb_pdrop": 0, "embedding_fraction": 1.0, "expansion_ratio": 4, "init_device": "cpu",
+        "learned_pos_emb": True, "logit_scale": None, "max_seq_len": 32, "n_heads": 4, "n_layers": 2,
+        "no_bias": True, "norm_type": "low_precision_layernorm", "resid_pdrop": 0,
+        "tokenizer_name": "EleutherAI/gpt-neox-20b", "torch_dtype": "float32", "transformers_version": "4.28.1",
+        "use_cache": False, "verbose": 0, "vocab_size": 96,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    sd = {k: v for k, v in stock.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        torch.save({k: sd[k] for k in keys}, tmp_path / file)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    ours = load_hf_model(str(tmp_path))
+    assert ours.config.attn_config["attn_impl"] == "torch"
+    torch.testing.assert_close(_logits(ours, IDS), _logits(stock, IDS), rtol=0, atol=1e-5)
+
+
+def test_import_refuses_other_architectures_and_incomplete_weights(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(CheckpointError, match="'gpt2' model"):
+        load_hf_model(str(tmp_path / "gpt2"))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf_model(str(tmp_path))
+    model = _model()
+    write_hf_folder(model.config, {k: v for k, v in model.state_dict().items() if "blocks.1.ffn" not in k},
+                    tmp_path / "partial", log=lambda m: None)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_hf_model(str(tmp_path / "partial"))
