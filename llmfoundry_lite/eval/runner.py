@@ -76,42 +76,49 @@ class EvalConfig:
     results_path: Optional[str] = "eval_results"     # folder for results.json / results.csv; null: none
     progress_bar: bool = True
 
-    def validate(self, path: str) -> List[str]:
-        problems = []
-        names = [m.model_name for m in self.models]
-        if not names:
-            problems.append("models: empty; list at least one model")
-        problems += [f"models: model_name {n!r} is used twice; names label the results"
-                     for n in sorted({n for n in names if names.count(n) > 1})]
-        for key in ("max_seq_len", "device_eval_batch_size"):
-            if getattr(self, key) < 1:
-                problems.append(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.icl_tasks is None and self.eval_loader is None:
-            problems.append("nothing to evaluate: add `icl_tasks` and/or `eval_loader`")
-        return problems
-
 
 def check_eval_config(data: Dict[str, Any]) -> EvalConfig:
     """The EvalConfig of a loaded YAML, or one ConfigError listing every problem of every section."""
-    from llmfoundry_lite.data import dataloader_config_problems
     from llmfoundry_lite.train import builders, composer_model  # noqa: F401  (register models, loggers)
-    from llmfoundry_lite.train.schema import eval_loader_sections, named_section_problems
-
     data = dict(data)
     if "models" not in data and any(k in data for k in SINGLE_MODEL_KEYS):
         entry = {k: data.pop(k) for k in SINGLE_MODEL_KEYS if k in data}
         data["models"] = [{"model_name": "model", **entry}]
     cfg, problems = check(EvalConfig, data, "")
-    if cfg is not None:
-        for _, loader, path in eval_loader_sections(cfg.eval_loader):
-            problems += dataloader_config_problems(loader, path)
-        for name, kwargs in cfg.loggers.items():
-            problems += named_section_problems(registry.loggers, name, kwargs, f"loggers.{name}")
-        if cfg.icl_tasks is not None:
-            problems += icl_task_configs(cfg.icl_tasks)[1]
+    problems += _section_problems(data)
     if problems:
         raise ConfigError(problems, header="invalid eval config")
     return cfg
+
+
+def _section_problems(data: Dict[str, Any]) -> List[str]:
+    """Problems across keys and inside free-form sections, found even when other keys are wrong."""
+    from llmfoundry_lite.train.schema import eval_loader_sections, named_section_problems
+
+    problems = []
+    models = data.get("models")
+    if isinstance(models, list):
+        names = [m.get("model_name") for m in models if isinstance(m, dict)]
+        if not models:
+            problems.append("models: empty; list at least one model")
+        problems += [f"models: model_name {n!r} is used twice; names label the results"
+                     for n in sorted({n for n in names if names.count(n) > 1}, key=str)]
+    for key in ("max_seq_len", "device_eval_batch_size"):
+        if isinstance(data.get(key), int) and data[key] < 1:
+            problems.append(f"{key}: must be >= 1, got {data[key]}")
+    if data.get("icl_tasks") is None and data.get("eval_loader") is None:
+        problems.append("nothing to evaluate: add `icl_tasks` and/or `eval_loader`")
+    loaders = data.get("eval_loader")
+    if isinstance(loaders, dict) or (isinstance(loaders, list) and all(isinstance(x, dict) for x in loaders)):
+        from llmfoundry_lite.data import dataloader_config_problems
+        for _, loader, path in eval_loader_sections(loaders):
+            problems += dataloader_config_problems(loader, path)
+    if isinstance(data.get("loggers"), dict):
+        for name, kwargs in data["loggers"].items():
+            problems += named_section_problems(registry.loggers, name, kwargs, f"loggers.{name}")
+    if isinstance(data.get("icl_tasks"), (str, list)):
+        problems += icl_task_configs(data["icl_tasks"])[1]
+    return problems
 
 
 def load_model(entry: ModelEntry, path: str = "models"):
@@ -164,13 +171,13 @@ def _autocast(precision: str, device: torch.device):
 
 def evaluate_model(model, tokenizer, cfg: EvalConfig, device: torch.device) -> Dict[str, float]:
     """Every configured metric of one model: '<loader>/cross_entropy', '<task>/<k>-shot', ..."""
-    from llmfoundry_lite.data import build_dataloader
     from llmfoundry_lite.train.schema import eval_loader_sections
 
     model.to(device).eval()
     metrics: Dict[str, float] = {}
     with _autocast(cfg.precision, device):
         for label, loader_cfg, _ in eval_loader_sections(cfg.eval_loader):
+            from llmfoundry_lite.data import build_dataloader
             loader = build_dataloader(loader_cfg, tokenizer, cfg.device_eval_batch_size)
             for k, v in perplexity(model, loader, device, cfg.eval_subset_num_batches).items():
                 metrics[f"{label}/{k}"] = v

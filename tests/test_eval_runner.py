@@ -1,0 +1,115 @@
+"""`evaluate(cfg)` / `llmfoundry-lite eval`: models from config sections, Composer checkpoints and HF
+folders; perplexity against a hand computation; console table, JSON/CSV files, loggers; config errors."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from llmfoundry_lite.cli import main
+from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.eval.runner import evaluate, perplexity
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_section(d_model=32):
+    return {"name": "mpt_causal_lm", "d_model": d_model, "n_heads": 2, "n_layers": 2, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tasks") / "mc.jsonl"
+    rows = [{"query": f"The {w} is", "choices": ["red", "blue", "open"], "gold": i % 3} for i, w in
+            enumerate(["door", "sky", "apple", "sea", "box", "book"])]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def base_cfg(tmp_path, tiny_tokenizer_dir, task_file, **kw):
+    cfg = {"max_seq_len": 64, "device_eval_batch_size": 4, "device": "cpu", "progress_bar": False,
+           "results_path": str(tmp_path / "results"),
+           "models": [{"model_name": "small", "model": model_section(32), "tokenizer": {"name": tiny_tokenizer_dir}},
+                      {"model_name": "wider", "model": model_section(64), "tokenizer": {"name": tiny_tokenizer_dir}}],
+           "icl_tasks": [{"label": "mc", "dataset_uri": task_file, "icl_task_type": "multiple_choice",
+                          "num_fewshot": [0, 2]}]}
+    cfg.update(kw)
+    return cfg
+
+
+def test_perplexity_is_token_weighted_cross_entropy():
+    torch.manual_seed(0)
+    table = torch.randn(10, 10)
+
+    class Bigram(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": table[input_ids]})()
+
+    batches = [{"input_ids": torch.tensor([[1, 2, 3, 4]]), "labels": torch.tensor([[1, 2, 3, 4]])},
+               {"input_ids": torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]),
+                "labels": torch.tensor([[5, 6, 7, -100], [8, 9, -100, -100]])}]
+    pairs = [(1, 2), (2, 3), (3, 4), (5, 6), (6, 7), (8, 9)]  # (previous token, predicted token)
+    ce = sum(-torch.log_softmax(table[a], -1)[b].item() for a, b in pairs) / len(pairs)
+    out = perplexity(Bigram(), batches, "cpu")
+    assert out["tokens"] == 6 and out["cross_entropy"] == pytest.approx(ce, rel=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+    assert perplexity(Bigram(), batches, "cpu", max_batches=1)["tokens"] == 3
+
+
+def test_several_models_give_tables_and_json_csv_files(tmp_path, tiny_tokenizer_dir, task_file, capsys):
+    cfg = base_cfg(tmp_path, tiny_tokenizer_dir, task_file,
+                   loggers={"jsonl": {"path": str(tmp_path / "log.jsonl")}})
+    results = evaluate(cfg)
+    assert list(results) == ["small", "wider"] and list(results["small"]) == ["mc/0-shot", "mc/2-shot"]
+    assert all(0.0 <= v <= 1.0 and (v * 6) == round(v * 6) for m in results.values() for v in m.values())
+    out = capsys.readouterr().out
+    assert "== small ==" in out and "== wider ==" in out and "| mc/2-shot" in out
+    assert json.loads((tmp_path / "results" / "results.json").read_text()) == results
+    rows = list(csv.reader((tmp_path / "results" / "results.csv").open()))
+    assert rows[0] == ["model_name", "mc/0-shot", "mc/2-shot"] and [r[0] for r in rows[1:]] == ["small", "wider"]
+    assert float(rows[2][2]) == pytest.approx(results["wider"]["mc/2-shot"])
+    logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert logged["metrics/wider/mc/0-shot"] == pytest.approx(results["wider"]["mc/0-shot"])
+    # the same seed builds the same weights: a second run gives the same numbers
+    assert evaluate(cfg, ["results_path=null", "loggers={}"]) == results
+
+
+def test_single_model_shorthand_and_icl_tasks_from_a_yaml_file(tmp_path, tiny_tokenizer_dir, task_file):
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"icl_tasks:\n- label: mc\n  dataset_uri: {task_file}\n  icl_task_type: multiple_choice\n")
+    y = tmp_path / "eval.yaml"
+    y.write_text(f"max_seq_len: 64\ndevice: cpu\nresults_path: null\nprogress_bar: false\nicl_tasks: {tasks}\n"
+                 f"model: {json.dumps(model_section())}\ntokenizer: {{name: {tiny_tokenizer_dir}}}\n")
+    assert list(evaluate(str(y))) == ["model"]
+    assert main(["eval", str(y), "model_name=renamed"]) == 0
+
+
+def test_config_errors_are_all_reported_at_once(tmp_path, tiny_tokenizer_dir, task_file, capsys):
+    cfg = base_cfg(tmp_path, tiny_tokenizer_dir, task_file, devce_eval_batch_size=2, precision="fp64")
+    cfg["models"].append({"model_name": "small", "load_path": str(tmp_path / "missing.pt")})
+    cfg["models"][1]["model"]["n_layer"] = 2
+    cfg["icl_tasks"][0]["icl_task_type"] = "multi_choice"
+    with pytest.raises(ConfigError) as e:
+        evaluate(cfg)
+    text = str(e.value)
+    assert "devce_eval_batch_size: unknown key (did you mean 'device_eval_batch_size'?)" in text
+    assert "precision: 'fp64' is not allowed" in text
+    cfg.pop("devce_eval_batch_size"), cfg.pop("precision")
+    with pytest.raises(ConfigError) as e:
+        evaluate(cfg)
+    text = str(e.value)
+    for expected in ("models[2].load_path: not found", "models[1].model.n_layer", "model_name 'small' is used twice",
+                     "icl_tasks[0].icl_task_type", "did you mean 'multiple_choice'"):
+        assert expected in text, text
+    y = tmp_path / "bad.yaml"
+    y.write_text("max_seq_len: 64\nmodels: []\n")
+    assert main(["eval", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert "models: empty" in err and "nothing to evaluate" in err and "Traceback" not in err
