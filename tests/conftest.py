@@ -34,3 +34,14 @@ def tiny_tokenizer_dir(tmp_path_factory):
     out = root / "tokenizer"
     train_tokenizer([str(text)], str(out), vocab_size=400, model_max_length=64)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a test module: tiny models gain nothing from more, and on a busy
+    2-core machine the threads' synchronisation makes them many times slower."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

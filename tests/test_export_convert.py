@@ -15,6 +15,8 @@ import torch
 from llmfoundry_lite.cli import main as cli
 from llmfoundry_lite.export import load_composer_checkpoint
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 HERE = os.path.dirname(__file__)
 
 

@@ -12,6 +12,8 @@ from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export import load_hf_model, native_blockers, write_hf_folder
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 TINY = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=96)
 
 
