@@ -81,6 +81,10 @@ def fit(tc: TrainConfig):
     evaluators = [Evaluator(label=label, dataloader=build_dataloader(loader, tokenizer, eval_batch),
                             metric_names=list(model.val_metrics))
                   for label, loader, _ in eval_loader_sections(tc.eval_loader)]
+    if tc.icl_tasks is not None:  # few-shot tasks as evaluators (after the loaders took their metric names)
+        from llmfoundry_lite.eval.composer_evaluators import add_icl_metrics, build_icl_evaluators
+        add_icl_metrics(model)
+        evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.max_seq_len)
 
     optimizer = build_optimizer(model, tc.optimizer)
     scheduler = build_scheduler(tc.scheduler)

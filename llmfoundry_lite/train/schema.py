@@ -60,6 +60,7 @@ class TrainConfig:
     max_seq_len: int
     global_train_batch_size: int                        # across all ranks
     eval_loader: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None  # one, or a list with `label`s
+    icl_tasks: Optional[Union[str, List[Dict[str, Any]]]] = None  # ICL evaluators (llmfoundry_lite/eval), or a YAML path
     optimizer: Dict[str, Any] = field(default_factory=lambda: {"name": "decoupled_adamw"})
     scheduler: Optional[Dict[str, Any]] = None
     algorithms: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
@@ -169,6 +170,9 @@ def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
             problems.append("eval_loader: a list of eval loaders needs a distinct `label` on each")
     for _, loader, path in eval_loader_sections(cfg.eval_loader if isinstance(cfg.eval_loader, (dict, list)) else None):
         problems += dataloader_config_problems(loader, path)
+    if isinstance(cfg.icl_tasks, (str, list)):
+        from llmfoundry_lite.eval.icl import icl_tasks_config_problems
+        problems += icl_tasks_config_problems(cfg.icl_tasks, "icl_tasks")
     for section, reg, skip in (("optimizer", registry.optimizers, ("params",)),
                                ("scheduler", registry.schedulers, ())):
         sec = getattr(cfg, section)
