@@ -47,6 +47,9 @@ def coerce(tp, value, path: str, problems: List[str]):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: report X's own (possibly nested) problems
+            return coerce(others[0], value, path, problems)
         for arg in args:
             if arg is type(None):
                 continue

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
-from composer.core import State, Time
+from composer.core import State
 from composer.loggers import ConsoleLogger, ProgressBarLogger, WandBLogger
 from composer.optim import (ComposerScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
                             DecoupledAdamW, LinearWithWarmupScheduler)
@@ -132,10 +132,7 @@ def build_scheduler(section: Optional[Dict]):
 
 
 def build_named(reg: registry.Registry, sections: Dict[str, Optional[Dict]], kind: str) -> List:
-    """Instances for a `{registered_name: {kwargs}}` section (algorithms, callbacks, loggers)."""
-    return [reg.get(name, f"{kind}.{name}")(**(kwargs or {})) for name, kwargs in sections.items()]
-
-
-def to_time(value) -> Time:
-    """A YAML duration (time string or int epochs) as a Composer Time."""
-    return Time.from_timestring(value) if isinstance(value, str) else Time(int(value), "ep")
+    """Instances for a `{registered_name: {kwargs}}` section (algorithms, callbacks, loggers);
+    an entry set to `false` is skipped."""
+    return [reg.get(name, f"{kind}.{name}")(**(kwargs if isinstance(kwargs, dict) else {}))
+            for name, kwargs in sections.items() if kwargs is not False]

@@ -123,22 +123,31 @@ def full_state_dict(module: torch.nn.Module) -> dict:
 class HFCheckpointer(Callback):
     """Writes `save_folder/ba{batch}` as a Hugging Face folder every `save_interval` and at fit end.
 
-    `precision`: float32 | bfloat16 | float16 (the dtype of the written weights).
+    `save_interval`: batches ('500ba') or epochs ('1ep'). `precision`: float32 | bfloat16 | float16
+    (the dtype of the written weights).
     """
 
-    def __init__(self, save_folder: str, save_interval: str = "1000ba", precision: str = "float32"):
+    def __init__(self, save_folder: str, save_interval: str = "1ep", precision: str = "float32"):
         from composer.core import Time, TimeUnit
         self.save_folder = save_folder
         self.interval = Time.from_timestring(save_interval)
-        if self.interval.unit != TimeUnit.BATCH:
-            raise UserError(f"hf_checkpointer.save_interval: use batches (e.g. '500ba'), got {save_interval!r}")
+        if self.interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or self.interval.value <= 0:
+            raise UserError(f"hf_checkpointer.save_interval: use batches or epochs (e.g. '500ba', '1ep'), "
+                            f"got {save_interval!r}")
         if precision not in ("float32", "bfloat16", "float16"):
             raise UserError(f"hf_checkpointer.precision: one of float32, bfloat16, float16; got {precision!r}")
         self.dtype = getattr(torch, precision)
         self.last_saved = -1
 
+    def _due(self, state: State, unit) -> bool:
+        return self.interval.unit == unit and state.timestamp.get(unit).value % self.interval.value == 0
+
     def batch_end(self, state: State, logger: Logger) -> None:
-        if state.timestamp.batch.value % self.interval.value == 0:
+        if self._due(state, "ba"):
+            self.save(state)
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        if self._due(state, "ep"):
             self.save(state)
 
     def fit_end(self, state: State, logger: Logger) -> None:

@@ -33,7 +33,7 @@ class ComposerMPTCausalLM(HuggingFaceModel):
 
 
 # Keys of the `model:` section that are not MPTConfig fields.
-BUILDER_KEYS = ("pretrained_model_name_or_path",)
+BUILDER_KEYS = ("pretrained_model_name_or_path", "pretrained")
 
 
 def _config_problems(cfg: Dict[str, Any], path: str = "model") -> List[str]:
@@ -51,6 +51,7 @@ def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
     """
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     cfg = dict(cfg)
+    cfg.pop("pretrained", None)  # llm-foundry's flag for hf_causal_lm: a named folder is always loaded
     source = cfg.pop("pretrained_model_name_or_path", None)
     if source is not None:
         from llmfoundry_lite.export import load_hf_model
@@ -66,3 +67,4 @@ def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
 
 build_mpt_causal_lm.config_problems = _config_problems
 registry.models.register("mpt_causal_lm", build_mpt_causal_lm)
+registry.models.register("hf_causal_lm", build_mpt_causal_lm)  # llm-foundry's name for "from an HF folder"

@@ -63,9 +63,10 @@ class TrainConfig:
     icl_tasks: Optional[Union[str, List[Dict[str, Any]]]] = None  # ICL evaluators (llmfoundry_lite/eval), or a YAML path
     optimizer: Dict[str, Any] = field(default_factory=lambda: {"name": "decoupled_adamw"})
     scheduler: Optional[Dict[str, Any]] = None
-    algorithms: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
-    callbacks: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
-    loggers: Dict[str, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    # {registered name: kwargs}; `{}` or null uses the defaults, `false` disables one (e.g. from an override)
+    algorithms: Dict[str, Union[Dict[str, Any], bool, None]] = field(default_factory=dict)
+    callbacks: Dict[str, Union[Dict[str, Any], bool, None]] = field(default_factory=dict)
+    loggers: Dict[str, Union[Dict[str, Any], bool, None]] = field(default_factory=dict)
     device_train_microbatch_size: Optional[Union[int, Literal["auto"]]] = None  # None: the device batch
     device_eval_batch_size: Optional[int] = None        # None: the device train batch
     eval_interval: Duration = 1                         # an int counts epochs (Composer)
@@ -99,7 +100,7 @@ class TrainConfig:
             problems += duration_problems(getattr(self, key), join(path, key))
         for key in ("max_seq_len", "global_train_batch_size", "device_eval_batch_size"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
+            if isinstance(value, int) and value <= 0:
                 problems.append(f"{join(path, key)}: must be positive, got {value}")
         mb = self.device_train_microbatch_size
         if isinstance(mb, int) and mb <= 0:
@@ -117,6 +118,8 @@ class TrainConfig:
 
 def duration_problems(value, path: str) -> List[str]:
     """A Composer time string ('10ba', '2ep', '500tok', '0.5dur'), or an int (epochs)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, str)):
+        return []  # missing or of the wrong type: reported by the type check
     if isinstance(value, int):
         return [] if value > 0 else [f"{path}: must be positive, got {value}"]
     from composer.core import Time
@@ -153,8 +156,9 @@ def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
     from llmfoundry_lite.train import builders, composer_model  # noqa: F401  (register the built-in names)
 
     cfg, problems = check(TrainConfig, data, "")
-    if cfg is None:  # top-level shape errors; still look inside the sections we can read
+    if cfg is None:  # top-level errors; still check the cross-field rules and the sections we can read
         cfg = _lenient(data)
+        problems += cfg.validate("")
     model = cfg.model if isinstance(cfg.model, dict) else {}
     if not isinstance(model.get("name"), str) or model["name"] not in registry.models:
         problems.append(registry.models.unknown_message(model.get("name"), "model.name"))
@@ -183,7 +187,9 @@ def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
                          ("loggers", registry.loggers)):
         sec = getattr(cfg, section)
         for name, kwargs in (sec.items() if isinstance(sec, dict) else ()):
-            problems += named_section_problems(reg, name, kwargs, f"{section}.{name}")
+            if kwargs is not False:
+                problems += named_section_problems(reg, name, None if kwargs is True else kwargs,
+                                                   f"{section}.{name}")
     problems += _parallel_problems(cfg, world_size)
     if problems:
         raise ConfigError(problems, header="invalid training config")
