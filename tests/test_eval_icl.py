@@ -11,6 +11,8 @@ from llmfoundry_lite.eval.icl import (ICLDataset, ICLTaskConfig, build_prompts, 
                                       fewshot_indices, load_task_file, normalize_answer)
 from llmfoundry_lite.registry import icl_tasks
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 V = 128  # character vocabulary: token id = ord(char); 0 is EOS and pad
 
 

@@ -8,17 +8,10 @@ import torch
 from llmfoundry_lite.eval.icl import ICLDataset, ICLTaskConfig, continuation_scores, evaluate_icl_task
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 FACTS = {"Ann": "red", "Bob": "blue", "Cid": "green", "Dee": "red", "Eli": "blue", "Fay": "green"}
 COLOURS = ["red", "blue", "green"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run far faster on one thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ from llmfoundry_lite.cli import main
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.eval.runner import evaluate, perplexity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def model_section(d_model=32):
@@ -113,3 +107,40 @@ def test_config_errors_are_all_reported_at_once(tmp_path, tiny_tokenizer_dir, ta
     assert main(["eval", str(y)]) == 2
     err = capsys.readouterr().err
     assert "models: empty" in err and "nothing to evaluate" in err and "Traceback" not in err
+
+
+def test_composer_checkpoint_and_hf_folder_give_the_same_numbers(tmp_path, tiny_tokenizer_dir, task_file):
+    from composer import Trainer
+    from transformers import AutoTokenizer
+
+    from llmfoundry_lite.eval.icl import ICLTaskConfig, evaluate_icl_task
+    from llmfoundry_lite.export import write_hf_folder
+    from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+    from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(3)
+    model = MPTForCausalLM(MPTConfig(d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=len(tok))).eval()
+    task = ICLTaskConfig(label="mc", dataset_uri=task_file, icl_task_type="multiple_choice", num_fewshot=[0, 2])
+    expected = evaluate_icl_task(model, tok, task, max_seq_len=64, batch_size=4)
+    Trainer(model=ComposerMPTCausalLM(model, tok), device="cpu", progress_bar=False,
+            log_to_console=False).save_checkpoint(str(tmp_path / "ckpt.pt"))
+    write_hf_folder(model.config, model.state_dict(), str(tmp_path / "hf"), tokenizer=tok)
+    cfg = base_cfg(tmp_path, tiny_tokenizer_dir, task_file, results_path=None)
+    cfg["models"] = [{"model_name": "composer", "load_path": str(tmp_path / "ckpt.pt")},
+                     {"model_name": "hf", "model": {"name": "mpt_causal_lm",
+                                                    "pretrained_model_name_or_path": str(tmp_path / "hf")}}]
+    results = evaluate(cfg)
+    assert results["composer"] == pytest.approx(expected) and results["hf"] == pytest.approx(expected)
+
+
+def test_training_yaml_accepts_icl_tasks_and_checks_them(task_file):
+    from llmfoundry_lite.train.schema import TrainConfig, check_train_config
+
+    assert "icl_tasks" in TrainConfig.__dataclass_fields__
+    cfg = {"model": model_section(), "tokenizer": {"name": "gpt2"}, "max_seq_len": 64, "max_duration": "1ba",
+           "global_train_batch_size": 2, "train_loader": {"name": "text", "dataset": {"local": "x", "split": "train"}},
+           "icl_tasks": [{"label": "mc", "dataset_uri": task_file, "icl_task_type": "multiple_choice",
+                          "num_fewsot": [0]}]}
+    with pytest.raises(ConfigError, match=r"icl_tasks\[0\].num_fewsot: unknown key \(did you mean 'num_fewshot'\?\)"):
+        check_train_config(cfg)
