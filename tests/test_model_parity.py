@@ -46,6 +46,19 @@ def test_alibi_slopes_equal_mpt_definition_for_any_head_count(alibi_bias_max):
         assert torch.allclose(-alibi_slopes(n_heads, alibi_bias_max), ref, rtol=0, atol=0), n_heads
 
 
+def test_loss_and_its_gradient_equal_torch_cross_entropy():
+    from llmfoundry_lite.models.mpt import CrossEntropy
+    logits = torch.randn(20, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (20,))
+    targets[::3] = -100
+    ref_logits = logits.detach().clone().requires_grad_()
+    ours, ref = CrossEntropy.apply(logits, targets), torch.nn.functional.cross_entropy(ref_logits, targets)
+    (ours * 3).backward()
+    (ref * 3).backward()
+    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
+    assert CrossEntropy.apply(logits, torch.full((20,), -100)).item() == 0.0  # nothing to learn: 0, not NaN
+
+
 def test_task_heads_match_transformers():
     x = torch.randint(1, V, (3, 12))
     x[0, -4:] = 0  # right padding with pad id 0

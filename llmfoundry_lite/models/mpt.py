@@ -196,6 +196,33 @@ class MPTModel(MPTPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
+class CrossEntropy(torch.autograd.Function):
+    """Mean next-token cross-entropy over targets != -100 (0 when there are none).
+
+    Equal to `F.cross_entropy(..., ignore_index=-100)` but its backward writes the (tokens, vocab)
+    gradient in one pass (softmax minus one-hot, in place) instead of filling a dense zero gradient
+    and running log-softmax's backward over it: ~2x faster for this, the largest tensor of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        valid = targets != -100
+        index = torch.where(valid, targets, 0)[:, None]
+        logp = torch.log_softmax(logits, dim=-1)
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(logp, index, valid, count)
+        return -(logp.gather(1, index).squeeze(1) * valid).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logp, index, valid, count = ctx.saved_tensors
+        grad = logp.exp_()  # softmax, in place: logp is not needed again
+        grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+        grad.mul_((valid * (grad_out / count)).to(grad.dtype)[:, None])
+        return grad, None
+
+
 class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = ["lm_head.weight"]
 
@@ -231,7 +258,7 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         if labels is not None:
             # shift the labels, not the logits: slicing the (B, S, vocab) logits would copy them
             targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = CrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten())
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
