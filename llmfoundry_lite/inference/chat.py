@@ -71,7 +71,8 @@ class ChatSession:
             self.messages = self.messages[2:]  # one user message and its reply
         return True
 
-    def reply(self, message: str, out: TextIO = sys.stdout) -> Optional[str]:
+    def reply(self, message: str, out: Optional[TextIO] = None) -> Optional[str]:
+        out = out or sys.stdout
         self.messages.append({"role": "user", "content": message})
         if not self._fit():
             self.messages.pop()
@@ -84,7 +85,9 @@ class ChatSession:
         return text
 
 
-def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+def chat_loop(session: ChatSession, inp: Optional[TextIO] = None, out: Optional[TextIO] = None) -> None:
+    """Read messages from `inp` (stdin) until /quit or end of input; stream replies to `out` (stdout)."""
+    inp, out = inp or sys.stdin, out or sys.stdout
     out.write("Chat: type a message; /clear forgets the conversation, /quit leaves.\n")
     while True:
         out.write("User: ")

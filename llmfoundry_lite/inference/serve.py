@@ -60,11 +60,14 @@ PARAMETERS = {
     "do_sample": (lambda v: isinstance(v, bool), "true or false", lambda v, lim: True, ""),
     "seed": (_is_int, "an integer", lambda v, lim: 0 <= v < 2 ** 63, "in [0, 2**63)"),
 }
-DEFAULTS = {"max_new_tokens": 64, "do_sample": False}
+DEFAULT_MAX_NEW_TOKENS = 64  # when a request does not say (capped by Limits.max_new_tokens)
 
 
-def parse_request(body: bytes, tokenizer, max_seq_len: int, limits: Limits):
-    """(prompts, generation parameters) from a request body, or RequestError naming the bad field."""
+def parse_request(body: bytes, limits: Limits):
+    """(prompts, generation parameters) from a request body, or RequestError naming the bad field.
+
+    Token lengths are checked later, by the worker: HF fast tokenizers must not be used by two
+    threads at once ("Already borrowed"), so only the worker thread touches the tokenizer."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -92,7 +95,7 @@ def parse_request(body: bytes, tokenizer, max_seq_len: int, limits: Limits):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise RequestError(400, f"{where}[{i}]", "must not be an empty string")
-    params = dict(DEFAULTS)
+    params = {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens), "do_sample": False}
     raw = inp.get("parameters", {})
     if not isinstance(raw, dict):
         raise RequestError(400, "input_data.parameters", "must be an object")
@@ -108,8 +111,6 @@ def parse_request(body: bytes, tokenizer, max_seq_len: int, limits: Limits):
             raise RequestError(400, path, f"{value} out of range: must be "
                                           f"{range_text.format(max_new_tokens=limits.max_new_tokens)}")
         params[key] = value
-    for i, message in overlong(tokenizer, prompts, params["max_new_tokens"], max_seq_len):
-        raise RequestError(400, f"{where}[{i}]", message)
     return prompts, params
 
 
@@ -135,16 +136,19 @@ class Endpoint:
         while True:
             job = self.jobs.get()
             try:
+                for i, message in overlong(self.tokenizer, job.prompts, job.params["max_new_tokens"],
+                                           self.model.config.max_seq_len):
+                    raise RequestError(400, f"input_data.input_string[{i}]", message)
                 texts = generate(self.model, self.tokenizer, job.prompts,
                                  max_batch_size=self.limits.max_batch_size, **job.params)
                 job.result = [{str(i): t for i, t in enumerate(texts)}]
                 self.served += 1
-            except Exception as e:  # reported to the client as a 500, the worker keeps serving
+            except Exception as e:  # reported to the client (4xx or 500); the worker keeps serving
                 job.error = e
             job.done.set()
 
     def answer(self, body: bytes):
-        prompts, params = parse_request(body, self.tokenizer, self.model.config.max_seq_len, self.limits)
+        prompts, params = parse_request(body, self.limits)
         job = _Job(prompts, params)
         try:
             self.jobs.put_nowait(job)
@@ -153,6 +157,8 @@ class Endpoint:
                                                   "queued; retry later") from None
         if not job.done.wait(self.limits.timeout_s):
             raise RequestError(504, "input_data", f"no answer within {self.limits.timeout_s:.0f}s")
+        if isinstance(job.error, RequestError):
+            raise job.error
         if job.error is not None:
             raise RequestError(500, "input_data", f"generation failed: {job.error}")
         return job.result
@@ -199,6 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class EndpointServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64  # pending TCP connections (the default 5 refuses bursts of clients)
 
     def __init__(self, address, endpoint: Endpoint, quiet: bool = False):
         super().__init__(address, _Handler)
