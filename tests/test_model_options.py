@@ -194,3 +194,22 @@ def test_flops_per_token_counts_matmul_params_and_attention():
     model = MPTForCausalLM(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert flops_per_token(cfg, 16) == 6 * matmul + 12 * 2 * 64 * 16
+
+
+def test_a_registered_attention_impl_is_used_by_name():
+    from llmfoundry_lite.models.layers.attention import torch_attention
+    from llmfoundry_lite.registry import attention_impls
+    calls = []
+
+    def counting_attention(q, k, v, ctx, **kw):
+        calls.append(q.shape)
+        return torch_attention(q, k, v, ctx, **kw)
+
+    if "counting_test_impl" not in attention_impls:
+        attention_impls.register("counting_test_impl", counting_attention)
+    plain, custom = tiny(), tiny(attn_config={"attn_impl": "counting_test_impl"})
+    custom.load_state_dict(plain.state_dict())
+    x = torch.randint(0, V, (1, 6))
+    with torch.no_grad():
+        assert torch.allclose(custom(x).logits, plain(x).logits)
+    assert len(calls) == 2  # once per layer

@@ -139,9 +139,6 @@ class InitConfig:
         return problems
 
 
-NORM_TYPES = ("layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm")
-
-
 @dataclass
 class MPTSchema:
     """The model keys, their types and defaults (transformers' `MptConfig` defaults where they overlap)."""
