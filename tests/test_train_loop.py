@@ -39,23 +39,24 @@ def copy_accuracy(model, rows) -> float:
     ids = torch.as_tensor(rows, dtype=torch.long)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    pred = logits[:, HALF:-1].argmax(-1)   # position t predicts token t+1
+    pred = logits[:, HALF:-1].argmax(-1)   # position t predicts token t+1: SEP predicts a_1, ...
     return (pred == ids[:, HALF + 1:]).float().mean().item()
 
 
 def test_tiny_model_learns_copy_task(copy_data, tiny_tokenizer_dir, tmp_path):
-    from train_utils import copy_rows
+    """Copying needs attention to the right earlier position: learned position embeddings make that
+    a one-layer job (with ALiBi alone it needs induction heads, thousands of steps)."""
+    from train_utils import BEST_LOSS, copy_rows
     data = fresh_copy(copy_data, tmp_path, "data")
     trainer = run(*tiny_overrides(data, tiny_tokenizer_dir, max_duration="150ba", **{
-        "scheduler.t_max": "150ba", "optimizer.lr": "1e-2", "loggers.jsonl.path": str(tmp_path / "m.jsonl")}))
+        "model.d_model": 64, "model.n_heads": 4, "model.attn_config.alibi": "false",
+        "scheduler.t_max": "150ba", "optimizer.lr": "6e-3", "loggers.jsonl.path": str(tmp_path / "m.jsonl")}))
     model = trainer.state.model.model.eval()
-    acc = copy_accuracy(model, copy_rows(128, seed=7))   # unseen rows
+    acc = copy_accuracy(model, copy_rows(128, seed=7))   # rows not in the training data
     losses = [loss for _, loss in read_losses(str(tmp_path / "m.jsonl"))]
     assert losses[0] > 5.0                               # ~ln(400) at the start
-    # the first half is random over 16 symbols (ln 16 = 2.77 per token) and the rest is copyable:
-    # a model that copies gets well under the mean of "random everywhere"
-    assert sum(losses[-10:]) / 10 < 1.7, losses[-10:]
-    assert acc > 0.9, f"copy accuracy {acc:.2f}"
+    assert sum(losses[-10:]) / 10 < BEST_LOSS + 0.3, (BEST_LOSS, losses[-10:])
+    assert acc > 0.95, f"copy accuracy {acc:.2f}"
 
 
 def test_autoresume_continues_bit_exactly(copy_data, tiny_tokenizer_dir, tmp_path):
@@ -75,7 +76,7 @@ def test_autoresume_continues_bit_exactly(copy_data, tiny_tokenizer_dir, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     la = read_losses(str(tmp_path / "straight" / "m.jsonl"))
     lb = read_losses(str(tmp_path / "resumed" / "m.jsonl"))
-    assert [s for s, _ in lb] == [1, 2, 3, 4, 5, 6] and la == lb
+    assert [s for s, _ in lb] == [0, 1, 2, 3, 4, 5] and la == lb
 
 
 def test_eval_metrics_hf_checkpointer_and_wandb_offline(copy_data, tiny_tokenizer_dir, tmp_path, monkeypatch):

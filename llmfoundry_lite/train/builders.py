@@ -15,13 +15,13 @@ import torch
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
 from composer.core import State
-from composer.loggers import ConsoleLogger, ProgressBarLogger, WandBLogger
+from composer.loggers import ConsoleLogger, ProgressBarLogger
 from composer.optim import (ComposerScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
                             DecoupledAdamW, LinearWithWarmupScheduler)
 from composer.optim.scheduler import _convert_time
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.train.callbacks import HFCheckpointer, JSONLLogger, LossSpikeGuard, SpeedMonitor
+from llmfoundry_lite.train.callbacks import HFCheckpointer, JSONLLogger, LossSpikeGuard, SpeedMonitor, WandBLogger
 
 
 class DecoupledLionW(torch.optim.Optimizer):

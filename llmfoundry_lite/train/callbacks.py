@@ -4,6 +4,7 @@
 - `HFCheckpointer`: a Hugging Face folder every N batches and at the end (gathered under FSDP2).
 - `LossSpikeGuard`: stops a run whose loss is NaN/inf, or spikes `patience` times in a row.
 - `JSONLLogger`: every logged metric as one JSON line, full float precision (for plots and tests).
+- `WandBLogger`: Composer's, made to work with wandb >= 0.31.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger, LoggerDestination
+from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist
 
 from llmfoundry_lite.errors import UserError
@@ -237,3 +239,14 @@ class JSONLLogger(LoggerDestination):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
+
+
+class WandBLogger(ComposerWandBLogger):
+    """Composer's W&B logger (`WANDB_MODE=offline` writes the run locally). Composer 0.32 calls
+    `Run.get_url()`, which wandb 0.31 replaced by the `Run.url` property: provide it when missing."""
+
+    def init(self, state: State, logger: Logger) -> None:
+        from wandb.sdk.wandb_run import Run
+        if not hasattr(Run, "get_url"):
+            Run.get_url = lambda run: run.url
+        super().init(state, logger)

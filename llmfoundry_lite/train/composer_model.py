@@ -8,6 +8,8 @@ token accuracy over the positions that have a label.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Dict, List
 
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
@@ -28,8 +30,22 @@ class ComposerMPTCausalLM(HuggingFaceModel):
                         MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
         # position t with the label at t+1, as the model's loss does.
-        super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
-                         shift_labels=True)
+        with _known_causal_lm():
+            super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
+                             shift_labels=True)
+
+
+@contextlib.contextmanager
+def _known_causal_lm():
+    """HuggingFaceModel asks whether the model is a causal LM by importing every causal-LM class
+    transformers has (seconds per process, tens under load); ours is one, so answer directly."""
+    from composer.models import huggingface
+    original = huggingface._is_registered_causal_lm
+    huggingface._is_registered_causal_lm = lambda model: True
+    try:
+        yield
+    finally:
+        huggingface._is_registered_causal_lm = original
 
 
 # Keys of the `model:` section that are not MPTConfig fields.
