@@ -19,7 +19,7 @@ V = 128  # character vocabulary: token id = ord(char); 0 is EOS and pad
 class CharTokenizer:
     pad_token_id = eos_token_id = 0
 
-    def __call__(self, text, add_special_tokens=False):
+    def __call__(self, text, add_special_tokens=False, verbose=True):
         return {"input_ids": [ord(c) for c in text]}
 
     def batch_decode(self, rows, skip_special_tokens=True):

@@ -275,7 +275,8 @@ def build_prompts(examples: List[dict], task_type: ICLTaskType, cfg: ICLTaskConf
 
 
 def _encode(tokenizer, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: prompts may exceed model_max_length; they are truncated here, not by the tokenizer
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 @dataclasses.dataclass
