@@ -207,3 +207,21 @@ def test_plugin_task_type_via_registry(tmp_path):
     path = write(tmp_path, "yn.jsonl", [{"question": "ok?"}])
     res = evaluate_icl_task(BigramModel(table(**{" y": 4.0})), CharTokenizer(), cfg(path, "yes_no_test"), 16, 4)
     assert res == {"t/0-shot": 1.0}
+
+
+def test_split_examples_keeps_each_examples_rows_together(tmp_path):
+    from llmfoundry_lite.eval.icl import judge_generations, judge_logits, split_examples
+    t = table(**{":y": 3.0, ":x": 1.0})
+    path = write(tmp_path, "mc.jsonl", [{"query": q, "choices": ["x", "yy", "z"][:n], "gold": g}
+                                        for q, n, g in (("q", 2, 1), ("rr", 3, 0), ("s", 3, 1))])
+    ds = ICLDataset(cfg(path, "multiple_choice", continuation_delimiter=":"), 0, CharTokenizer(), max_seq_len=32)
+    whole = ds.collate(ds.items)
+    pieces = split_examples(whole, 2)
+    assert [len(p["gold"]) for p in pieces] == [2, 1] and [len(p["input_ids"]) for p in pieces] == [5, 3]  # sorted: rr, q | s
+    model = BigramModel(t)
+    judged = [ok for p in pieces for ok in judge_logits(model(p["input_ids"]).logits, p)]
+    assert judged == judge_logits(model(whole["input_ids"]).logits, whole) == [False, True, True]
+    gen = {"mode": "generate", "labels": [["a"], ["b"], ["c"]], "input_ids": torch.zeros(3, 2), "stop_at": "\n",
+           "attention_mask": torch.ones(3, 2)}
+    assert [p["labels"] for p in split_examples(gen, 2)] == [[["a"], ["b"]], [["c"]]]
+    assert judge_generations(["A\nb", " the b", "d"], gen) == [True, True, False]
