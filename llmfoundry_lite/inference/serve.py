@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,9 @@ from llmfoundry_lite.inference.loading import add_model_arguments, open_model
 from llmfoundry_lite.registry import did_you_mean
 
 MAX_BODY_BYTES = 1 << 20
+_BUSY = json.dumps({"error": "server busy: too many open connections; retry later", "field": "connection"}).encode()
+BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"Connection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
 
 
 class RequestError(Exception):
@@ -48,6 +52,8 @@ class Limits:
     queue_size: int = 16                # requests waiting for the model; more -> 503
     max_batch_size: Optional[int] = None
     timeout_s: float = 600.0            # how long a request waits for its answer
+    client_timeout_s: float = 30.0      # a client silent this long (slowloris) is disconnected
+    max_connections: int = 64           # open connections (one thread each); more -> 503 at once
 
 
 # name -> (type check, type name, range check, range text); a range check receives the Limits.
@@ -70,8 +76,8 @@ def parse_request(body: bytes, limits: Limits):
     threads at once ("Already borrowed"), so only the worker thread touches the tokenizer."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, "body", f"malformed JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit ints, deep nesting
+        raise RequestError(400, "body", f"malformed JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict) or "input_data" not in data:
         raise RequestError(400, "input_data", 'expected {"input_data": {"input_string": [...], "parameters": {...}}}')
     for key in data:
@@ -95,6 +101,11 @@ def parse_request(body: bytes, limits: Limits):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise RequestError(400, f"{where}[{i}]", "must not be an empty string")
+        if not p.isascii():
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800") that no tokenizer can encode
+                raise RequestError(400, f"{where}[{i}]", "is not valid Unicode (lone surrogate)") from None
     params = {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens), "do_sample": False}
     raw = inp.get("parameters", {})
     if not isinstance(raw, dict):
@@ -167,6 +178,10 @@ class Endpoint:
 class _Handler(BaseHTTPRequestHandler):
     server: "EndpointServer"
 
+    def setup(self):
+        self.timeout = self.server.endpoint.limits.client_timeout_s  # socket timeout for every read
+        super().setup()
+
     def _send(self, status: int, payload) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
@@ -190,11 +205,18 @@ class _Handler(BaseHTTPRequestHandler):
             if self.path not in ("/", "/score"):
                 raise RequestError(404, "path", f"no route POST {self.path}; POST to / or /score")
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
+            if length is None or not (length.isascii() and length.isdigit()):
                 raise RequestError(411, "Content-Length", "a Content-Length header is required")
             if int(length) > MAX_BODY_BYTES:
                 raise RequestError(413, "body", f"{length} bytes; at most {MAX_BODY_BYTES}")
-            self._send(200, self.server.endpoint.answer(self.rfile.read(int(length))))
+            body = self.rfile.read(int(length))
+            if len(body) < int(length):
+                raise RequestError(400, "body", f"{len(body)} bytes received, Content-Length said {length}")
+            self._send(200, self.server.endpoint.answer(body))
+        except TimeoutError:
+            self.close_connection = True
+            self._error(RequestError(408, "body", f"the body did not arrive within "
+                                                  f"{self.server.endpoint.limits.client_timeout_s:g}s"))
         except RequestError as e:
             self._error(e)
 
@@ -210,6 +232,29 @@ class EndpointServer(ThreadingHTTPServer):
     def __init__(self, address, endpoint: Endpoint, quiet: bool = False):
         super().__init__(address, _Handler)
         self.endpoint, self.quiet = endpoint, quiet
+        self.slots = threading.BoundedSemaphore(endpoint.limits.max_connections)
+
+    def process_request(self, request, client_address):
+        # One thread per connection, at most max_connections of them: a flood of (slow) clients is
+        # answered 503 at once instead of growing threads and memory without bound.
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that hung up: not ours
+            super().handle_error(request, client_address)
 
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
