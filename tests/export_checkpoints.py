@@ -5,8 +5,9 @@ because a sharded checkpoint needs a torch.distributed process group).
 
 OUT_DIR/full/latest-rank0.pt (one file) and OUT_DIR/sharded/ep0-ba3/ (FSDP2, DCP) of the same tiny
 MPT trained 3 batches with AdamW (so the checkpoints hold optimizer state too), each with
-OUT_DIR/<kind>-weights.pt: the trained weights, for comparison. The layout is that of
-`ComposerMPTCausalLM`, a Composer `HuggingFaceModel` around our `MPTForCausalLM`.
+OUT_DIR/<kind>-weights.pt: the trained weights, for comparison. The model is the training code's
+`ComposerMPTCausalLM` (a Composer `HuggingFaceModel` around our `MPTForCausalLM`); the data is random
+tokens fed straight to Composer's Trainer, so the test needs no dataset.
 """
 import os
 import socket
@@ -22,12 +23,12 @@ def main(out: str, tokenizer_dir: str) -> None:
     os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", NODE_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from composer import Trainer
-    from composer.models import HuggingFaceModel
     from composer.optim import DecoupledAdamW
     from composer.utils.parallelism import FSDP2Config
     from transformers import AutoTokenizer
 
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+    from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for kind, extra in (("full", {}), ("sharded", {"parallelism_config": {"fsdp": FSDP2Config()}})):
@@ -36,7 +37,7 @@ def main(out: str, tokenizer_dir: str) -> None:
                                          vocab_size=len(tokenizer)))
         ids = torch.randint(0, len(tokenizer), (12, 16))
         data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
-        trainer = Trainer(model=HuggingFaceModel(model, tokenizer, use_logits=True, shift_labels=True),
+        trainer = Trainer(model=ComposerMPTCausalLM(model, tokenizer),
                           train_dataloader=torch.utils.data.DataLoader(data, batch_size=4),
                           optimizers=DecoupledAdamW(model.parameters(), lr=1e-2), max_duration="3ba",
                           save_folder=os.path.join(out, kind), save_interval="3ba", device="cpu",
