@@ -1,0 +1,406 @@
+"""Pretraining data prep: documents (HF datasets, JSON/JSONL, .txt folders) -> MDS shards.
+
+With `concat_tokens=N` every document becomes `bos + tokens + eos`, the documents are concatenated
+and cut into rows of exactly N ids (a `tokens` column, see `mds.token_column_encoding`); `wrap=False`
+drops the rest of a document once a row is cut from it, as llm-foundry's `--no_wrap` does. Without
+`concat_tokens` the shards hold the raw `text`. Nothing is dropped silently: `Summary.dropped` counts
+empty documents, malformed lines and the tokens that did not fill a last row.
+
+Parallelism is real: `num_workers > 1` tokenizes batches of documents in worker processes while the
+main process reads input and writes shards in order, so the output does not depend on the worker
+count. `.txt` folders are converted in groups of files, each group into its own sub-folder with a
+done marker, so a re-run after a crash skips the finished groups; the group indexes are then merged
+into one `index.json` and a top-level done marker records the summary.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from llmfoundry_lite.data.mds import check_empty_output, token_column_encoding
+from llmfoundry_lite.data.tokenizer import build_tokenizer
+from llmfoundry_lite.errors import DataError, UserError
+
+DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
+BATCH = 256  # documents per tokenization task
+
+
+@dataclass
+class TokenizeSpec:
+    """How documents become token rows (None tokenizer: keep raw text)."""
+    tokenizer: Optional[str] = None
+    tokenizer_kwargs: Dict = field(default_factory=dict)
+    concat_tokens: Optional[int] = None
+    bos_text: str = ""
+    eos_text: str = ""
+    wrap: bool = True
+
+    def validate(self) -> None:
+        if (self.tokenizer is None) != (self.concat_tokens is None):
+            raise UserError("--concat_tokens and --tokenizer go together: give both (token rows) or neither (raw text)")
+        if self.concat_tokens is not None and self.concat_tokens < 1:
+            raise UserError(f"--concat_tokens must be positive, got {self.concat_tokens}")
+
+
+@dataclass
+class Summary:
+    documents: int = 0
+    tokens: int = 0
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    dropped: Dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "Summary") -> None:
+        for k in ("documents", "tokens", "samples", "shards", "bytes"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k, v in other.dropped.items():
+            self.drop(k, v)
+
+    def drop(self, why: str, n: int = 1) -> None:
+        if n:
+            self.dropped[why] = self.dropped.get(why, 0) + n
+
+    def __str__(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        dropped = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items())) or "nothing"
+        return (f"{self.documents} documents -> {self.samples} samples, {self.tokens} tokens, "
+                f"{self.shards} shards, {self.bytes / 1e6:.2f} MB in {self.seconds:.1f}s "
+                f"({rate:,.0f} tokens/s); dropped: {dropped}")
+
+
+# ---- reading documents -------------------------------------------------------------------------
+
+def iter_json_files(path: str, column: str, summary: Summary, skip_bad_lines: bool = False) -> Iterator[str]:
+    """Texts from a .json/.jsonl file or a folder of them; a bad line is an error naming file and line."""
+    files = _files(path, (".json", ".jsonl"))
+    for name in files:
+        with open(name, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+        stripped = text.lstrip()
+        if name.endswith(".json") and stripped.startswith("["):
+            try:
+                records = [(i + 1, r) for i, r in enumerate(json.loads(text))]
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        else:
+            records = _jsonl_records(name, text, summary, skip_bad_lines)
+        for where, rec in records:
+            if not isinstance(rec, dict) or column not in rec:
+                have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                raise DataError(f"{name}:{where}: no '{column}' field (has {have}); choose the field with --text_column")
+            yield rec[column]
+
+
+def _jsonl_records(name: str, text: str, summary: Summary, skip_bad_lines: bool):
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            if not skip_bad_lines:
+                raise DataError(f"{name}:{lineno}: malformed JSON ({e.msg}); fix the line or pass "
+                                "--skip_bad_lines to skip and count such lines") from None
+            summary.drop("malformed lines")
+
+
+def iter_hf_split(dataset: str, split: str, column: str, subset: Optional[str] = None,
+                  data_files=None) -> Iterator[str]:
+    """Texts of one split of anything `datasets.load_dataset` opens (hub name or a builder like json)."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(dataset, name=subset, split=split, data_files=data_files)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise DataError(f"cannot load dataset {dataset!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    if column not in ds.column_names:
+        raise DataError(f"dataset {dataset!r} split {split!r} has no column '{column}' "
+                        f"(columns: {ds.column_names}); choose one with --text_column")
+    for rec in ds:
+        yield rec[column]
+
+
+def iter_text_files(files: Sequence[str]) -> Iterator[str]:
+    """One document per .txt file."""
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as f:
+                yield f.read()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+
+
+def _files(path: str, suffixes) -> List[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"input not found: {path}")
+    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names if n.endswith(suffixes))
+    if not files:
+        raise DataError(f"no {'/'.join(suffixes)} files in {path}")
+    return files
+
+
+# ---- tokenizing (in worker processes when num_workers > 1) -------------------------------------
+
+_worker_tok = None  # a `tokenizers.Tokenizer`: workers import only `tokenizers`, not transformers
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tok
+    from tokenizers import Tokenizer
+    _worker_tok = Tokenizer.from_str(tokenizer_json)
+
+
+def _tokenize(texts: List[str]) -> List[np.ndarray]:
+    return [np.asarray(e.ids, dtype=np.int64) for e in _worker_tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def _batches(docs: Iterable[str], summary: Summary) -> Iterator[List[str]]:
+    batch: List[str] = []
+    for doc in docs:
+        if not isinstance(doc, str):
+            raise DataError(f"document {summary.documents + len(batch)} is a {type(doc).__name__}, not text")
+        if not doc.strip():
+            summary.drop("empty documents")
+            continue
+        batch.append(doc)
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+class _Concat:
+    """Cuts concatenated `bos + doc + eos` ids into rows of `length`."""
+
+    def __init__(self, length: int, bos: List[int], eos: List[int], wrap: bool, summary: Summary):
+        self.length, self.bos, self.eos, self.wrap, self.summary = length, bos, eos, wrap, summary
+        self.buffer: List[int] = []
+
+    def add(self, ids: np.ndarray) -> Iterator[List[int]]:
+        self.buffer += self.bos + ids.tolist() + self.eos
+        while len(self.buffer) >= self.length:
+            row, self.buffer = self.buffer[: self.length], self.buffer[self.length:]
+            yield row
+            if not self.wrap:
+                self.summary.drop("tokens after a row cut (--no_wrap)", len(self.buffer))
+                self.buffer = []
+
+    def finish(self) -> None:
+        self.summary.drop("tokens in the last partial row", len(self.buffer))
+        self.buffer = []
+
+
+def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression: Optional[str] = None,
+              num_workers: int = 1, summary: Optional[Summary] = None, desc: str = "") -> Summary:
+    """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary."""
+    from streaming import MDSWriter
+    spec.validate()
+    summary = summary or Summary()
+    start = time.time()
+    tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
+    columns = {"tokens": token_column_encoding(len(tok))} if tok else {"text": "str"}
+    dtype = np.dtype(columns.get("tokens", "ndarray:int32").split(":")[1])
+    pool = None
+    batches = _batches(docs, summary)
+    if tok is None:
+        tokenized = ((b, None) for b in batches)
+    elif num_workers > 1 and getattr(tok, "is_fast", False):
+        pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (tok.backend_tokenizer.to_str(),))
+        tokenized = _ordered_map(pool, batches, window=4 * num_workers)
+    else:
+        tokenized = ((b, [np.asarray(x, dtype=np.int64) for x in tok(b, add_special_tokens=False)["input_ids"]])
+                     for b in batches)
+    bar = tqdm(desc=desc or os.path.basename(out_dir), unit=" tok" if tok else " doc", unit_scale=True,
+               mininterval=1.0)
+    try:
+        with MDSWriter(out=out_dir, columns=columns, compression=compression) as writer:
+            concat = None
+            if tok:
+                encode = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
+                concat = _Concat(spec.concat_tokens, encode(spec.bos_text), encode(spec.eos_text), spec.wrap, summary)
+            for texts, ids in tokenized:
+                summary.documents += len(texts)
+                if ids is None:
+                    for t in texts:
+                        writer.write({"text": t})
+                    summary.samples += len(texts)
+                    bar.update(len(texts))
+                    continue
+                for row_ids in ids:
+                    for row in concat.add(row_ids):
+                        writer.write({"tokens": np.asarray(row, dtype=dtype)})
+                        summary.samples += 1
+                        summary.tokens += len(row)
+                        bar.update(len(row))
+            if concat:
+                concat.finish()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    summary.seconds += time.time() - start
+    _count_shards(out_dir, summary)
+    return summary
+
+
+def _ordered_map(pool, batches: Iterator[List[str]], window: int):
+    """(batch, tokenized batch) in input order, with at most `window` batches in flight (bounded memory)."""
+    pending: collections.deque = collections.deque()
+    for batch in batches:
+        pending.append((batch, pool.apply_async(_tokenize, (batch,))))
+        if len(pending) >= window:
+            texts, result = pending.popleft()
+            yield texts, result.get()
+    while pending:
+        texts, result = pending.popleft()
+        yield texts, result.get()
+
+
+def _count_shards(out_dir: str, summary: Summary) -> None:
+    with open(os.path.join(out_dir, "index.json")) as f:
+        shards = json.load(f)["shards"]
+    summary.shards += len(shards)
+    summary.bytes += sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in shards)
+
+
+def _require_documents(summary: Summary, source: str) -> Summary:
+    if summary.documents == 0:
+        raise DataError(f"no documents in {source}: the input is empty (dropped: {summary.dropped or 'nothing'})")
+    return summary
+
+
+def _mark_done(folder: str, summary: Summary, args: Dict) -> None:
+    tmp = os.path.join(folder, DONE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"args": args, "summary": asdict(summary)}, f)
+    os.replace(tmp, os.path.join(folder, DONE))
+
+
+def _read_done(folder: str) -> Optional[Dict]:
+    try:
+        with open(os.path.join(folder, DONE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+# ---- the three pretraining conversions ---------------------------------------------------------
+
+def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: TokenizeSpec, subset: Optional[str] = None,
+               data_files=None, text_column: str = "text", compression: Optional[str] = None,
+               num_workers: int = 1) -> Dict[str, Summary]:
+    """`datasets.load_dataset(dataset, subset, data_files)` splits -> `out_root/<split>/`."""
+    spec.validate()
+    for split in splits:
+        check_empty_output(os.path.join(out_root, split))
+    return {split: _require_documents(write_mds(iter_hf_split(dataset, split, text_column, subset, data_files),
+                                                os.path.join(out_root, split), spec, compression, num_workers,
+                                                desc=split), f"{dataset} split {split}")
+            for split in splits}
+
+
+def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[str] = None,
+                 text_column: str = "text", compression: Optional[str] = None, num_workers: int = 1,
+                 skip_bad_lines: bool = False) -> Summary:
+    """A .json/.jsonl file or folder -> `out_root` (or `out_root/<split>` when a split is named)."""
+    spec.validate()
+    out = os.path.join(out_root, split) if split else out_root
+    check_empty_output(out)
+    summary = Summary()
+    docs = iter_json_files(path, text_column, summary, skip_bad_lines)
+    return _require_documents(write_mds(docs, out, spec, compression, num_workers, summary), path)
+
+
+def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, compression: Optional[str] = None,
+                 processes: int = 1, files_per_group: Optional[int] = None, reprocess: bool = False) -> Summary:
+    """A folder of .txt files -> one MDS folder, resumable (see the module docstring)."""
+    spec.validate()
+    files = _files(input_folder, (".txt",))
+    args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
+            "files": len(files)}
+    if reprocess and os.path.isdir(output_folder):
+        shutil.rmtree(output_folder)
+    done = _read_done(output_folder)
+    if done is not None:
+        if done["args"] != args:
+            raise UserError(f"{output_folder} holds a finished conversion made with other settings; "
+                            "pass --reprocess to redo it or choose another --output_folder")
+        print(f"{output_folder} is already converted (remove {DONE} or pass --reprocess to redo it)")
+        return Summary(**done["summary"])
+    per_group = files_per_group or max(1, math.ceil(len(files) / (4 * max(1, processes))))
+    groups = [files[i:i + per_group] for i in range(0, len(files), per_group)]
+    plan = {"args": args, "groups": len(groups), "files_per_group": per_group}
+    plan_path = os.path.join(output_folder, "plan.json")
+    if os.path.isfile(plan_path):
+        with open(plan_path) as f:
+            if json.load(f) != plan:
+                raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
+                                "pass --reprocess to start over or choose another --output_folder")
+    else:
+        check_empty_output(output_folder)
+        os.makedirs(output_folder, exist_ok=True)
+        with open(plan_path, "w") as f:
+            json.dump(plan, f)
+    jobs = [(g, os.path.join(output_folder, f"group_{i:05d}"), spec, compression) for i, g in enumerate(groups)]
+    todo = [j for j in jobs if _read_done(j[1]) is None]
+    if len(todo) < len(jobs):
+        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} groups already done")
+    start = time.time()
+    if processes > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(processes, len(todo))) as pool:
+            list(pool.imap_unordered(_convert_group, todo))
+    else:
+        for job in todo:
+            _convert_group(job)
+    total = Summary()
+    for _, folder, _, _ in jobs:
+        total.add(Summary(**_read_done(folder)["summary"]))
+    total.seconds = time.time() - start
+    _require_documents(total, input_folder)
+    _merge_indexes(output_folder, [folder for _, folder, _, _ in jobs])
+    _mark_done(output_folder, total, args)
+    return total
+
+
+def _convert_group(job) -> None:
+    files, folder, spec, compression = job
+    if os.path.isdir(folder):  # a crashed attempt left partial shards
+        shutil.rmtree(folder)
+    summary = write_mds(iter_text_files(files), folder, spec, compression, desc=os.path.basename(folder))
+    _mark_done(folder, summary, {"files": files})
+
+
+def _merge_indexes(out_dir: str, folders: Sequence[str]) -> None:
+    """One index.json over the groups' shards (their basenames get the group folder prefix)."""
+    shards = []
+    for folder in folders:
+        with open(os.path.join(folder, "index.json")) as f:
+            for shard in json.load(f)["shards"]:
+                for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                    if shard.get(key):
+                        shard[key]["basename"] = os.path.join(os.path.basename(folder), shard[key]["basename"])
+                shards.append(shard)
+    tmp = os.path.join(out_dir, "index.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 2, "shards": shards}, f)
+    os.replace(tmp, os.path.join(out_dir, "index.json"))

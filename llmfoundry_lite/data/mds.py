@@ -1,0 +1,118 @@
+"""MDS shards (mosaicml-streaming): column layouts, writing, and the streaming pitfalls handled for users.
+
+Token columns. llm-foundry writes fixed-length chunks as a `tokens` column of raw `bytes` holding
+int32 ids (older versions int64: `token_encoding_type`). We write `ndarray:uint16` when the vocab
+fits in 16 bits (half the disk and IO) and `ndarray:int32` otherwise: the dtype is recorded in the
+shard's column encoding, so the reader never guesses. `decode_tokens` reads all three.
+
+Shared memory. StreamingDataset coordinates ranks and workers through /dev/shm segments named
+`NNNNNN_<name>` and lock files in /tmp. A hard-killed run leaves them behind; streaming's own
+`clean_stale_shared_memory()` unlinks every such segment, including those of a run that is still
+alive. `clean_stale_shared_memory` here only removes segments no live process has mapped.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from llmfoundry_lite.errors import DataError, UserError
+
+TOKEN_DTYPES = ("uint16", "int32", "int64")
+_SHM_NAME = re.compile(r"^\d{6}_[a-z_]+$")
+
+
+def token_column_encoding(vocab_size: int) -> str:
+    """The MDS encoding for token ids of a vocab of this size."""
+    return "ndarray:uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "ndarray:int32"
+
+
+def decode_tokens(value: Any, bytes_dtype: str = "int32") -> np.ndarray:
+    """Token ids from an MDS `tokens` value: an ndarray (dtype in the column) or llm-foundry raw bytes."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) % np.dtype(bytes_dtype).itemsize:
+            raise DataError(f"a `tokens` bytes sample of {len(value)} bytes is not a whole number of "
+                            f"{bytes_dtype} ids; set the dataset's token_encoding_type to the dtype the shards were written with")
+        return np.frombuffer(value, dtype=bytes_dtype)
+    raise DataError(f"unexpected `tokens` value of type {type(value).__name__}; expected bytes or an ndarray")
+
+
+def check_empty_output(out_dir: str) -> None:
+    """Refuse to write into a folder that already holds files: shards would be mixed with old ones."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"output folder {out_dir} is not empty; remove it or choose another --out_root")
+
+
+def _mapped_shm_names() -> Optional[set]:
+    """Names of /dev/shm segments some live process maps (None where /proc cannot tell us)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    names = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        names.add(line[i + 9:].split()[0])
+        except OSError:  # process exited, or not ours to read: its segments count as unknown-live
+            continue
+    return names
+
+
+def clean_stale_shared_memory() -> int:
+    """Unlink streaming's /dev/shm segments (and their /tmp locks) that no live process maps.
+
+    Returns how many segments were removed. Safe to call while other runs are alive.
+    """
+    if not os.path.isdir("/dev/shm"):
+        return 0
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        return 0
+    removed = 0
+    stale_prefixes = set()
+    for name in os.listdir("/dev/shm"):
+        if _SHM_NAME.match(name) and name not in mapped:
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                removed += 1
+                stale_prefixes.add(name[:6])
+            except OSError:
+                continue
+    live_prefixes = {n[:6] for n in os.listdir("/dev/shm") if _SHM_NAME.match(n)}
+    for prefix in stale_prefixes - live_prefixes:
+        for lock in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}_*filelock")):
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+    return removed
+
+
+def streaming_init(dataset, **kwargs: Dict[str, Any]) -> None:
+    """Call `StreamingDataset.__init__` on `dataset`, turning streaming's errors into UserErrors."""
+    from streaming import StreamingDataset
+    clean_stale_shared_memory()
+    try:
+        StreamingDataset.__init__(dataset, **kwargs)
+    except ValueError as e:
+        if "Reused local directory" in str(e):
+            raise UserError(
+                f"the local folder of this dataset is in use by another dataset of this run or by another "
+                f"live run ({str(e).splitlines()[0]}). Give every dataset and every concurrent run its own "
+                "`local` folder.") from None
+        raise UserError(f"cannot open the streaming dataset: {e}") from None
+    except FileNotFoundError as e:
+        raise DataError(f"MDS index not found: {e.filename or e}. Point `local`/`remote`/`split` at a folder "
+                        "written by `llmfoundry-lite data-prep` (it holds index.json)") from None
+    except RuntimeError as e:
+        if "contains no samples" in str(e):
+            raise DataError(f"{e} The split is empty; check `split` and the data-prep summary.") from None
+        raise
