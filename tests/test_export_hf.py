@@ -171,6 +171,7 @@ def test_import_original_mosaicml_layout(tmp_path):
 
 
 def test_import_refuses_other_architectures_and_incomplete_weights(tmp_path):
+    from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(CheckpointError, match="'gpt2' model"):
@@ -178,7 +179,11 @@ def test_import_refuses_other_architectures_and_incomplete_weights(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_hf_model(str(tmp_path))
     model = _model()
-    write_hf_folder(model.config, {k: v for k, v in model.state_dict().items() if "blocks.1.ffn" not in k},
-                    tmp_path / "partial", log=lambda m: None)
+    partial = {k: v for k, v in model.state_dict().items() if "blocks.1.ffn" not in k}
+    with pytest.raises(CheckpointError, match="missing .*blocks.1.ffn"):  # export refuses it up front
+        write_hf_folder(model.config, partial, tmp_path / "partial", log=lambda m: None)
+    write_hf_folder(model.config, model.state_dict(), tmp_path / "partial", log=lambda m: None)
+    partial.pop("lm_head.weight")  # tied: stored as wte only
+    save_file(partial, tmp_path / "partial" / "model.safetensors")  # a folder damaged after export
     with pytest.raises(CheckpointError, match="missing"):
         load_hf_model(str(tmp_path / "partial"))

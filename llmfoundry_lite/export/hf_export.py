@@ -22,9 +22,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.export.remote_code import write_remote_code
+from llmfoundry_lite.errors import CheckpointError, UserError
+from llmfoundry_lite.export.remote_code import CONFIG_FILE, MODELING_FILE, write_remote_code
 
+REMOTE_CODE_FILES = (MODELING_FILE, CONFIG_FILE)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXACT_GELU = ({"name": "gelu"}, {"name": "gelu", "approximate": "none"})
 
@@ -208,6 +209,21 @@ def _export_items(config, state_dict: Mapping[str, torch.Tensor]):
         yield name, state_dict[name]
 
 
+def _check_names(config, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """The names must be exactly the model's: transformers would silently leave a missing lm_head random."""
+    from llmfoundry_lite.models import MPTForCausalLM
+
+    with torch.device("meta"):
+        expected = set(MPTForCausalLM(config).state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    names = set(state_dict) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"the weights do not match the model config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); nothing was written")
+
+
 def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Union[str, os.PathLike],
                     tokenizer=None, dtype: torch.dtype = torch.float32,
                     max_shard_size: Union[int, str] = "5GB", log=print) -> str:
@@ -219,10 +235,11 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
     """
     from transformers import GenerationConfig
 
+    _check_names(config, state_dict)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):  # shards of an earlier export would mix with ours
-        if stale.endswith(".safetensors") or stale == "model.safetensors.index.json":
+    for stale in os.listdir(out_dir):  # files of an earlier export would mix with ours
+        if stale.endswith(".safetensors") or stale in ("model.safetensors.index.json", *REMOTE_CODE_FILES):
             os.remove(os.path.join(out_dir, stale))
     blockers = native_blockers(config)
     if blockers:
