@@ -7,10 +7,12 @@ A checkpoint of `ComposerMPTCausalLM` (a Composer `HuggingFaceModel`) holds the 
 - full: one `.pt` file. It is opened with `mmap=True`, so a tensor is read from disk only when it
   is used: the optimizer state is never materialised, and a converter touching one tensor at a
   time needs memory for one tensor. `weights_only=True` (with the few plain types Composer
-  pickles allow-listed); an older checkpoint holding other objects falls back to a full unpickle.
+  pickles allow-listed); a file holding other objects is refused, since unpickling it could run code.
 - sharded: a torch.distributed.checkpoint (DCP) folder (`.metadata` + `__R_N.distcp`). Its
   metadata says where each tensor lives; tensors are loaded one by one with `no_dist=True`, and
-  only the `state.model.*` and `state.integrations.huggingface.*` entries are ever read.
+  only the `state.model.*` and `state.integrations.huggingface.*` entries are ever read. DCP itself
+  unpickles `.metadata` and non-tensor entries with no restriction; here `.metadata` goes through an
+  allow-list of DCP's own classes and entries through `weights_only=True`, so no checkpoint runs code.
 """
 from __future__ import annotations
 
@@ -61,11 +63,11 @@ def _load_pt(path: str) -> Dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds pickled objects beyond tensors and plain types; loading it with "
-                      "weights_only=False (do this only for checkpoints you trust)")
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError as e:
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds pickled objects beyond tensors and plain types "
+                              f"({str(e).splitlines()[0][:300]}); loading it could run arbitrary code, so it is "
+                              "refused. Re-save only the weights of a checkpoint you trust.") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(e).splitlines()[0]}); "
                               "is it truncated, or not a Composer .pt file?") from None
 
@@ -81,12 +83,60 @@ def _dcp_load(holder: Dict[str, Any], reader) -> None:
     """Fill `holder` (flat checkpoint keys) in this process alone, without a process group."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    class DataOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:  # DCP's own unpickles with weights_only=False
+            try:
+                with torch.serialization.safe_globals(_safe_globals()):
+                    self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{read_item.dest_index.fqn} in {reader.path} holds pickled objects beyond "
+                                      f"plain types ({str(e).splitlines()[0][:300]}); refused, since loading "
+                                      "it could run arbitrary code") from None
 
     # The default planner fills a flattened copy of the dict, which loses the non-tensor values.
-    planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+    planner = DataOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(holder, storage_reader=reader, planner=planner, no_dist=True)
+        try:
+            dcp.load(holder, storage_reader=reader, planner=planner, no_dist=True)
+        except CheckpointException as e:  # DCP wraps what failed in each rank
+            causes = [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+            refused = next((c for c in causes if isinstance(c, CheckpointError)), None)
+            if refused is not None:
+                raise refused from None
+            raise CheckpointError(f"{reader.path}: a shard cannot be read ({causes[0]!r}); is the checkpoint "
+                                  "truncated or incomplete?") from None
+
+
+# Pure constructors/lookups DCP's .metadata also pickles (storage locations, paths, layouts).
+_METADATA_EXTRAS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+                    ("pathlib", "WindowsPath"), ("torch.serialization", "_get_layout")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a plain pickle: only DCP's metadata classes and torch sizes/dtypes may appear."""
+
+    def find_class(self, module: str, name: str):
+        known = module in ("torch", "pathlib") or module.startswith("torch.")
+        obj = getattr(importlib.import_module(module), name, None) if known else None
+        dcp_class = isinstance(obj, type) and module == "torch.distributed.checkpoint.metadata"
+        torch_value = module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout,
+                                                                                    torch.memory_format)))
+        if not (dcp_class or torch_value or (module, name) in _METADATA_EXTRAS):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
+        return obj
+
+
+def _check_metadata(path: str) -> None:
+    """Refuse a `.metadata` that would run code when DCP unpickles it."""
+    try:
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            _MetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+        raise CheckpointError(f"{path}/.metadata is not a plain sharded-checkpoint index ({e}); refused, since "
+                              "loading it could run arbitrary code, or it is truncated") from None
 
 
 class _DCPWeights(Mapping):
@@ -132,6 +182,7 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    _check_metadata(path)
     reader = FileSystemReader(path)
     try:
         metadata = reader.read_metadata()
@@ -184,6 +235,9 @@ def _read_tokenizer(hf_state: Dict[str, Any]):
     with tempfile.TemporaryDirectory() as tmp:
         for name, saved in files.items():
             ext, content = saved["file_extension"], saved["content"]
+            if os.path.basename(name + ext) != name + ext or name.startswith("."):  # "../../x", "/etc/x"
+                raise CheckpointError(f"tokenizer file name {name + ext!r} in the checkpoint is not a plain "
+                                      "file name; refused (it would be written outside the tokenizer folder)")
             target = os.path.join(tmp, name if name.endswith(ext) else name + ext)
             if ext == ".json":
                 with open(target, "w", encoding="utf-8") as f:

@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from safetensors import SafetensorError
+
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export.remote_code import CUSTOM_MODEL_TYPE
 
@@ -79,8 +81,9 @@ def load_hf_model(path_or_name: str, **kwargs):
     folder, config = load_hf_config(path_or_name, kwargs)
     try:
         model, info = MPTForCausalLM.from_pretrained(folder, config=config, output_loading_info=True, **loading)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the weights in {folder}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated, unreadable, another model's shapes
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:3])[:500]
+        raise CheckpointError(f"cannot load the weights in {folder}: {detail}") from None
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     problems = {"missing": sorted(set(info["missing_keys"]) - tied), "unexpected": sorted(info["unexpected_keys"]),
                 "with the wrong shape": [str(m) for m in info.get("mismatched_keys", [])]}

@@ -174,7 +174,7 @@ class MPTSchema:
     def validate(self, path: str) -> List[str]:
         problems = []
         attn = self.attn_config
-        for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+        for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "expansion_ratio"):
             if getattr(self, key) <= 0:
                 problems.append(f"{join(path, key)}: must be positive, got {getattr(self, key)}")
         if self.n_heads > 0 and self.d_model % self.n_heads:
