@@ -1,0 +1,140 @@
+"""Collators: lists of examples -> a batch dict of tensors.
+
+Every batch has `input_ids` (long), `attention_mask` and `labels` aligned with `input_ids` (the model
+shifts them; -100 is ignored). Padding is masked in `attention_mask` and in `labels`, never judged
+by token id (the pad token is often EOS, which is a real target).
+
+- `CausalLMCollator`: pretraining rows; labels are the ids. With `eos_token_id` it also emits
+  `sequence_id` numbering the documents inside a concatenated row (EOS ends a document), so a model
+  with `attn_uses_sequence_id` does not attend across documents.
+- `FinetuningCollator`: `{input_ids, labels}` examples, padded to `max_seq_len` or to the longest.
+- `PackingCollator`: bin-packs `packing_ratio` times more examples than rows into rows of
+  `max_seq_len` (first-fit decreasing), with `sequence_id` per example (-1 on padding). Examples that
+  do not fit wait for the next batch (up to `max_leftover_bins_to_keep` bins); those dropped beyond
+  that are counted in `stats`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r[:length], dtype=torch.long)
+    return out
+
+
+def _mask(rows: Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        mask[i, : min(len(r), length)] = 1
+    return mask
+
+
+class CausalLMCollator:
+    def __init__(self, pad_token_id: int, max_seq_len: int, eos_token_id: Optional[int] = None):
+        self.pad_token_id, self.max_seq_len, self.eos_token_id = pad_token_id, max_seq_len, eos_token_id
+
+    def __call__(self, rows: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        input_ids = _pad(rows, self.max_seq_len, self.pad_token_id)
+        attention_mask = _mask(rows, self.max_seq_len)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": input_ids.masked_fill(attention_mask == 0, IGNORE)}
+        if self.eos_token_id is not None:
+            is_eos = (input_ids == self.eos_token_id) & (attention_mask == 1)
+            # a document's EOS belongs to it; the next document starts after it
+            starts = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+            batch["sequence_id"] = starts.masked_fill(attention_mask == 0, -1)
+        return batch
+
+
+class FinetuningCollator:
+    def __init__(self, pad_token_id: int, max_seq_len: int, pad_to_longest: bool = False):
+        self.pad_token_id, self.max_seq_len, self.pad_to_longest = pad_token_id, max_seq_len, pad_to_longest
+
+    def __call__(self, examples: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
+        ids = [e["input_ids"] for e in examples]
+        length = min(self.max_seq_len, max(map(len, ids))) if self.pad_to_longest else self.max_seq_len
+        return {"input_ids": _pad(ids, length, self.pad_token_id), "attention_mask": _mask(ids, length),
+                "labels": _pad([e["labels"] for e in examples], length, IGNORE)}
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """Bins of example indices whose lengths sum to at most `capacity`, longest examples first."""
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+class PackingCollator:
+    def __init__(self, pad_token_id: int, max_seq_len: int, rows: int,
+                 max_leftover_bins_to_keep: Optional[int] = None):
+        self.pad_token_id, self.max_seq_len, self.rows = pad_token_id, max_seq_len, rows
+        self.max_leftover_bins_to_keep = max_leftover_bins_to_keep
+        self.leftover: List[Dict[str, List[int]]] = []
+        self.stats = {"examples": 0, "dropped leftover examples": 0, "padding tokens": 0, "tokens": 0}
+
+    def pack(self, examples: List[Dict[str, List[int]]]) -> List[List[Dict[str, List[int]]]]:
+        """The `rows` fullest bins of the leftovers + `examples`; the other bins become the leftovers."""
+        pool = self.leftover + [{k: list(e[k][: self.max_seq_len]) for k in ("input_ids", "labels")}
+                                for e in examples]
+        self.stats["examples"] += len(examples)
+        bins = first_fit_decreasing([len(e["input_ids"]) for e in pool], self.max_seq_len)
+        bins.sort(key=lambda b: -sum(len(pool[i]["input_ids"]) for i in b))
+        keep, rest = bins[: self.rows], bins[self.rows:]
+        if self.max_leftover_bins_to_keep is not None:
+            dropped = rest[self.max_leftover_bins_to_keep:]
+            rest = rest[: self.max_leftover_bins_to_keep]
+            self.stats["dropped leftover examples"] += sum(map(len, dropped))
+        self.leftover = [pool[i] for b in rest for i in b]
+        return [[pool[i] for i in b] for b in keep]
+
+    def __call__(self, examples: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
+        rows = self.pack(examples)
+        ids, labels, seq = [], [], []
+        for row in rows:
+            ids.append([t for e in row for t in e["input_ids"]])
+            labels.append([t for e in row for t in e["labels"]])
+            seq.append([n for n, e in enumerate(row) for _ in e["input_ids"]])
+        n = self.max_seq_len
+        used = sum(map(len, ids))
+        self.stats["tokens"] += used
+        self.stats["padding tokens"] += len(rows) * n - used
+        return {"input_ids": _pad(ids, n, self.pad_token_id), "attention_mask": _mask(ids, n),
+                "labels": _pad(labels, n, IGNORE), "sequence_id": _pad(seq, n, -1)}
+
+
+def auto_packing_ratio(lengths: Sequence[int], max_seq_len: int, rows: int, seed: int = 0) -> float:
+    """The largest packing ratio (step 0.25) whose simulated packing of `lengths` does not let
+    leftovers pile up (they stay under one batch of examples), i.e. that drops nothing."""
+    import random
+    order = [min(n, max_seq_len) for n in lengths]
+    random.Random(seed).shuffle(order)
+    order = order[:4096]  # a sample is enough to see whether leftovers pile up
+    best, ratio = 1.0, 1.0
+    upper = max(1.0, max_seq_len / max(1, min(lengths)))
+    while ratio <= upper:
+        per_batch = max(rows, int(rows * ratio))
+        collator = PackingCollator(0, max_seq_len, rows)
+        fake = [{"input_ids": [0] * n, "labels": [0] * n} for n in order]
+        for i in range(0, len(fake), per_batch):
+            collator.pack(fake[i:i + per_batch])
+        if len(collator.leftover) > per_batch:
+            break  # higher ratios pile up even more
+        best = ratio
+        ratio += 0.25
+    return best

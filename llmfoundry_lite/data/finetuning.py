@@ -1,0 +1,285 @@
+"""Finetuning examples: formats, preprocessors, chat templates, label masks, datasets.
+
+An example is either prompt/response (`{"prompt": ..., "response": ...}`) or chat
+(`{"messages": [{"role": ..., "content": ...}, ...]}`); a preprocessor (a registered name such as
+`dolly` or `alpaca`, or `module:function`) maps other layouts to one of these. Every example becomes
+a list of turns `(prompt, response)`; a chat is rendered with the tokenizer's chat template (ChatML
+when it has none, or `chat_template: mpt-7b-chat`) and cut at the start of each assistant reply.
+
+Labels are -100 except the targets: `target_responses` `last` (default) or `all`;
+`target_prompts` `none` (default), `all` or `length>=N` (a prompt of at least N tokens is a target).
+EOS closes the last response. An example longer than `max_seq_len` is cut on the right (as
+llm-foundry's collator does); one left without any target token is dropped. Both are counted in
+`stats`, and so are examples with an empty prompt or response.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
+from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.registry import preprocessors
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+MPT_SYSTEM_PROMPT = ("A conversation between a user and an LLM-based AI assistant. "
+                     "The assistant gives helpful and honest answers.")
+# MPT-7B-Chat: ChatML whose conversation opens with this system prompt unless one is given.
+MPT_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + MPT_SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{% endif %}" + CHATML_TEMPLATE
+)
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "mpt-7b-chat": MPT_CHAT_TEMPLATE}
+Turn = Tuple[str, str]
+# build_example's status -> the stats key it is counted under
+STATUS_KEYS = {"truncated": "truncated", "empty": "dropped empty", "no-targets": "dropped without targets"}
+
+
+# ---- preprocessors -----------------------------------------------------------------------------
+
+@preprocessors.register("dolly")
+def dolly(ex: Dict) -> Dict:
+    """databricks-dolly-15k: instruction, context, response."""
+    context = f"\n{ex['context']}" if ex.get("context") else ""
+    return {"prompt": f"### Instruction:\n{ex['instruction']}{context}\n### Response:\n", "response": ex["response"]}
+
+
+@preprocessors.register("alpaca")
+def alpaca(ex: Dict) -> Dict:
+    """tatsu-lab/alpaca: instruction, input, output."""
+    extra = f"\n### Input:\n{ex['input']}" if ex.get("input") else ""
+    return {"prompt": f"### Instruction:\n{ex['instruction']}{extra}\n### Response:\n", "response": ex["output"]}
+
+
+def get_preprocessor(name: Optional[str]) -> Optional[Callable[[Dict], Dict]]:
+    """A registered preprocessor, or `module:function`, or None."""
+    if not name:
+        return None
+    if ":" in name:
+        module, _, fn = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"preprocessing_fn '{name}': cannot import it ({e})") from None
+    return preprocessors.get(name, "preprocessing_fn")
+
+
+# ---- turns -------------------------------------------------------------------------------------
+
+def resolve_chat_template(tokenizer, chat_template: Optional[str] = None) -> str:
+    """A named template (`chatml`, `mpt-7b-chat`), a Jinja string, the tokenizer's, else ChatML."""
+    if chat_template:
+        return CHAT_TEMPLATES.get(chat_template, chat_template)
+    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+
+
+def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> List[Turn]:
+    """(prompt, response) text pairs of a prompt/response or chat example."""
+    if "messages" in example:
+        return _chat_turns(example["messages"], tokenizer, resolve_chat_template(tokenizer, chat_template))
+    if "prompt" in example and "response" in example:
+        p, r = example["prompt"], example["response"]
+        if not isinstance(p, str) or not isinstance(r, str):
+            raise DataError(f"prompt and response must be strings, got {type(p).__name__} and {type(r).__name__}")
+        return [(p, r)]
+    raise DataError(f"example has keys {sorted(example)}; expected prompt/response or messages "
+                    "(set preprocessing_fn to map other layouts, e.g. dolly or alpaca)")
+
+
+def _chat_turns(messages: Sequence[Dict], tokenizer, template: str) -> List[Turn]:
+    def render(msgs, gen=False):
+        return tokenizer.apply_chat_template(list(msgs), chat_template=template, tokenize=False,
+                                             add_generation_prompt=gen)
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DataError("a chat example must end with an assistant message")
+    turns, done = [], ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"message {i} must be a mapping with role and content, got {m!r}")
+        if m["role"] != "assistant":
+            continue
+        with_prompt, full = render(messages[:i], gen=True), render(messages[: i + 1])
+        if not (with_prompt.startswith(done) and full.startswith(with_prompt)):
+            raise UserError("the chat template does not render a conversation as a prefix of its continuation; "
+                            "use chat_template: chatml")
+        turns.append((with_prompt[len(done):], full[len(with_prompt):]))
+        done = full
+    return turns
+
+
+def tokenize_turns(turns: Sequence[Turn], tokenizer) -> List[Tuple[List[int], List[int]]]:
+    """Token ids per turn; EOS closes the last response (unless it already ends with it)."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    out = [(enc(p), enc(r)) for p, r in turns]
+    if out and (not out[-1][1] or out[-1][1][-1] != tokenizer.eos_token_id):
+        out[-1] = (out[-1][0], out[-1][1] + [tokenizer.eos_token_id])
+    return out
+
+
+def parse_target_prompts(value: str) -> Optional[int]:
+    """`none` -> None (never), `all` -> 0, `length>=N` -> N: the prompt length from which it is a target."""
+    if value == "none":
+        return None
+    if value == "all":
+        return 0
+    m = re.fullmatch(r"length>=(\d+)", str(value))
+    if not m:
+        raise UserError(f"target_prompts {value!r}: expected none, all or length>=N")
+    return int(m.group(1))
+
+
+def build_example(tok_turns, max_seq_len: int, target_prompts: str = "none",
+                  target_responses: str = "last") -> Tuple[Optional[Dict[str, List[int]]], str]:
+    """(example, status): status is ok, truncated, empty or no-targets (example None when dropped)."""
+    if target_responses not in ("last", "all"):
+        raise UserError(f"target_responses {target_responses!r}: expected last or all")
+    min_prompt = parse_target_prompts(target_prompts)
+    if not tok_turns or any(not p or not r for p, r in tok_turns):
+        return None, "empty"
+    ids: List[int] = []
+    labels: List[int] = []
+    for k, (p, r) in enumerate(tok_turns):
+        prompt_target = min_prompt is not None and len(p) >= min_prompt
+        response_target = target_responses == "all" or k == len(tok_turns) - 1
+        ids += p + r
+        labels += (p if prompt_target else [IGNORE] * len(p)) + (r if response_target else [IGNORE] * len(r))
+    status = "ok"
+    if len(ids) > max_seq_len:
+        ids, labels, status = ids[:max_seq_len], labels[:max_seq_len], "truncated"
+    if all(t == IGNORE for t in labels):
+        return None, "no-targets"
+    return {"input_ids": ids, "labels": labels}, status
+
+
+# ---- datasets ----------------------------------------------------------------------------------
+
+def load_raw_examples(hf_name: str, split: str, hf_kwargs: Optional[Dict] = None):
+    """A `datasets.Dataset` from a local .json/.jsonl/.csv/.parquet file or folder, or a hub name."""
+    import datasets
+    kwargs = dict(hf_kwargs or {})
+    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+    ext = os.path.splitext(hf_name)[1]
+    try:
+        if os.path.isfile(hf_name) and ext in builders:
+            return datasets.load_dataset(builders[ext], data_files={split: hf_name}, split=split, **kwargs)
+        return datasets.load_dataset(hf_name, split=split, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise DataError(f"cannot load finetuning data {hf_name!r} split {split!r}: {str(e).splitlines()[0]}") from None
+
+
+class FinetuningDataset:
+    """Map-style dataset of `{input_ids, labels}` built eagerly from raw examples, with `stats`."""
+
+    def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
+                 target_prompts: str = "none", target_responses: str = "last", chat_template: Optional[str] = None):
+        pre = get_preprocessor(preprocessing_fn)
+        self.stats = {"examples": 0, **{k: 0 for k in STATUS_KEYS.values()}}
+        self.examples: List[Dict[str, List[int]]] = []
+        for i, raw in enumerate(examples):
+            self.stats["examples"] += 1
+            try:
+                ex = pre(raw) if pre else raw
+                turns = to_turns(ex, tokenizer, chat_template)
+            except KeyError as e:
+                raise DataError(f"example {i}: missing field {e}; choose the right preprocessing_fn") from None
+            except DataError as e:
+                raise DataError(f"example {i}: {e}") from None
+            ex, status = build_example(tokenize_turns(turns, tokenizer), max_seq_len, target_prompts, target_responses)
+            self.count(status)
+            if ex is not None:
+                self.examples.append(ex)
+        if not self.examples:
+            raise DataError(f"no usable finetuning examples ({self.describe()})")
+        log.warning("finetuning data: %s", self.describe())
+
+    def count(self, status: str) -> None:
+        if status in STATUS_KEYS:
+            self.stats[STATUS_KEYS[status]] += 1
+
+    def describe(self) -> str:
+        return ", ".join(f"{v} {k}" for k, v in self.stats.items())
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Dict[str, List[int]]:
+        return self.examples[i]
+
+
+def turns_to_example(tok_turns: Sequence[Sequence[Sequence[int]]], max_seq_len: int, target_prompts: str,
+                     target_responses: str) -> Dict[str, List[int]]:
+    """For pre-tokenized MDS samples: the example, or all-ignored labels if nothing is left to learn."""
+    ex, _ = build_example([(list(p), list(r)) for p, r in tok_turns], max_seq_len, target_prompts, target_responses)
+    if ex is None:  # the converter already dropped these; keep the sample count stable here
+        ids = [t for p, r in tok_turns for t in list(p) + list(r)][:max_seq_len]
+        ex = {"input_ids": ids, "labels": [IGNORE] * len(ids)}
+    return ex
+
+
+def streaming_finetuning_dataset(tokenizer, max_seq_len: int, target_prompts: str, target_responses: str,
+                                 chat_template: Optional[str] = None, **streaming_kwargs: Any):
+    """A `StreamingDataset` over MDS written by `data-prep finetuning` (`turns` tokenized, or text)."""
+    from streaming import StreamingDataset
+    from llmfoundry_lite.data.mds import streaming_init
+
+    class StreamingFinetuningDataset(StreamingDataset):
+        def __init__(self):
+            streaming_init(self, **streaming_kwargs)
+
+        def __getitem__(self, idx):
+            sample = super().__getitem__(idx)
+            if "tokenized_turns" in sample:
+                tok_turns = sample["tokenized_turns"]
+            elif "turns" in sample:
+                tok_turns = tokenize_turns([tuple(t) for t in sample["turns"]], tokenizer)
+            else:
+                raise DataError(f"MDS finetuning sample has columns {sorted(sample)}; expected turns or tokenized_turns")
+            return turns_to_example(tok_turns, max_seq_len, target_prompts, target_responses)
+
+    return StreamingFinetuningDataset()
+
+
+def convert_finetuning(examples, out_dir: str, tokenizer=None, max_seq_len: Optional[int] = None,
+                       preprocessing_fn: Optional[str] = None, target_prompts: str = "none",
+                       target_responses: str = "last", chat_template: Optional[str] = None,
+                       compression: Optional[str] = None) -> Dict[str, int]:
+    """Write finetuning examples as MDS: `turns` text pairs, or `tokenized_turns` when a tokenizer is
+    given (then over-long and target-less examples are filtered here, under `max_seq_len`)."""
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    from llmfoundry_lite.data.mds import check_empty_output
+    check_empty_output(out_dir)
+    pre = get_preprocessor(preprocessing_fn)
+    stats = {"examples": 0, "written": 0, **{k: 0 for k in STATUS_KEYS.values()}}
+    column = "tokenized_turns" if tokenizer is not None else "turns"
+    with MDSWriter(out=out_dir, columns={column: "json"}, compression=compression) as writer:
+        for i, raw in enumerate(tqdm(examples, desc=os.path.basename(out_dir), unit=" ex")):
+            stats["examples"] += 1
+            try:
+                turns = to_turns(pre(raw) if pre else raw, tokenizer, chat_template)
+            except KeyError as e:
+                raise DataError(f"example {i}: missing field {e}; choose the right --preprocessor") from None
+            if tokenizer is None:
+                if any(not p or not r for p, r in turns):
+                    stats["dropped empty"] += 1
+                    continue
+                writer.write({"turns": [list(t) for t in turns]})
+            else:
+                tok_turns = tokenize_turns(turns, tokenizer)
+                ex, status = build_example(tok_turns, max_seq_len or 10**9, target_prompts, target_responses)
+                if status in STATUS_KEYS:
+                    stats[STATUS_KEYS[status]] += 1
+                if ex is None:
+                    continue
+                writer.write({"tokenized_turns": [[p, r] for p, r in tok_turns]})
+            stats["written"] += 1
+    if stats["examples"] == 0:
+        raise DataError(f"no examples to convert for {out_dir}: the input is empty")
+    return stats

@@ -1,0 +1,216 @@
+"""`train_loader` / `eval_loader` sections: typed schema, validation and `build_dataloader`.
+
+A loader section is `{name, dataset: {...}, drop_last, num_workers, pin_memory, prefetch_factor,
+persistent_workers, timeout}`; `name` picks an entry of the `dataloaders` registry (`text`,
+`finetuning`, or a plug-in's), which owns the schema of `dataset`. Unknown keys at any level are
+problems, all reported together with did-you-mean suggestions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Literal, Optional, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from llmfoundry_lite.config import check
+from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.registry import dataloaders
+
+
+@dataclass
+class StreamConfig:
+    """One entry of `streams`: an MDS folder and how much of it an epoch draws."""
+    remote: Optional[str] = None
+    local: Optional[str] = None
+    split: Optional[str] = None
+    proportion: Optional[float] = None
+    repeat: Optional[float] = None
+    choose: Optional[int] = None
+    download_retry: Optional[int] = None
+    download_timeout: Optional[float] = None
+    validate_hash: Optional[str] = None
+    keep_zip: Optional[bool] = None
+
+
+@dataclass(kw_only=True)
+class StreamingOptions:
+    """`StreamingDataset` arguments shared by the text and (MDS) finetuning datasets."""
+    remote: Optional[str] = None
+    local: Optional[str] = None
+    split: Optional[str] = None
+    streams: Optional[Union[Dict[str, StreamConfig], List[StreamConfig]]] = None
+    shuffle: bool = False
+    shuffle_seed: int = 9176
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: Optional[int] = None
+    num_canonical_nodes: Optional[int] = None
+    predownload: Optional[int] = None
+    download_retry: int = 2
+    download_timeout: float = 60
+    validate_hash: Optional[str] = None
+    keep_zip: bool = False
+    epoch_size: Optional[Union[int, str]] = None
+    cache_limit: Optional[Union[int, str]] = None
+    partition_algo: str = "relaxed"
+    sampling_method: Literal["balanced", "fixed"] = "balanced"
+    sampling_granularity: int = 1
+    batching_method: Literal["random", "stratified", "per_stream", "device_per_stream"] = "random"
+    replication: Optional[int] = None
+
+    def streaming_kwargs(self, batch_size: int) -> Dict[str, Any]:
+        from streaming import Stream
+        own = {f.name for f in dataclasses.fields(StreamingOptions)}
+        kwargs = {k: v for k, v in vars(self).items() if k in own and k != "streams" and v is not None}
+        if self.streams:
+            entries = self.streams.values() if isinstance(self.streams, dict) else self.streams
+            kwargs["streams"] = [Stream(**{k: v for k, v in vars(s).items() if v is not None}) for s in entries]
+        return {**kwargs, "batch_size": batch_size}
+
+    def source_problems(self, path: str) -> List[str]:
+        if not (self.local or self.remote or self.streams):
+            return [f"{path}: give `local`/`remote` (with `split`) or `streams`"]
+        if self.streams and (self.local or self.remote):
+            return [f"{path}: give either `streams` or `local`/`remote`, not both"]
+        return []
+
+
+@dataclass(kw_only=True)
+class TextDatasetConfig(StreamingOptions):
+    max_seq_len: int
+    token_encoding_type: Literal["int32", "int64", "uint16"] = "int32"  # of a raw-bytes `tokens` column
+    eos_token_id: Optional[int] = None  # emit `sequence_id`: EOS ends a document inside a row
+
+    def validate(self, path: str) -> List[str]:
+        return self.source_problems(path) + ([f"{path}.max_seq_len: must be positive"] if self.max_seq_len < 1 else [])
+
+
+@dataclass(kw_only=True)
+class FinetuningDatasetConfig(StreamingOptions):
+    max_seq_len: int
+    hf_name: Optional[str] = None  # hub name or local file/folder; else MDS via local/remote/streams
+    hf_kwargs: Dict[str, Any] = field(default_factory=dict)
+    preprocessing_fn: Optional[str] = None
+    target_prompts: str = "none"
+    target_responses: Literal["last", "all"] = "last"
+    chat_template: Optional[str] = None
+    packing_ratio: Optional[Union[float, Literal["auto"]]] = None
+    max_leftover_bins_to_keep: Optional[int] = None
+    allow_pad_trimming: bool = False  # pad to the longest example of the batch instead of max_seq_len
+    decoder_only_format: bool = True
+
+    def validate(self, path: str) -> List[str]:
+        from llmfoundry_lite.data.finetuning import parse_target_prompts
+        from llmfoundry_lite.errors import UserError
+        problems = [] if self.hf_name else self.source_problems(path)
+        if self.hf_name and (self.local or self.remote or self.streams):
+            problems.append(f"{path}: give either `hf_name` or MDS `local`/`remote`/`streams`, not both")
+        if self.max_seq_len < 1:
+            problems.append(f"{path}.max_seq_len: must be positive")
+        try:
+            parse_target_prompts(self.target_prompts)
+        except UserError as e:
+            problems.append(f"{path}.{e}")
+        if isinstance(self.packing_ratio, float) and self.packing_ratio < 1:
+            problems.append(f"{path}.packing_ratio: must be >= 1 (or 'auto'), got {self.packing_ratio}")
+        if not self.decoder_only_format:
+            problems.append(f"{path}.decoder_only_format: only decoder-only (MPT) models are supported; set it to true")
+        return problems
+
+
+@dataclass
+class LoaderConfig:
+    name: str
+    dataset: Dict[str, Any]
+    drop_last: bool = False
+    num_workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: Optional[int] = None
+    persistent_workers: bool = False
+    timeout: float = 0
+
+    def validate(self, path: str) -> List[str]:
+        problems = []
+        if self.num_workers == 0 and (self.prefetch_factor is not None or self.persistent_workers):
+            problems.append(f"{path}: prefetch_factor and persistent_workers need num_workers > 0")
+        return problems
+
+
+@dataclass
+class LoaderKind:
+    """A `dataloaders` registry entry: the dataset schema and `build(dataset_cfg, tokenizer, batch_size)`
+    returning `(dataset, collate_fn, examples_per_batch, sampler_or_None)`."""
+    config: type
+    build: Callable
+
+
+def dataloader_config_problems(cfg: Dict[str, Any], path: str = "train_loader") -> List[str]:
+    """Every problem of a loader section (without raising)."""
+    loader, problems = check(LoaderConfig, cfg, path)
+    if loader is None:
+        if isinstance(cfg, dict) and isinstance(cfg.get("dataset"), dict) and cfg.get("name") in dataloaders:
+            problems += check(dataloaders.get(cfg["name"]).config, cfg["dataset"], f"{path}.dataset")[1]
+        return problems
+    if loader.name not in dataloaders:
+        return problems + [dataloaders.unknown_message(loader.name, f"{path}.name")]
+    return problems + check(dataloaders.get(loader.name).config, loader.dataset, f"{path}.dataset")[1]
+
+
+def build_dataloader(cfg: Dict[str, Any], tokenizer, device_batch_size: int, path: str = "train_loader") -> DataLoader:
+    problems = dataloader_config_problems(cfg, path)
+    if problems:
+        raise ConfigError(problems, header=f"invalid {path}")
+    loader, _ = check(LoaderConfig, cfg, path)
+    kind = dataloaders.get(loader.name)
+    dataset_cfg, _ = check(kind.config, loader.dataset, f"{path}.dataset")
+    dataset, collate_fn, batch_size, sampler = kind.build(dataset_cfg, tokenizer, device_batch_size)
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, sampler=sampler,
+                      drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      persistent_workers=loader.persistent_workers, timeout=loader.timeout, **extra)
+
+
+def _build_text(cfg: TextDatasetConfig, tokenizer, batch_size: int):
+    from llmfoundry_lite.data.collators import CausalLMCollator
+    from llmfoundry_lite.data.text_dataset import StreamingTextDataset
+    dataset = StreamingTextDataset(tokenizer, cfg.max_seq_len, cfg.token_encoding_type,
+                                   **cfg.streaming_kwargs(batch_size))
+    return dataset, CausalLMCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.eos_token_id), batch_size, None
+
+
+def _build_finetuning(cfg: FinetuningDatasetConfig, tokenizer, batch_size: int):
+    from llmfoundry_lite.data import collators, finetuning
+    if cfg.hf_name:
+        raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
+        dataset = finetuning.FinetuningDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn,
+                                               cfg.target_prompts, cfg.target_responses, cfg.chat_template)
+        sampler = _map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
+    else:
+        dataset = finetuning.streaming_finetuning_dataset(
+            tokenizer, cfg.max_seq_len, cfg.target_prompts, cfg.target_responses, cfg.chat_template,
+            **cfg.streaming_kwargs(batch_size))
+        sampler = None
+    if cfg.packing_ratio is None:
+        collate = collators.FinetuningCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.allow_pad_trimming)
+        return dataset, collate, batch_size, sampler
+    ratio = cfg.packing_ratio
+    if ratio == "auto":
+        lengths = [len(dataset[i]["input_ids"]) for i in range(min(len(dataset), 4096))]
+        ratio = collators.auto_packing_ratio(lengths, cfg.max_seq_len, batch_size, cfg.shuffle_seed)
+    collate = collators.PackingCollator(tokenizer.pad_token_id, cfg.max_seq_len, batch_size,
+                                        cfg.max_leftover_bins_to_keep)
+    return dataset, collate, max(batch_size, int(batch_size * ratio)), sampler
+
+
+def _map_sampler(dataset, shuffle: bool, seed: int):
+    """Each rank its own part when torch.distributed is up (Composer sets it up), else the whole set."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    if shuffle:
+        return torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return None
+
+
+dataloaders.register("text", LoaderKind(TextDatasetConfig, _build_text))
+dataloaders.register("finetuning", LoaderKind(FinetuningDatasetConfig, _build_finetuning))
