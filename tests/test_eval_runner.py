@@ -10,6 +10,7 @@ import torch
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.eval.runner import evaluate, perplexity
+from train_utils import ROW, copy_rows, write_copy_task
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -126,12 +127,22 @@ def test_composer_checkpoint_and_hf_folder_give_the_same_numbers(tmp_path, tiny_
     Trainer(model=ComposerMPTCausalLM(model, tok), device="cpu", progress_bar=False,
             log_to_console=False).save_checkpoint(str(tmp_path / "ckpt.pt"))
     write_hf_folder(model.config, model.state_dict(), str(tmp_path / "hf"), tokenizer=tok)
-    cfg = base_cfg(tmp_path, tiny_tokenizer_dir, task_file, results_path=None)
+    # perplexity on an MDS split through the training eval_loader section, against the model's own loss
+    data = write_copy_task(str(tmp_path / "data"), n_train=8, n_val=12)
+    rows = torch.as_tensor(copy_rows(12, seed=1), dtype=torch.long)
+    with torch.no_grad():
+        expected["eval/cross_entropy"] = model(input_ids=rows, labels=rows).loss.item()
+    expected["eval/perplexity"] = math.exp(expected["eval/cross_entropy"])
+    expected["eval/tokens"] = 12 * (ROW - 1)
+    cfg = base_cfg(tmp_path, tiny_tokenizer_dir, task_file, results_path=None, eval_loader={
+        "name": "text", "dataset": {"local": data, "split": "val", "shuffle": False, "max_seq_len": ROW},
+        "drop_last": False, "num_workers": 0})
     cfg["models"] = [{"model_name": "composer", "load_path": str(tmp_path / "ckpt.pt")},
                      {"model_name": "hf", "model": {"name": "mpt_causal_lm",
                                                     "pretrained_model_name_or_path": str(tmp_path / "hf")}}]
     results = evaluate(cfg)
-    assert results["composer"] == pytest.approx(expected) and results["hf"] == pytest.approx(expected)
+    assert results["composer"] == pytest.approx(expected, rel=1e-5)
+    assert results["hf"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_training_yaml_accepts_icl_tasks_and_checks_them(task_file):
