@@ -40,7 +40,7 @@ class StreamingOptions:
     remote: Optional[str] = None
     local: Optional[str] = None
     split: Optional[str] = None
-    streams: Optional[Union[Dict[str, StreamConfig], List[StreamConfig]]] = None
+    streams: Optional[Dict[str, StreamConfig]] = None  # name -> stream, as in llm-foundry
     shuffle: bool = False
     shuffle_seed: int = 9176
     shuffle_algo: str = "py1e"
@@ -64,8 +64,8 @@ class StreamingOptions:
         own = {f.name for f in dataclasses.fields(StreamingOptions)}
         kwargs = {k: v for k, v in vars(self).items() if k in own and k != "streams" and v is not None}
         if self.streams:
-            entries = self.streams.values() if isinstance(self.streams, dict) else self.streams
-            kwargs["streams"] = [Stream(**{k: v for k, v in vars(s).items() if v is not None}) for s in entries]
+            kwargs["streams"] = [Stream(**{k: v for k, v in vars(s).items() if v is not None})
+                                 for s in self.streams.values()]
         return {**kwargs, "batch_size": batch_size}
 
     def source_problems(self, path: str) -> List[str]:
