@@ -155,3 +155,33 @@ def test_training_yaml_accepts_icl_tasks_and_checks_them(task_file):
                           "num_fewsot": [0]}]}
     with pytest.raises(ConfigError, match=r"icl_tasks\[0\].num_fewsot: unknown key \(did you mean 'num_fewshot'\?\)"):
         check_train_config(cfg)
+
+
+def test_shipped_eval_yamls_and_task_suite_validate(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import os
+
+    from transformers import AutoTokenizer
+
+    from llmfoundry_lite.config import load_config
+    from llmfoundry_lite.eval.icl import ICLDataset, icl_task_configs
+    from llmfoundry_lite.eval.runner import check_eval_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # task paths in the YAMLs are relative to the repository root
+    out = tmp_path / "quickstart_out"
+    (out / "checkpoints" / "mpt-tiny-cpu").mkdir(parents=True)
+    (out / "checkpoints" / "mpt-tiny-cpu" / "latest-rank0.pt").touch()
+    write_copy_task(str(out / "data"), n_train=4, n_val=4)
+    cfg = check_eval_config(load_config("yamls/eval/mpt-tiny.yaml", [f"variables.out={out}"]))
+    assert [m.model_name for m in cfg.models] == ["mpt-tiny-trained", "mpt-tiny-untrained"]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name in ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winograd_wsc", "triviaqa"):
+        (bench / f"{name}.jsonl").touch()
+    check_eval_config(load_config("yamls/eval/public-benchmarks.yaml", [f"variables.data={bench}"]))
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tasks, problems = icl_task_configs("yamls/eval/tasks-tiny.yaml")
+    assert not problems and len(tasks) == 4
+    for t in tasks:
+        for k in t.num_fewshot:
+            assert len(ICLDataset(t, k, tok, max_seq_len=128)) == 100
