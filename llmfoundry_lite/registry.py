@@ -53,6 +53,8 @@ class Registry:
         return add if obj is None else add(obj)
 
     def __contains__(self, name: str) -> bool:
+        if not isinstance(name, str):  # a YAML list or mapping where a name belongs
+            return False
         if name not in self._entries:
             load_plugins()
         return name in self._entries

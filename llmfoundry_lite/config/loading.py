@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Mapping, Sequence, Union
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,8 +29,9 @@ def load_config(source: Union[str, os.PathLike, Mapping], overrides: Sequence[st
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError([str(e).splitlines()[0]], header=f"cannot read config {source if not isinstance(source, Mapping) else ''}".strip()) from None
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:  # YAML syntax errors keep their line
+        detail = str(e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else " ".join(str(e).split())[:300]
+        raise ConfigError([detail], header=f"cannot read config {source if not isinstance(source, Mapping) else ''}".strip()) from None
     if not isinstance(data, dict):
         raise ConfigError([f"the top level must be a mapping, got {type(data).__name__}"])
     data.pop("variables", None)

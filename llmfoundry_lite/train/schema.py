@@ -133,6 +133,8 @@ def duration_problems(value, path: str) -> List[str]:
 
 def named_section_problems(reg: registry.Registry, name, kwargs, path: str, skip=()) -> List[str]:
     """Problems of one registry-built section: the name must exist and the kwargs must fit its signature."""
+    if name is None:
+        return [f"{join(path, 'name')}: missing required key; choose one of {reg.names()}"]
     if not isinstance(name, str) or name not in reg:
         return [reg.unknown_message(name, path)]
     if kwargs is not None and not isinstance(kwargs, dict):
@@ -160,7 +162,9 @@ def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
         cfg = _lenient(data)
         problems += cfg.validate("")
     model = cfg.model if isinstance(cfg.model, dict) else {}
-    if not isinstance(model.get("name"), str) or model["name"] not in registry.models:
+    if model.get("name") is None:
+        problems.append(f"model.name: missing required key; choose one of {registry.models.names()}")
+    elif not isinstance(model["name"], str) or model["name"] not in registry.models:
         problems.append(registry.models.unknown_message(model.get("name"), "model.name"))
     model_problems = getattr(registry.models.get(model["name"]), "config_problems", None) \
         if model.get("name") in registry.models else None
