@@ -46,9 +46,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-def entry(command: str) -> None:
-    """For the thin `scripts/*.py` wrappers: run one command with the script's own arguments."""
-    sys.exit(main([command, *sys.argv[1:]]))
+def entry(*command: str) -> None:
+    """For the thin `scripts/*.py` and `data_prep/*.py` wrappers: run one command (and sub-command,
+    e.g. `entry("data-prep", "json")`) with the script's own arguments."""
+    sys.exit(main([*command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

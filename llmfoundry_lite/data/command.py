@@ -1,0 +1,194 @@
+"""`llmfoundry-lite data-prep <what> ...`: tokenizers and MDS shards, with llm-foundry's flags.
+
+    data-prep train-tokenizer FILES... --out DIR --vocab_size N
+    data-prep hf         --dataset NAME_OR_BUILDER [--data_files ...] --splits train val --out_root DIR [tokens]
+    data-prep json       --path FILE_OR_FOLDER --out_root DIR [--split S] [tokens]
+    data-prep text       --input_folder DIR --output_folder DIR [tokens] [--processes N] [--reprocess]
+    data-prep finetuning --dataset NAME_OR_FILE [--data_files ...] --splits train --out_root DIR
+                         [--preprocessor dolly|alpaca|module:function] [--tokenizer T --max_seq_len N]
+
+[tokens] is `--concat_tokens N --tokenizer T [--bos_text ...] [--eos_text ...] [--no_wrap]`; without
+it the shards hold raw `text`. `data_prep/*.py` are the same commands under llm-foundry's script names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Dict, List, Optional, Union
+
+from llmfoundry_lite.errors import DataError, UserError
+
+
+def parse_data_files(values: Optional[List[str]]) -> Union[None, List[str], Dict[str, str]]:
+    """`--data_files a.jsonl b.jsonl` (a list) or `--data_files train=a.jsonl val=b.jsonl` (per split)."""
+    if not values:
+        return None
+    pairs = [re.fullmatch(r"(\w+)=(.+)", v) for v in values]
+    if all(pairs):
+        return {m[1]: m[2] for m in pairs}
+    if any(pairs):
+        raise UserError(f"--data_files {values}: give either plain paths or split=path for every entry")
+    return list(values)
+
+
+def _json_arg(flag: str, value: Optional[str]) -> Dict:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"model_max_length\": 2048}}' ({e.msg})") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{flag} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("token rows (omit --concat_tokens and --tokenizer to store raw text)")
+    g.add_argument("--concat_tokens", type=int, help="ids per row: documents are concatenated and cut")
+    g.add_argument("--tokenizer", help="tokenizer folder, registered name or hub name")
+    g.add_argument("--tokenizer_kwargs", help="JSON object for AutoTokenizer.from_pretrained")
+    g.add_argument("--bos_text", default="", help="text prepended to every document, e.g. '<|endoftext|>'")
+    g.add_argument("--eos_text", default="", help="text appended to every document, e.g. '<|endoftext|>'")
+    g.add_argument("--no_wrap", action="store_true", help="drop the rest of a document once a row is cut from it")
+    p.add_argument("--compression", default=None, help="shard compression, e.g. zstd (default: none)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", metavar="what", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE (ChatML template) on local text")
+    p.add_argument("inputs", nargs="+", help=".txt/.md files or folders of them")
+    p.add_argument("--out", required=True, help="folder to save the tokenizer to")
+    p.add_argument("--vocab_size", type=int, default=8192)
+    p.add_argument("--special_tokens", nargs="+", default=None,
+                   help="default: <|endoftext|> <|im_start|> <|im_end|>")
+    p.add_argument("--eos_token", default="<|endoftext|>", help="EOS and pad token (one of the special tokens)")
+    p.add_argument("--model_max_length", type=int, default=2048)
+    p.add_argument("--min_frequency", type=int, default=2)
+
+    p = sub.add_parser("hf", help="anything datasets.load_dataset opens -> MDS (convert_dataset_hf.py)")
+    p.add_argument("--dataset", required=True, help="a hub name, or a builder (json, text, parquet, csv) with --data_files")
+    p.add_argument("--data_subset", default=None, help="the dataset's configuration name, e.g. en for c4")
+    p.add_argument("--data_files", nargs="+", help="files for a builder: paths, or split=path per split")
+    p.add_argument("--splits", nargs="+", default=["train", "validation"])
+    p.add_argument("--out_root", required=True, help="one sub-folder per split is written here")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes")
+    _token_args(p)
+
+    p = sub.add_parser("json", help="a .json/.jsonl file or folder -> MDS (convert_dataset_json.py)")
+    p.add_argument("--path", required=True, help="a .json/.jsonl file or a folder of them")
+    p.add_argument("--out_root", required=True)
+    p.add_argument("--split", default=None, help="write to out_root/<split> (default: out_root itself)")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines")
+    _token_args(p)
+
+    p = sub.add_parser("text", help="a folder of .txt files -> MDS, resumable (convert_text_to_mds.py)")
+    p.add_argument("--input_folder", required=True)
+    p.add_argument("--output_folder", required=True)
+    p.add_argument("--processes", type=int, default=1, help="groups of files converted in parallel")
+    p.add_argument("--files_per_group", type=int, default=None, help="default: about 4 groups per process")
+    p.add_argument("--reprocess", action="store_true", help="redo a finished or partial conversion")
+    _token_args(p)
+
+    p = sub.add_parser("finetuning", help="prompt/response or chat examples -> MDS (convert_finetuning_dataset.py)")
+    p.add_argument("--dataset", required=True,
+                   help="a local .json/.jsonl file or folder, a hub name, or a builder (json, csv, parquet) with --data_files")
+    p.add_argument("--data_subset", default=None)
+    p.add_argument("--data_files", nargs="+", help="files for a builder: paths, or split=path per split")
+    p.add_argument("--splits", nargs="+", default=["train"])
+    p.add_argument("--out_root", required=True, help="one sub-folder per split is written here")
+    p.add_argument("--preprocessor", default=None, help="dolly, alpaca, or module:function")
+    p.add_argument("--tokenizer", default=None, help="pre-tokenize (then over-long examples are counted here)")
+    p.add_argument("--tokenizer_kwargs", help="JSON object for AutoTokenizer.from_pretrained")
+    p.add_argument("--max_seq_len", type=int, default=None, help="with --tokenizer: examples are cut to it")
+    p.add_argument("--target_prompts", default="none", help="none | all | length>=N")
+    p.add_argument("--target_responses", default="last", help="last | all")
+    p.add_argument("--chat_template", default=None, help="chatml | mpt-7b-chat | a Jinja string (default: the tokenizer's)")
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines (local files)")
+    p.add_argument("--compression", default=None)
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+def _spec(args):
+    from llmfoundry_lite.data.convert import TokenizeSpec
+    return TokenizeSpec(tokenizer=args.tokenizer, tokenizer_kwargs=_json_arg("--tokenizer_kwargs", args.tokenizer_kwargs),
+                        concat_tokens=args.concat_tokens, bos_text=args.bos_text, eos_text=args.eos_text,
+                        wrap=not args.no_wrap)
+
+
+def _report(where: str, summary) -> None:
+    print(f"{where}: {summary}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llmfoundry_lite.data import convert
+    if args.what == "train-tokenizer":
+        from llmfoundry_lite.data.tokenizer import DEFAULT_SPECIAL_TOKENS, train_tokenizer
+        tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.special_tokens or DEFAULT_SPECIAL_TOKENS,
+                              args.eos_token, args.model_max_length, args.min_frequency)
+        print(f"tokenizer: {len(tok)} tokens (eos {tok.eos_token!r}, ChatML template) -> {args.out}")
+    elif args.what == "hf":
+        summaries = convert.convert_hf(args.dataset, args.out_root, args.splits, _spec(args), args.data_subset,
+                                       parse_data_files(args.data_files), args.text_column, args.compression,
+                                       args.num_workers)
+        for split, summary in summaries.items():
+            _report(os.path.join(args.out_root, split), summary)
+    elif args.what == "json":
+        summary = convert.convert_json(args.path, args.out_root, _spec(args), args.split, args.text_column,
+                                       args.compression, args.num_workers, args.skip_bad_lines)
+        _report(os.path.join(args.out_root, args.split or ""), summary)
+    elif args.what == "text":
+        summary = convert.convert_text(args.input_folder, args.output_folder, _spec(args), args.compression,
+                                       args.processes, args.files_per_group, args.reprocess)
+        _report(args.output_folder, summary)
+    else:
+        _finetuning(args)
+    return 0
+
+
+def _finetuning(args: argparse.Namespace) -> None:
+    from llmfoundry_lite.data.convert import Summary, iter_json_records
+    from llmfoundry_lite.data.finetuning import convert_finetuning, load_raw_examples
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
+    if args.max_seq_len is not None and args.tokenizer is None:
+        raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
+    tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs)) if args.tokenizer else None
+    local = os.path.exists(args.dataset)
+    if local and args.data_files:
+        raise UserError(f"--data_files goes with a builder or hub name; {args.dataset} is already a local path")
+    if local and len(args.splits) != 1:
+        raise UserError(f"--dataset {args.dataset} is one local file or folder: name one split with --splits")
+    for split in args.splits:
+        out = os.path.join(args.out_root, split)
+        if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
+            read = Summary()
+            records = iter_json_records(args.dataset, read, args.skip_bad_lines)
+            current = {"where": args.dataset}
+
+            def examples():
+                for where, rec in records:
+                    current["where"] = where
+                    yield rec
+            try:
+                stats = convert_finetuning(examples(), out, tokenizer, args.max_seq_len, args.preprocessor,
+                                           args.target_prompts, args.target_responses, args.chat_template,
+                                           args.compression)
+            except DataError as e:
+                raise DataError(f"{current['where']}: {e}") from None
+            stats.update(read.dropped)
+        else:
+            kwargs = {k: v for k, v in (("name", args.data_subset), ("data_files", parse_data_files(args.data_files)))
+                      if v is not None}
+            stats = convert_finetuning(load_raw_examples(args.dataset, split, kwargs), out, tokenizer, args.max_seq_len,
+                                       args.preprocessor, args.target_prompts, args.target_responses,
+                                       args.chat_template, args.compression)
+        print(f"{out}: " + ", ".join(f"{v} {k}" for k, v in stats.items()))
