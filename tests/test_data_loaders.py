@@ -114,6 +114,10 @@ def test_prompt_response_labels_and_overlong_counting(tok, tmp_path):
     assert batch["labels"][0].tolist() == [IGNORE] * len(p) + r + [IGNORE] * (24 - n)
     assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (24 - n)
     assert batch["attention_mask"][1].all() and (batch["labels"][1] != IGNORE).sum() > 0
+    # 2 usable examples: a batch of 4 with drop_last would give epochs without batches (a run that never ends)
+    with pytest.raises(DataError, match=r"yields no batches: this process gets 2 examples, fewer than one batch of 4 "
+                                        r"with drop_last: true"):
+        build_dataloader({**cfg, "drop_last": True}, tok, 4)
     # target_prompts all + pad to the longest of the batch
     cfg["dataset"].update(target_prompts="all", allow_pad_trimming=True)
     batch = next(iter(build_dataloader(cfg, tok, 1)))

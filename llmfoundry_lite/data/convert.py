@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
@@ -33,6 +33,7 @@ from llmfoundry_lite.errors import DataError, UserError
 
 DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
 BATCH = 256  # documents per tokenization task
+SHARD_HASHES = ["xxh64"]  # recorded in index.json; a loader with `validate_hash: xxh64` checks them
 
 
 @dataclass
@@ -82,52 +83,74 @@ class Summary:
 
 # ---- reading documents -------------------------------------------------------------------------
 
-def iter_json_files(path: str, column: str, summary: Summary, skip_bad_lines: bool = False) -> Iterator[str]:
-    """Texts from a .json/.jsonl file or a folder of them; a bad line is an error naming file and line."""
-    files = _files(path, (".json", ".jsonl"))
-    for name in files:
+def iter_json_records(path: str, summary: Summary, skip_bad_lines: bool = False) -> Iterator[Tuple[str, Any]]:
+    """(`file:line`, record) of a .json/.jsonl file or a folder of them, read a line at a time (a JSON
+    array file at once); a bad line is an error naming file and line, or a counted skip with
+    `skip_bad_lines`."""
+    for name in _files(path, (".json", ".jsonl")):
         with open(name, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
-        stripped = text.lstrip()
-        if name.endswith(".json") and stripped.startswith("["):
-            try:
-                records = [(i + 1, r) for i, r in enumerate(json.loads(text))]
-            except json.JSONDecodeError as e:
-                raise DataError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        else:
-            records = _jsonl_records(name, text, summary, skip_bad_lines)
-        for where, rec in records:
-            if not isinstance(rec, dict) or column not in rec:
-                have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-                raise DataError(f"{name}:{where}: no '{column}' field (has {have}); choose the field with --text_column")
-            yield rec[column]
+            if name.endswith(".json") and f.read(64).lstrip().startswith(b"["):
+                f.seek(0)
+                try:
+                    records = json.loads(f.read().decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from None
+                for i, rec in enumerate(records):
+                    yield f"{name}:[{i}]", rec
+                continue
+            f.seek(0)
+            for lineno, raw in enumerate(f, 1):
+                rec = _json_line(name, lineno, raw, summary, skip_bad_lines)
+                if rec is not _SKIP:
+                    yield f"{name}:{lineno}", rec
 
 
-def _jsonl_records(name: str, text: str, summary: Summary, skip_bad_lines: bool):
-    for lineno, line in enumerate(text.splitlines(), 1):
+_SKIP = object()
+
+
+def _json_line(name: str, lineno: int, raw: bytes, summary: Summary, skip_bad_lines: bool):
+    """The record of one JSONL line, or _SKIP (blank, or bad and skipped)."""
+    try:
+        line = raw.decode("utf-8")
         if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            if not skip_bad_lines:
-                raise DataError(f"{name}:{lineno}: malformed JSON ({e.msg}); fix the line or pass "
-                                "--skip_bad_lines to skip and count such lines") from None
-            summary.drop("malformed lines")
+            return _SKIP
+        return json.loads(line)
+    except UnicodeDecodeError as e:
+        problem, kind = f"not UTF-8 (byte {e.start} of the line); re-encode the file as UTF-8", "undecodable lines"
+    except json.JSONDecodeError as e:
+        problem, kind = f"malformed JSON ({e.msg}); fix the line", "malformed lines"
+    if not skip_bad_lines:
+        raise DataError(f"{name}:{lineno}: {problem} or pass --skip_bad_lines to skip and count such lines")
+    summary.drop(kind)
+    return _SKIP
+
+
+def iter_json_files(path: str, column: str, summary: Summary, skip_bad_lines: bool = False) -> Iterator[str]:
+    """Texts (the `column` field) from a .json/.jsonl file or a folder of them."""
+    for where, rec in iter_json_records(path, summary, skip_bad_lines):
+        if not isinstance(rec, dict) or column not in rec:
+            have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise DataError(f"{where}: no '{column}' field (has {have}); choose the field with --text_column")
+        yield rec[column]
+
+
+def load_hf_dataset(dataset: str, split: str, **kwargs):
+    """`datasets.load_dataset(dataset, split=split, **kwargs)` with its failures as DataErrors."""
+    import datasets
+    try:
+        return datasets.load_dataset(dataset, split=split, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as e:
+        cause = e.__cause__ or e.__context__ if isinstance(e, datasets.exceptions.DatasetGenerationError) else None
+        detail = str(e).splitlines()[0] + (f" ({str(cause).splitlines()[0]})" if cause else "")
+        raise DataError(f"cannot load dataset {dataset!r} split {split!r}: {detail}") from None
 
 
 def iter_hf_split(dataset: str, split: str, column: str, subset: Optional[str] = None,
                   data_files=None) -> Iterator[str]:
     """Texts of one split of anything `datasets.load_dataset` opens (hub name or a builder like json)."""
-    import datasets
-    try:
-        ds = datasets.load_dataset(dataset, name=subset, split=split, data_files=data_files)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise DataError(f"cannot load dataset {dataset!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    ds = load_hf_dataset(dataset, split, name=subset, data_files=data_files)
     if column not in ds.column_names:
         raise DataError(f"dataset {dataset!r} split {split!r} has no column '{column}' "
                         f"(columns: {ds.column_names}); choose one with --text_column")
@@ -233,7 +256,7 @@ def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression
     bar = tqdm(desc=desc or os.path.basename(out_dir), unit=" tok" if tok else " doc", unit_scale=True,
                mininterval=1.0)
     try:
-        with MDSWriter(out=out_dir, columns=columns, compression=compression) as writer:
+        with MDSWriter(out=out_dir, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
             concat = None
             if tok:
                 encode = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731

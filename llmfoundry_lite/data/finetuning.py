@@ -81,6 +81,8 @@ def resolve_chat_template(tokenizer, chat_template: Optional[str] = None) -> str
 
 def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> List[Turn]:
     """(prompt, response) text pairs of a prompt/response or chat example."""
+    # `datasets` gives every row of a mixed file every column, the missing ones as None
+    example = {k: v for k, v in example.items() if v is not None}
     if "messages" in example:
         return _chat_turns(example["messages"], tokenizer, resolve_chat_template(tokenizer, chat_template))
     if "prompt" in example and "response" in example:
@@ -94,6 +96,10 @@ def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None)
 
 def _chat_turns(messages: Sequence[Dict], tokenizer, template: str) -> List[Turn]:
     def render(msgs, gen=False):
+        if tokenizer is None:  # text-only conversion: the template alone (ChatML unless named)
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            return ImmutableSandboxedEnvironment().from_string(template).render(messages=list(msgs),
+                                                                              add_generation_prompt=gen)
         return tokenizer.apply_chat_template(list(msgs), chat_template=template, tokenize=False,
                                              add_generation_prompt=gen)
     if not messages or messages[-1].get("role") != "assistant":
@@ -161,16 +167,12 @@ def build_example(tok_turns, max_seq_len: int, target_prompts: str = "none",
 
 def load_raw_examples(hf_name: str, split: str, hf_kwargs: Optional[Dict] = None):
     """A `datasets.Dataset` from a local .json/.jsonl/.csv/.parquet file or folder, or a hub name."""
-    import datasets
-    kwargs = dict(hf_kwargs or {})
+    from llmfoundry_lite.data.convert import load_hf_dataset
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     ext = os.path.splitext(hf_name)[1]
-    try:
-        if os.path.isfile(hf_name) and ext in builders:
-            return datasets.load_dataset(builders[ext], data_files={split: hf_name}, split=split, **kwargs)
-        return datasets.load_dataset(hf_name, split=split, **kwargs)
-    except (FileNotFoundError, ValueError, ConnectionError) as e:
-        raise DataError(f"cannot load finetuning data {hf_name!r} split {split!r}: {str(e).splitlines()[0]}") from None
+    if os.path.isfile(hf_name) and ext in builders:
+        return load_hf_dataset(builders[ext], split, data_files={split: hf_name}, **(hf_kwargs or {}))
+    return load_hf_dataset(hf_name, split, **(hf_kwargs or {}))
 
 
 class FinetuningDataset:
@@ -254,18 +256,21 @@ def convert_finetuning(examples, out_dir: str, tokenizer=None, max_seq_len: Opti
     from streaming import MDSWriter
     from tqdm import tqdm
 
+    from llmfoundry_lite.data.convert import SHARD_HASHES
     from llmfoundry_lite.data.mds import check_empty_output
     check_empty_output(out_dir)
     pre = get_preprocessor(preprocessing_fn)
     stats = {"examples": 0, "written": 0, **{k: 0 for k in STATUS_KEYS.values()}}
     column = "tokenized_turns" if tokenizer is not None else "turns"
-    with MDSWriter(out=out_dir, columns={column: "json"}, compression=compression) as writer:
+    with MDSWriter(out=out_dir, columns={column: "json"}, compression=compression, hashes=SHARD_HASHES) as writer:
         for i, raw in enumerate(tqdm(examples, desc=os.path.basename(out_dir), unit=" ex")):
             stats["examples"] += 1
             try:
                 turns = to_turns(pre(raw) if pre else raw, tokenizer, chat_template)
             except KeyError as e:
                 raise DataError(f"example {i}: missing field {e}; choose the right --preprocessor") from None
+            except DataError as e:
+                raise DataError(f"example {i}: {e}") from None
             if tokenizer is None:
                 if any(not p or not r for p, r in turns):
                     stats["dropped empty"] += 1

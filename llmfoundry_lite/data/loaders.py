@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmfoundry_lite.config import check
-from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.errors import ConfigError, DataError
 from llmfoundry_lite.registry import dataloaders
 
 
@@ -166,9 +166,14 @@ def build_dataloader(cfg: Dict[str, Any], tokenizer, device_batch_size: int, pat
     dataset_cfg, _ = check(kind.config, loader.dataset, f"{path}.dataset")
     dataset, collate_fn, batch_size, sampler = kind.build(dataset_cfg, tokenizer, device_batch_size)
     extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, sampler=sampler,
-                      drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-                      persistent_workers=loader.persistent_workers, timeout=loader.timeout, **extra)
+    dataloader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, sampler=sampler,
+                            drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                            persistent_workers=loader.persistent_workers, timeout=loader.timeout, **extra)
+    if len(dataloader) == 0:  # an epoch without batches: a run measured in batches would never end
+        raise DataError(f"{path} yields no batches: this process gets {len(dataset)} examples, fewer than one batch "
+                        f"of {batch_size}{' with drop_last: true' if loader.drop_last else ''}. Add data, lower the "
+                        "batch size (global_train_batch_size / device_eval_batch_size) or set drop_last: false")
+    return dataloader
 
 
 def _build_text(cfg: TextDatasetConfig, tokenizer, batch_size: int):
