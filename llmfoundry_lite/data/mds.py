@@ -116,3 +116,32 @@ def streaming_init(dataset, **kwargs: Dict[str, Any]) -> None:
         if "contains no samples" in str(e):
             raise DataError(f"{e} The split is empty; check `split` and the data-prep summary.") from None
         raise
+    check_local_shards(dataset)
+
+
+def check_local_shards(dataset) -> None:
+    """Refuse shard files already in `local` whose size (always) or hash (with `validate_hash`) differs
+    from their index entry. streaming checks hashes only of what it downloads or decompresses, so a
+    truncated or corrupted local shard would otherwise be read as garbage or fail mid-epoch. The size
+    check is a `stat` per shard; the hash check reads every local shard once (local rank 0 only)."""
+    from streaming.base.hashing import get_hash
+    hash_here = os.environ.get("LOCAL_RANK", "0") == "0"
+    for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard):
+        algo = dataset.streams[stream_id].validate_hash
+        for info in (i for pair in shard.file_pairs for i in pair if i is not None):
+            path = os.path.join(shard.dirname, shard.split or "", info.basename)
+            if not os.path.isfile(path):
+                continue  # still to be downloaded (and checked by streaming)
+            size = os.path.getsize(path)
+            if size != info.bytes:
+                raise DataError(f"MDS shard {path} has {size} bytes but its index.json says {info.bytes}: it is "
+                                "truncated or was overwritten. Write the split again with data-prep (or delete the "
+                                "file so that it is downloaded again from `remote`)")
+            if algo and hash_here:
+                if algo not in info.hashes:
+                    raise DataError(f"validate_hash: {algo!r}, but the shards of {shard.dirname} carry "
+                                    f"{sorted(info.hashes) or 'no hashes'}; choose one of those or remove validate_hash")
+                with open(path, "rb") as f:
+                    if get_hash(algo, f.read()) != info.hashes[algo]:
+                        raise DataError(f"MDS shard {path} is corrupted: its {algo} hash differs from index.json. "
+                                        "Write the split again with data-prep (or fetch it again from `remote`)")

@@ -40,6 +40,10 @@ class StreamingTextDataset(StreamingDataset):
         sample = super().__getitem__(idx)
         if "tokens" in sample:
             ids = decode_tokens(sample["tokens"], self.token_encoding_type)[: self.max_seq_len]
+            if self.tokenizer is not None and len(ids) and int(ids.max()) >= len(self.tokenizer):
+                raise DataError(f"sample {idx} holds token id {int(ids.max())}, outside the tokenizer's vocabulary of "
+                                f"{len(self.tokenizer)}: the shards were written with another tokenizer (or read "
+                                "with the wrong token_encoding_type). Use the data's tokenizer or write the data again")
             return torch.from_numpy(ids.astype("int64"))
         if "text" in sample:
             if self.tokenizer is None:
