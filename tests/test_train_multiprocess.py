@@ -4,32 +4,13 @@ same weights and loss sequence as a straight run."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from train_utils import read_losses, tiny_overrides, write_copy_task
+from train_utils import DRIVER, ROOT, TINY_YAML, launch, read_losses, tiny_overrides, write_copy_task
 
 pytestmark = pytest.mark.multiprocess
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_YAML = os.path.join(ROOT, "yamls", "pretrain", "mpt-tiny-cpu.yaml")
-DRIVER = os.path.join(ROOT, "tests", "train_driver.py")
-
-
-def launch(script_args, log_dir):
-    """`composer -n 2 ...`; the ranks' output goes to files, shown when the run fails."""
-    path = [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    os.makedirs(log_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2",
-           "--stdout", os.path.join(log_dir, "out{rank}.txt"), "--stderr", os.path.join(log_dir, "err{rank}.txt"),
-           *script_args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if proc.returncode:
-        logs = "".join(open(p).read()[-3000:] for p in sorted(glob.glob(os.path.join(log_dir, "*.txt"))))
-        pytest.fail(f"launch failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{logs}")
 
 
 def overrides(data, tok, run_dir, duration):

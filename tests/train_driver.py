@@ -10,6 +10,7 @@ import sys
 import torch
 from composer.utils import dist
 
+import fault_injection  # noqa: F401  (registers the `fault_injection` callback some tests name)
 from llmfoundry_lite.train import train
 from llmfoundry_lite.train.callbacks import full_state_dict
 

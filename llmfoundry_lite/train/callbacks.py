@@ -2,7 +2,7 @@
 
 - `SpeedMonitor`: tokens/s and MFU against a declared peak-FLOPs table printed at fit start.
 - `HFCheckpointer`: a Hugging Face folder every N batches and at the end (gathered under FSDP2).
-- `LossSpikeGuard`: stops a run whose loss is NaN/inf, or spikes `patience` times in a row.
+- `LossSpikeGuard`: skips steps with a NaN/inf loss or gradient, logs spikes, stops a failing run.
 - `JSONLLogger`: every logged metric as one JSON line, full float precision (for plots and tests).
 - `WandBLogger`: Composer's, made to work with wandb >= 0.31.
 """
@@ -179,27 +179,59 @@ class TrainingDiverged(UserError):
 
 
 class LossSpikeGuard(Callback):
-    """Stops training on a non-finite loss, or after `patience` consecutive loss spikes.
+    """Skips optimizer steps whose loss or gradients are not finite, logs loss spikes, stops a run
+    that keeps failing.
 
-    A spike is a loss above `outlier_multiplier` x the mean of the last `window_size` normal losses
-    (once `min_history` are seen), or above `loss_cap` when set. Spikes are logged as they happen.
+    Non-finite: checked after the last microbatch's backward pass and before the optimizer step, on
+    every rank (one all-reduce, so all ranks agree). The step's gradients are dropped, so the
+    optimizer leaves the weights and its moments as they were. After `max_nonfinite_steps` such steps
+    in a row the run stops: Composer saves a checkpoint of these unchanged (last good) weights at
+    that batch when `save_folder` is set, and `train()` raises `TrainingDiverged`.
+
+    Spikes: a finite loss above `outlier_multiplier` x the mean of the last `window_size` normal losses
+    (once `min_history` are seen), or above `loss_cap` when set, is logged as it happens; after
+    `patience` spikes in a row the run stops with `TrainingDiverged` (resume from the last checkpoint
+    with a lower learning rate).
     """
 
     def __init__(self, window_size: int = 100, outlier_multiplier: float = 2.0, patience: int = 4,
-                 loss_cap: Optional[float] = None, min_history: int = 10):
+                 loss_cap: Optional[float] = None, min_history: int = 10, max_nonfinite_steps: int = 3):
         self.history = deque(maxlen=window_size)
         self.outlier_multiplier, self.patience, self.loss_cap = outlier_multiplier, patience, loss_cap
-        self.min_history = min_history
+        self.min_history, self.max_nonfinite_steps = min_history, max_nonfinite_steps
         self.strikes = 0
+        self.nonfinite = 0  # skipped steps in a row
+        self.stopped: Optional[str] = None  # why the run was stopped, for `train()` to raise
+
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        local = [getattr(g, "to_local", lambda g=g: g)() for g in grads]  # FSDP2: this rank's shards
+        finite = torch.stack([torch.isfinite(g).all() for g in local]).all() if local else torch.tensor(True)
+        losses = state.loss.values() if isinstance(state.loss, dict) else [state.loss]
+        finite = finite & all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in losses)
+        flag = state.device.tensor_to_device(finite.float().reshape(1))
+        dist.all_reduce(flag, reduce_operation="MIN")
+        batch = state.timestamp.batch.value + 1  # the batch being trained, counted from 1 as Composer logs it
+        if flag.item() == 1.0:
+            self.nonfinite = 0
+            return
+        for p in state.model.parameters():  # the optimizer skips parameters without a gradient
+            p.grad = None
+        self.nonfinite += 1
+        logger.log_metrics({"nonfinite/skipped_steps": self.nonfinite})
+        log.warning("non-finite loss or gradient at batch %d: step skipped, weights unchanged (%d/%d in a row)",
+                    batch, self.nonfinite, self.max_nonfinite_steps)
+        if self.nonfinite >= self.max_nonfinite_steps:
+            self.stopped = (f"{self.nonfinite} steps in a row had a non-finite loss or gradient (batches "
+                            f"{batch - self.nonfinite + 1}-{batch}); none was applied. Lower the learning rate, "
+                            "add algorithms.gradient_clipping, or check the data")
+            state.stop_training()  # the final checkpoint holds the last good weights
 
     def batch_end(self, state: State, logger: Logger) -> None:
         loss = state.total_loss_dict.get("loss/train/total")
-        if loss is None:
+        if loss is None or self.nonfinite or not math.isfinite(loss):
             return
         batch = state.timestamp.batch.value
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss is {loss} at batch {batch}: lower the learning rate, add "
-                                   "algorithms.gradient_clipping, or check the data; resume from the last checkpoint")
         mean = sum(self.history) / len(self.history) if self.history else math.inf
         spiked = (self.loss_cap is not None and loss > self.loss_cap) or (
             len(self.history) >= self.min_history and loss > self.outlier_multiplier * mean)
@@ -217,11 +249,12 @@ class LossSpikeGuard(Callback):
                                    "then resume from the last checkpoint")
 
     def state_dict(self):
-        return {"history": list(self.history), "strikes": self.strikes}
+        return {"history": list(self.history), "strikes": self.strikes, "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state: dict) -> None:
         self.history.extend(state.get("history", []))
         self.strikes = state.get("strikes", 0)
+        self.nonfinite = state.get("nonfinite", 0)
 
 
 class JSONLLogger(LoggerDestination):

@@ -18,6 +18,7 @@ import torch
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.config import load_config
+from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.schema import TrainConfig, check_train_config, eval_loader_sections
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def fit(tc: TrainConfig):
         add_icl_metrics(model)
         evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.max_seq_len)
 
+    save_folder = _prepare_save_folder(tc, model)
     optimizer = build_optimizer(model, tc.optimizer)
     scheduler = build_scheduler(tc.scheduler)
     callbacks = build_named(registry.callbacks, tc.callbacks, "callbacks")
@@ -130,7 +132,45 @@ def fit(tc: TrainConfig):
             python_log_level=tc.python_log_level,
             dist_timeout=tc.dist_timeout,
         )
+    if tc.autoresume_enabled():
+        resumed_at = trainer.state.timestamp.batch.value
+        log.info("autoresume: %s", f"resumed from {os.path.join(save_folder, LATEST)} -> "
+                 f"{os.path.realpath(os.path.join(save_folder, LATEST))} at batch {resumed_at}"
+                 if resumed_at else f"no complete checkpoint in {save_folder}; starting from scratch")
     if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
         trainer.eval()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except OSError as e:
+        raise disk_full_error(e, save_folder) or e
+    _raise_if_stopped(trainer, save_folder)
     return trainer
+
+
+def _prepare_save_folder(tc: TrainConfig, model):
+    """Check that save_folder can take a checkpoint, and (autoresume) set aside incomplete ones.
+
+    Runs on global rank 0 before the Trainer exists; the other ranks wait. Returns the folder."""
+    from composer.utils import dist, format_name_with_dist
+    if not tc.save_folder:
+        return None
+    folder = format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
+    if dist.get_global_rank() == 0 and "{" not in folder:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        check_save_folder(folder, weights if tc.save_weights_only else 3 * weights)  # weights + 2 Adam moments
+        if tc.autoresume_enabled():
+            prepare_autoresume(folder)
+    dist.barrier()
+    return folder
+
+
+def _raise_if_stopped(trainer, save_folder) -> None:
+    """`LossSpikeGuard` stopped the run after non-finite steps: say so, and where the last good state is."""
+    from llmfoundry_lite.train.callbacks import LossSpikeGuard, TrainingDiverged
+    for cb in trainer.state.callbacks:
+        if isinstance(cb, LossSpikeGuard) and cb.stopped:
+            batch = trainer.state.timestamp.batch.value
+            where = (f"a checkpoint of the last good weights is in {save_folder} (batch {batch}); relaunch the same "
+                     "command after the fix to resume from it" if save_folder else
+                     "no save_folder is set, so nothing was saved")
+            raise TrainingDiverged(f"training stopped: {cb.stopped}. {where}")

@@ -1,0 +1,80 @@
+"""Faults for the reliability tests, as a callback a test YAML names: `callbacks: {fault_injection: {}}`.
+
+The fault comes from the environment, so a relaunch can be the very same command with another (or no)
+fault: `LLMF_FAULT="<kind>:<rank>:<batch>"` kills rank `<rank>` with SIGKILL
+- `mid_step`: after the backward pass of batch `<batch>` (1-based), before the optimizer step;
+- `checkpoint_write`: while the checkpoint at batch `<batch>` is written, after this rank wrote its
+  own shard file (sharded) or half of the file (full `.pt`), before the checkpoint is complete;
+- `between`: at the end of batch `<batch>` (Composer checkpoints a batch after its end event, so
+  this is after the previous checkpoint and before this batch's).
+`nan_grads:<rank>:<b1,b2,...>` instead poisons the gradients of those batches (NaN) on that rank.
+"""
+import os
+import signal
+
+from composer.core import Callback
+from composer.utils import dist
+
+from llmfoundry_lite import registry
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjection(Callback):
+    def __init__(self):
+        kind, rank, batches = (os.environ.get("LLMF_FAULT") or "none:-1:0").split(":")
+        self.kind, self.batches = kind, {int(b) for b in batches.split(",")}
+        self.armed = dist.get_global_rank() == int(rank)
+
+    def _now(self, state) -> int:
+        return state.timestamp.batch.value + 1  # the batch being trained, 1-based
+
+    def fit_start(self, state, logger):
+        if self.armed and self.kind == "checkpoint_write":
+            self._arm_checkpoint_write(state)
+
+    def after_backward(self, state, logger):
+        if not self.armed:
+            return
+        if self.kind == "mid_step" and self._now(state) in self.batches:
+            _die()
+        if self.kind == "nan_grads" and self._now(state) in self.batches:
+            for p in state.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    break
+
+    def batch_end(self, state, logger):
+        if self.armed and self.kind == "between" and state.timestamp.batch.value in self.batches:
+            _die()
+
+    def _arm_checkpoint_write(self, state):
+        import torch.distributed.checkpoint as dcp
+        from composer.utils import checkpoint
+        batches = self.batches
+
+        original_write = dcp.FileSystemWriter.write_data
+
+        def write_then_die(writer, plan, planner):  # sharded: this rank's .distcp is on disk, no .metadata yet
+            result = original_write(writer, plan, planner)
+            if state.timestamp.batch.value in batches:
+                result.wait()
+                _die()
+            return result
+
+        def half_then_die(state_dict, filename):  # full: half a .pt file
+            if state.timestamp.batch.value not in batches:
+                return original_file(state_dict, filename)
+            original_file(state_dict, filename)
+            with open(filename, "r+b") as f:
+                f.truncate(os.path.getsize(filename) // 2)
+            _die()
+
+        original_file = checkpoint._write_checkpoint_file
+        dcp.FileSystemWriter.write_data = write_then_die
+        checkpoint._write_checkpoint_file = half_then_die
+
+
+registry.callbacks.register("fault_injection", FaultInjection)
