@@ -186,6 +186,7 @@ _worker_tok = None  # a `tokenizers.Tokenizer`: workers import only `tokenizers`
 
 def _init_worker(tokenizer_json: str) -> None:
     global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
     from tokenizers import Tokenizer
     _worker_tok = Tokenizer.from_str(tokenizer_json)
 
