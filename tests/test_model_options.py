@@ -145,7 +145,7 @@ def test_invalid_configs_list_every_problem_with_paths():
         assert expected in text, text
     problems = model_config_problems({"attn_config": {"attn_impl": "trch"}, "init_config": {"name": "kaiming"}})
     assert problems == ["model.attn_config.attn_impl: unknown attention implementation 'trch' (did you mean "
-                        "'torch'?); choose one of ['flash', 'torch'] or register one with a plug-in",
+                        "'torch'?); choose one of ['flash', 'flex', 'torch'] or register one with a plug-in",
                         "model.init_config.name: unknown init function 'kaiming' (did you mean 'kaiming_normal_'?); "
                         "choose one of ['baseline_', 'default_', 'kaiming_normal_', 'kaiming_uniform_', "
                         "'neox_init_', 'small_init_', 'xavier_normal_', 'xavier_uniform_'] or register one with a "
@@ -194,6 +194,8 @@ def test_flops_per_token_counts_matmul_params_and_attention():
     model = MPTForCausalLM(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert flops_per_token(cfg, 16) == 6 * matmul + 12 * 2 * 64 * 16
+    blocks = matmul - 64 * cfg.vocab_size  # activation checkpointing reruns the blocks' forward
+    assert flops_per_token(cfg, 16, recompute=True) == flops_per_token(cfg, 16) + 2 * blocks + 4 * 2 * 64 * 16
 
 
 def test_a_registered_attention_impl_is_used_by_name():

@@ -44,7 +44,7 @@ class AttnConfig:
     attn_type: Literal["multihead_attention", "multiquery_attention", "grouped_query_attention"] = \
         "multihead_attention"
     attn_pdrop: float = 0.0
-    attn_impl: str = "torch"  # a name in registry.attention_impls: 'torch' (SDPA) or 'flash'
+    attn_impl: str = "torch"  # a name in registry.attention_impls: 'torch' (SDPA), 'flash' or 'flex'
     qk_ln: bool = False
     qk_gn: bool = False
     fused_qkv: bool = True
@@ -79,7 +79,8 @@ class AttnConfig:
         if not 0 <= self.attn_pdrop <= 1:
             problems.append(f"{join(path, 'attn_pdrop')}: a probability in [0, 1], got {self.attn_pdrop}")
         if self.flex_attn_mod_list:
-            problems.append(f"{join(path, 'flex_attn_mod_list')}: flex attention is not supported; remove it")
+            problems.append(f"{join(path, 'flex_attn_mod_list')}: not needed: attn_impl 'flex' builds its score and "
+                            "mask modifiers (ALiBi, causal, window, padding, sequence_id) from the config; remove it")
         if self.sliding_window_size == 0 or self.sliding_window_size < -1:
             problems.append(f"{join(path, 'sliding_window_size')}: -1 (off) or a positive window")
         return problems

@@ -223,8 +223,57 @@ class CrossEntropy(torch.autograd.Function):
         return grad, None
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """`CrossEntropy(hidden @ weight.T * scale, targets)` without the (tokens, vocab) logits.
+
+    Tokens go through the unembedding in chunks; each chunk's logits exist only while its loss and
+    its gradients (w.r.t. hidden and weight, computed right away while the softmax is at hand) are
+    computed, so the extra memory is one chunk's logits plus the gradients' size, instead of the
+    logits, their fp32 copy and the saved log-softmax (three (tokens, vocab) tensors). Backward only
+    scales the stored gradients. For training: the logits are never returned.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
+                chunk: int) -> torch.Tensor:
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in fp32 (or fp64)
+        valid = targets != -100
+        count = valid.sum().clamp(min=1)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=acc)
+        loss = hidden.new_zeros((), dtype=acc)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t, v = hidden[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
+            index = torch.where(v, t, 0)[:, None]
+            logits = (h @ weight.T).to(acc) * scale
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, index).squeeze(1)) * v).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+            grad.mul_((v * (scale / count)).to(grad.dtype)[:, None])
+            grad = grad.to(weight.dtype)
+            grad_hidden[start:start + chunk] = grad @ weight
+            grad_weight += (grad.T @ h).to(acc)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_out, grad_weight * grad_out, None, None, None
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of `FusedLinearCrossEntropy`: about 1 GiB of fp32 logits at a time."""
+    return max(256, 2**28 // vocab_size)
+
+
 class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
+    """`fused_loss = True` (set by the training code for `loss_fn: fused_crossentropy`) computes the
+    training loss with `FusedLinearCrossEntropy` and returns no logits while training with labels."""
     _tied_weights_keys = ["lm_head.weight"]
+    fused_loss = False
 
     def __init__(self, config: MPTConfig):
         super().__init__(config)
@@ -248,7 +297,18 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
                                sequence_id=sequence_id, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state)
+        hidden = out.last_hidden_state
+        if labels is not None and self.fused_loss and self.training and torch.is_grad_enabled():
+            if self.config.final_logit_softcapping:
+                raise UserError("loss_fn: fused_crossentropy does not support final_logit_softcapping; "
+                                "use loss_fn: torch_crossentropy")
+            targets = F.pad(labels[:, 1:].to(hidden.device), (0, 1), value=-100).flatten()
+            loss = FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets,
+                                                 self.logit_scale or 1.0, loss_chunk_tokens(self.config.vocab_size))
+            result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                            hidden_states=out.hidden_states)
+            return result if return_dict is not False else result.to_tuple()
+        logits = self.lm_head(hidden)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.config.final_logit_softcapping:
@@ -364,10 +424,14 @@ class MPTForQuestionAnswering(MPTPreTrainedModel):
         return result if return_dict is not False else result.to_tuple()
 
 
-def flops_per_token(config: MPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (matmul parameters) + 12 * n_layers * d_model * seq_len (attention)."""
+def flops_per_token(config: MPTConfig, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token: 6 * (matmul parameters) + 12 * n_layers * d_model * seq_len (attention).
+
+    `recompute=True` counts the hardware FLOPs of activation checkpointing, which runs every block's
+    forward (2 * block matmul parameters + 4 * n_layers * d_model * seq_len) a second time (for HFU)."""
     d, kv = config.d_model, config.kv_n_heads * config.head_dim
     n_ffn_mats = 3 if config.ffn_config["ffn_type"] == "mptglu" else 2
     per_layer = d * (d + 2 * kv) + d * d + n_ffn_mats * d * config.ffn_hidden_size
-    n_matmul = config.n_layers * per_layer + d * config.vocab_size
-    return 6.0 * n_matmul + 12.0 * config.n_layers * d * seq_len
+    blocks = config.n_layers * per_layer
+    model_flops = 6.0 * (blocks + d * config.vocab_size) + 12.0 * config.n_layers * d * seq_len
+    return model_flops + (2.0 * blocks + 4.0 * config.n_layers * d * seq_len if recompute else 0.0)

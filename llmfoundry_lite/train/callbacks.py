@@ -69,7 +69,8 @@ def unwrap(state: State):
 
 
 class SpeedMonitor(Callback):
-    """Logs throughput/tokens_per_sec, throughput/device/tokens_per_sec, throughput/device/mfu.
+    """Logs throughput/tokens_per_sec, throughput/device/tokens_per_sec, throughput/device/mfu and
+    throughput/device/hfu (hardware FLOPs: with activation checkpointing the blocks' forward twice).
 
     Tokens are all positions of `input_ids` (padding included, as Composer counts them); FLOPs per
     token come from `models.flops_per_token` (6 x matmul params + attention, forward and backward).
@@ -102,11 +103,15 @@ class SpeedMonitor(Callback):
         per_device = tokens_per_sec / dist.get_world_size()
         from llmfoundry_lite.models import flops_per_token
         seq_len = state.batch["input_ids"].shape[1]
-        flops = per_device * flops_per_token(unwrap(state).model.config, seq_len)
+        config = unwrap(state).model.config
+        flops = per_device * flops_per_token(config, seq_len)
+        recompute = bool(getattr(state.fsdp_config, "activation_checkpointing", False))
+        hardware_flops = per_device * flops_per_token(config, seq_len, recompute=recompute)
         metrics = {"throughput/tokens_per_sec": tokens_per_sec, "throughput/device/tokens_per_sec": per_device,
                    "throughput/device/flops_per_sec": flops}
         if self.peak:
             metrics["throughput/device/mfu"] = flops / self.peak
+            metrics["throughput/device/hfu"] = hardware_flops / self.peak
         logger.log_metrics(metrics)
 
     def state_dict(self):  # throughput windows do not survive a restart

@@ -21,11 +21,22 @@ from llmfoundry_lite.errors import ConfigError
 IGNORE_INDEX = -100
 
 
-class ComposerMPTCausalLM(HuggingFaceModel):
-    """Composer view of an `MPTForCausalLM`: `.model` is the HF model, `.tokenizer` the run's tokenizer."""
+LOSS_FNS = ("torch_crossentropy", "fused_crossentropy")
 
-    def __init__(self, model, tokenizer=None):
-        train_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), MaskedAccuracy(ignore_index=IGNORE_INDEX)]
+
+class ComposerMPTCausalLM(HuggingFaceModel):
+    """Composer view of an `MPTForCausalLM`: `.model` is the HF model, `.tokenizer` the run's tokenizer.
+
+    `loss_fn`: `torch_crossentropy` (the logits, then the loss) or `fused_crossentropy` (the loss
+    straight from the last hidden states in chunks, never materialising the (tokens, vocab) logits:
+    much less memory for large vocabularies; training then reports the loss but no train metrics,
+    which need the logits). Evaluation computes logits either way.
+    """
+
+    def __init__(self, model, tokenizer=None, loss_fn: str = "torch_crossentropy"):
+        model.fused_loss = loss_fn == "fused_crossentropy"
+        train_metrics = [] if model.fused_loss else [LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+                                                     MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         eval_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), LanguagePerplexity(ignore_index=IGNORE_INDEX),
                         MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
@@ -49,14 +60,20 @@ def _known_causal_lm():
 
 
 # Keys of the `model:` section that are not MPTConfig fields.
-BUILDER_KEYS = ("pretrained_model_name_or_path", "pretrained")
+BUILDER_KEYS = ("pretrained_model_name_or_path", "pretrained", "loss_fn")
 
 
 def _config_problems(cfg: Dict[str, Any], path: str = "model") -> List[str]:
     from llmfoundry_lite.models import model_config_problems
+    problems = []
     if cfg.get("pretrained_model_name_or_path") is not None and not isinstance(cfg["pretrained_model_name_or_path"], str):
-        return [f"{path}.pretrained_model_name_or_path: expected a folder path or hub name"]
-    return model_config_problems({k: v for k, v in cfg.items() if k not in BUILDER_KEYS}, path)
+        problems.append(f"{path}.pretrained_model_name_or_path: expected a folder path or hub name")
+    if cfg.get("loss_fn", LOSS_FNS[0]) not in LOSS_FNS:
+        problems.append(f"{path}.loss_fn: {cfg['loss_fn']!r} is not one of {list(LOSS_FNS)}")
+    if cfg.get("loss_fn") == "fused_crossentropy" and cfg.get("final_logit_softcapping"):
+        problems.append(f"{path}.loss_fn: fused_crossentropy does not support final_logit_softcapping; "
+                        "use torch_crossentropy")
+    return problems + model_config_problems({k: v for k, v in cfg.items() if k not in BUILDER_KEYS}, path)
 
 
 def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
@@ -68,6 +85,7 @@ def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     cfg = dict(cfg)
     cfg.pop("pretrained", None)  # llm-foundry's flag for hf_causal_lm: a named folder is always loaded
+    loss_fn = cfg.pop("loss_fn", LOSS_FNS[0])
     source = cfg.pop("pretrained_model_name_or_path", None)
     if source is not None:
         from llmfoundry_lite.export import load_hf_model
@@ -78,7 +96,7 @@ def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
     if tokenizer is not None and model.config.vocab_size < len(tokenizer):
         raise ConfigError([f"model.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
                            f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} (a multiple of 64 is fastest)"])
-    return ComposerMPTCausalLM(model, tokenizer)
+    return ComposerMPTCausalLM(model, tokenizer, loss_fn)
 
 
 build_mpt_causal_lm.config_problems = _config_problems

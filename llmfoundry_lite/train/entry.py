@@ -60,7 +60,8 @@ def fit(tc: TrainConfig):
 
     from llmfoundry_lite.data import build_dataloader, build_tokenizer
     from llmfoundry_lite.train.builders import build_named, build_optimizer, build_scheduler
-    from llmfoundry_lite.train.parallel import fsdp2_config, materialize_meta, on_meta, own_meta_init, resolve_precision
+    from llmfoundry_lite.train.parallel import (compile_blocks, fsdp2_config, materialize_meta, on_meta,
+                                                own_meta_init, resolve_precision)
 
     _setup_logging(tc.python_log_level)
     on_gpu = torch.cuda.is_available()
@@ -72,6 +73,8 @@ def fit(tc: TrainConfig):
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = build_tokenizer(tc.tokenizer.name, tc.tokenizer.kwargs)
     model = registry.models.get(tc.model["name"])({k: v for k, v in tc.model.items() if k != "name"}, tokenizer)
+    if tc.compile_config is not None:
+        compile_blocks(model, tc.compile_config)
     fsdp = fsdp2_config(tc.fsdp_config, world_size, "cuda" if on_gpu else "cpu")
     if fsdp is None and on_meta(model):
         materialize_meta(model)
@@ -112,7 +115,6 @@ def fit(tc: TrainConfig):
             precision=precision,
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
             parallelism_config={"fsdp": fsdp} if fsdp is not None else None,
-            compile_config=tc.compile_config,
             seed=tc.seed,
             run_name=tc.run_name,
             save_folder=tc.save_folder,

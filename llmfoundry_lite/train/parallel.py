@@ -123,5 +123,15 @@ def own_meta_init(device: str):
         prepare_distributed.meta_init = original
 
 
+def compile_blocks(model: torch.nn.Module, compile_config: dict) -> None:
+    """`torch.compile` each MPT block in place (`compile_config` are its keyword arguments), as
+    torchtitan does: every block runs the same code, so one compilation serves all of them, graphs
+    stay small, and FSDP2's per-block hooks and activation checkpointing wrap compiled blocks."""
+    from llmfoundry_lite.models.mpt import MPTBlock
+    for module in model.modules():
+        if isinstance(module, MPTBlock):
+            module.compile(**compile_config)
+
+
 def on_meta(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())

@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 17
     precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "amp_bf16"  # CPU runs fp32 (with a warning)
     fsdp_config: Optional[FSDPSection] = None
-    compile_config: Optional[Dict[str, Any]] = None     # torch.compile kwargs; {} compiles with defaults
+    compile_config: Optional[Dict[str, Any]] = None     # torch.compile kwargs per MPT block; {}: defaults
     run_name: Optional[str] = None
     save_folder: Optional[str] = None
     save_interval: Duration = "1000ba"
@@ -105,6 +105,9 @@ class TrainConfig:
         mb = self.device_train_microbatch_size
         if isinstance(mb, int) and mb <= 0:
             problems.append(f"{join(path, 'device_train_microbatch_size')}: must be positive or 'auto', got {mb}")
+        if self.compile_config:
+            import torch
+            problems += check_kwargs(torch.compile, self.compile_config, join(path, "compile_config"), skip=("model",))
         if self.autoresume and not (self.run_name and self.save_folder):
             problems.append(f"{join(path, 'autoresume')}: needs run_name and save_folder (where to find the "
                             "checkpoints to resume from); set both or set autoresume: false")

@@ -7,6 +7,8 @@ The attention kernel is chosen by name (`attn_config.attn_impl`) from `registry.
   no padding) SDPA's `is_causal` fast path is used instead.
 - `flash`: flash-attn 2 on CUDA, with native `alibi_slopes`, sliding window and varlen packing.
   Asking for it without flash-attn or without CUDA is a `UserError`, never a silent fallback.
+- `flex`: PyTorch FlexAttention, the fused GPU path without flash-attn: ALiBi and soft-capping as a
+  score modifier, causal / window / padding / packed-sequence masks as a block mask.
 A plug-in registers another kernel with the signature of `torch_attention`.
 """
 from __future__ import annotations
@@ -187,8 +189,64 @@ def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
     return out.transpose(1, 2)
 
 
+def _flex_mask_mod(ctx: AttentionContext, device):
+    """FlexAttention's mask function for what `AttentionContext.bias` would mask (causal, window,
+    key padding, packed sequences), and its block mask, built once per forward and shared by layers."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    past = ctx.past_len
+    padding = None if ctx.key_padding_mask is None else ctx.key_padding_mask.to(device)
+    seq = None if ctx.sequence_id is None else ctx.sequence_id.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx + past
+        if ctx.sliding_window > 0:
+            allowed = allowed & (kv_idx >= q_idx + past - ctx.sliding_window)
+        if padding is not None:
+            allowed = allowed & padding[b, kv_idx]
+        if seq is not None:
+            allowed = allowed & (seq[b, q_idx] == seq[b, kv_idx])
+        return allowed
+    per_row = padding is not None or seq is not None
+    batch = (padding if padding is not None else seq).shape[0] if per_row else None
+    return create_block_mask(mask_mod, batch, None, ctx.q_len, ctx.k_len, device=device)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
+                   softcap: Optional[float] = None) -> torch.Tensor:
+    """PyTorch FlexAttention: ALiBi and soft-capping as a score modifier, masks as a block mask (whole
+    masked blocks are skipped). Compiled on CUDA, where it is a fused kernel; eager elsewhere (a
+    reference implementation, slow: use `torch` on CPU)."""
+    global _compiled_flex
+    from torch.nn.attention import flex_attention as flex
+    if dropout_p:
+        raise UserError("attn_config.attn_impl: 'flex' has no attention dropout; set attn_pdrop: 0 or use attn_impl: torch")
+    key = ("flex_block_mask", str(q.device))
+    if key not in ctx.cache:
+        ctx.cache[key] = _flex_mask_mod(ctx, q.device)
+    slopes = None if ctx.alibi_slopes is None else ctx.alibi_slopes.to(q.device, torch.float32)
+    past = ctx.past_len
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score + slopes[h] * (kv_idx - q_idx - past)
+        return score
+    fn = flex.flex_attention
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, score_mod=score_mod, block_mask=ctx.cache[key], scale=softmax_scale,
+              enable_gqa=k.shape[1] != q.shape[1])
+
+
 attention_impls.register("torch", torch_attention)
 attention_impls.register("flash", flash_attention)
+attention_impls.register("flex", flex_attention)
 
 
 class MPTAttention(nn.Module):

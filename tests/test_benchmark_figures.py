@@ -1,0 +1,40 @@
+"""Every benchmark figure YAML is a valid training config (with the benchmark's synthetic data and
+tokenizer plug-ins), for the world size it names; the runner's synthetic rows are deterministic."""
+import glob
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "figures", "*.yaml")))
+
+
+@pytest.fixture(scope="module")
+def runner():
+    spec = importlib.util.spec_from_file_location("bench_throughput", os.path.join(ROOT, "benchmarks", "bench_throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # registers the `synthetic` loader and tokenizer, `benchmark_timer`
+    return module
+
+
+def test_there_are_cpu_and_gpu_figures():
+    names = [os.path.basename(f) for f in FIGURES]
+    assert {"cpu-mpt-tiny.yaml", "cpu-d256-seq256.yaml", "cpu-d256-seq1024.yaml", "gpu-mpt-125m.yaml",
+            "gpu-mpt-350m.yaml", "gpu-mpt-1b.yaml"} <= set(names)
+
+
+@pytest.mark.parametrize("path", FIGURES, ids=os.path.basename)
+def test_figure_validates(runner, path):
+    from llmfoundry_lite.config import load_config
+    from llmfoundry_lite.train.schema import check_train_config
+    world = 8 if path.endswith("-8x.yaml") else 1
+    check_train_config(load_config(path, ["callbacks.benchmark_timer.warmup=2"]), world_size=world)
+
+
+def test_synthetic_rows_are_deterministic_and_in_vocab(runner):
+    rows = runner.RandomRows(runner.SyntheticConfig(max_seq_len=16, vocab_size=50))
+    assert (rows[3] == rows[3]).all() and not (rows[3] == rows[4]).all()
+    assert rows[3].shape == (16,) and int(rows[3].max()) < 50
