@@ -97,6 +97,11 @@ def test_eval_metrics_hf_checkpointer_and_wandb_offline(copy_data, tiny_tokenize
     assert [r["step"] for r in evals] == [2, 4]
     assert all(k in evals[0] for k in ("metrics/eval/LanguagePerplexity", "metrics/eval/MaskedAccuracy"))
     assert any("throughput/device/mfu" in r for r in rows) and any("throughput/tokens_per_sec" in r for r in rows)
+    # the train cross-entropy is the loss itself (taken from it, not recomputed from the logits)
+    train = [r for r in rows if "metrics/train/LanguageCrossEntropy" in r]
+    losses = dict(read_losses(jsonl))
+    assert len(train) == 4 and all("metrics/train/MaskedAccuracy" in r for r in train)
+    assert all(abs(r["metrics/train/LanguageCrossEntropy"] - losses[r["step"]]) < 1e-5 for r in train)
 
     from transformers import AutoModelForCausalLM
     assert sorted(os.listdir(tmp_path / "hf")) == ["ba2", "ba4"]

@@ -44,6 +44,30 @@ class ComposerMPTCausalLM(HuggingFaceModel):
         with _known_causal_lm():
             super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
                              shift_labels=True)
+        if self.train_metrics:
+            self.train_metrics["LanguageCrossEntropy"] = LossCrossEntropy(ignore_index=IGNORE_INDEX)
+        self._train_loss = None
+
+    def eval_forward(self, batch, outputs=None):
+        # Composer computes train metrics from the training forward's outputs: keep their loss
+        self._train_loss = None if outputs is None else outputs.get("loss")
+        return super().eval_forward(batch, outputs)
+
+    def update_metric(self, batch, outputs, metric):
+        if isinstance(metric, LossCrossEntropy):
+            metric.update(self._train_loss, self.labels)
+            return {}
+        return super().update_metric(batch, outputs, metric)
+
+
+class LossCrossEntropy(LanguageCrossEntropy):
+    """The training cross-entropy taken from the model's loss (the same mean over labelled positions)
+    instead of a second pass over the (tokens, vocab) logits, which costs ~15% of a small model's step."""
+
+    def update(self, loss, target) -> None:
+        n = (target != self.ignore_index).sum()
+        self.sum_loss += loss.detach().float() * n
+        self.total_items += n
 
 
 @contextlib.contextmanager
