@@ -1,9 +1,10 @@
-"""Greedy decode tokens/s: our MPTForCausalLM (KV cache) vs transformers' MptForCausalLM on the same folder.
+"""Greedy decode tokens/s and time to first token: our MPTForCausalLM (KV cache) vs transformers' MptForCausalLM.
 
 A native HF folder is exported from a random MPT (d_model 256, 4 heads, 4 layers, vocab 8192,
 ALiBi, fp32); `load_hf_model` and stock `AutoModelForCausalLM` load it. Both decode with
 `model.generate(do_sample=False)` from the same 32-token prompts, exactly `--new_tokens` tokens
-(no EOS), batch 1 and batch 8. Timings alternate between the models so background load hits both
+(no EOS), batch 1 and batch 16; time to first token (TTFT) is a `generate` of one new token (the
+prefill of the prompts plus one sampling step). Timings alternate between the models so background load hits both
 alike; the median of the repeats is reported. The generated tokens must be identical. Prints one
 JSON line per batch size; `--out FILE` also appends Markdown rows to FILE.
 """
@@ -51,19 +52,23 @@ def main() -> None:
     assert type(theirs) is transformers.MptForCausalLM
     rows = []
     with torch.inference_mode():
-        for batch in (1, 8):
+        for batch in (1, 16):
             ids = torch.randint(1, SHAPE["vocab_size"], (batch, 32))
             times = {"ours": [], "transformers": []}
+            ttft = {"ours": [], "transformers": []}
             outputs = {}
             decode(ours, ids, 4), decode(theirs, ids, 4)  # warm-up
             for _ in range(args.repeats):
                 for name, m in (("ours", ours), ("transformers", theirs)):
                     seconds, outputs[name] = decode(m, ids, args.new_tokens)
                     times[name].append(seconds)
+                    ttft[name].append(decode(m, ids, 1)[0])
             tps = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
+            first = {k: 1000 * statistics.median(v) for k, v in ttft.items()}
             row = {"batch": batch, "new_tokens": args.new_tokens, "ours_tok_s": round(tps["ours"], 1),
                    "transformers_tok_s": round(tps["transformers"], 1),
                    "speedup": round(tps["ours"] / tps["transformers"], 2),
+                   "ours_ttft_ms": round(first["ours"], 1), "transformers_ttft_ms": round(first["transformers"], 1),
                    "same_tokens": bool(torch.equal(outputs["ours"], outputs["transformers"])),
                    "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
@@ -74,7 +79,8 @@ def main() -> None:
                     f"{torch.__version__}, transformers {transformers.__version__} -->\n")
             for r in rows:
                 f.write(f"| {r['batch']} | {r['new_tokens']} | {r['ours_tok_s']} | {r['transformers_tok_s']} | "
-                        f"{r['speedup']}x | {r['same_tokens']} | {r['threads']} |\n")
+                        f"{r['speedup']}x | {r['ours_ttft_ms']} | {r['transformers_ttft_ms']} | {r['same_tokens']} | "
+                        f"{r['threads']} |\n")
 
 
 if __name__ == "__main__":
