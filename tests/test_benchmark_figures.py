@@ -17,7 +17,12 @@ def runner():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)  # registers the `synthetic` loader and tokenizer, `benchmark_timer`
-    return module
+    yield module
+    from llmfoundry_lite import registry  # leave the registries as the other tests expect them
+    for reg, name in ((registry.dataloaders, "synthetic"), (registry.tokenizers, "synthetic"),
+                      (registry.callbacks, "benchmark_timer")):
+        reg._entries.pop(name)
+    del sys.modules[spec.name]
 
 
 def test_there_are_cpu_and_gpu_figures():
