@@ -27,6 +27,7 @@ import subprocess
 import time
 
 import torch
+from composer.core import Callback
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.data.loaders import LoaderKind
@@ -57,9 +58,9 @@ class RandomRows(torch.utils.data.Dataset):
 
 def _build_synthetic(cfg: SyntheticConfig, tokenizer, batch_size: int):
     from llmfoundry_lite.data.collators import CausalLMCollator
-    from llmfoundry_lite.data.loaders import _map_sampler
+    from llmfoundry_lite.data.loaders import map_sampler
     dataset = RandomRows(cfg)
-    return dataset, CausalLMCollator(tokenizer.pad_token_id, cfg.max_seq_len), batch_size, _map_sampler(dataset, False, 0)
+    return dataset, CausalLMCollator(tokenizer.pad_token_id, cfg.max_seq_len), batch_size, map_sampler(dataset, False, 0)
 
 
 def _synthetic_tokenizer():
@@ -70,32 +71,28 @@ def _synthetic_tokenizer():
                                    eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def _timer():
-    from composer.core import Callback
+class Timer(Callback):
+    """Time and global token count at the end of the warm-up and at the end of training."""
 
-    class Timer(Callback):
-        """Time and global token count at the end of the warm-up and at the end of training."""
+    def __init__(self, warmup: int = 0):
+        self.warmup, self.marks = warmup, []
 
-        def __init__(self, warmup: int = 0):
-            self.warmup, self.marks = warmup, []
-
-        def batch_end(self, state, logger):
-            if state.timestamp.batch.value == self.warmup:
-                self._mark(state)
-
-        def fit_end(self, state, logger):
+    def batch_end(self, state, logger):
+        if state.timestamp.batch.value == self.warmup:
             self._mark(state)
 
-        def _mark(self, state):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), state.timestamp.token.value))
-    return Timer
+    def fit_end(self, state, logger):
+        self._mark(state)
+
+    def _mark(self, state):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.timestamp.token.value))
 
 
 registry.dataloaders.register("synthetic", LoaderKind(SyntheticConfig, _build_synthetic))
 registry.tokenizers.register("synthetic", _synthetic_tokenizer)
-registry.callbacks.register("benchmark_timer", _timer())
+registry.callbacks.register("benchmark_timer", Timer)
 
 
 # ---- the transformers baseline -----------------------------------------------------------------
@@ -172,7 +169,7 @@ def main() -> None:
     trainer = train(args.figure, [*args.overrides, f"max_duration={args.warmup + args.steps}ba",
                                   f"callbacks.benchmark_timer.warmup={args.warmup}"])
     state = trainer.state
-    timer = next(cb for cb in state.callbacks if type(cb).__name__ == "Timer")
+    timer = next(cb for cb in state.callbacks if isinstance(cb, Timer))
     (t0, n0), (t1, n1) = timer.marks
     config = unwrap(state).model.config
     world, device_batch = dist.get_world_size(), state.train_dataloader.batch_size

@@ -11,7 +11,7 @@ import torch
 
 from llmfoundry_lite.data import build_dataloader, build_tokenizer, dataloader_config_problems
 from llmfoundry_lite.data.collators import PackingCollator, auto_packing_ratio
-from llmfoundry_lite.data.finetuning import MPT_SYSTEM_PROMPT, convert_finetuning, to_turns
+from llmfoundry_lite.data.finetuning import MPT_SYSTEM_PROMPT, convert_finetuning, numbered, to_turns
 from llmfoundry_lite.data.mds import clean_stale_shared_memory
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
 
@@ -167,7 +167,7 @@ def test_preprocessors_and_finetuning_mds(tok, tmp_path):
         build_dataloader({"name": "finetuning", "dataset": {**base, "preprocessing_fn": "doly"}}, tok, 1)
     # pre-tokenized MDS gives the same example as the raw file
     raw = [{"instruction": "Name it.", "context": "", "response": "Path"}]
-    stats = convert_finetuning(raw, str(tmp_path / "ft"), tok, 48, preprocessing_fn="dolly")
+    stats = convert_finetuning(numbered(raw), str(tmp_path / "ft"), tok, 48, preprocessing_fn="dolly")
     assert stats["written"] == 1
     mds = build_dataloader({"name": "finetuning", "dataset": {"local": str(tmp_path / "ft"), "max_seq_len": 48}}, tok, 1)
     assert mds.dataset[0] == ex

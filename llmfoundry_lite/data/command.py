@@ -18,7 +18,7 @@ import os
 import re
 from typing import Dict, List, Optional, Union
 
-from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.errors import UserError
 
 
 def parse_data_files(values: Optional[List[str]]) -> Union[None, List[str], Dict[str, str]]:
@@ -125,10 +125,6 @@ def _spec(args):
                         wrap=not args.no_wrap)
 
 
-def _report(where: str, summary) -> None:
-    print(f"{where}: {summary}")
-
-
 def run(args: argparse.Namespace) -> int:
     from llmfoundry_lite.data import convert
     if args.what == "train-tokenizer":
@@ -141,15 +137,15 @@ def run(args: argparse.Namespace) -> int:
                                        parse_data_files(args.data_files), args.text_column, args.compression,
                                        args.num_workers)
         for split, summary in summaries.items():
-            _report(os.path.join(args.out_root, split), summary)
+            print(f"{os.path.join(args.out_root, split)}: {summary}")
     elif args.what == "json":
         summary = convert.convert_json(args.path, args.out_root, _spec(args), args.split, args.text_column,
                                        args.compression, args.num_workers, args.skip_bad_lines)
-        _report(os.path.join(args.out_root, args.split or ""), summary)
+        print(f"{os.path.join(args.out_root, args.split or '')}: {summary}")
     elif args.what == "text":
         summary = convert.convert_text(args.input_folder, args.output_folder, _spec(args), args.compression,
                                        args.processes, args.files_per_group, args.reprocess)
-        _report(args.output_folder, summary)
+        print(f"{args.output_folder}: {summary}")
     else:
         _finetuning(args)
     return 0
@@ -157,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _finetuning(args: argparse.Namespace) -> None:
     from llmfoundry_lite.data.convert import Summary, iter_json_records
-    from llmfoundry_lite.data.finetuning import convert_finetuning, load_raw_examples
+    from llmfoundry_lite.data.finetuning import convert_finetuning, load_raw_examples, numbered
     from llmfoundry_lite.data.tokenizer import build_tokenizer
     if args.max_seq_len is not None and args.tokenizer is None:
         raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
@@ -169,26 +165,14 @@ def _finetuning(args: argparse.Namespace) -> None:
         raise UserError(f"--dataset {args.dataset} is one local file or folder: name one split with --splits")
     for split in args.splits:
         out = os.path.join(args.out_root, split)
+        read = Summary()  # what the local reader skipped
         if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
-            read = Summary()
-            records = iter_json_records(args.dataset, read, args.skip_bad_lines)
-            current = {"where": args.dataset}
-
-            def examples():
-                for where, rec in records:
-                    current["where"] = where
-                    yield rec
-            try:
-                stats = convert_finetuning(examples(), out, tokenizer, args.max_seq_len, args.preprocessor,
-                                           args.target_prompts, args.target_responses, args.chat_template,
-                                           args.compression)
-            except DataError as e:
-                raise DataError(f"{current['where']}: {e}") from None
-            stats.update(read.dropped)
+            examples = iter_json_records(args.dataset, read, args.skip_bad_lines)
         else:
             kwargs = {k: v for k, v in (("name", args.data_subset), ("data_files", parse_data_files(args.data_files)))
                       if v is not None}
-            stats = convert_finetuning(load_raw_examples(args.dataset, split, kwargs), out, tokenizer, args.max_seq_len,
-                                       args.preprocessor, args.target_prompts, args.target_responses,
-                                       args.chat_template, args.compression)
+            examples = numbered(load_raw_examples(args.dataset, split, kwargs))
+        stats = convert_finetuning(examples, out, tokenizer, args.max_seq_len, args.preprocessor, args.target_prompts,
+                                   args.target_responses, args.chat_template, args.compression)
+        stats.update(read.dropped)
         print(f"{out}: " + ", ".join(f"{v} {k}" for k, v in stats.items()))

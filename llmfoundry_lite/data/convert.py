@@ -142,7 +142,7 @@ def load_hf_dataset(dataset: str, split: str, **kwargs):
     try:
         return datasets.load_dataset(dataset, split=split, **kwargs)
     except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as e:
-        cause = e.__cause__ or e.__context__ if isinstance(e, datasets.exceptions.DatasetGenerationError) else None
+        cause = (e.__cause__ or e.__context__) if isinstance(e, datasets.exceptions.DatasetGenerationError) else None
         detail = str(e).splitlines()[0] + (f" ({str(cause).splitlines()[0]})" if cause else "")
         raise DataError(f"cannot load dataset {dataset!r} split {split!r}: {detail}") from None
 

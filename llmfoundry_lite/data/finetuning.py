@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
 from llmfoundry_lite.errors import DataError, UserError
@@ -119,6 +119,23 @@ def _chat_turns(messages: Sequence[Dict], tokenizer, template: str) -> List[Turn
     return turns
 
 
+def numbered(examples: Iterable[Dict]) -> Iterator[Tuple[str, Dict]]:
+    """("example i", example) pairs: how errors name examples that have no file and line."""
+    return ((f"example {i}", ex) for i, ex in enumerate(examples))
+
+
+def example_turns(where: str, raw: Dict, pre: Optional[Callable], tokenizer=None,
+                  chat_template: Optional[str] = None) -> List[Turn]:
+    """`to_turns` of a raw example after its preprocessor; errors start with `where`."""
+    try:
+        return to_turns(pre(raw) if pre else raw, tokenizer, chat_template)
+    except KeyError as e:
+        raise DataError(f"{where}: missing field {e}; choose the right preprocessor "
+                        "(preprocessing_fn, or --preprocessor)") from None
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def tokenize_turns(turns: Sequence[Turn], tokenizer) -> List[Tuple[List[int], List[int]]]:
     """Token ids per turn; EOS closes the last response (unless it already ends with it)."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -183,15 +200,9 @@ class FinetuningDataset:
         pre = get_preprocessor(preprocessing_fn)
         self.stats = {"examples": 0, **{k: 0 for k in STATUS_KEYS.values()}}
         self.examples: List[Dict[str, List[int]]] = []
-        for i, raw in enumerate(examples):
+        for where, raw in numbered(examples):
             self.stats["examples"] += 1
-            try:
-                ex = pre(raw) if pre else raw
-                turns = to_turns(ex, tokenizer, chat_template)
-            except KeyError as e:
-                raise DataError(f"example {i}: missing field {e}; choose the right preprocessing_fn") from None
-            except DataError as e:
-                raise DataError(f"example {i}: {e}") from None
+            turns = example_turns(where, raw, pre, tokenizer, chat_template)
             ex, status = build_example(tokenize_turns(turns, tokenizer), max_seq_len, target_prompts, target_responses)
             self.count(status)
             if ex is not None:
@@ -247,12 +258,13 @@ def streaming_finetuning_dataset(tokenizer, max_seq_len: int, target_prompts: st
     return StreamingFinetuningDataset()
 
 
-def convert_finetuning(examples, out_dir: str, tokenizer=None, max_seq_len: Optional[int] = None,
+def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, tokenizer=None, max_seq_len: Optional[int] = None,
                        preprocessing_fn: Optional[str] = None, target_prompts: str = "none",
                        target_responses: str = "last", chat_template: Optional[str] = None,
                        compression: Optional[str] = None) -> Dict[str, int]:
-    """Write finetuning examples as MDS: `turns` text pairs, or `tokenized_turns` when a tokenizer is
-    given (then over-long and target-less examples are filtered here, under `max_seq_len`)."""
+    """Write finetuning examples, `(where, example)` pairs (`where` names it in errors: a file:line, or
+    see `numbered`), as MDS: `turns` text pairs, or `tokenized_turns` when a tokenizer is given (then
+    over-long and target-less examples are filtered here, under `max_seq_len`)."""
     from streaming import MDSWriter
     from tqdm import tqdm
 
@@ -263,14 +275,9 @@ def convert_finetuning(examples, out_dir: str, tokenizer=None, max_seq_len: Opti
     stats = {"examples": 0, "written": 0, **{k: 0 for k in STATUS_KEYS.values()}}
     column = "tokenized_turns" if tokenizer is not None else "turns"
     with MDSWriter(out=out_dir, columns={column: "json"}, compression=compression, hashes=SHARD_HASHES) as writer:
-        for i, raw in enumerate(tqdm(examples, desc=os.path.basename(out_dir), unit=" ex")):
+        for where, raw in tqdm(examples, desc=os.path.basename(out_dir), unit=" ex"):
             stats["examples"] += 1
-            try:
-                turns = to_turns(pre(raw) if pre else raw, tokenizer, chat_template)
-            except KeyError as e:
-                raise DataError(f"example {i}: missing field {e}; choose the right --preprocessor") from None
-            except DataError as e:
-                raise DataError(f"example {i}: {e}") from None
+            turns = example_turns(where, raw, pre, tokenizer, chat_template)
             if tokenizer is None:
                 if any(not p or not r for p, r in turns):
                     stats["dropped empty"] += 1

@@ -190,7 +190,7 @@ def _build_finetuning(cfg: FinetuningDatasetConfig, tokenizer, batch_size: int):
         raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
         dataset = finetuning.FinetuningDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn,
                                                cfg.target_prompts, cfg.target_responses, cfg.chat_template)
-        sampler = _map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
+        sampler = map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
     else:
         dataset = finetuning.streaming_finetuning_dataset(
             tokenizer, cfg.max_seq_len, cfg.target_prompts, cfg.target_responses, cfg.chat_template,
@@ -208,7 +208,7 @@ def _build_finetuning(cfg: FinetuningDatasetConfig, tokenizer, batch_size: int):
     return dataset, collate, max(batch_size, int(batch_size * ratio)), sampler
 
 
-def _map_sampler(dataset, shuffle: bool, seed: int):
+def map_sampler(dataset, shuffle: bool, seed: int):
     """Each rank its own part when torch.distributed is up (Composer sets it up), else the whole set."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed)

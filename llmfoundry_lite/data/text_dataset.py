@@ -32,6 +32,7 @@ class StreamingTextDataset(StreamingDataset):
         if token_encoding_type not in TOKEN_DTYPES:
             raise UserError(f"token_encoding_type {token_encoding_type!r}: expected one of {list(TOKEN_DTYPES)}")
         self.tokenizer = tokenizer
+        self.vocab_size = None if tokenizer is None else len(tokenizer)  # ids at or above it: another tokenizer's
         self.max_seq_len = max_seq_len
         self.token_encoding_type = token_encoding_type
         streaming_init(self, streams=streams, **kwargs)
@@ -40,9 +41,9 @@ class StreamingTextDataset(StreamingDataset):
         sample = super().__getitem__(idx)
         if "tokens" in sample:
             ids = decode_tokens(sample["tokens"], self.token_encoding_type)[: self.max_seq_len]
-            if self.tokenizer is not None and len(ids) and int(ids.max()) >= len(self.tokenizer):
+            if self.vocab_size is not None and len(ids) and int(ids.max()) >= self.vocab_size:
                 raise DataError(f"sample {idx} holds token id {int(ids.max())}, outside the tokenizer's vocabulary of "
-                                f"{len(self.tokenizer)}: the shards were written with another tokenizer (or read "
+                                f"{self.vocab_size}: the shards were written with another tokenizer (or read "
                                 "with the wrong token_encoding_type). Use the data's tokenizer or write the data again")
             return torch.from_numpy(ids.astype("int64"))
         if "text" in sample:

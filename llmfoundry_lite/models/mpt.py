@@ -196,6 +196,14 @@ class MPTModel(MPTPreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
+def _cross_entropy_grad_(logp: torch.Tensor, index: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy gradient w.r.t. the logits, written over `logp` (log-softmax, (tokens, vocab)):
+    softmax minus one-hot of the targets, each row times `row_scale` (0 for ignored targets)."""
+    grad = logp.exp_()
+    grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+    return grad.mul_(row_scale.to(grad.dtype)[:, None])
+
+
 class CrossEntropy(torch.autograd.Function):
     """Mean next-token cross-entropy over targets != -100 (0 when there are none).
 
@@ -216,11 +224,8 @@ class CrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        logp, index, valid, count = ctx.saved_tensors
-        grad = logp.exp_()  # softmax, in place: logp is not needed again
-        grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
-        grad.mul_((valid * (grad_out / count)).to(grad.dtype)[:, None])
-        return grad, None
+        logp, index, valid, count = ctx.saved_tensors  # logp is not needed again: overwritten in place
+        return _cross_entropy_grad_(logp, index, valid * (grad_out / count)), None
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -248,10 +253,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).to(acc) * scale
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, index).squeeze(1)) * v).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-            grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
-            grad.mul_((v * (scale / count)).to(grad.dtype)[:, None])
-            grad = grad.to(weight.dtype)
+            grad = _cross_entropy_grad_(logits.sub_(lse[:, None]), index, v * (scale / count)).to(weight.dtype)
             grad_hidden[start:start + chunk] = grad @ weight
             grad_weight += (grad.T @ h).to(acc)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -298,11 +300,12 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
                                sequence_id=sequence_id, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
-        if labels is not None and self.fused_loss and self.training and torch.is_grad_enabled():
+        # shift the labels, not the logits: slicing the (B, S, vocab) logits would copy them
+        targets = None if labels is None else F.pad(labels[:, 1:].to(hidden.device), (0, 1), value=-100).flatten()
+        if targets is not None and self.fused_loss and self.training and torch.is_grad_enabled():
             if self.config.final_logit_softcapping:
                 raise UserError("loss_fn: fused_crossentropy does not support final_logit_softcapping; "
                                 "use loss_fn: torch_crossentropy")
-            targets = F.pad(labels[:, 1:].to(hidden.device), (0, 1), value=-100).flatten()
             loss = FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets,
                                                  self.logit_scale or 1.0, loss_chunk_tokens(self.config.vocab_size))
             result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
@@ -314,11 +317,7 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         if self.config.final_logit_softcapping:
             cap = self.config.final_logit_softcapping
             logits = cap * torch.tanh(logits / cap)
-        loss = None
-        if labels is not None:
-            # shift the labels, not the logits: slicing the (B, S, vocab) logits would copy them
-            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)
-            loss = CrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten())
+        loss = None if targets is None else CrossEntropy.apply(logits.flatten(0, 1).float(), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()

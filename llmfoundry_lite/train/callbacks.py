@@ -213,7 +213,8 @@ class LossSpikeGuard(Callback):
         local = [getattr(g, "to_local", lambda g=g: g)() for g in grads]  # FSDP2: this rank's shards
         finite = torch.stack([torch.isfinite(g).all() for g in local]).all() if local else torch.tensor(True)
         losses = state.loss.values() if isinstance(state.loss, dict) else [state.loss]
-        finite = finite & all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in losses)
+        for v in losses:  # tensor ops only: the one host sync is the flag's, after the all-reduce
+            finite = finite.to(v.device) & torch.isfinite(v.detach()).all()
         flag = state.device.tensor_to_device(finite.float().reshape(1))
         dist.all_reduce(flag, reduce_operation="MIN")
         batch = state.timestamp.batch.value + 1  # the batch being trained, counted from 1 as Composer logs it

@@ -35,8 +35,7 @@ class ComposerMPTCausalLM(HuggingFaceModel):
 
     def __init__(self, model, tokenizer=None, loss_fn: str = "torch_crossentropy"):
         model.fused_loss = loss_fn == "fused_crossentropy"
-        train_metrics = [] if model.fused_loss else [LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-                                                     MaskedAccuracy(ignore_index=IGNORE_INDEX)]
+        train_metrics = [] if model.fused_loss else [MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         eval_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), LanguagePerplexity(ignore_index=IGNORE_INDEX),
                         MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
@@ -44,7 +43,7 @@ class ComposerMPTCausalLM(HuggingFaceModel):
         with _known_causal_lm():
             super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
                              shift_labels=True)
-        if self.train_metrics:
+        if train_metrics:  # logged under the usual name
             self.train_metrics["LanguageCrossEntropy"] = LossCrossEntropy(ignore_index=IGNORE_INDEX)
         self._train_loss = None
 
