@@ -4,7 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast quickstart benchmarks clean
+# Today's stack (newest torch, transformers 5; Composer and streaming without their pins) in a second venv.
+CURRENT := .venv-current
+CURRENT_STAMP := $(CURRENT)/.installed-stamp
+# What runs on today's stack too: model parity, export/import, generation, fast paths, 1-process and
+# 2-rank FSDP2 training with bit-exact resume, eval, and the GPU check's CPU dry run.
+CURRENT_TESTS := tests/test_model_parity.py tests/test_model_options.py tests/test_export_hf.py \
+	tests/test_export_convert.py tests/test_reliability_checkpoints.py tests/test_inference_generate.py \
+	tests/test_inference_chat.py tests/test_fast_paths.py tests/test_train_loop.py tests/test_train_multiprocess.py \
+	tests/test_eval_model.py tests/test_eval_runner.py tests/test_gpu_check.py
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+# Wheels for a lent GPU machine (Python 3.12, manylinux x86_64): see requirements/gpu-carry.txt.
+GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux_2_5_x86_64 manylinux1_x86_64,--platform $(p))
+
+.PHONY: install install-current test test-fast test-current quickstart benchmarks gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,14 +31,38 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -rs tests
+$(CURRENT_STAMP): pyproject.toml requirements/current-stack.txt requirements/composer-needs.txt requirements/composer-nodeps.txt
+	rm -rf $(CURRENT)
+	$(PY) -m venv $(CURRENT)
+	$(CURRENT)/bin/python -m pip install -q --upgrade pip
+	$(CURRENT)/bin/python -m pip install -q -r requirements/current-stack.txt
+	$(CURRENT)/bin/python -m pip install -q --no-deps -r requirements/composer-nodeps.txt -e .
+	touch $(CURRENT_STAMP)
+
+install-current: $(CURRENT_STAMP)
+
+test: $(STAMP) $(CURRENT_STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs tests
+	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q -m 'not multiprocess' tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m 'not multiprocess' tests
+
+test-current: $(CURRENT_STAMP)
+	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
+
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+		$(GPU_WHEEL_PLATFORMS) -d gpu_wheels -r requirements/gpu-carry.txt
+	@du -sh gpu_wheels
+
+# On a GPU machine, with its own Python (GPU_PY=python3.12 etc.); without CUDA it says so and exits 0.
+GPU_PY ?= python3
+gpu-check:
+	$(TEST_ENV) $(GPU_PY) scripts/gpu_check.py
 
 quickstart: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/llmfoundry-lite quickstart
+	$(TEST_ENV) $(BIN)/llmfoundry-lite quickstart
 
 clean:
-	rm -rf $(VENV) quickstart_out
+	rm -rf $(VENV) $(CURRENT) .gpu_site quickstart_out

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM
 
+from llmfoundry_lite.compat import STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export import load_hf_model, native_blockers, write_hf_folder
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
@@ -39,6 +40,8 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+STOCK_ATTN_PDROP = 0.1 if STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP else 0  # see the test below
+
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -47,7 +50,7 @@ IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     {},
     {"n_heads": 2, "d_model": 48, "attn_config": {"clip_qkv": 0.5, "softmax_scale": 0.3}},
     {"tie_word_embeddings": False, "norm_type": "layernorm", "layer_norm_epsilon": 1e-6},
-    {"n_heads": 3, "d_model": 48, "attn_config": {"attn_pdrop": 0.1, "attn_uses_sequence_id": True},
+    {"n_heads": 3, "d_model": 48, "attn_config": {"attn_pdrop": STOCK_ATTN_PDROP, "attn_uses_sequence_id": True},
      "resid_pdrop": 0.1, "emb_pdrop": 0.1, "embedding_fraction": 0.5, "init_device": "cpu"},
 ], ids=["default", "clip-softmax-scale", "untied-layernorm", "3-heads-dropout"])
 def test_native_export_matches_stock_transformers(kw, tmp_path):
@@ -59,6 +62,20 @@ def test_native_export_matches_stock_transformers(kw, tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(stock) is MptForCausalLM
     torch.testing.assert_close(_logits(stock, IDS), _logits(model, IDS), rtol=0, atol=1e-5)
+
+
+def test_fractional_attn_pdrop_is_native_where_stock_mpt_takes_it(tmp_path):
+    """transformers 5's MptConfig refuses attn_pdrop 0.1 (typed int); such a model then exports with its code."""
+    try:
+        MptConfig(attn_config={"attn_pdrop": 0.1})
+        stock_takes_it = True
+    except Exception:  # noqa: BLE001  (transformers 5: huggingface_hub's StrictDataclassFieldValidationError)
+        stock_takes_it = False
+    assert stock_takes_it == STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP
+    model = _model(attn_config={"attn_pdrop": 0.1})
+    assert bool(native_blockers(model.config)) != stock_takes_it
+    write_hf_folder(model.config, model.state_dict(), tmp_path, log=lambda m: None)
+    torch.testing.assert_close(_logits(load_hf_model(str(tmp_path)), IDS), _logits(model, IDS), rtol=0, atol=1e-5)
 
 
 # Options stock transformers' Mpt does not implement: each must be named, and block a native export.

@@ -225,6 +225,19 @@ def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     return state.get("integrations", {}).get("huggingface", {}), weights
 
 
+def _restore_template_special_tokens(node):
+    """DCP drops empty dicts when it flattens a sharded checkpoint's state, but `tokenizers` requires a
+    TemplateProcessing post-processor's `special_tokens` (tokenizers >= 0.23 writes it empty)."""
+    if isinstance(node, list):
+        return [_restore_template_special_tokens(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _restore_template_special_tokens(v) for k, v in node.items()}
+    if out.get("type") == "TemplateProcessing":
+        out.setdefault("special_tokens", {})
+    return out
+
+
 def _read_tokenizer(hf_state: Dict[str, Any]):
     """The tokenizer saved with the run (files stored by Composer's HuggingFaceModel), or None."""
     files = hf_state.get("tokenizer") or {}
@@ -241,7 +254,7 @@ def _read_tokenizer(hf_state: Dict[str, Any]):
             target = os.path.join(tmp, name if name.endswith(ext) else name + ext)
             if ext == ".json":
                 with open(target, "w", encoding="utf-8") as f:
-                    json.dump(content, f)
+                    json.dump(_restore_template_special_tokens(content), f)
             elif ext == ".txt":
                 with open(target, "w", encoding="utf-8") as f:
                     f.write("".join(line + "\n" for line in content))

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP, stock_mpt_values
 from llmfoundry_lite.errors import CheckpointError, UserError
 from llmfoundry_lite.export.remote_code import CONFIG_FILE, MODELING_FILE, write_remote_code
 
@@ -48,6 +49,8 @@ def _native_checks(cfg) -> Dict[str, Tuple[bool, str]]:
         "attn_config.attn_type": (mha, "stock Mpt has multi-head attention only (no GQA/MQA)"),
         "attn_config.kv_n_heads": (mha, "stock Mpt has multi-head attention only (no GQA/MQA)"),
         "attn_config.alibi": (attn["alibi"], "stock Mpt always applies ALiBi"),
+        "attn_config.attn_pdrop": (STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP or float(attn["attn_pdrop"]).is_integer(),
+                                   "this transformers' MptConfig takes only a whole-number attn_pdrop"),
         "attn_config.rope": (not attn.get("rope"), "stock Mpt has no RoPE"),
         "attn_config.alibi_bias_max": (attn.get("alibi_bias_max", 8) == 8, "stock Mpt uses alibi_bias_max 8"),
         "attn_config.qk_ln": (not attn.get("qk_ln"), "stock Mpt has no qk LayerNorm"),
@@ -73,13 +76,11 @@ def _native_checks(cfg) -> Dict[str, Tuple[bool, str]]:
 
 def native_blockers(config) -> List[str]:
     """'key = value: reason' for every setting stock `transformers.MptForCausalLM` cannot represent."""
-    from transformers import PretrainedConfig
-
     from llmfoundry_lite.models import MPTConfig
 
     checks = _native_checks(config)
     out = [f"{key} = {_get(config, key)!r}: {why}" for key, (ok, why) in checks.items() if not ok]
-    skip = set(checks) | set(PretrainedConfig().to_dict()) | {"dtype", "torch_dtype", "auto_map"}
+    skip = set(checks) | PRETRAINED_CONFIG_KEYS
     out += [f"{key} = {value!r}: not part of stock transformers' Mpt"  # options this exporter does not know
             for key, value in _changed(config.to_dict(), MPTConfig().to_dict())
             if key not in skip and key.split(".")[-1] not in _NEUTRAL]
@@ -109,7 +110,7 @@ def native_config(config, dtype: torch.dtype, tokenizer=None):
 
     attn = config.attn_config
     ids = _special_token_ids(config, tokenizer)
-    return MptConfig(
+    return MptConfig(**stock_mpt_values(dict(
         d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers, expansion_ratio=4,
         max_seq_len=config.max_seq_len, vocab_size=config.vocab_size, resid_pdrop=config.resid_pdrop,
         layer_norm_epsilon=config.layer_norm_epsilon, emb_pdrop=config.emb_pdrop, learned_pos_emb=False,
@@ -120,7 +121,7 @@ def native_config(config, dtype: torch.dtype, tokenizer=None):
         init_device="cpu", logit_scale=None, no_bias=True, embedding_fraction=config.embedding_fraction,
         norm_type=config.norm_type, use_cache=config.use_cache, initializer_range=config.initializer_range,
         tie_word_embeddings=config.tie_word_embeddings, architectures=["MptForCausalLM"], torch_dtype=dtype,
-        **ids)
+        **ids)))
 
 
 def _special_token_ids(config, tokenizer) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any, Dict, Optional
 
 from safetensors import SafetensorError
@@ -80,13 +81,15 @@ def load_hf_model(path_or_name: str, **kwargs):
     loading = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOADING_KWARGS}
     folder, config = load_hf_config(path_or_name, kwargs)
     try:
-        model, info = MPTForCausalLM.from_pretrained(folder, config=config, output_loading_info=True, **loading)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated, unreadable, another model's shapes
+        # mismatched shapes are reported by us below, in the same words on every transformers version
+        model, info = MPTForCausalLM.from_pretrained(folder, config=config, output_loading_info=True,
+                                                     ignore_mismatched_sizes=True, **loading)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # truncated, unreadable
         detail = " ".join(line.strip() for line in str(e).splitlines()[:3])[:500]
         raise CheckpointError(f"cannot load the weights in {folder}: {detail}") from None
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     problems = {"missing": sorted(set(info["missing_keys"]) - tied), "unexpected": sorted(info["unexpected_keys"]),
-                "with the wrong shape": [str(m) for m in info.get("mismatched_keys", [])]}
+                "size mismatch": [str(m) for m in sorted(info.get("mismatched_keys", []))]}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
         raise CheckpointError(f"{folder}: the weights do not match its config.json ("

@@ -19,8 +19,10 @@ from typing import List
 
 import torch
 
+from llmfoundry_lite.compat import CONFIG_DTYPE_KEY, PRETRAINED_CONFIG_KEYS
+
 # Modules whose code goes into modeling_mpt.py, each after the ones it imports from.
-MODEL_MODULES = ["errors", "registry", "models.layers.norms", "models.layers.ffn", "models.layers.init",
+MODEL_MODULES = ["errors", "compat", "registry", "models.layers.norms", "models.layers.ffn", "models.layers.init",
                  "models.layers.attention", "models.mpt"]
 CONFIG_MODULE = "llmfoundry_lite.models.config"
 CUSTOM_MODEL_TYPE = "llmfoundry_mpt"  # not transformers' "mpt": loading without trust_remote_code fails
@@ -82,11 +84,9 @@ def bundle_modeling_source() -> str:
 
 def bundle_config_source() -> str:
     """The text of configuration_mpt.py: the exported keys with their defaults, plus derived properties."""
-    from transformers import PretrainedConfig
-
     from llmfoundry_lite.models import MPTConfig
 
-    base = set(PretrainedConfig().to_dict()) | {"model_type", "transformers_version"}
+    base = PRETRAINED_CONFIG_KEYS | {"model_type"}
     keys = {k: v for k, v in MPTConfig().to_dict().items() if k not in base}
     properties = [inspect.getsource(v.fget) for v in vars(MPTConfig).values() if isinstance(v, property)]
     return (
@@ -104,18 +104,15 @@ def bundle_config_source() -> str:
 
 def write_remote_code(config, out_dir: str, dtype: torch.dtype, special_ids: dict) -> None:
     """config.json (model_type llmfoundry_mpt, auto_map) and the two code files into `out_dir`."""
-    from transformers import PretrainedConfig
-
     with open(os.path.join(out_dir, MODELING_FILE), "w") as f:
         f.write(bundle_modeling_source())
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         f.write(bundle_config_source())
     data = config.to_dict()
     data["attn_config"] = {**data["attn_config"], "attn_impl": "torch"}  # loadable anywhere; flash is opt-in
-    dtype_key = "dtype" if "dtype" in PretrainedConfig().to_dict() else "torch_dtype"
     data.pop("torch_dtype", None)
     data.update(model_type=CUSTOM_MODEL_TYPE, auto_map=AUTO_MAP, architectures=["MPTForCausalLM"],
-                init_device="cpu", **{dtype_key: str(dtype).replace("torch.", "")},
+                init_device="cpu", **{CONFIG_DTYPE_KEY: str(dtype).replace("torch.", "")},
                 **{k: v for k, v in special_ids.items() if v is not None})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from transformers import PretrainedConfig
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, stock_mpt_values
 from llmfoundry_lite.config import check
 from llmfoundry_lite.config.schema import join
 from llmfoundry_lite.errors import ConfigError
@@ -220,14 +221,10 @@ class MPTSchema:
         return problems
 
 
-# Keys that `transformers.PretrainedConfig` itself understands (ids of special tokens, generation
-# defaults, labels, bookkeeping written into config.json) pass straight through to it.
-_PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
-    "name_or_path", "_commit_hash", "attn_implementation", "torch_dtype", "num_labels", "auto_map",
-    "classifier_dropout", "hidden_dropout", "_attn_implementation_autoset", "output_attentions",
-}
-# llm-foundry puts these in the `model:` section next to the architecture; they are not config keys.
-_PASSTHROUGH = _PRETRAINED_KEYS - {f.name for f in dataclasses.fields(MPTSchema)}
+# Keys `transformers.PretrainedConfig` understands (special-token ids, generation defaults, labels,
+# bookkeeping) pass straight through to it. The builder keys are llm-foundry's, in the `model:` section
+# next to the architecture; they are not config keys.
+_PASSTHROUGH = PRETRAINED_CONFIG_KEYS - {f.name for f in dataclasses.fields(MPTSchema)}
 _BUILDER_KEYS = frozenset({"name", "loss_fn", "pretrained", "pretrained_model_name_or_path"})
 _ATTRIBUTE_MAP = {"num_attention_heads": "n_heads", "hidden_size": "d_model", "num_hidden_layers": "n_layers"}
 
@@ -242,7 +239,7 @@ def _check(cfg: Dict[str, Any], path: str):
             own.setdefault(key, own.pop(alias))
     attn = own.get("attn_config")
     if isinstance(attn, dict):  # transformers' MptAttentionConfig.to_dict() carries PretrainedConfig's keys
-        own["attn_config"] = {k: v for k, v in attn.items() if k not in _PRETRAINED_KEYS}
+        own["attn_config"] = {k: v for k, v in attn.items() if k not in PRETRAINED_CONFIG_KEYS}
     schema, problems = check(MPTSchema, own, path)
     if problems:  # also list the cross-field problems, judged on the known keys as far as they can be
         for p in _lenient_validate(own, path):
@@ -300,6 +297,10 @@ class MPTConfig(PretrainedConfig):
             setattr(self, key, value)
         passthrough = {k: v for k, v in kwargs.items() if k in _PASSTHROUGH}
         super().__init__(tie_word_embeddings=tie, **passthrough)
+
+    def to_dict(self):
+        """As written to config.json: numbers typed as stock transformers' MptConfig declares them."""
+        return stock_mpt_values(super().to_dict())
 
     # --- derived values the model uses ----------------------------------------------------------
     @property

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutp
                                            QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast,
                                            TokenClassifierOutput)
 
+from llmfoundry_lite.compat import KV_CACHE
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.models.config import MPTConfig
 from llmfoundry_lite.models.layers.attention import AttentionContext, MPTAttention, alibi_slopes, rope_cos_sin
@@ -140,6 +141,7 @@ class MPTModel(MPTPreTrainedModel):
             raise UserError("pass exactly one of input_ids or inputs_embeds")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = x.shape[:2]
+        past_key_values = kwargs.get(KV_CACHE, past_key_values)
         use_cache = cfg.use_cache if use_cache is None else use_cache
         if isinstance(past_key_values, (tuple, list)):
             past_key_values = DynamicCache.from_legacy_cache(past_key_values)
@@ -191,8 +193,8 @@ class MPTModel(MPTPreTrainedModel):
         x = self.norm_f(x)
         if output_hidden_states:
             hidden_states += (x,)
-        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=hidden_states)
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states,
+                                      **{KV_CACHE: past_key_values if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -274,7 +276,8 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
     """`fused_loss = True` (set by the training code for `loss_fn: fused_crossentropy`) computes the
     training loss with `FusedLinearCrossEntropy` and returns no logits while training with labels."""
-    _tied_weights_keys = ["lm_head.weight"]
+    # target -> source; transformers 5 reads the mapping, transformers 4 iterates it for the names
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     fused_loss = False
 
     def __init__(self, config: MPTConfig):
@@ -296,7 +299,8 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
                 inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, **kwargs):
         """labels are aligned with input_ids (shifted inside, -100 ignored), as in transformers."""
-        out = self.transformer(input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+        out = self.transformer(input_ids, past_key_values=kwargs.get(KV_CACHE, past_key_values),
+                               attention_mask=attention_mask,
                                sequence_id=sequence_id, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
@@ -308,8 +312,8 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
                                 "use loss_fn: torch_crossentropy")
             loss = FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets,
                                                  self.logit_scale or 1.0, loss_chunk_tokens(self.config.vocab_size))
-            result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                            hidden_states=out.hidden_states)
+            result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
+                                            **{KV_CACHE: getattr(out, KV_CACHE)})
             return result if return_dict is not False else result.to_tuple()
         logits = self.lm_head(hidden)
         if self.logit_scale is not None:
@@ -318,8 +322,8 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
             cap = self.config.final_logit_softcapping
             logits = cap * torch.tanh(logits / cap)
         loss = None if targets is None else CrossEntropy.apply(logits.flatten(0, 1).float(), targets)
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{KV_CACHE: getattr(out, KV_CACHE)})
         return result if return_dict is not False else result.to_tuple()
 
 
@@ -351,7 +355,7 @@ class MPTForSequenceClassification(MPTPreTrainedModel):
         loss = None
         if labels is not None:
             loss = _classification_loss(self.config, pooled, labels.to(pooled.device))
-        result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, past_key_values=out.past_key_values,
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, **{KV_CACHE: getattr(out, KV_CACHE)},
                                                   hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
 

@@ -240,8 +240,12 @@ def flex_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, drop
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
         fn = _compiled_flex
-    return fn(q, k, v, score_mod=score_mod, block_mask=ctx.cache[key], scale=softmax_scale,
-              enable_gqa=k.shape[1] != q.shape[1])
+    try:
+        return fn(q, k, v, score_mod=score_mod, block_mask=ctx.cache[key], scale=softmax_scale,
+                  enable_gqa=k.shape[1] != q.shape[1])
+    except NotImplementedError as e:  # torch > 2.7 has no FlexAttention backward on CPU
+        raise UserError(f"attn_config.attn_impl: 'flex' cannot run this on {q.device.type} with torch "
+                        f"{torch.__version__} ({e}); use attn_impl: torch") from None
 
 
 attention_impls.register("torch", torch_attention)
