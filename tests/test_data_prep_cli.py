@@ -88,12 +88,17 @@ def test_finetuning_bad_lines_are_named_or_counted(tmp_path, tiny_tokenizer_dir,
     base = ["data-prep", "finetuning", "--dataset", str(src), "--splits", "train"]
     assert main(base + ["--out_root", str(tmp_path / "o1")]) == 2
     assert f"{src}:2: malformed JSON" in capsys.readouterr().err
-    assert main(base + ["--out_root", str(tmp_path / "o2"), "--skip_bad_lines"]) == 2
+    src.write_text('{"prompt": "a", "response": "b"}\n{"instruction": "x"}\n')
+    assert main(base + ["--out_root", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
-    assert f"{src}:3:" in err and "expected prompt/response or messages" in err
-    src.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops\n')
+    assert f"{src}:2:" in err and "expected prompt/response or messages" in err
+    src.write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops\n{"instruction": "x"}\n')
     assert main(base + ["--out_root", str(tmp_path / "o3"), "--skip_bad_lines"]) == 0
-    assert "1 malformed lines" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 written" in out and "1 malformed lines" in out and "1 skipped invalid" in out
+    src.write_text('{"instruction": "x"}\n')  # everything skipped: nothing to train on is an error
+    assert main(base + ["--out_root", str(tmp_path / "o5"), "--skip_bad_lines"]) == 2
+    assert "no usable examples" in capsys.readouterr().err and not (tmp_path / "o5" / "train").exists()
     assert main(base + ["--out_root", str(tmp_path / "o4"), "--max_seq_len", "8"]) == 2
     assert "--max_seq_len needs --tokenizer" in capsys.readouterr().err
 

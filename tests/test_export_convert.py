@@ -96,7 +96,7 @@ def test_convert_errors_are_user_errors(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert cli(["convert", "--composer_path", str(bad), "--hf_output_path", str(tmp_path / "o")]) == 2
-    assert "not a readable torch checkpoint" in capsys.readouterr().err
+    assert "is not a Composer checkpoint" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
     assert cli(["convert", "--composer_path", str(tmp_path / "plain.pt"), "--hf_output_path", str(tmp_path / "o")]) == 2
     assert "not a Composer checkpoint" in capsys.readouterr().err

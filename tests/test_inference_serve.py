@@ -37,7 +37,8 @@ def url(model_and_tokenizer):
 def _request(url, body=None, path="/", method=None, headers=None):
     """(status, parsed JSON body); `body` may be bytes or a JSON-able object."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method=method, headers=headers or {})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -110,6 +111,13 @@ def test_unknown_routes_and_oversized_bodies(url):
     status, body = _request(url, b"{}", headers={"Content-Length": str(10 ** 8)})
     assert status == 413 and body["field"] == "body"
     assert _request(url, _with(temprature=1))[1]["error"].find("did you mean 'temperature'") > 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_a_json_body_must_be_sent_as_application_json(url, content_type):
+    status, body = _request(url, SAMPLE, headers={"Content-Type": content_type})
+    assert status == 415 and body["field"] == "Content-Type" and "application/json" in body["error"]
+    assert _request(url, SAMPLE, headers={"Content-Type": "application/json; charset=utf-8"})[0] == 200
 
 
 def test_concurrent_clients_each_get_their_own_answer(url, model_and_tokenizer):

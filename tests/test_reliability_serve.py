@@ -64,7 +64,7 @@ def status_of(response: bytes) -> int:
 
 def post(srv, body: bytes, headers: bytes = b"") -> tuple:
     """(status, parsed JSON body) of a POST with a correct Content-Length."""
-    resp = exchange(srv, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), headers, body))
+    resp = exchange(srv, b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), headers, body))
     return status_of(resp), json.loads(resp.split(b"\r\n\r\n", 1)[1])
 
 
@@ -127,11 +127,11 @@ def test_adversarial_body_gets_400(server, name):
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
-    (b"POST / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n{}", 411),      # a non-ASCII digit
-    (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n{}", 411),
-    (b"POST / HTTP/1.1\r\n\r\n{}", 411),
-    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
-    (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}", 400),         # body shorter than announced, then EOF
+    (b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: \xb2\r\n\r\n{}", 411),      # a non-ASCII digit
+    (b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: -1\r\n\r\n{}", 411),
+    (b"POST / HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{}", 411),
+    (b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
+    (b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{}", 400),         # body shorter than announced, then EOF
     (b"POST /admin HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 404),
     (b"GET /../../etc/passwd HTTP/1.1\r\n\r\n", 404),
     (b"\x00\x01\x02 garbage\r\n\r\n", 400),
@@ -150,14 +150,14 @@ def test_broken_requests_get_an_error_status(server, request_bytes, expected):
 def test_oversized_payload_is_refused_before_it_is_read(server):
     """413 after the headers alone: the server never buffers the announced body."""
     t0 = time.monotonic()
-    resp = exchange(server, b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1) + b"{" * 1000)
+    resp = exchange(server, b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1) + b"{" * 1000)
     assert status_of(resp) == 413 and time.monotonic() - t0 < LIMITS.client_timeout_s
 
 
 def test_slow_clients_neither_block_others_nor_stay_forever(server):
     port = server.server_address[1]
     slow = []
-    for partial in (b"POST / HTTP/1.1\r\nContent-Le", b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"in"):
+    for partial in (b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Le", b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"in"):
         for _ in range(3):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(partial)  # ... and never the rest (slowloris)

@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--target_prompts", default="none", help="none | all | length>=N")
     p.add_argument("--target_responses", default="last", help="last | all")
     p.add_argument("--chat_template", default=None, help="chatml | mpt-7b-chat | a Jinja string (default: the tokenizer's)")
-    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines (local files)")
+    p.add_argument("--skip_bad_lines", action="store_true",
+                   help="skip and count malformed JSONL lines (local files) and invalid examples (e.g. bad chats)")
     p.add_argument("--compression", default=None)
 
 
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
 def _finetuning(args: argparse.Namespace) -> None:
     from llmfoundry_lite.data.convert import Summary, iter_json_records
     from llmfoundry_lite.data.finetuning import convert_finetuning, load_raw_examples, numbered
+    from llmfoundry_lite.data.mds import check_output_folder
     from llmfoundry_lite.data.tokenizer import build_tokenizer
     if args.max_seq_len is not None and args.tokenizer is None:
         raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
@@ -164,6 +166,8 @@ def _finetuning(args: argparse.Namespace) -> None:
     if local and len(args.splits) != 1:
         raise UserError(f"--dataset {args.dataset} is one local file or folder: name one split with --splits")
     for split in args.splits:
+        check_output_folder(os.path.join(args.out_root, split))
+    for split in args.splits:
         out = os.path.join(args.out_root, split)
         read = Summary()  # what the local reader skipped
         if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
@@ -173,6 +177,6 @@ def _finetuning(args: argparse.Namespace) -> None:
                       if v is not None}
             examples = numbered(load_raw_examples(args.dataset, split, kwargs))
         stats = convert_finetuning(examples, out, tokenizer, args.max_seq_len, args.preprocessor, args.target_prompts,
-                                   args.target_responses, args.chat_template, args.compression)
+                                   args.target_responses, args.chat_template, args.compression, args.skip_bad_lines)
         stats.update(read.dropped)
         print(f"{out}: " + ", ".join(f"{v} {k}" for k, v in stats.items()))

@@ -27,9 +27,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from tqdm import tqdm
 
-from llmfoundry_lite.data.mds import check_empty_output, token_column_encoding
+from llmfoundry_lite.data.mds import check_output_folder, publish_split, token_column_encoding
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.files import check_folder_path
 
 DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
 BATCH = 256  # documents per tokenization task
@@ -133,6 +134,9 @@ def iter_json_files(path: str, column: str, summary: Summary, skip_bad_lines: bo
         if not isinstance(rec, dict) or column not in rec:
             have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise DataError(f"{where}: no '{column}' field (has {have}); choose the field with --text_column")
+        if not isinstance(rec[column], str):
+            raise DataError(f"{where}: '{column}' is a {type(rec[column]).__name__}, not text; fix the line or "
+                            "choose the text field with --text_column")
         yield rec[column]
 
 
@@ -336,11 +340,14 @@ def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: Tokeniz
     """`datasets.load_dataset(dataset, subset, data_files)` splits -> `out_root/<split>/`."""
     spec.validate()
     for split in splits:
-        check_empty_output(os.path.join(out_root, split))
-    return {split: _require_documents(write_mds(iter_hf_split(dataset, split, text_column, subset, data_files),
-                                                os.path.join(out_root, split), spec, compression, num_workers,
-                                                desc=split), f"{dataset} split {split}")
-            for split in splits}
+        check_output_folder(os.path.join(out_root, split))
+    summaries = {}
+    for split in splits:
+        with publish_split(os.path.join(out_root, split)) as tmp:
+            docs = iter_hf_split(dataset, split, text_column, subset, data_files)
+            summaries[split] = _require_documents(write_mds(docs, tmp, spec, compression, num_workers, desc=split),
+                                                  f"{dataset} split {split}")
+    return summaries
 
 
 def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[str] = None,
@@ -349,16 +356,18 @@ def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[s
     """A .json/.jsonl file or folder -> `out_root` (or `out_root/<split>` when a split is named)."""
     spec.validate()
     out = os.path.join(out_root, split) if split else out_root
-    check_empty_output(out)
     summary = Summary()
-    docs = iter_json_files(path, text_column, summary, skip_bad_lines)
-    return _require_documents(write_mds(docs, out, spec, compression, num_workers, summary), path)
+    with publish_split(out) as tmp:
+        docs = iter_json_files(path, text_column, summary, skip_bad_lines)
+        return _require_documents(write_mds(docs, tmp, spec, compression, num_workers, summary,
+                                            desc=os.path.basename(out)), path)
 
 
 def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, compression: Optional[str] = None,
                  processes: int = 1, files_per_group: Optional[int] = None, reprocess: bool = False) -> Summary:
     """A folder of .txt files -> one MDS folder, resumable (see the module docstring)."""
     spec.validate()
+    check_folder_path(output_folder, "--output_folder")
     files = _files(input_folder, (".txt",))
     args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
             "files": len(files)}
@@ -381,7 +390,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
                 raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
                                 "pass --reprocess to start over or choose another --output_folder")
     else:
-        check_empty_output(output_folder)
+        check_output_folder(output_folder, "--output_folder")
         os.makedirs(output_folder, exist_ok=True)
         with open(plan_path, "w") as f:
             json.dump(plan, f)

@@ -20,6 +20,7 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from llmfoundry_lite.data.chat import check_messages
 from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.registry import preprocessors
@@ -81,9 +82,12 @@ def resolve_chat_template(tokenizer, chat_template: Optional[str] = None) -> str
 
 def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> List[Turn]:
     """(prompt, response) text pairs of a prompt/response or chat example."""
+    if not isinstance(example, dict):
+        raise DataError(f"an example is a JSON object (prompt/response or messages), got a {type(example).__name__}")
     # `datasets` gives every row of a mixed file every column, the missing ones as None
     example = {k: v for k, v in example.items() if v is not None}
     if "messages" in example:
+        check_messages(example["messages"])
         return _chat_turns(example["messages"], tokenizer, resolve_chat_template(tokenizer, chat_template))
     if "prompt" in example and "response" in example:
         p, r = example["prompt"], example["response"]
@@ -102,12 +106,8 @@ def _chat_turns(messages: Sequence[Dict], tokenizer, template: str) -> List[Turn
                                                                               add_generation_prompt=gen)
         return tokenizer.apply_chat_template(list(msgs), chat_template=template, tokenize=False,
                                              add_generation_prompt=gen)
-    if not messages or messages[-1].get("role") != "assistant":
-        raise DataError("a chat example must end with an assistant message")
     turns, done = [], ""
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"message {i} must be a mapping with role and content, got {m!r}")
         if m["role"] != "assistant":
             continue
         with_prompt, full = render(messages[:i], gen=True), render(messages[: i + 1])
@@ -261,23 +261,30 @@ def streaming_finetuning_dataset(tokenizer, max_seq_len: int, target_prompts: st
 def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, tokenizer=None, max_seq_len: Optional[int] = None,
                        preprocessing_fn: Optional[str] = None, target_prompts: str = "none",
                        target_responses: str = "last", chat_template: Optional[str] = None,
-                       compression: Optional[str] = None) -> Dict[str, int]:
+                       compression: Optional[str] = None, skip_bad_examples: bool = False) -> Dict[str, int]:
     """Write finetuning examples, `(where, example)` pairs (`where` names it in errors: a file:line, or
     see `numbered`), as MDS: `turns` text pairs, or `tokenized_turns` when a tokenizer is given (then
-    over-long and target-less examples are filtered here, under `max_seq_len`)."""
+    over-long and target-less examples are filtered here, under `max_seq_len`). An invalid example is an
+    error, or skipped and counted with `skip_bad_examples`. The split appears only when all succeeded."""
     from streaming import MDSWriter
     from tqdm import tqdm
 
     from llmfoundry_lite.data.convert import SHARD_HASHES
-    from llmfoundry_lite.data.mds import check_empty_output
-    check_empty_output(out_dir)
+    from llmfoundry_lite.data.mds import publish_split
     pre = get_preprocessor(preprocessing_fn)
     stats = {"examples": 0, "written": 0, **{k: 0 for k in STATUS_KEYS.values()}}
     column = "tokenized_turns" if tokenizer is not None else "turns"
-    with MDSWriter(out=out_dir, columns={column: "json"}, compression=compression, hashes=SHARD_HASHES) as writer:
+    with publish_split(out_dir) as tmp, \
+            MDSWriter(out=tmp, columns={column: "json"}, compression=compression, hashes=SHARD_HASHES) as writer:
         for where, raw in tqdm(examples, desc=os.path.basename(out_dir), unit=" ex"):
             stats["examples"] += 1
-            turns = example_turns(where, raw, pre, tokenizer, chat_template)
+            try:
+                turns = example_turns(where, raw, pre, tokenizer, chat_template)
+            except DataError:
+                if not skip_bad_examples:
+                    raise
+                stats["skipped invalid"] = stats.get("skipped invalid", 0) + 1
+                continue
             if tokenizer is None:
                 if any(not p or not r for p, r in turns):
                     stats["dropped empty"] += 1
@@ -292,6 +299,8 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
                     continue
                 writer.write({"tokenized_turns": [[p, r] for p, r in tok_turns]})
             stats["written"] += 1
-    if stats["examples"] == 0:
-        raise DataError(f"no examples to convert for {out_dir}: the input is empty")
+        if stats["examples"] == 0:
+            raise DataError(f"no examples to convert for {out_dir}: the input is empty")
+        if stats["written"] == 0:
+            raise DataError(f"no usable examples for {out_dir}: " + ", ".join(f"{v} {k}" for k, v in stats.items()))
     return stats

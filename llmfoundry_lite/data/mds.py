@@ -5,6 +5,12 @@ int32 ids (older versions int64: `token_encoding_type`). We write `ndarray:uint1
 fits in 16 bits (half the disk and IO) and `ndarray:int32` otherwise: the dtype is recorded in the
 shard's column encoding, so the reader never guesses. `decode_tokens` reads all three.
 
+Publishing. A split is written into a hidden `.<name>.partial` folder beside the target and moved
+into place only when the whole conversion succeeded (`publish_split`): a failed run leaves nothing,
+and a killed one leaves only the partial folder, which names the run. A loader pointed at a folder
+without `index.json` says why (`check_local_split`): the interrupted run, a text conversion still
+to resume, shards without an index, or no data at all.
+
 Shared memory. StreamingDataset coordinates ranks and workers through /dev/shm segments named
 `NNNNNN_<name>` and lock files in /tmp. A hard-killed run leaves them behind; streaming's own
 `clean_stale_shared_memory()` unlinks every such segment, including those of a run that is still
@@ -12,15 +18,21 @@ alive. `clean_stale_shared_memory` here only removes segments no live process ha
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import re
+import shutil
+import sys
 import tempfile
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
 from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.files import check_folder_path
 
 TOKEN_DTYPES = ("uint16", "int32", "int64")
 _SHM_NAME = re.compile(r"^\d{6}_[a-z_]+$")
@@ -43,10 +55,69 @@ def decode_tokens(value: Any, bytes_dtype: str = "int32") -> np.ndarray:
     raise DataError(f"unexpected `tokens` value of type {type(value).__name__}; expected bytes or an ndarray")
 
 
-def check_empty_output(out_dir: str) -> None:
-    """Refuse to write into a folder that already holds files: shards would be mixed with old ones."""
+def check_output_folder(out_dir: str, flag: str = "--out_root") -> None:
+    """An output folder must be new or empty: shards would be mixed with old ones; a file is no folder."""
+    check_folder_path(out_dir, flag)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UserError(f"output folder {out_dir} is not empty; remove it or choose another --out_root")
+        raise UserError(f"output folder {out_dir} is not empty; remove it or choose another {flag}")
+
+
+def _partial_folder(out_dir: str) -> str:
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+
+
+@contextlib.contextmanager
+def publish_split(out_dir: str, flag: str = "--out_root") -> Iterator[str]:
+    """Yield a temporary folder to write a split into; it becomes `out_dir` only if the block succeeds.
+
+    A failure removes it; a hard kill leaves it beside `out_dir`, with `<folder>.json` naming the
+    command, which `check_local_split` reports and the next run of the command replaces."""
+    check_output_folder(out_dir, flag)
+    tmp = _partial_folder(out_dir)
+    if os.path.isdir(tmp):
+        print(f"removing {tmp}, left by an interrupted run")
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    with open(tmp + ".json", "w") as f:  # beside the folder: MDSWriter wants an empty one
+        json.dump({"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.remove(tmp + ".json")
+
+
+def check_local_split(folder: str) -> None:
+    """A local split streaming can open (it holds index.json), else a DataError saying why not."""
+    if os.path.isfile(os.path.join(folder, "index.json")):
+        return
+    partial = _partial_folder(folder)
+    if os.path.isdir(partial):
+        try:
+            with open(partial + ".json") as f:
+                run = json.load(f)
+        except (OSError, ValueError):
+            run = {}
+        raise DataError(f"{folder} was never finished: the data-prep run writing it (`{run.get('command', '?')}`, "
+                        f"started {run.get('started', '?')}) was interrupted and left {partial}. "
+                        "Run that command again; it starts the split over")
+    if not os.path.exists(folder):
+        raise DataError(f"data folder {folder} does not exist; point `local` (and `split`) at a folder written by "
+                        "`llmfoundry-lite data-prep`, or give a `remote` to download from")
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} is a file; `local`/`split` must name a folder written by `llmfoundry-lite data-prep`")
+    if os.path.isfile(os.path.join(folder, "plan.json")):
+        raise DataError(f"{folder} holds an unfinished `data-prep text` conversion (no index.json yet); run the same "
+                        "command again to resume it")
+    if glob.glob(os.path.join(folder, "**", "*.mds*"), recursive=True):
+        raise DataError(f"{folder} has MDS shards but no index.json: the run that wrote them did not finish (or the "
+                        "index was deleted); write the split again with `llmfoundry-lite data-prep`")
+    raise DataError(f"{folder} has no index.json: it is not a split written by `llmfoundry-lite data-prep`; "
+                    "check `local` and `split`")
 
 
 def _mapped_shm_names() -> Optional[set]:
@@ -100,6 +171,11 @@ def streaming_init(dataset, **kwargs: Dict[str, Any]) -> None:
     """Call `StreamingDataset.__init__` on `dataset`, turning streaming's errors into UserErrors."""
     from streaming import StreamingDataset
     clean_stale_shared_memory()
+    sources = kwargs.get("streams") or [kwargs]
+    for src in sources:  # local-only data must be complete here: streaming would fail later, less clearly
+        get = src.get if isinstance(src, dict) else lambda key, s=src: getattr(s, key, None)
+        if get("remote") is None and get("local") is not None:
+            check_local_split(os.path.join(get("local"), get("split") or ""))
     try:
         StreamingDataset.__init__(dataset, **kwargs)
     except ValueError as e:
@@ -127,11 +203,17 @@ def check_local_shards(dataset) -> None:
     from streaming.base.hashing import get_hash
     hash_here = os.environ.get("LOCAL_RANK", "0") == "0"
     for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard):
-        algo = dataset.streams[stream_id].validate_hash
+        stream = dataset.streams[stream_id]
+        algo = stream.validate_hash
+        for pair in shard.file_pairs:  # (raw, compressed): one of them must be here, or downloadable
+            paths = [os.path.join(shard.dirname, shard.split or "", i.basename) for i in pair if i is not None]
+            if stream.remote is None and not any(os.path.isfile(p) for p in paths):
+                raise DataError(f"MDS shard {paths[-1]} is listed in its index.json but missing, and there is no "
+                                "`remote` to download it from; write the split again with data-prep (or restore the file)")
         for info in (i for pair in shard.file_pairs for i in pair if i is not None):
             path = os.path.join(shard.dirname, shard.split or "", info.basename)
             if not os.path.isfile(path):
-                continue  # still to be downloaded (and checked by streaming)
+                continue  # the other file of its pair is here, or it is still to be downloaded (and checked)
             size = os.path.getsize(path)
             if size != info.bytes:
                 raise DataError(f"MDS shard {path} has {size} bytes but its index.json says {info.bytes}: it is "

@@ -14,6 +14,7 @@ import os
 from typing import Iterable, List, Optional, Sequence
 
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.files import check_folder_path, read_json_file
 from llmfoundry_lite.registry import tokenizers as tokenizer_registry
 
 EOS = "<|endoftext|>"
@@ -42,6 +43,9 @@ def build_tokenizer(name_or_path: str, kwargs: Optional[dict] = None):
         tok = tokenizer_registry.get(name_or_path)(**kwargs)
     else:
         from transformers import AutoTokenizer
+        if os.path.isdir(name_or_path):  # the tokenizers library reports bad JSON without naming the file
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                read_json_file(os.path.join(name_or_path, name), "a tokenizer folder", missing_ok=True)
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as e:
@@ -94,6 +98,7 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    check_folder_path(out_dir, "--out")
     special_tokens = list(dict.fromkeys(special_tokens))
     if eos_token not in special_tokens:
         raise UserError(f"eos_token {eos_token!r} must be one of the special tokens {special_tokens}")

@@ -12,11 +12,13 @@ import argparse
 
 from llmfoundry_lite.export.composer_checkpoint import open_composer_checkpoint
 from llmfoundry_lite.export.hf_export import PRECISIONS, write_hf_folder
+from llmfoundry_lite.files import check_folder_path
 
 
 def convert_composer_to_hf(composer_path: str, hf_output_path: str, output_precision: str = "fp32",
                            max_shard_size="5GB", log=print) -> str:
     """Write the HF folder of a full (.pt) or sharded Composer checkpoint; returns the folder."""
+    check_folder_path(hf_output_path, "--hf_output_path")
     config, tokenizer, weights = open_composer_checkpoint(composer_path)
     return write_hf_folder(config, weights, hf_output_path, tokenizer, PRECISIONS[output_precision],
                            max_shard_size, log)

@@ -23,6 +23,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
@@ -60,6 +61,9 @@ def _safe_globals() -> list:
 
 
 def _load_pt(path: str) -> Dict[str, Any]:
+    if not zipfile.is_zipfile(path):  # every torch.save since 1.6 (and so every Composer checkpoint) is a zip
+        raise CheckpointError(f"{path} is not a Composer checkpoint (not a torch.save zip archive: truncated, or "
+                              "another kind of file); give a .pt written by `llmfoundry-lite train` (save_folder)")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

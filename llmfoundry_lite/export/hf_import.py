@@ -8,7 +8,6 @@ that silently kept random weights would be worse than none. Other architectures 
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from typing import Any, Dict, Optional
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export.remote_code import CUSTOM_MODEL_TYPE
+from llmfoundry_lite.files import read_json_file
 
 MPT_MODEL_TYPES = ("mpt", CUSTOM_MODEL_TYPE)
 # Kernels of MosaicML's original code that are not model properties; ours is picked at load time.
@@ -50,8 +50,9 @@ def load_hf_config(path_or_name: str, config_overrides: Optional[Dict[str, Any]]
     from llmfoundry_lite.models import MPTConfig
 
     folder = _folder(path_or_name)
-    with open(os.path.join(folder, "config.json")) as f:
-        data = json.load(f)
+    data = read_json_file(os.path.join(folder, "config.json"), "a Hugging Face model folder")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder}/config.json holds a {type(data).__name__}, not a model config object")
     model_type = data.get("model_type")
     if model_type not in MPT_MODEL_TYPES:
         raise CheckpointError(f"{path_or_name} is a '{model_type}' model (architectures "

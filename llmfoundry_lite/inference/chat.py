@@ -17,6 +17,7 @@ from typing import List, Optional, TextIO
 
 from transformers import TextStreamer
 
+from llmfoundry_lite.data.chat import check_messages
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.inference.generate import generate
 from llmfoundry_lite.inference.loading import add_model_arguments, add_sampling_arguments, open_model, sampling_kwargs
@@ -27,6 +28,8 @@ DEFAULT_SYSTEM_PROMPT = ("A conversation between a user and an LLM-based AI assi
 
 
 def chatml(messages: List[dict], add_generation_prompt: bool = True) -> str:
+    """The ChatML text of a chat, checked as training data is (roles, order, string contents)."""
+    check_messages(messages, for_training=False)
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 

@@ -204,6 +204,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.path not in ("/", "/score"):
                 raise RequestError(404, "path", f"no route POST {self.path}; POST to / or /score")
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                raise RequestError(415, "Content-Type", f"{content_type or 'no Content-Type'}: send the body as "
+                                                        "application/json")
             length = self.headers.get("Content-Length")
             if length is None or not (length.isascii() and length.isdigit()):
                 raise RequestError(411, "Content-Length", "a Content-Length header is required")

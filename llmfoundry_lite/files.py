@@ -1,0 +1,38 @@
+"""Checks of the paths a user gives, before any work starts (usable from every layer)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from llmfoundry_lite.errors import UserError
+
+
+def check_folder_path(path: str, flag: str) -> None:
+    """`path` must be a folder or not exist yet, and none of its parents a file."""
+    current = os.path.abspath(path)
+    while True:
+        if os.path.exists(current) and not os.path.isdir(current):
+            what = "" if current == os.path.abspath(path) else f" (in {path})"
+            raise UserError(f"{flag}: {current}{what} is a file, not a folder; choose a folder path")
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
+
+
+def read_json_file(path: str, what: str, missing_ok: bool = False) -> Any:
+    """The JSON content of a file the user pointed at (as part of `what`), or a UserError naming the
+    file, line and column; None for a missing file when `missing_ok`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UserError(f"{path} not found; {what} needs it") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); {what} needs a valid JSON file there") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        f"{what} needs a valid JSON file there: restore or rewrite it") from None
