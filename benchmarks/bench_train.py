@@ -87,7 +87,7 @@ def composer_loop(steps, warmup, world_size=1):
     loader = torch.utils.data.DataLoader(data, batch_size=device_batch, sampler=sampler,
                                          collate_fn=torch.utils.data.default_collate)
     timer, speed = _Timer(warmup), SpeedMonitor(window_size=steps)
-    fsdp = fsdp2_config(FSDPSection(), world_size, "cpu") if world_size > 1 else None
+    fsdp = fsdp2_config(FSDPSection(), world_size) if world_size > 1 else None
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f"{steps + warmup}ba",
                       optimizers=DecoupledAdamW(model.parameters(), lr=1e-3), device="cpu", precision="fp32",
                       callbacks=[timer, speed], progress_bar=False, log_to_console=False,

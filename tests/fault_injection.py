@@ -6,7 +6,9 @@ fault: `LLMF_FAULT="<kind>:<rank>:<batch>"` kills rank `<rank>` with SIGKILL
 - `checkpoint_write`: while the checkpoint at batch `<batch>` is written, after this rank wrote its
   own shard file (sharded) or half of the file (full `.pt`), before the checkpoint is complete;
 - `between`: at the end of batch `<batch>` (Composer checkpoints a batch after its end event, so
-  this is after the previous checkpoint and before this batch's).
+  this is after the previous checkpoint and before this batch's);
+- `node`: like `mid_step`, but SIGKILLs the rank's whole process group: on a node started in its own
+  session, the `composer` launcher and every rank of that node die together, as when a machine fails.
 `nan_grads:<rank>:<b1,b2,...>` instead poisons the gradients of those batches (NaN) on that rank.
 """
 import os
@@ -40,6 +42,8 @@ class FaultInjection(Callback):
             return
         if self.kind == "mid_step" and self._now(state) in self.batches:
             _die()
+        if self.kind == "node" and self._now(state) in self.batches:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         if self.kind == "nan_grads" and self._now(state) in self.batches:
             for p in state.model.parameters():
                 if p.grad is not None:

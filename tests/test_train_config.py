@@ -175,15 +175,39 @@ def test_precision_and_fsdp_mapping():
         assert resolve_precision("amp_bf16", on_gpu=False) == "fp32"
     assert resolve_precision("amp_bf16", on_gpu=True) == "amp_bf16"
     with pytest.warns(UserWarning, match="single process"):
-        assert fsdp2_config(FSDPSection(), world_size=1, device_type="cpu") is None
-    assert fsdp2_config(FSDPSection(sharding_strategy="NO_SHARD"), 2, "cpu") is None
+        assert fsdp2_config(FSDPSection(), world_size=1) is None
+    assert fsdp2_config(FSDPSection(sharding_strategy="NO_SHARD"), 2) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zero2 = fsdp2_config(FSDPSection(sharding_strategy="SHARD_GRAD_OP", state_dict_type="full",
-                                         activation_checkpointing=True), 2, "cpu")
-        zero3 = fsdp2_config(FSDPSection(), 2, "cpu")
+                                         activation_checkpointing=True), 2)
+        zero3 = fsdp2_config(FSDPSection(), 2)
     assert zero2.reshard_after_forward is False and zero3.reshard_after_forward is True
     assert zero2.state_dict_type == "full" and zero2.activation_checkpointing is True
+
+
+def test_hybrid_shard_on_cpu_needs_a_torch_whose_fsdp2_runs_it_there():
+    """torch 2.7's FSDP2 cannot run HYBRID_SHARD over gloo; a newer one can (tests/test_parallel_layouts.py
+    trains it in the compatibility run). HYBRID_SHARD's mesh degrees reach Composer either way."""
+    from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
+    from llmfoundry_lite.train.parallel import fsdp2_config
+    cfg = minimal(fsdp_config={"sharding_strategy": "HYBRID_SHARD", "data_parallel_replicate_degree": 2,
+                               "data_parallel_shard_degree": 1})
+    if FSDP2_HSDP_ON_CPU or torch.cuda.is_available():
+        section = check_train_config(cfg, world_size=2).fsdp_config
+    else:
+        problems, _ = problems_of(cfg, world_size=2)
+        assert any("HYBRID_SHARD cannot train on CPU" in p for p in problems)
+        section = check_train_config(minimal(fsdp_config={**cfg["fsdp_config"], "sharding_strategy": "FULL_SHARD"}),
+                                     world_size=2).fsdp_config
+        section.sharding_strategy = "HYBRID_SHARD"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fsdp = fsdp2_config(section, 2)
+    # Composer builds the mesh from these degrees (and ignores a device_mesh): (replicate, shard) = (2, 1)
+    assert (fsdp.data_parallel_replicate_degree, fsdp.data_parallel_shard_degree) == (2, 1)
+    assert fsdp2_config(check_train_config(minimal(fsdp_config={}), world_size=2).fsdp_config, 2) \
+        .data_parallel_shard_degree == -1
 
 
 def test_meta_build_materialises_tied_and_finite():

@@ -78,3 +78,20 @@ def launch(script_args, log_dir, fault=None):
         pytest.fail(f"launch {'succeeded despite' if fault else 'failed'} ({proc.returncode}) {fault or ''}:\n"
                     f"{proc.stderr[-3000:]}\n{logs}")
     return proc.stdout + proc.stderr
+
+
+# ---- parallel layouts (tests/test_parallel_layouts.py) -------------------------------------------
+# name -> overrides on top of `tiny_overrides`; "single*" run in one process, the others on 2 ranks.
+_AC = {"fsdp_config.activation_checkpointing": "true"}
+_HYBRID_2X1 = {"fsdp_config.sharding_strategy": "HYBRID_SHARD", "fsdp_config.data_parallel_replicate_degree": 2,
+               "fsdp_config.data_parallel_shard_degree": 1}
+LAYOUTS = {
+    "single": {}, "single-ac": _AC, "single-mb": {"device_train_microbatch_size": 2},
+    "ddp": {"fsdp_config.sharding_strategy": "NO_SHARD"},
+    "ddp-ac": {"fsdp_config.sharding_strategy": "NO_SHARD", **_AC},
+    "full_shard": {}, "full_shard-ac": _AC, "full_shard-mb": {"device_train_microbatch_size": 2},
+    "shard_grad_op": {"fsdp_config.sharding_strategy": "SHARD_GRAD_OP"},
+    "shard_grad_op-ac": {"fsdp_config.sharding_strategy": "SHARD_GRAD_OP", **_AC},
+    "hybrid_2x1": _HYBRID_2X1, "hybrid_2x1-ac": {**_HYBRID_2X1, **_AC},
+}
+LAYOUT_STEPS = 8

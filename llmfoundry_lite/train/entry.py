@@ -18,6 +18,7 @@ import torch
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.config import load_config
+from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.schema import TrainConfig, check_train_config, eval_loader_sections
 
@@ -60,8 +61,8 @@ def fit(tc: TrainConfig):
 
     from llmfoundry_lite.data import build_dataloader, build_tokenizer
     from llmfoundry_lite.train.builders import build_named, build_optimizer, build_scheduler
-    from llmfoundry_lite.train.parallel import (compile_blocks, fsdp2_config, materialize_meta, on_meta,
-                                                own_meta_init, resolve_precision)
+    from llmfoundry_lite.train.parallel import (checkpoint_blocks, compile_blocks, fsdp2_config, materialize_meta,
+                                                on_meta, own_meta_init, resolve_precision)
 
     _setup_logging(tc.python_log_level)
     on_gpu = torch.cuda.is_available()
@@ -75,9 +76,11 @@ def fit(tc: TrainConfig):
     model = registry.models.get(tc.model["name"])({k: v for k, v in tc.model.items() if k != "name"}, tokenizer)
     if tc.compile_config is not None:
         compile_blocks(model, tc.compile_config)
-    fsdp = fsdp2_config(tc.fsdp_config, world_size, "cuda" if on_gpu else "cpu")
+    fsdp = fsdp2_config(tc.fsdp_config, world_size)
     if fsdp is None and on_meta(model):
         materialize_meta(model)
+    if fsdp is None and tc.fsdp_config is not None and tc.fsdp_config.activation_checkpointing:
+        checkpoint_blocks(model)
 
     device_batch = tc.global_train_batch_size // world_size
     train_loader = build_dataloader(tc.train_loader, tokenizer, device_batch)
@@ -145,8 +148,23 @@ def fit(tc: TrainConfig):
         trainer.fit()
     except OSError as e:
         raise disk_full_error(e, save_folder) or e
+    except RuntimeError as e:  # gloo/NCCL: a peer process (another rank or node) went away mid-collective
+        if isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in _LOST_PEER):
+            where = (f"autoresume continues from the last complete checkpoint in {save_folder}" if tc.autoresume_enabled()
+                     else "set run_name and save_folder to be able to resume such a run")
+            raise PeerLost(f"another rank or node stopped during training ({str(e).splitlines()[0][:300]}). Check "
+                           f"its log, then relaunch every node with the same command: {where}") from None
+        raise
     _raise_if_stopped(trainer, save_folder)
     return trainer
+
+
+# What gloo says when the other end of a collective died.
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+class PeerLost(UserError):
+    """A rank or node of a multi-process run died; this one cannot go on alone."""
 
 
 def _prepare_save_folder(tc: TrainConfig, model):

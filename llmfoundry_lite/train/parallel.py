@@ -9,7 +9,8 @@ checkpoints per `state_dict_type`. We only translate llm-foundry's keys:
   HYBRID_SHARD   -> a 2-D mesh (replicate, shard): shard inside groups, replicate across them
   NO_SHARD       -> no FSDP: Composer's DDP
 
-With one process FSDP buys nothing, so it is dropped with a warning.
+With one process FSDP buys nothing, so it is dropped with a warning; `activation_checkpointing`
+still applies there and under NO_SHARD (`checkpoint_blocks`).
 
 `init_device: meta` builds the model without memory; Composer shards it, then `materialize_meta`
 (swapped in for Composer's own, which is CUDA-only) gives each rank its shard, initialised by the
@@ -18,6 +19,7 @@ model's `param_init_fn` exactly as an unsharded init would be.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -25,6 +27,7 @@ import warnings
 from typing import Optional
 
 import torch
+from composer.utils.parallelism import FSDP2Config
 
 from llmfoundry_lite.train.schema import FSDPSection, hybrid_degrees
 
@@ -39,30 +42,44 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return precision
 
 
-def fsdp2_config(section: Optional[FSDPSection], world_size: int, device_type: str):
+@dataclasses.dataclass
+class MeshFSDP2Config(FSDP2Config):
+    """Composer 0.32 builds the FSDP2 device mesh from these two degrees, which its FSDP2Config fixes at
+    (None, -1), and overwrites any `device_mesh` given: HYBRID_SHARD would silently be FULL_SHARD."""
+    replicate: Optional[int] = None
+    shard: int = -1
+
+    @property
+    def data_parallel_replicate_degree(self) -> Optional[int]:
+        return self.replicate
+
+    @property
+    def data_parallel_shard_degree(self) -> int:
+        return self.shard
+
+
+def fsdp2_config(section: Optional[FSDPSection], world_size: int):
     """The `FSDP2Config` for `fsdp_config`, or None for no FSDP (none given, one process, NO_SHARD)."""
     if section is None:
         return None
     if world_size == 1:
-        warnings.warn("fsdp_config is ignored with a single process (nothing to shard across)")
+        warnings.warn("fsdp_config shards nothing with a single process (only its activation_checkpointing applies)")
         return None
     if section.sharding_strategy == "NO_SHARD":
         log.info("fsdp_config.sharding_strategy NO_SHARD: using DDP")
         return None
-    from composer.utils.parallelism import FSDP2Config
-    mesh = None
+    rep, shard = None, -1  # one shard group of all ranks
     if section.sharding_strategy == "HYBRID_SHARD":
-        from torch.distributed.device_mesh import init_device_mesh
         if section.data_parallel_shard_degree in (-1, None) and section.data_parallel_replicate_degree is None:
             # llm-foundry's default: shard within a node, replicate across nodes
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
             section = FSDPSection(**{**section.__dict__, "data_parallel_shard_degree": local})
         rep, shard = hybrid_degrees(section, world_size)
-        mesh = init_device_mesh(device_type, (rep, shard), mesh_dim_names=("replicate", "shard"))
+
     with warnings.catch_warnings():  # "FSDP2 Config/APIs are experimental": we chose them knowingly
         warnings.simplefilter("ignore", UserWarning)
-        return FSDP2Config(
-            device_mesh=mesh,
+        return MeshFSDP2Config(
+            replicate=rep, shard=shard,
             reshard_after_forward=section.sharding_strategy != "SHARD_GRAD_OP",
             activation_checkpointing=section.activation_checkpointing,
             activation_cpu_offload=section.activation_cpu_offload,
@@ -121,6 +138,16 @@ def own_meta_init(device: str):
         yield
     finally:
         prepare_distributed.meta_init = original
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing of every MPT block without FSDP (one process, or NO_SHARD's DDP): the
+    non-reentrant wrapper Composer's FSDP2 path uses, so `fsdp_config.activation_checkpointing` means
+    the same in every layout. State-dict names are unchanged (the wrapper strips its prefix)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from llmfoundry_lite.models.mpt import MPTBlock
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, MPTBlock))
 
 
 def compile_blocks(model: torch.nn.Module, compile_config: dict) -> None:

@@ -229,6 +229,13 @@ def _parallel_problems(cfg: TrainConfig, world_size: int) -> List[str]:
                             f"{device_batch} (= global_train_batch_size {gbs} / {world_size} ranks)")
     fsdp = cfg.fsdp_config
     if isinstance(fsdp, FSDPSection) and fsdp.sharding_strategy == "HYBRID_SHARD" and world_size > 1:
+        import torch
+
+        from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
+        if not torch.cuda.is_available() and not FSDP2_HSDP_ON_CPU:
+            problems.append(f"fsdp_config.sharding_strategy: HYBRID_SHARD cannot train on CPU with torch "
+                            f"{torch.__version__} (its FSDP2 averages across replicas with an op gloo lacks); use "
+                            "FULL_SHARD here, or a newer torch (`make install-current` gives 2.14, where it runs)")
         rep, shard = hybrid_degrees(fsdp, world_size)
         if rep * shard != world_size:
             problems.append(f"fsdp_config: data_parallel_replicate_degree x data_parallel_shard_degree = "
