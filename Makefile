@@ -20,7 +20,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
 	manylinux_2_5_x86_64 manylinux1_x86_64,--platform $(p))
 
-.PHONY: install install-current test test-fast test-current quickstart benchmarks gpu-wheels gpu-check clean
+.PHONY: install install-current lint test test-fast test-current quickstart benchmarks gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,7 +43,13 @@ $(CURRENT_STAMP): pyproject.toml requirements/current-stack.txt requirements/com
 
 install-current: $(CURRENT_STAMP)
 
+LINTED := llmfoundry_lite tests scripts data_prep benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+
 test: $(STAMP) $(CURRENT_STAMP)
+	$(BIN)/ruff check $(LINTED)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs tests
 	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
 

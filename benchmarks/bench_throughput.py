@@ -102,6 +102,7 @@ def transformers_plain_loop(config, batch: int, seq: int, steps: int, warmup: in
     gradient all-reduce when there are several ranks, as any data-parallel run needs)."""
     import transformers
     from composer.optim import DecoupledAdamW
+
     from llmfoundry_lite.export.hf_export import native_config
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -162,6 +163,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from composer.utils import dist
+
     from llmfoundry_lite.models import flops_per_token
     from llmfoundry_lite.train import train
     from llmfoundry_lite.train.callbacks import device_peak_flops, unwrap

@@ -29,6 +29,12 @@ def __getattr__(name):
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from llmfoundry_lite.errors import UserError  # noqa: F401
-    from llmfoundry_lite.models import (MPTConfig, MPTForCausalLM, MPTForQuestionAnswering,  # noqa: F401
-                                        MPTForSequenceClassification, MPTForTokenClassification, MPTModel)
+    from llmfoundry_lite.models import (  # noqa: F401
+        MPTConfig,
+        MPTForCausalLM,
+        MPTForQuestionAnswering,
+        MPTForSequenceClassification,
+        MPTForTokenClassification,
+        MPTModel,
+    )
     from llmfoundry_lite.train import train  # noqa: F401

@@ -249,7 +249,7 @@ def plot_losses(metrics: Dict[str, List[tuple]], out_png: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, style in ((TRAIN_LOSS, "train loss", "-"), (EVAL_LOSS, "validation loss", "o-")):
         if metrics.get(key):
-            xs, ys = zip(*metrics[key])
+            xs, ys = zip(*metrics[key], strict=True)
             ax.plot(xs, ys, style, label=label)
     ax.set_xlabel("batch")
     ax.set_ylabel("cross-entropy (nats/token)")

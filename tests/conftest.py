@@ -13,7 +13,13 @@ import pytest  # noqa: E402
 
 def stdlib_docstrings(limit_chars: int = 200_000) -> str:
     """Text to train tokenizers on and to tokenize: docstrings of standard-library modules."""
-    import collections, argparse, json, os, pathlib, textwrap, inspect as _inspect  # noqa: E401
+    import argparse
+    import collections  # noqa: E401
+    import inspect as _inspect
+    import json
+    import os
+    import pathlib
+    import textwrap
     parts = []
     for mod in (collections, argparse, json, os, pathlib, textwrap, _inspect):
         for obj in [mod, *vars(mod).values()]:

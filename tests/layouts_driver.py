@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from llmfoundry_lite import registry
 from llmfoundry_lite.train import train
 from llmfoundry_lite.train.callbacks import full_state_dict, unwrap
+
 from train_utils import LAYOUT_STEPS, LAYOUTS, TINY_YAML, tiny_overrides
 
 

@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from llmfoundry_lite.data import build_dataloader, build_tokenizer, dataloader_config_problems
 from llmfoundry_lite.data.collators import PackingCollator, auto_packing_ratio

@@ -5,14 +5,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import stdlib_docstrings
 from transformers import AutoTokenizer
 
 from llmfoundry_lite.data import build_dataloader, build_tokenizer
 from llmfoundry_lite.data.convert import TokenizeSpec, convert_json, convert_text
 from llmfoundry_lite.data.text_dataset import StreamingTextDataset
 from llmfoundry_lite.errors import DataError, UserError
-
-from conftest import stdlib_docstrings
 
 EOS = "<|endoftext|>"
 

@@ -78,6 +78,7 @@ def test_finetuning_local_file_and_builder(tmp_path, tiny_tokenizer_dir, capsys)
     assert _samples(tmp_path / "b" / "train") == 2
     # without a tokenizer a chat is rendered by the template alone, exactly as the tokenizer renders it
     from transformers import AutoTokenizer
+
     from llmfoundry_lite.data.finetuning import to_turns
     assert to_turns(rows[1], None) == to_turns(rows[1], AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
 

@@ -7,8 +7,16 @@ import torch
 
 from llmfoundry_lite.config import check
 from llmfoundry_lite.errors import DataError
-from llmfoundry_lite.eval.icl import (ICLDataset, ICLTaskConfig, build_prompts, continuation_scores, evaluate_icl_task,
-                                      fewshot_indices, load_task_file, normalize_answer)
+from llmfoundry_lite.eval.icl import (
+    ICLDataset,
+    ICLTaskConfig,
+    build_prompts,
+    continuation_scores,
+    evaluate_icl_task,
+    fewshot_indices,
+    load_task_file,
+    normalize_answer,
+)
 from llmfoundry_lite.registry import icl_tasks
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -10,6 +10,7 @@ import torch
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.eval.runner import evaluate, perplexity
+
 from train_utils import ROW, copy_rows, write_copy_task
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -110,7 +110,7 @@ def test_fused_linear_cross_entropy_equals_plain(scale):
     fused = FusedLinearCrossEntropy.apply(hidden, weight, targets, scale, 8)  # 5 chunks, the last one short
     g_fused = torch.autograd.grad(fused * 3.0, (hidden, weight))
     assert torch.allclose(plain, fused, atol=1e-12)
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_plain, g_fused))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(g_plain, g_fused, strict=True))
     none = torch.full((37,), -100)
     assert FusedLinearCrossEntropy.apply(hidden, weight, none, scale, 8).item() == 0.0
 
@@ -134,6 +134,7 @@ def test_fused_loss_in_the_model_returns_no_logits_and_the_same_gradients():
 @pytest.mark.timeout(600)
 def test_compiled_blocks_and_fused_loss_train_like_the_eager_run(tiny_tokenizer_dir, tmp_path):
     from llmfoundry_lite.train import train
+
     from train_utils import TINY_YAML, read_losses, tiny_overrides, write_copy_task
     data = write_copy_task(str(tmp_path / "data"), n_train=64, n_val=8)
     losses = {}
@@ -151,5 +152,5 @@ def test_compiled_blocks_and_fused_loss_train_like_the_eager_run(tiny_tokenizer_
         losses[name] = [loss for _, loss in read_losses(metrics)]
     assert len(losses["eager"]) == 4 and losses["eager"][-1] < losses["eager"][0]
     for name in ("compiled", "fused"):
-        assert max(abs(a - b) for a, b in zip(losses["eager"], losses[name])) < 1e-4, (name, losses)
+        assert max(abs(a - b) for a, b in zip(losses["eager"], losses[name], strict=True)) < 1e-4, (name, losses)
     assert os.path.exists(tmp_path / "fused.jsonl")

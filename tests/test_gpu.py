@@ -142,16 +142,16 @@ def test_fsdp2_meta_init_and_activation_checkpointing_on_one_device():
                 run.append(loss.item())
             losses.append(run)
         assert losses[0][-1] < losses[0][0]
-        assert max(abs(a - b) for a, b in zip(*losses)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(*losses, strict=True)) < 1e-4
     finally:
         dist.destroy_process_group()
 
 
 def test_short_bf16_training_run_loss_falls(tmp_path, tiny_tokenizer_dir):
     """`train()` on CUDA with amp_bf16, compiled blocks and compiled flex attention: the loss falls."""
-    from train_utils import read_losses, tiny_overrides, write_copy_task
-
     from llmfoundry_lite import train
+
+    from train_utils import read_losses, tiny_overrides, write_copy_task
     data = write_copy_task(str(tmp_path / "data"))
     log = tmp_path / "log.jsonl"
     train(TINY_YAML, tiny_overrides(data, tiny_tokenizer_dir, **{

@@ -50,7 +50,7 @@ def test_scripted_session_feeds_the_exact_chatml_tokens(model_and_tokenizer):
     first_reply = out.getvalue().split("Assistant: ")[1].split("\nUser: ")[0]
     turn2 = turn1 + [{"role": "assistant", "content": first_reply}, {"role": "user", "content": "What is a path?"}]
     turn3 = [system, {"role": "user", "content": "Again"}]  # after /clear
-    for ids, messages in zip(seen, (turn1, turn2, turn3)):
+    for ids, messages in zip(seen, (turn1, turn2, turn3), strict=True):
         assert ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=False)
     assert tokenizer.decode(seen[0]) == ("<|im_start|>system\nYou are terse.<|im_end|>\n"

@@ -118,8 +118,8 @@ def test_bf16_autocast_runs_and_low_precision_norms_stay_in_bf16(norm_type):
 
 
 def test_rope_rotation_matches_transformers_llama():
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, LlamaRotaryEmbedding
     from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0, max_position_embeddings=32)
     q, k = torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
     pos = torch.arange(9).expand(2, 9)

@@ -4,8 +4,13 @@ import torch
 import transformers
 
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.models import (MPTConfig, MPTForCausalLM, MPTForQuestionAnswering,
-                                    MPTForSequenceClassification, MPTForTokenClassification)
+from llmfoundry_lite.models import (
+    MPTConfig,
+    MPTForCausalLM,
+    MPTForQuestionAnswering,
+    MPTForSequenceClassification,
+    MPTForTokenClassification,
+)
 from llmfoundry_lite.models.layers.attention import alibi_slopes
 
 V = 97

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
+
 from train_utils import DRIVER, ROOT, TINY_YAML, read_losses, tiny_overrides, write_copy_task
 
 pytestmark = [pytest.mark.multiprocess,

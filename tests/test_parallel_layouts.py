@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
+
 from train_utils import LAYOUT_STEPS, LAYOUTS, ROOT, launch, write_copy_task
 
 pytestmark = pytest.mark.multiprocess
@@ -57,7 +58,7 @@ def test_layout_trains_the_same_model_as_one_process(runs, name):
     (ref, *_), ref_weights = runs["single"]
     (rank0, *_), weights = runs[name]
     assert len(rank0["losses"]) == LAYOUT_STEPS and ref["losses"][-1] < ref["losses"][0] - 0.5
-    assert max(abs(a - b) for a, b in zip(rank0["losses"], ref["losses"])) < TOL, (rank0["losses"], ref["losses"])
+    assert max(abs(a - b) for a, b in zip(rank0["losses"], ref["losses"], strict=True)) < TOL, (rank0["losses"], ref["losses"])
     assert weights.keys() == ref_weights.keys()
     worst = max((weights[k] - ref_weights[k]).abs().max().item() for k in weights)
     assert worst < TOL, worst

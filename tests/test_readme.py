@@ -106,6 +106,7 @@ def test_yaml_reference_lists_every_key_with_its_default():
 
 def test_fsdp_and_plugin_snippets_are_valid():
     import yaml  # PyYAML comes with omegaconf
+
     from llmfoundry_lite import registry
     from llmfoundry_lite.config import check
     from llmfoundry_lite.train.schema import FSDPSection, named_section_problems

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from llmfoundry_lite.cli import main
+
 from train_utils import TINY_YAML, tiny_overrides, write_copy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +93,7 @@ CASES = {
     "chat-system-not-first": (lambda w: w.chat_prep(chat(U, ("system", "be terse"), A)), "only the first message"),
     "chat-messages-is-a-string": (lambda w: w.chat_prep({"messages": "hello"}), "messages must be a list"),
     "chat-messages-empty": (lambda w: w.chat_prep({"messages": []}), "messages is empty"),
-    "chat-content-is-a-number": (lambda w: w.chat_prep({"messages": [{"role": "user", "content": 3}, dict(zip(("role", "content"), A))]}),
+    "chat-content-is-a-number": (lambda w: w.chat_prep({"messages": [{"role": "user", "content": 3}, dict(zip(("role", "content"), A, strict=True))]}),
                                  "has a int content"),
     "chat-message-without-content": (lambda w: w.chat_prep({"messages": [{"role": "user"}]}), "role and content"),
     "chat-message-is-a-string": (lambda w: w.chat_prep({"messages": ["hi"]}), "role and content"),

@@ -2,7 +2,6 @@
 binary and undecodable files, huge lines, malformed lines inside `datasets` builders, truncated and
 corrupted MDS shards, and shards written with another tokenizer."""
 import json
-import os
 
 import numpy as np
 import pytest

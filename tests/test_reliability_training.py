@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-import fault_injection  # noqa: F401  (registers the `fault_injection` callback)
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.train.checkpoints import INCOMPLETE, LATEST, is_complete, prepare_autoresume
+
+import fault_injection  # noqa: F401  (registers the `fault_injection` callback)
 from train_utils import tiny_overrides, write_copy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +145,7 @@ def test_unwritable_or_full_save_folder_is_refused_before_training(copy_data, ti
 
 def test_disk_full_while_saving_is_a_clear_error(copy_data, tiny_tokenizer_dir, tmp_path, monkeypatch):
     from composer.utils import checkpoint
+
     from llmfoundry_lite.errors import CheckpointError
 
     def full(state_dict, filename):

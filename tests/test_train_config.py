@@ -136,6 +136,7 @@ def test_cli_prints_config_errors_without_traceback_exit_2(tmp_path, capsys):
 
 def test_inv_sqrt_schedule_values():
     from composer.core import State, Time
+
     from llmfoundry_lite.train.builders import InverseSquareRootWithWarmupScheduler
     model = torch.nn.Linear(1, 1)
     state = State(model=model, rank_zero_seed=0, run_name="x", device="cpu", max_duration="100ba")

@@ -10,14 +10,15 @@ import sys
 import torch
 from composer.utils import dist
 
-import fault_injection  # noqa: F401  (registers the `fault_injection` callback some tests name)
 from llmfoundry_lite.train import train
 from llmfoundry_lite.train.callbacks import full_state_dict
+
+import fault_injection  # noqa: F401  (registers the `fault_injection` callback some tests name)
 
 out, yaml, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 trainer = train(yaml, overrides)
 model = trainer.state.model.model
-local = {n: list(getattr(p, "to_local", lambda: p)().shape) for n, p in model.named_parameters()}
+local = {n: list((p.to_local() if hasattr(p, "to_local") else p).shape) for n, p in model.named_parameters()}
 full = {n: list(p.shape) for n, p in model.named_parameters()}
 weights = full_state_dict(model)  # every rank takes part in the gather
 os.makedirs(out, exist_ok=True)

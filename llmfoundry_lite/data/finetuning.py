@@ -239,6 +239,7 @@ def streaming_finetuning_dataset(tokenizer, max_seq_len: int, target_prompts: st
                                  chat_template: Optional[str] = None, **streaming_kwargs: Any):
     """A `StreamingDataset` over MDS written by `data-prep finetuning` (`turns` tokenized, or text)."""
     from streaming import StreamingDataset
+
     from llmfoundry_lite.data.mds import streaming_init
 
     class StreamingFinetuningDataset(StreamingDataset):

@@ -202,7 +202,7 @@ def check_local_shards(dataset) -> None:
     check is a `stat` per shard; the hash check reads every local shard once (local rank 0 only)."""
     from streaming.base.hashing import get_hash
     hash_here = os.environ.get("LOCAL_RANK", "0") == "0"
-    for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard):
+    for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard, strict=True):
         stream = dataset.streams[stream_id]
         algo = stream.validate_hash
         for pair in shard.file_pairs:  # (raw, compressed): one of them must be here, or downloadable

@@ -16,8 +16,15 @@ from composer.utils import dist
 from torchmetrics import Metric
 
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.eval.icl import (ICLDataset, icl_task_configs, icl_tasks_config_problems, judge_generations,
-                                      judge_logits, num_examples, split_examples)
+from llmfoundry_lite.eval.icl import (
+    ICLDataset,
+    icl_task_configs,
+    icl_tasks_config_problems,
+    judge_generations,
+    judge_logits,
+    num_examples,
+    split_examples,
+)
 from llmfoundry_lite.registry import icl_tasks
 
 __all__ = ["build_icl_evaluators", "icl_tasks_config_problems", "add_icl_metrics", "ICL_METRICS"]

@@ -306,11 +306,11 @@ class ICLDataset(torch.utils.data.Dataset):
             if self.max_new_tokens >= self.max_seq_len:
                 raise DataError(f"{path}: max_new_tokens {self.max_new_tokens} leaves no room for the prompt "
                                 f"within max_seq_len {self.max_seq_len}")
-            items = [self._encode_generation(reqs[0][0], alts) for reqs, alts in zip(prompts, answers)]
+            items = [self._encode_generation(reqs[0][0], alts) for reqs, alts in zip(prompts, answers, strict=True)]
         else:
             self.max_new_tokens = 0
             items = [self._encode_scored(reqs, self.task_type.gold(ex), f"{path}:{i + 1}")
-                     for i, (reqs, ex) in enumerate(zip(prompts, examples))]
+                     for i, (reqs, ex) in enumerate(zip(prompts, examples, strict=True))]
         self.items = sorted(items, key=lambda it: -max(len(r) for r in it.rows))
 
     def _split_space(self, ctx: str, cont: str) -> Tuple[str, str]:
@@ -370,7 +370,7 @@ class ICLDataset(torch.utils.data.Dataset):
             return batch
         lens = [len(r) for it in items for r in it.rows]
         cont = [c for it in items for c in it.cont_lens]
-        cont_span = torch.tensor([[n - c, n] for n, c in zip(lens, cont)], dtype=torch.long)
+        cont_span = torch.tensor([[n - c, n] for n, c in zip(lens, cont, strict=True)], dtype=torch.long)
         pos = torch.arange(width)
         labels = input_ids.masked_fill((pos < cont_span[:, :1]) | (pos >= cont_span[:, 1:]), -100)
         batch.update(mode="icl_task", labels=labels, cont_span=cont_span,
@@ -453,7 +453,7 @@ def judge_generations(texts: Sequence[str], batch: Dict[str, Any]) -> List[bool]
     """Per example of a generation batch: the text, cut at the example delimiter, matches an answer."""
     stop = batch["stop_at"]
     out = []
-    for text, answers in zip(texts, batch["labels"]):
+    for text, answers in zip(texts, batch["labels"], strict=True):
         if stop:
             text = text.split(stop)[0]
         out.append(normalize_answer(text) in {normalize_answer(a) for a in answers})

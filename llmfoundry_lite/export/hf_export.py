@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
 
@@ -193,7 +193,7 @@ def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtyp
         flush()
     n = len(tmp_names)
     final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for tmp, name in zip(tmp_names, final):
+    for tmp, name in zip(tmp_names, final, strict=True):
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: final[i] for k, i in weight_map.items()}}

@@ -13,8 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.inference.loading import (add_model_arguments, add_sampling_arguments, open_model,
-                                               sampling_kwargs)
+from llmfoundry_lite.inference.loading import add_model_arguments, add_sampling_arguments, open_model, sampling_kwargs
 
 
 class Generations(list):

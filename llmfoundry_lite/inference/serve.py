@@ -137,7 +137,8 @@ class _Job:
 class Endpoint:
     """The model, its tokenizer, the bounded request queue and the one worker thread that runs the model."""
 
-    def __init__(self, model, tokenizer, limits: Limits = Limits()):
+    def __init__(self, model, tokenizer, limits: Optional[Limits] = None):
+        limits = limits or Limits()
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
         self.jobs: "queue.Queue[_Job]" = queue.Queue(maxsize=limits.queue_size)
         self.served = 0
@@ -261,7 +262,7 @@ class EndpointServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
+def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, limits: Optional[Limits] = None,
                 quiet: bool = False) -> EndpointServer:
     """A ready server (call `.serve_forever()`); port 0 picks a free port (`server.server_address`)."""
     return EndpointServer((host, port), Endpoint(model, tokenizer, limits), quiet=quiet)

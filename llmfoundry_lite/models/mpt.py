@@ -24,9 +24,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast,
-                                           QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast,
-                                           TokenClassifierOutput)
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
 
 from llmfoundry_lite.compat import KV_CACHE
 from llmfoundry_lite.errors import UserError

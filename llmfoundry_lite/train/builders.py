@@ -16,8 +16,13 @@ from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
 from composer.core import State
 from composer.loggers import ConsoleLogger, ProgressBarLogger
-from composer.optim import (ComposerScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                            DecoupledAdamW, LinearWithWarmupScheduler)
+from composer.optim import (
+    ComposerScheduler,
+    ConstantWithWarmupScheduler,
+    CosineAnnealingWithWarmupScheduler,
+    DecoupledAdamW,
+    LinearWithWarmupScheduler,
+)
 from composer.optim.scheduler import _convert_time
 
 from llmfoundry_lite import registry

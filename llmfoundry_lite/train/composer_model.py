@@ -9,7 +9,6 @@ token accuracy over the positions that have a label.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Dict, List
 
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy

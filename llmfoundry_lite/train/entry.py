@@ -48,7 +48,7 @@ def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
     if mb == "auto" and not auto_ok:
         # Composer searches microbatch sizes only on GPU and not under FSDP2.
         warnings.warn("device_train_microbatch_size 'auto' needs a GPU without FSDP2; using the whole device batch "
-                      f"({device_batch}); set an int to save memory")
+                      f"({device_batch}); set an int to save memory", stacklevel=2)
         return device_batch
     return mb
 
@@ -61,8 +61,15 @@ def fit(tc: TrainConfig):
 
     from llmfoundry_lite.data import build_dataloader, build_tokenizer
     from llmfoundry_lite.train.builders import build_named, build_optimizer, build_scheduler
-    from llmfoundry_lite.train.parallel import (checkpoint_blocks, compile_blocks, fsdp2_config, materialize_meta,
-                                                on_meta, own_meta_init, resolve_precision)
+    from llmfoundry_lite.train.parallel import (
+        checkpoint_blocks,
+        compile_blocks,
+        fsdp2_config,
+        materialize_meta,
+        on_meta,
+        own_meta_init,
+        resolve_precision,
+    )
 
     _setup_logging(tc.python_log_level)
     on_gpu = torch.cuda.is_available()
@@ -147,7 +154,7 @@ def fit(tc: TrainConfig):
     try:
         trainer.fit()
     except OSError as e:
-        raise disk_full_error(e, save_folder) or e
+        raise (disk_full_error(e, save_folder) or e) from None
     except RuntimeError as e:  # gloo/NCCL: a peer process (another rank or node) went away mid-collective
         if isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in _LOST_PEER):
             where = (f"autoresume continues from the last complete checkpoint in {save_folder}" if tc.autoresume_enabled()

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def resolve_precision(precision: str, on_gpu: bool) -> str:
     """Composer allows only fp32 on CPU: amp_* falls back to fp32 there, so GPU YAMLs still run."""
     if not on_gpu and precision != "fp32":
-        warnings.warn(f"precision {precision} needs a GPU; training in fp32 on CPU")
+        warnings.warn(f"precision {precision} needs a GPU; training in fp32 on CPU", stacklevel=2)
         return "fp32"
     return precision
 
@@ -63,7 +63,8 @@ def fsdp2_config(section: Optional[FSDPSection], world_size: int):
     if section is None:
         return None
     if world_size == 1:
-        warnings.warn("fsdp_config shards nothing with a single process (only its activation_checkpointing applies)")
+        warnings.warn("fsdp_config shards nothing with a single process (only its activation_checkpointing applies)",
+                      stacklevel=2)
         return None
     if section.sharding_strategy == "NO_SHARD":
         log.info("fsdp_config.sharding_strategy NO_SHARD: using DDP")

@@ -38,7 +38,7 @@ def generic_init_(module: nn.Module, init_fn_, *, n_layers: int, init_div_is_res
         else:
             dim, splits = fused
             bounds = [0, *splits, module.weight.shape[dim]]
-            for start, end in zip(bounds[:-1], bounds[1:]):
+            for start, end in zip(bounds[:-1], bounds[1:]):  # noqa: B905  (bundled into custom-code folders, Python 3.9 too)
                 init_fn_(module.weight.narrow(dim, start, end - start))
         if module.bias is not None:
             module.bias.zero_()
