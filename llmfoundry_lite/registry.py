@@ -52,6 +52,10 @@ class Registry:
             return o
         return add if obj is None else add(obj)
 
+    def remove(self, name: str) -> None:
+        """Unregister `name` (a plug-in that is done, e.g. in tests)."""
+        del self._entries[name]
+
     def __contains__(self, name: str) -> bool:
         if not isinstance(name, str):  # a YAML list or mapping where a name belongs
             return False

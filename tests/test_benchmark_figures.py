@@ -21,14 +21,21 @@ def runner():
     from llmfoundry_lite import registry  # leave the registries as the other tests expect them
     for reg, name in ((registry.dataloaders, "synthetic"), (registry.tokenizers, "synthetic"),
                       (registry.callbacks, "benchmark_timer")):
-        reg._entries.pop(name)
+        reg.remove(name)
     del sys.modules[spec.name]
 
 
-def test_there_are_cpu_and_gpu_figures():
-    names = [os.path.basename(f) for f in FIGURES]
-    assert {"cpu-mpt-tiny.yaml", "cpu-d256-seq256.yaml", "cpu-d256-seq1024.yaml", "gpu-mpt-125m.yaml",
-            "gpu-mpt-350m.yaml", "gpu-mpt-1b.yaml"} <= set(names)
+# name -> (precision, d_model, max_seq_len) the figure must train with: what results/throughput.md reports
+SHAPES = {"cpu-mpt-tiny": ("fp32", 128, 128), "cpu-d256-seq256": ("fp32", 256, 256),
+          "cpu-d256-seq1024": ("fp32", 256, 1024), "gpu-mpt-125m": ("amp_bf16", 768, 2048),
+          "gpu-mpt-350m": ("amp_bf16", 1024, 2048), "gpu-mpt-1b": ("amp_bf16", 2048, 2048)}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_figure_trains_what_its_name_says(runner, name):
+    from llmfoundry_lite.config import load_config
+    cfg = load_config(os.path.join(ROOT, "benchmarks", "figures", f"{name}.yaml"))
+    assert (cfg["precision"], cfg["model"]["d_model"], cfg["max_seq_len"]) == SHAPES[name]
 
 
 @pytest.mark.parametrize("path", FIGURES, ids=os.path.basename)

@@ -2,7 +2,6 @@
 mask and position option, KV-cache decoding), the fused linear cross-entropy vs the plain one (loss and
 gradients), and per-block `torch.compile` and the fused loss vs the eager run through `train()`.
 The CUDA-only paths (flash-attn, compiled FlexAttention, bf16) are in test_gpu.py."""
-import os
 import shutil
 
 import pytest
@@ -153,4 +152,3 @@ def test_compiled_blocks_and_fused_loss_train_like_the_eager_run(tiny_tokenizer_
     assert len(losses["eager"]) == 4 and losses["eager"][-1] < losses["eager"][0]
     for name in ("compiled", "fused"):
         assert max(abs(a - b) for a, b in zip(losses["eager"], losses[name], strict=True)) < 1e-4, (name, losses)
-    assert os.path.exists(tmp_path / "fused.jsonl")

@@ -177,10 +177,6 @@ def test_bad_input_is_a_clear_error(case, tmp_path, tiny_tokenizer_dir, capsys):
     assert not (out / "index.json").exists() and not (out / "train" / "index.json").exists()
 
 
-def test_corpus_is_large_enough():
-    assert len(CASES) >= 40
-
-
 def test_failed_conversion_leaves_nothing_and_training_says_so(tmp_path, tiny_tokenizer_dir, capsys):
     """The issue's case: a malformed line far into the file stops `data-prep json` (exit 2) after many
     samples were written; training on the folder it named must not use them."""

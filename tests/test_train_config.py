@@ -10,7 +10,7 @@ import torch
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.train.schema import TrainConfig, check_train_config
+from llmfoundry_lite.train.schema import check_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = sorted(glob.glob(os.path.join(ROOT, "yamls", "pretrain", "*.yaml")) +
@@ -45,7 +45,6 @@ def test_shipped_yamls_exist():
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
 def test_every_shipped_yaml_validates(path):
     cfg = check_train_config(load_config(path), world_size=8 if "cpu" not in path else 2)
-    assert isinstance(cfg, TrainConfig)
     if "pretrain" in path and "cpu" not in path:  # the MPT family's shape
         assert cfg.max_seq_len == 2048 and cfg.precision == "amp_bf16"
         assert cfg.model["attn_config"]["alibi"] is True
