@@ -16,6 +16,7 @@ tokens, ALiBi is relative and needs no position ids.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -44,10 +45,7 @@ class MPTBlock(nn.Module):
     def __init__(self, config: MPTConfig, layer_idx: int):
         super().__init__()
         bias = not config.no_bias
-
-        def norm(size):
-            return build_norm(config.norm_type, size, config.layer_norm_epsilon, bias)
-
+        norm = functools.partial(build_norm, config.norm_type, eps=config.layer_norm_epsilon, bias=bias)
         self.norm_1 = norm(config.d_model)
         self.attn = MPTAttention(config, layer_idx, norm)
         self.norm_2 = norm(config.d_model)
@@ -62,23 +60,20 @@ class MPTBlock(nn.Module):
 
 
 class MPTPreTrainedModel(PreTrainedModel):
+    """Hooks that other code finds by name (so the model imports no Composer): transformers calls
+    `_init_weights`; Composer and train/parallel.py call `param_init_fn` for each module built on
+    `meta`, and `fsdp_wrap_fn` / `activation_checkpointing_fn` to pick what FSDP shards and
+    activation checkpointing wraps (each `MPTBlock`)."""
     config_class = MPTConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["MPTBlock"]
     _supports_cache_class = True
     _supports_sdpa = True
 
-    def __init__(self, config: MPTConfig):
-        super().__init__(config)
-
-    @contextlib.contextmanager
     def _build_device(self):
         """Build parameters on `config.init_device` (e.g. 'meta' for FSDP, initialised later)."""
-        if self.config.init_device in ("cpu", None):
-            yield
-        else:
-            with torch.device(self.config.init_device):
-                yield
+        device = self.config.init_device
+        return contextlib.nullcontext() if device in ("cpu", None) else torch.device(device)
 
     def param_init_fn(self, module: nn.Module) -> None:
         """Initialise `module`'s own parameters as `config.init_config` says (for meta-device builds)."""
@@ -88,7 +83,7 @@ class MPTPreTrainedModel(PreTrainedModel):
         param_inits.get(self.config.init_config["name"], "model.init_config.name")(
             module, n_layers=self.config.n_layers, d_model=self.config.d_model, **cfg)
 
-    def _init_weights(self, module: nn.Module) -> None:  # transformers' hook (post_init, missing keys)
+    def _init_weights(self, module: nn.Module) -> None:
         if not any(p.is_meta for p in module.parameters(recurse=False)):
             self.param_init_fn(module)
 
@@ -96,9 +91,7 @@ class MPTPreTrainedModel(PreTrainedModel):
     def fsdp_wrap_fn(module: nn.Module) -> bool:
         return isinstance(module, MPTBlock)
 
-    @staticmethod
-    def activation_checkpointing_fn(module: nn.Module) -> bool:
-        return isinstance(module, MPTBlock)
+    activation_checkpointing_fn = fsdp_wrap_fn
 
 
 class MPTModel(MPTPreTrainedModel):
@@ -123,8 +116,61 @@ class MPTModel(MPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def _positions(self, attention_mask, sequence_id, batch: int, seq: int, past_len: int, device):
-        """Position ids (B, S) counting real tokens only, restarting at each packed sequence."""
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, sequence_id=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, **kwargs):
+        if output_attentions:
+            raise UserError("output_attentions is not supported by MPTModel (its attention kernels never "
+                            "materialise the probabilities)")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise UserError("pass exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = kwargs.get(KV_CACHE, past_key_values)
+        if isinstance(cache, (tuple, list)):  # transformers' legacy format
+            cache = DynamicCache.from_legacy_cache(cache)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_len = cache.get_seq_length() if cache is not None else 0
+        attention_mask, sequence_id = self._checked_masks(x, attention_mask, sequence_id, past_len)
+        positions = self._positions(x, attention_mask, sequence_id, past_len)
+        x = self._embed(x, positions)
+        ctx = self._attention_context(x, attention_mask, sequence_id, positions, past_len)
+        hidden_states = () if output_hidden_states else None
+        for block in self.blocks:
+            if output_hidden_states:
+                hidden_states += (x,)
+            x = block(x, ctx, cache)
+        x = self.norm_f(x)
+        if output_hidden_states:
+            hidden_states += (x,)
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states,
+                                      **{KV_CACHE: cache if use_cache else None})
+        return out if return_dict is not False else out.to_tuple()
+
+    def _checked_masks(self, x, attention_mask, sequence_id, past_len: int):
+        """Check the length against `max_seq_len` and the masks against the input; the masks to use."""
+        (B, S), max_len = x.shape[:2], self.config.max_seq_len
+        if past_len + S > max_len:
+            raise UserError(f"the sequence ({past_len + S} tokens) is longer than max_seq_len ({max_len}); "
+                            f"shorten the input, or raise config.max_seq_len when loading (ALiBi/RoPE models "
+                            f"extrapolate; learned position embeddings cannot)")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(x.device).bool()
+            if attention_mask.shape != (B, past_len + S):
+                raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                                f"(batch, past + new tokens) = {(B, past_len + S)}")
+        if not self.config.attn_config["attn_uses_sequence_id"]:
+            sequence_id = None  # as in llm-foundry: packed sequences see each other unless asked not to
+        if sequence_id is not None and past_len:
+            raise UserError("sequence_id cannot be combined with a KV cache (past_key_values)")
+        return attention_mask, sequence_id
+
+    def _positions(self, x, attention_mask, sequence_id, past_len: int) -> Optional[torch.Tensor]:
+        """Position ids (B, S) for RoPE / learned positions (None for ALiBi): real tokens, per sequence."""
+        if self.config.position_scheme not in ("learned", "rope"):
+            return None
+        (batch, seq), device = x.shape[:2], x.device
         if sequence_id is not None:
             idx = torch.arange(seq, device=device).expand(batch, seq)
             starts = torch.ones_like(sequence_id, dtype=torch.bool)
@@ -134,72 +180,31 @@ class MPTModel(MPTPreTrainedModel):
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         return torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, sequence_id=None,
-                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        cfg = self.config
-        if output_attentions:
-            raise UserError("output_attentions is not supported by MPTModel (its attention kernels never "
-                            "materialise the probabilities)")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise UserError("pass exactly one of input_ids or inputs_embeds")
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        B, S = x.shape[:2]
-        past_key_values = kwargs.get(KV_CACHE, past_key_values)
-        use_cache = cfg.use_cache if use_cache is None else use_cache
-        if isinstance(past_key_values, (tuple, list)):
-            past_key_values = DynamicCache.from_legacy_cache(past_key_values)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len + S > cfg.max_seq_len:
-            raise UserError(f"the sequence ({past_len + S} tokens) is longer than max_seq_len ({cfg.max_seq_len}); "
-                            f"shorten the input, or raise config.max_seq_len when loading (ALiBi/RoPE models "
-                            f"extrapolate; learned position embeddings cannot)")
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(x.device).bool()
-            if attention_mask.shape != (B, past_len + S):
-                raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                                f"(batch, past + new tokens) = {(B, past_len + S)}")
-        if sequence_id is not None and not cfg.attn_config["attn_uses_sequence_id"]:
-            sequence_id = None  # as in llm-foundry: packed sequences see each other unless asked not to
-        if sequence_id is not None and past_len:
-            raise UserError("sequence_id cannot be combined with a KV cache (past_key_values)")
-        scheme = cfg.position_scheme
-        positions = None
-        if scheme in ("learned", "rope"):
-            positions = self._positions(attention_mask, sequence_id, B, S, past_len, x.device)
-        if scheme == "learned":
+    def _embed(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings -> block input: learned positions added, gradient scaled, dropout."""
+        if self.config.position_scheme == "learned":
             x = x + self.wpe(positions)
-        if cfg.embedding_fraction != 1:  # scale the embedding gradient only (MPT's stability trick)
-            x = x * cfg.embedding_fraction + x.detach() * (1 - cfg.embedding_fraction)
-        x = self.emb_drop(x)
+        fraction = self.config.embedding_fraction
+        if fraction != 1:  # scale the embedding gradient only (MPT's stability trick)
+            x = x * fraction + x.detach() * (1 - fraction)
+        return self.emb_drop(x)
 
-        attn = cfg.attn_config
+    def _attention_context(self, x, attention_mask, sequence_id, positions, past_len: int) -> AttentionContext:
+        """Positions and masks for every layer's attention; without padding or packing the bias
+        depends on shapes only, so the last shape's bias is kept and reused across calls."""
+        cfg, attn, S = self.config, self.config.attn_config, x.shape[1]
         padded = attention_mask is not None and not bool(attention_mask.all())
         ctx = AttentionContext(
             q_len=S, past_len=past_len, key_padding_mask=attention_mask if padded else None,
             sequence_id=sequence_id, sliding_window=attn["sliding_window_size"],
-            alibi_slopes=alibi_slopes(cfg.n_heads, attn["alibi_bias_max"], x.device) if scheme == "alibi" else None,
+            alibi_slopes=alibi_slopes(cfg.n_heads, attn["alibi_bias_max"], x.device)
+            if cfg.position_scheme == "alibi" else None,
             rope=rope_cos_sin(positions, cfg.head_dim, attn["rope_theta"], attn["rope_hf_config"],
-                              cfg.max_seq_len, x.dtype) if scheme == "rope" else None)
-        if not padded and sequence_id is None:  # the bias depends on shapes only: reuse it
-            key = (S, past_len)
-            if key not in self._bias_cache:
-                self._bias_cache = {key: {}}
-            ctx.cache = self._bias_cache[key]
-
-        hidden_states = () if output_hidden_states else None
-        for block in self.blocks:
-            if output_hidden_states:
-                hidden_states += (x,)
-            x = block(x, ctx, past_key_values)
-        x = self.norm_f(x)
-        if output_hidden_states:
-            hidden_states += (x,)
-        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states,
-                                      **{KV_CACHE: past_key_values if use_cache else None})
-        return out if return_dict is not False else out.to_tuple()
+                              cfg.max_seq_len, x.dtype) if cfg.position_scheme == "rope" else None)
+        if not padded and sequence_id is None:
+            self._bias_cache = {(S, past_len): self._bias_cache.get((S, past_len), {})}
+            ctx.cache = self._bias_cache[(S, past_len)]
+        return ctx
 
 
 def _cross_entropy_grad_(logp: torch.Tensor, index: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
@@ -310,22 +315,21 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         # shift the labels, not the logits: slicing the (B, S, vocab) logits would copy them
         targets = None if labels is None else F.pad(labels[:, 1:].to(hidden.device), (0, 1), value=-100).flatten()
+        cap = self.config.final_logit_softcapping
         if targets is not None and self.fused_loss and self.training and torch.is_grad_enabled():
-            if self.config.final_logit_softcapping:
+            if cap:
                 raise UserError("loss_fn: fused_crossentropy does not support final_logit_softcapping; "
                                 "use loss_fn: torch_crossentropy")
+            logits = None
             loss = FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets,
                                                  self.logit_scale or 1.0, loss_chunk_tokens(self.config.vocab_size))
-            result = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
-                                            **{KV_CACHE: getattr(out, KV_CACHE)})
-            return result if return_dict is not False else result.to_tuple()
-        logits = self.lm_head(hidden)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.config.final_logit_softcapping:
-            cap = self.config.final_logit_softcapping
-            logits = cap * torch.tanh(logits / cap)
-        loss = None if targets is None else CrossEntropy.apply(logits.flatten(0, 1).float(), targets)
+        else:
+            logits = self.lm_head(hidden)
+            if self.logit_scale is not None:
+                logits = logits * self.logit_scale
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            loss = None if targets is None else CrossEntropy.apply(logits.flatten(0, 1).float(), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         **{KV_CACHE: getattr(out, KV_CACHE)})
         return result if return_dict is not False else result.to_tuple()

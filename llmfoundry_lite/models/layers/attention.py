@@ -144,19 +144,14 @@ def torch_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
                                           is_causal=bias is None and ctx.q_len > 1)
 
 
-def _flash_attn():
-    try:
-        import flash_attn
-    except ImportError:
-        raise UserError("attn_config.attn_impl: 'flash' needs the flash-attn package (pip install "
-                        "'llmfoundry-lite[gpu]') and a CUDA GPU; use attn_impl: torch on this machine") from None
-    return flash_attn
-
-
 def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
                     softcap: Optional[float] = None) -> torch.Tensor:
     """flash-attn 2 (CUDA, fp16/bf16); padding and packed sequences go through the varlen kernel."""
-    fa = _flash_attn()
+    try:
+        import flash_attn as fa
+    except ImportError:
+        raise UserError("attn_config.attn_impl: 'flash' needs the flash-attn package (pip install "
+                        "'llmfoundry-lite[gpu]') and a CUDA GPU; use attn_impl: torch on this machine") from None
     if q.device.type != "cuda":
         raise UserError(f"attn_config.attn_impl: 'flash' runs on CUDA only, but the model is on {q.device}; "
                         f"use attn_impl: torch")
@@ -256,7 +251,7 @@ attention_impls.register("flex", flex_attention)
 class MPTAttention(nn.Module):
     """Self-attention with MPT's parameter names: `Wqkv` (or `Wq`/`Wk`/`Wv`), `q_ln`/`k_ln`, `out_proj`."""
 
-    def __init__(self, config, layer_idx: int, norm_factory, device=None):
+    def __init__(self, config, layer_idx: int, norm_factory):
         super().__init__()
         attn = config.attn_config
         self.layer_idx = layer_idx
@@ -269,19 +264,18 @@ class MPTAttention(nn.Module):
         self.fused = attn["fused_qkv"]
         bias = not config.no_bias
         if self.fused:
-            self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_dim, bias=bias, device=device)
-            # the init function initialises q, k and v separately, as if they were three layers
-            self.Wqkv._fused = (0, [self.d_model, self.d_model + self.kv_dim])
+            self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_dim, bias=bias)
+            self.Wqkv._fused = (0, [self.d_model, self.d_model + self.kv_dim])  # q|k|v rows: see init.py
         else:
-            self.Wq = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
-            self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=bias, device=device)
-            self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=bias, device=device)
+            self.Wq = nn.Linear(self.d_model, self.d_model, bias=bias)
+            self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=bias)
+            self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=bias)
         self.qk_gn = attn["qk_gn"]
         if attn["qk_ln"] or attn["qk_gn"]:  # qk_ln normalises all heads together, qk_gn each head
             self.q_ln = norm_factory(self.head_dim if self.qk_gn else self.d_model)
             self.k_ln = norm_factory(self.head_dim if self.qk_gn else self.kv_dim)
-        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias, device=device)
-        self.out_proj._is_residual = True
+        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias)
+        self.out_proj._is_residual = True  # see init.py
 
     def _qkv(self, x):
         if self.fused:

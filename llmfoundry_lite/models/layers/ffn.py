@@ -1,7 +1,7 @@
 """Feed-forward blocks by name (`ffn_config.ffn_type`): `mptmlp` and the gated `mptglu`.
 
-Parameter names are MPT's (`up_proj`, `down_proj`, and `gate_proj` for the GLU). `down_proj` is
-marked `_is_residual` so the init function can scale it by `init_div_is_residual`.
+Parameter names are MPT's (`up_proj`, `down_proj`, and `gate_proj` for the GLU); `down_proj` is
+marked `_is_residual` for the init functions (see init.py).
 """
 from __future__ import annotations
 
@@ -21,21 +21,21 @@ def build_activation(spec: Dict[str, Any]):
 
 
 class MPTMLP(nn.Module):
-    def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool, device=None):
+    def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool):
         super().__init__()
-        self.up_proj = nn.Linear(d_model, hidden_size, bias=bias, device=device)
+        self.up_proj = nn.Linear(d_model, hidden_size, bias=bias)
         self.act = build_activation(act)
-        self.down_proj = nn.Linear(hidden_size, d_model, bias=bias, device=device)
-        self.down_proj._is_residual = True
+        self.down_proj = nn.Linear(hidden_size, d_model, bias=bias)
+        self.down_proj._is_residual = True  # see init.py
 
     def forward(self, x):
         return self.down_proj(self.act(self.up_proj(x)))
 
 
 class MPTGLU(MPTMLP):
-    def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool, device=None):
-        super().__init__(d_model, hidden_size, act, bias, device)
-        self.gate_proj = nn.Linear(d_model, hidden_size, bias=bias, device=device)
+    def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool):
+        super().__init__(d_model, hidden_size, act, bias)
+        self.gate_proj = nn.Linear(d_model, hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -2,9 +2,13 @@
 
 Each entry is `fn(module, *, n_layers, d_model, **init_config)` and touches only `module`'s own
 parameters, so it works module by module after a `meta`-device build (what FSDP does):
-- Linear weights: the chosen initializer; a fused `Wqkv` is initialised as three separate
-  matrices; layers marked `_is_residual` (attention `out_proj`, FFN `down_proj`) are divided by
-  `init_div_is_residual` (True = sqrt(2 * n_layers)). Biases are zero.
+- Linear weights: the chosen initializer; biases are zero. What a Linear alone cannot tell, the
+  layer that builds it marks (llm-foundry's attributes, so its plug-in layers work too; only
+  `generic_init_` reads them):
+  `_is_residual = True` (attention `out_proj`, FFN `down_proj`): it writes into the residual
+  stream, so its weight is divided by `init_div_is_residual` (True = sqrt(2 * n_layers));
+  `_fused = (dim, split_points)` (attention `Wqkv`): q, k and v stacked along `dim`, each part
+  initialised as a matrix of its own.
 - Embeddings: `emb_init_std` (normal) or `emb_init_uniform_lim` when set, else the initializer.
 - Norms: weight 1, bias 0.
 """
@@ -32,14 +36,10 @@ def residual_divisor(init_div_is_residual, n_layers: int) -> float:
 def generic_init_(module: nn.Module, init_fn_, *, n_layers: int, init_div_is_residual=True,
                   emb_init_std=None, emb_init_uniform_lim=None, **_):
     if isinstance(module, nn.Linear):
-        fused = getattr(module, "_fused", None)
-        if fused is None:
-            init_fn_(module.weight)
-        else:
-            dim, splits = fused
-            bounds = [0, *splits, module.weight.shape[dim]]
-            for start, end in zip(bounds[:-1], bounds[1:]):  # noqa: B905  (bundled into custom-code folders, Python 3.9 too)
-                init_fn_(module.weight.narrow(dim, start, end - start))
+        dim, splits = getattr(module, "_fused", (0, []))  # unfused: one piece, the whole weight
+        bounds = [0, *splits, module.weight.shape[dim]]
+        for start, end in zip(bounds[:-1], bounds[1:]):  # noqa: B905  (bundled into custom-code folders, Python 3.9 too)
+            init_fn_(module.weight.narrow(dim, start, end - start))
         if module.bias is not None:
             module.bias.zero_()
         if getattr(module, "_is_residual", False):

@@ -23,11 +23,11 @@ def _autocast_dtype(x: torch.Tensor):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False, device=None, dtype=None):
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(normalized_shape, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape, device=device, dtype=dtype)) if bias else None
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(normalized_shape)) if bias else None
 
     def _normalize(self, x, weight, bias):
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
@@ -38,9 +38,6 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False, device=None, dtype=None):
-        super().__init__(normalized_shape, eps=eps, bias=bias, device=device, dtype=dtype)
-
     def _normalize(self, x, weight, bias):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
@@ -73,5 +70,5 @@ norms.register("low_precision_rmsnorm", LowPrecisionRMSNorm)
 NORM_CLASSES = (nn.LayerNorm, RMSNorm)
 
 
-def build_norm(norm_type: str, size: int, eps: float, bias: bool, device=None) -> nn.Module:
-    return norms.get(norm_type.lower(), "model.norm_type")(size, eps=eps, bias=bias, device=device)
+def build_norm(norm_type: str, size: int, eps: float, bias: bool) -> nn.Module:
+    return norms.get(norm_type.lower(), "model.norm_type")(size, eps=eps, bias=bias)
