@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from llmfoundry_lite.eval.icl import ICLDataset, ICLTaskConfig, score_batch
+from llmfoundry_lite.data.icl import ICLDataset, ICLTaskConfig
+from llmfoundry_lite.eval.icl import score_batch
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 TASKS = os.path.join(os.path.dirname(__file__), "..", "llmfoundry_lite", "eval", "tasks")

@@ -1,17 +1,27 @@
 """Named registries of building blocks, extensible by plug-in packages.
 
-Every layer registers what it provides (`attention_impls.register("torch")(fn)`) and looks things up
-by the names used in YAML configs. A plug-in package adds its own entries by declaring a module in
-the entry-point group ``llmfoundry_lite.plugins``; the module is imported (and so registers itself)
-the first time any name is missing from a registry::
+Each registry is declared below with the module that defines its built-in entries; that module
+registers each entry where it is defined (`@registry.optimizers.register("decoupled_lionw")`) and is
+imported the first time the registry is used, so every built-in name is known before the first
+config check. A plug-in package adds its own entries by declaring a module in the entry-point group
+``llmfoundry_lite.plugins``; the module is imported (and so registers itself) the first time a name
+is missing from a registry::
 
     [project.entry-points."llmfoundry_lite.plugins"]
     my_plugin = "my_package.llmfoundry_plugin"
+
+An entry configured from YAML has a config dataclass: the one given to `register(..., config=...)`,
+or one derived from the entry's signature (`config_of`), so a plug-in's arguments are checked too.
+The built-in modules are named as strings and imported lazily: this module stays at the bottom of
+the layers (see DESIGN.md) while the entries live in the layer that builds them.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
 import importlib.metadata
+import inspect
 from typing import Any, Callable, Dict, Iterable, Optional
 
 from llmfoundry_lite.errors import UserError
@@ -36,29 +46,54 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def signature_config(obj: Callable, supplied: Iterable[str] = ()) -> Optional[type]:
+    """A dataclass with one field per keyword argument of `obj` (minus those the framework `supplied`),
+    required where the argument has no default; None when `obj` takes **kwargs (any key goes)."""
+    params = [p for p in inspect.signature(obj).parameters.values() if p.name not in supplied and p.name != "self"]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    fields = [(p.name, Any) if p.default is p.empty else (p.name, Any, dataclasses.field(default=p.default))
+              for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return dataclasses.make_dataclass(f"{getattr(obj, '__name__', 'Entry')}Config", fields, kw_only=True)
+
+
 class Registry:
-    """A name -> object table for one kind of building block (e.g. 'optimizers')."""
+    """A name -> object table for one kind of building block (e.g. 'optimizers').
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    `builtins`: the module defining the built-in entries, imported on first use. `supplied`: the
+    arguments the framework passes itself (an optimizer's `params`), never configured from YAML.
+    """
+
+    def __init__(self, kind: str, builtins: Optional[str] = None, supplied: Iterable[str] = ()):
+        self.kind, self.builtins, self.supplied = kind, builtins, tuple(supplied)
         self._entries: Dict[str, Any] = {}
+        self._configs: Dict[str, Optional[type]] = {}
 
-    def register(self, name: str, obj: Any = None) -> Callable:
-        """Register `obj` under `name`; usable as a decorator when `obj` is omitted."""
+    def register(self, name: str, obj: Any = None, config: Optional[type] = None) -> Callable:
+        """Register `obj` under `name` (with its config dataclass); usable as a decorator when `obj` is omitted."""
         def add(o):
             if name in self._entries and self._entries[name] is not o:
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._entries[name] = o
+            if config is not None:
+                self._configs[name] = config
             return o
         return add if obj is None else add(obj)
 
     def remove(self, name: str) -> None:
         """Unregister `name` (a plug-in that is done, e.g. in tests)."""
         del self._entries[name]
+        self._configs.pop(name, None)
+
+    def _load_builtins(self) -> None:
+        if self.builtins is not None:
+            module, self.builtins = self.builtins, None
+            importlib.import_module(module)
 
     def __contains__(self, name: str) -> bool:
         if not isinstance(name, str):  # a YAML list or mapping where a name belongs
             return False
+        self._load_builtins()
         if name not in self._entries:
             load_plugins()
         return name in self._entries
@@ -68,28 +103,35 @@ class Registry:
             return self._entries[name]
         raise UserError(self.unknown_message(name, path))
 
+    def config_of(self, name: str) -> Optional[type]:
+        """The config dataclass of entry `name` (None: it takes any keyword arguments)."""
+        if name not in self._configs:
+            self._configs[name] = signature_config(self.get(name), self.supplied)
+        return self._configs[name]
+
     def unknown_message(self, name: str, path: Optional[str] = None) -> str:
         where = f"{path}: " if path else ""
-        return (f"{where}unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
-                f"choose one of {sorted(self._entries)} or register one with a plug-in")
+        return (f"{where}unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; "
+                f"choose one of {self.names()} or register one with a plug-in")
 
     def names(self):
+        self._load_builtins()
         load_plugins()
         return sorted(self._entries)
 
 
-# The registries every layer shares. Each layer fills its own at import time.
-attention_impls = Registry("attention implementation")
-norms = Registry("norm")
-ffns = Registry("ffn")
-param_inits = Registry("init function")
-models = Registry("model")
-tokenizers = Registry("tokenizer")
-dataloaders = Registry("dataloader")
-preprocessors = Registry("finetuning preprocessor")
-optimizers = Registry("optimizer")
-schedulers = Registry("scheduler")
-algorithms = Registry("algorithm")
-callbacks = Registry("callback")
-loggers = Registry("logger")
-icl_tasks = Registry("ICL task type")
+# The registries every layer shares, each with the module that defines its built-in entries.
+attention_impls = Registry("attention implementation", "llmfoundry_lite.models.layers.attention")
+norms = Registry("norm", "llmfoundry_lite.models.layers.norms")
+ffns = Registry("ffn", "llmfoundry_lite.models.layers.ffn")
+param_inits = Registry("init function", "llmfoundry_lite.models.layers.init")
+models = Registry("model", "llmfoundry_lite.export.opening")
+tokenizers = Registry("tokenizer", "llmfoundry_lite.data.tokenizer")
+dataloaders = Registry("dataloader", "llmfoundry_lite.data.loaders")
+preprocessors = Registry("finetuning preprocessor", "llmfoundry_lite.data.finetuning")
+icl_tasks = Registry("ICL task type", "llmfoundry_lite.data.icl")
+optimizers = Registry("optimizer", "llmfoundry_lite.train.builders", supplied=("params",))
+schedulers = Registry("scheduler", "llmfoundry_lite.train.builders")
+algorithms = Registry("algorithm", "llmfoundry_lite.train.builders")
+callbacks = Registry("callback", "llmfoundry_lite.train.builders")
+loggers = Registry("logger", "llmfoundry_lite.train.builders")

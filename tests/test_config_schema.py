@@ -3,9 +3,9 @@ from typing import Dict, List, Literal, Optional, Union
 
 import pytest
 
-from llmfoundry_lite.config import check, check_kwargs, load_config, parse
+from llmfoundry_lite.config import check, cross, load_config, parse
 from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.registry import Registry
+from llmfoundry_lite.registry import Registry, signature_config
 
 
 @dataclasses.dataclass
@@ -22,8 +22,10 @@ class Outer:
     batch: Union[int, str] = 1
     extra: Optional[Dict[str, int]] = None
 
-    def validate(self, path):
-        return [f"{path}.batch: 'auto' or an int"] if isinstance(self.batch, str) and self.batch != "auto" else []
+    @cross("batch")
+    def _auto_or_int(self, path):
+        if isinstance(self.batch, str) and self.batch != "auto":
+            return f"{path}.batch: 'auto' or an int"
 
 
 def test_valid_config_builds_nested_dataclasses():
@@ -45,18 +47,26 @@ def test_every_problem_reported_at_once_with_paths_and_suggestions():
     assert len(problems) == 7  # the missing inner.rate too
 
 
-def test_cross_field_validate_runs_after_types_pass():
+def test_cross_field_rule_runs_when_its_fields_are_valid():
     with pytest.raises(ConfigError, match=r"batch: 'auto' or an int"):
         parse(Outer, {"name": "x", "inner": {"rate": 1}, "batch": "many"})
+    _, problems = check(Outer, {"name": 3, "inner": {"rate": 1}, "batch": "many"}, "cfg")  # another field is bad
+    assert problems == ["cfg.name: expected str, got int 3", "cfg.batch: 'auto' or an int"]
+    _, problems = check(Outer, {"name": "x", "inner": {"rate": 1}, "batch": 1.5}, "cfg")  # its own field is bad
+    assert problems == ["cfg.batch: expected int or str, got 1.5"]
 
 
-def test_check_kwargs_against_a_signature():
-    def opt(lr, betas=(0.9, 0.95), weight_decay=0.0):
+def test_config_derived_from_a_signature():
+    def opt(params, lr, betas=(0.9, 0.95), weight_decay=0.0):
         pass
-    assert check_kwargs(opt, {"lr": 1e-3, "weight_decay": 0}, "optimizer") == []
-    problems = check_kwargs(opt, {"weight_decy": 0}, "optimizer")
+    cfg = signature_config(opt, supplied=("params",))
+    assert check(cfg, {"lr": 1e-3, "weight_decay": 0}, "optimizer")[1] == []
+    _, problems = check(cfg, {"weight_decy": 0}, "optimizer")
     assert problems == ["optimizer.weight_decy: unknown key (did you mean 'weight_decay'?)",
                         "optimizer.lr: missing required key"]
+    _, problems = check(cfg, {"lr": 1, "params": []}, "optimizer")  # the framework passes params itself
+    assert problems == ["optimizer.params: unknown key"]
+    assert signature_config(lambda **kw: None) is None  # **kwargs: any key goes
 
 
 def test_load_config_interpolation_overrides_and_errors(tmp_path):

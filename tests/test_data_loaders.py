@@ -8,11 +8,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from llmfoundry_lite.data import build_dataloader, build_tokenizer, dataloader_config_problems
+from llmfoundry_lite.config import Named, parse
+from llmfoundry_lite.data import build_dataloader, build_tokenizer
 from llmfoundry_lite.data.collators import PackingCollator, auto_packing_ratio
 from llmfoundry_lite.data.finetuning import MPT_SYSTEM_PROMPT, convert_finetuning, numbered, to_turns
 from llmfoundry_lite.data.mds import clean_stale_shared_memory
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
+from llmfoundry_lite.registry import dataloaders
 
 IGNORE = -100
 
@@ -29,6 +31,14 @@ def write_rows(folder, n_rows, seq=8):
         for i in range(n_rows):
             w.write({"tokens": np.full(seq, i, dtype=np.uint16)})
     return str(folder)
+
+
+def dataloader_config_problems(cfg, path="train_loader"):
+    try:
+        parse(Named[dataloaders], cfg, path)
+    except ConfigError as e:
+        return e.problems
+    return []
 
 
 def test_config_problems_are_all_listed_with_suggestions(tmp_path):

@@ -7,16 +7,16 @@ import torch
 
 from llmfoundry_lite.config import check
 from llmfoundry_lite.errors import DataError
-from llmfoundry_lite.eval.icl import (
+from llmfoundry_lite.data.icl import (
     ICLDataset,
     ICLTaskConfig,
     build_prompts,
     continuation_scores,
-    evaluate_icl_task,
     fewshot_indices,
     load_task_file,
     normalize_answer,
 )
+from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.registry import icl_tasks
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -198,12 +198,12 @@ def test_task_config_problems_are_all_reported(tmp_path):
     _, problems = check(ICLTaskConfig, {"label": "x", "dataset_uri": str(tmp_path / "nope.jsonl"),
                                         "icl_task_type": "multiple_choise", "num_fewshot": [0, -1]}, "icl_tasks[0]")
     text = "\n".join(problems)
-    assert "did you mean 'multiple_choice'" in text and "num_fewshot: must be >= 0" in text
+    assert "did you mean 'multiple_choice'" in text and "num_fewshot[1]: must be >= 0" in text
     assert "dataset_uri: file not found" in text and len(problems) == 3
 
 
 def test_plugin_task_type_via_registry(tmp_path):
-    from llmfoundry_lite.eval.icl import ICLTaskType
+    from llmfoundry_lite.data.icl import ICLTaskType
 
     class Yes(ICLTaskType):  # correct when the continuation "yes" beats "no"
         name, fields = "yes_no_test", {"question": str}
@@ -218,7 +218,7 @@ def test_plugin_task_type_via_registry(tmp_path):
 
 
 def test_split_examples_keeps_each_examples_rows_together(tmp_path):
-    from llmfoundry_lite.eval.icl import judge_generations, judge_logits, split_examples
+    from llmfoundry_lite.data.icl import judge_generations, judge_logits, split_examples
     t = table(**{":y": 3.0, ":x": 1.0})
     path = write(tmp_path, "mc.jsonl", [{"query": q, "choices": ["x", "yy", "z"][:n], "gold": g}
                                         for q, n, g in (("q", 2, 1), ("rr", 3, 0), ("s", 3, 1))])

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from llmfoundry_lite.eval.icl import ICLDataset, ICLTaskConfig, continuation_scores, evaluate_icl_task
+from llmfoundry_lite.data.icl import ICLDataset, ICLTaskConfig, continuation_scores
+from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -92,7 +93,7 @@ def test_batching_and_padding_do_not_change_scores(tok, task_files):
 def test_composer_evaluators_match_the_standalone_numbers(tok, task_files, tmp_path):
     from composer import Trainer
 
-    from llmfoundry_lite.eval.composer_evaluators import add_icl_metrics, build_icl_evaluators
+    from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
     from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
 
     model = tiny_model(tok, seed=2)
@@ -104,7 +105,7 @@ def test_composer_evaluators_match_the_standalone_numbers(tok, task_files, tmp_p
         expected.update(evaluate_icl_task(model, tok, ICLTaskConfig(**c), max_seq_len=64, batch_size=3))
     composer_model = ComposerMPTCausalLM(model, tok)
     add_icl_metrics(composer_model)
-    evaluators = build_icl_evaluators(cfgs, tok, device_eval_batch_size=3, max_seq_len=64)
+    evaluators = build_icl_evaluators([ICLTaskConfig(**c) for c in cfgs], tok, device_eval_batch_size=3, max_seq_len=64)
     assert [e.label for e in evaluators] == ["mc/0-shot", "mc/1-shot", "lm/0-shot", "lm/1-shot", "gen/0-shot",
                                              "gen/1-shot"]
     trainer = Trainer(model=composer_model, eval_dataloader=evaluators, device="cpu", progress_bar=False,

@@ -115,7 +115,8 @@ def test_composer_checkpoint_and_hf_folder_give_the_same_numbers(tmp_path, tiny_
     from composer import Trainer
     from transformers import AutoTokenizer
 
-    from llmfoundry_lite.eval.icl import ICLTaskConfig, evaluate_icl_task
+    from llmfoundry_lite.data.icl import ICLTaskConfig
+    from llmfoundry_lite.eval.icl import evaluate_icl_task
     from llmfoundry_lite.export import write_hf_folder
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
@@ -164,7 +165,8 @@ def test_shipped_eval_yamls_and_task_suite_validate(tmp_path, tiny_tokenizer_dir
     from transformers import AutoTokenizer
 
     from llmfoundry_lite.config import load_config
-    from llmfoundry_lite.eval.icl import ICLDataset, icl_task_configs
+    from llmfoundry_lite.config import parse
+    from llmfoundry_lite.data.icl import ICLDataset, ICLTasks
     from llmfoundry_lite.eval.runner import check_eval_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,8 +183,8 @@ def test_shipped_eval_yamls_and_task_suite_validate(tmp_path, tiny_tokenizer_dir
         (bench / f"{name}.jsonl").touch()
     check_eval_config(load_config("yamls/eval/public-benchmarks.yaml", [f"variables.data={bench}"]))
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    tasks, problems = icl_task_configs("yamls/eval/tasks-tiny.yaml")
-    assert not problems and len(tasks) == 4
+    tasks = parse(ICLTasks, "yamls/eval/tasks-tiny.yaml", "icl_tasks")
+    assert len(tasks) == 4
     for t in tasks:
         for k in t.num_fewshot:
             assert len(ICLDataset(t, k, tok, max_seq_len=128)) == 100

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token, model_config_problems
+from llmfoundry_lite.config import check
+from llmfoundry_lite.export.opening import MPTModelSection
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token
+from llmfoundry_lite.models.config import MPTSchema
 from llmfoundry_lite.models.layers.attention import apply_rope, rope_cos_sin
 
 V = 64
@@ -143,14 +146,15 @@ def test_invalid_configs_list_every_problem_with_paths():
                      "model.ffn_config.ffn_typ: unknown key (did you mean 'ffn_type'?)",
                      "model.n_layer: unknown key (did you mean 'n_layers'?)"]:
         assert expected in text, text
-    problems = model_config_problems({"attn_config": {"attn_impl": "trch"}, "init_config": {"name": "kaiming"}})
+    _, problems = check(MPTSchema, {"attn_config": {"attn_impl": "trch"}, "init_config": {"name": "kaiming"}}, "model")
     assert problems == ["model.attn_config.attn_impl: unknown attention implementation 'trch' (did you mean "
                         "'torch'?); choose one of ['flash', 'flex', 'torch'] or register one with a plug-in",
                         "model.init_config.name: unknown init function 'kaiming' (did you mean 'kaiming_normal_'?); "
                         "choose one of ['baseline_', 'default_', 'kaiming_normal_', 'kaiming_uniform_', "
                         "'neox_init_', 'small_init_', 'xavier_normal_', 'xavier_uniform_'] or register one with a "
                         "plug-in"]
-    assert model_config_problems({"d_model": 64, "n_heads": 4, "name": "mpt_causal_lm"}) == []
+    # a `model:` section also takes llm-foundry's builder keys
+    assert check(MPTModelSection, {"d_model": 64, "n_heads": 4, "loss_fn": "fused_crossentropy"}, "model")[1] == []
     with pytest.raises(ConfigError, match="logit_scale"):
         MPTConfig(logit_scale="huge")
 

@@ -8,6 +8,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from train_utils import stand_in_folders
 
 from llmfoundry_lite import cli
 from llmfoundry_lite.config import load_config
@@ -18,6 +19,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "broken_configs")
 BASE_YAML = os.path.join(CORPUS, "_base.yaml.txt")
 CASES = sorted(glob.glob(os.path.join(CORPUS, "*.yaml")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _in_folder_with_the_named_paths(tmp_path_factory):
+    """The corpus names ./data (an MDS split) and ./tokenizer, which the config check looks for."""
+    cwd = os.getcwd()
+    os.chdir(stand_in_folders(str(tmp_path_factory.mktemp("cwd")), splits=["data/train"], folders=["tokenizer"]))
+    yield
+    os.chdir(cwd)
 
 
 def header(path):

@@ -3,10 +3,12 @@ builders (schedulers, Lion, FSDP mapping, meta init) behave as specified. No tra
 import glob
 import math
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
+from train_utils import stand_in_folders
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError
@@ -17,11 +19,14 @@ YAMLS = sorted(glob.glob(os.path.join(ROOT, "yamls", "pretrain", "*.yaml")) +
                glob.glob(os.path.join(ROOT, "yamls", "finetune", "*.yaml")))
 
 
+DATA = stand_in_folders(tempfile.mkdtemp(), splits=["train"])  # the config check wants the data folder to exist
+
+
 def minimal(**over):
     cfg = {
         "model": {"name": "mpt_causal_lm", "d_model": 32, "n_heads": 2, "n_layers": 2, "max_seq_len": 16},
         "tokenizer": {"name": "some/tokenizer"},
-        "train_loader": {"name": "text", "dataset": {"local": "/nowhere", "split": "train", "max_seq_len": 16}},
+        "train_loader": {"name": "text", "dataset": {"local": DATA, "split": "train", "max_seq_len": 16}},
         "max_duration": "4ba", "max_seq_len": 16, "global_train_batch_size": 4,
     }
     cfg.update(over)
@@ -43,19 +48,22 @@ def test_shipped_yamls_exist():
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=os.path.basename)
-def test_every_shipped_yaml_validates(path):
+def test_every_shipped_yaml_validates(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(stand_in_folders(  # the data and model folders the YAMLs name, relative to the cwd
+        str(tmp_path), splits=["my-copy-c4/train", "my-copy-c4/val", "quickstart_out/data/train",
+                               "quickstart_out/data/val"], folders=["quickstart_out/tokenizer", "quickstart_out/hf"]))
     cfg = check_train_config(load_config(path), world_size=8 if "cpu" not in path else 2)
     if "pretrain" in path and "cpu" not in path:  # the MPT family's shape
         assert cfg.max_seq_len == 2048 and cfg.precision == "amp_bf16"
-        assert cfg.model["attn_config"]["alibi"] is True
+        assert cfg.model.config.attn_config.alibi is True
         assert cfg.fsdp_config.sharding_strategy == "FULL_SHARD"
         assert cfg.tokenizer.name == "EleutherAI/gpt-neox-20b"
-        assert cfg.model["vocab_size"] == (50432 if ("7b" in path or "30b" in path) else 50368)
+        assert cfg.model.config.vocab_size == (50432 if ("7b" in path or "30b" in path) else 50368)
 
 
 def test_valid_minimal_config_and_defaults():
     cfg = check_train_config(minimal())
-    assert cfg.optimizer == {"name": "decoupled_adamw"} and cfg.precision == "amp_bf16"
+    assert cfg.optimizer.name == "decoupled_adamw" and cfg.optimizer.kwargs == {} and cfg.precision == "amp_bf16"
     assert cfg.autoresume_enabled() is False
     cfg = check_train_config(minimal(run_name="r", save_folder="/tmp/x"))
     assert cfg.autoresume_enabled() is True
@@ -84,7 +92,7 @@ def test_all_problems_of_all_sections_reported_together():
         "max_duration: '4 batches' is not a duration",
         "global_train_batch_size: 5 is not divisible by the world size 2",
         "optimizer.lrr: unknown key (did you mean 'lr'?)",
-        "scheduler: unknown scheduler 'cosine_warmup' (did you mean 'cosine_with_warmup'?)",
+        "scheduler.name: unknown scheduler 'cosine_warmup' (did you mean 'cosine_with_warmup'?)",
         "callbacks.speed_monitr: unknown callback 'speed_monitr' (did you mean 'speed_monitor'?)",
         "callbacks.lr_monitor.foo: unknown key",
         "loggers.wandb.projcet: unknown key (did you mean 'project'?)",

@@ -95,3 +95,16 @@ LAYOUTS = {
     "hybrid_2x1": _HYBRID_2X1, "hybrid_2x1-ac": {**_HYBRID_2X1, **_AC},
 }
 LAYOUT_STEPS = 8
+
+
+def stand_in_folders(root: str, splits=(), folders=()) -> str:
+    """Empty MDS splits (an index.json) and plain folders under `root`, so a config check that looks
+    for the paths a YAML names passes without real data."""
+    import json
+    for split in splits:
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        with open(os.path.join(root, split, "index.json"), "w") as f:
+            json.dump({"version": 2, "shards": []}, f)
+    for folder in folders:
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    return root

@@ -1,20 +1,32 @@
-"""Typed dataclasses are the config schema; this module checks plain dicts against them.
+"""Typed dataclasses are the config schema; `check` is the one pass that validates a config against them.
 
-`check(cls, data, path)` returns `(instance, problems)`: it never stops at the first problem, so a
-caller can gather the problems of every section and raise one `ConfigError` listing them all. Each
-problem starts with the dotted path of the key and, for unknown keys, a did-you-mean suggestion.
-Supported field types: the builtins, `Any`, `Optional[...]`, `Union[...]`, `Literal[...]`,
-`List[...]`, `Dict[str, ...]` and nested dataclasses.
+`check(cls, data, path)` returns `(instance, problems)`: it never stops at the first problem, so one
+`ConfigError` can list every problem of every section, at any depth. Each problem starts with the
+dotted path of the key; unknown keys and unknown registry names get a did-you-mean suggestion.
+
+Field types: the builtins, `Any`, `Optional`, `Union`, `Literal`, `List`, `Dict[str, ...]`, nested
+dataclasses, and these, which is how a schema reaches into the registries:
+  `Name[reg]`            a string naming an entry of registry `reg` (`attn_impl: flash`)
+  `Named[reg]`           a mapping whose `name` key picks an entry of `reg`; its other keys are checked
+                         against that entry's config dataclass (`optimizer: {name: decoupled_adamw, lr: ..}`);
+                         `Named[reg, "ffn_type"]` picks by another key. The value is a `Section`.
+  `NamedMap[reg]`        `{entry name: its keys}` (`callbacks: {speed_monitor: {window_size: 5}}`); `{}` or
+                         null takes the defaults, `false` turns an entry off. The value is `{name: Section}`.
+  `ListOrFile[T, key]`   a list of T, or the path of a YAML file whose `key` holds that list
+  `Annotated[T, rule(ok, message)]`   T with a value rule (`Positive`, `Probability`)
+A dataclass adds cross-field rules as methods marked `@cross("field", ...)`, each run when the fields it
+needs are valid (so one pass reports them next to every other problem); `EXTRA_KEYS` (a ClassVar) names keys another library owns, collected into its
+`extra` field; `ALIASES` maps other spellings of a key onto it.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import os
 import typing
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Annotated, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.registry import did_you_mean
+from llmfoundry_lite.registry import Registry, did_you_mean
 
 
 def join(path: str, key) -> str:
@@ -23,19 +35,158 @@ def join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A value rule for `Annotated[T, Rule(problem)]`: `problem(value)` is None or what is wrong."""
+    problem: Callable[[Any], Optional[str]]
+
+
+def rule(ok: Callable[[Any], bool], message: str) -> Rule:
+    """The rule '<message>, got <value>' for values where `ok(value)` is false."""
+    return Rule(lambda v: None if ok(v) else f"{message}, got {v!r}")
+
+
+Positive = Annotated[int, rule(lambda v: v > 0, "must be positive")]
+ExistingFile = Annotated[str, Rule(lambda v: None if os.path.isfile(v) else
+                                   f"file not found: {v} (relative paths are relative to the current directory)")]
+Probability = Annotated[float, rule(lambda v: 0 <= v <= 1, "a probability in [0, 1]")]
+
+
+@dataclasses.dataclass
+class Section:
+    """A checked named section: the registry entry, its config (a dataclass instance, or the keys
+    themselves for an entry taking **kwargs) and the keys as written (`kwargs`, without the name)."""
+    registry: Registry
+    name: str
+    config: Any
+    kwargs: Dict[str, Any]
+
+    def build(self, *args):
+        """The entry called with the framework's `args` and the section's keys."""
+        return self.registry.get(self.name)(*args, **self.kwargs)
+
+
+class _FieldType:
+    """A field type that checks its value itself (`Name`, `Named`, `NamedMap`, `ListOrFile`)."""
+
+    def __class_getitem__(cls, params):
+        return Annotated[Any, cls(*(params if isinstance(params, tuple) else (params,)))]
+
+    def coerce(self, value, path: str, problems: List[str]):
+        raise NotImplementedError
+
+
+class Name(_FieldType):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def coerce(self, value, path, problems):
+        if value not in self.registry:
+            problems.append(self.registry.unknown_message(value, path))
+        return value
+
+
+class Named(_FieldType):
+    def __init__(self, registry: Registry, key: str = "name"):
+        self.registry, self.key = registry, key
+
+    def coerce(self, value, path, problems):
+        if isinstance(value, Section):
+            return value
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping, got {value!r}; `{join(path, self.key)}` names "
+                            f"the {self.registry.kind} (one of {self.registry.names()})")
+            return value
+        kwargs = {k: v for k, v in value.items() if k != self.key}
+        if self.key not in value:
+            problems.append(f"{join(path, self.key)}: missing required key; choose one of {self.registry.names()}")
+            return None
+        return entry_section(self.registry, value[self.key], kwargs, join(path, self.key), path, problems)
+
+
+def entry_section(registry: Registry, name, kwargs, name_path: str, path: str, problems: List[str]):
+    """The Section of entry `name` configured by `kwargs`, or None with the problems appended."""
+    if name not in registry:
+        problems.append(registry.unknown_message(name, name_path))
+        return None
+    cls = registry.config_of(name)
+    if cls is None:
+        return Section(registry, name, dict(kwargs), dict(kwargs))
+    config, sub = check(cls, kwargs, path)
+    problems.extend(sub)
+    return None if config is None else Section(registry, name, config, dict(kwargs))
+
+
+class NamedMap(_FieldType):
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def coerce(self, value, path, problems):
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping of {self.registry.kind} names to their keys, got {value!r}")
+            return value
+        out = {}
+        for name, kwargs in value.items():
+            where = join(path, name)
+            if isinstance(kwargs, Section):
+                out[name] = kwargs
+            elif name not in self.registry:  # also when turned off: a typo would leave the real one on
+                problems.append(self.registry.unknown_message(name, where))
+            elif kwargs is not None and kwargs is not True and kwargs is not False and not isinstance(kwargs, Mapping):
+                problems.append(f"{where}: expected a mapping of arguments (or null/false), got {kwargs!r}")
+            elif kwargs is not False:
+                out[name] = entry_section(self.registry, name, kwargs if isinstance(kwargs, Mapping) else {},
+                                          where, where, problems)
+        return out
+
+
+class ListOrFile(_FieldType):
+    def __init__(self, item_type, key: str):
+        self.item_type, self.key = item_type, key
+
+    def coerce(self, value, path, problems):
+        if isinstance(value, str):
+            from llmfoundry_lite.config.loading import load_config
+            if not os.path.isfile(value):
+                problems.append(f"{path}: file not found: {value}")
+                return value
+            value, path = load_config(value).get(self.key), f"{value}: {self.key}"
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list (or the path of a YAML file with `{self.key}:`), got {value!r}")
+            return value
+        return coerce(List[self.item_type], value, path, problems)
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin in (list, List):
         return "a list"
-    if origin in (dict, Dict):
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
+    if origin in (dict, Dict) or dataclasses.is_dataclass(tp):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+def _shape(tp) -> str:
+    """'mapping', 'list' or 'scalar': which YAML node a type reads."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        meta = typing.get_args(tp)[1]
+        if isinstance(meta, (Named, NamedMap)):
+            return "mapping"
+        return "list" if isinstance(meta, ListOrFile) else _shape(typing.get_args(tp)[0])
+    if origin in (dict, Dict, Mapping) or dataclasses.is_dataclass(tp):
+        return "mapping"
+    return "list" if origin in (list, List, tuple) else "scalar"
+
+
+def _value_shape(value) -> str:
+    return "mapping" if isinstance(value, Mapping) else "list" if isinstance(value, (list, tuple)) else "scalar"
 
 
 def coerce(tp, value, path: str, problems: List[str]):
@@ -43,16 +194,24 @@ def coerce(tp, value, path: str, problems: List[str]):
     if tp is Any or tp is object:
         return value
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *meta = typing.get_args(tp)
+        before = len(problems)
+        value = meta[0].coerce(value, path, problems) if isinstance(meta[0], _FieldType) else \
+            coerce(base, value, path, problems)
+        for r in meta:
+            problem = r.problem(value) if isinstance(r, Rule) and len(problems) == before else None
+            if problem:
+                problems.append(f"{path}: {problem}")
+        return value
     if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
-        others = [a for a in args if a is not type(None)]
-        if len(others) == 1:  # Optional[X]: report X's own (possibly nested) problems
-            return coerce(others[0], value, path, problems)
+        same_shape = args if len(args) == 1 else [a for a in args if _shape(a) == _value_shape(value)]
+        if len(same_shape) == 1:  # one arm reads this kind of node: report its own (nested) problems
+            return coerce(same_shape[0], value, path, problems)
         for arg in args:
-            if arg is type(None):
-                continue
             trial: List[str] = []
             out = coerce(arg, value, path, trial)
             if not trial:
@@ -61,7 +220,7 @@ def coerce(tp, value, path: str, problems: List[str]):
         return value
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
             problems.append(f"{path}: {value!r} is not allowed; expected one of {list(choices)}"
                             f"{did_you_mean(value, [str(c) for c in choices])}")
         return value
@@ -80,8 +239,7 @@ def coerce(tp, value, path: str, problems: List[str]):
         val_tp = args[1] if args else Any
         return {k: coerce(val_tp, v, join(path, k), problems) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            problems.append(f"{path}: expected a mapping, got {value!r}")
+        if isinstance(value, tp):
             return value
         obj, sub = check(tp, value, path)
         problems.extend(sub)
@@ -106,44 +264,80 @@ def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
     """Check `data` against dataclass `cls`; returns (instance or None, problems)."""
     if not isinstance(data, Mapping):
         return None, [f"{path or '<root>'}: expected a mapping, got {data!r}"]
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    problems = unknown_keys(data, fields, path)
-    kwargs = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    extra_keys = getattr(cls, "EXTRA_KEYS", None)  # then the `extra` field collects them; it is not a key
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not (extra_keys and f.name == "extra")}
+    data = {getattr(cls, "ALIASES", {}).get(k, k): v for k, v in data.items()}
+    extra = {k: v for k, v in data.items() if extra_keys and k in extra_keys and k not in fields}
+    problems = unknown_keys({k: v for k, v in data.items() if k not in extra}, fields, path)
+    kwargs, valid = {}, set()
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = coerce(hints[name], data[name], join(path, name), problems)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            value = data[name]
+        elif field.default_factory is not dataclasses.MISSING:  # a default section is checked like a written one
+            value = field.default_factory()
+        elif field.default is dataclasses.MISSING:
             problems.append(f"{join(path, name)}: missing required key")
-    if problems:
-        return None, problems
+            kwargs[name] = None
+            continue
+        else:
+            valid.add(name)
+            continue
+        before = len(problems)
+        kwargs[name] = coerce(hints[name], value, join(path, name), problems)
+        if len(problems) == before or _built(kwargs[name]) or _names_an_entry(hints[name]):
+            valid.add(name)
+        else:
+            kwargs[name] = None  # rules that need this field are not run
+    if extra_keys:
+        kwargs["extra"] = extra
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:  # cross-field rules: `def validate(self, path) -> list[str]`
-        problems.extend(validate(path))
-    return obj, problems
+    for rule in cross_rules(cls):
+        if valid.issuperset(rule.needs):
+            found = rule(obj, path)
+            problems.extend([found] if isinstance(found, str) else found or [])
+    return (obj if valid == set(fields) else None), problems
+
+
+def cross(*needs: str):
+    """Mark a method `(self, path) -> problem | [problems] | None` as a cross-field rule of its
+    dataclass; `check` runs it when every field it `needs` is valid, whatever else is wrong."""
+    def mark(method):
+        method.needs = needs
+        return method
+    return mark
+
+
+def cross_rules(cls) -> List[Callable]:
+    return [getattr(cls, n) for n in dir(cls) if hasattr(getattr(cls, n, None), "needs")]
+
+
+def _names_an_entry(tp) -> bool:
+    """A `Name[...]` field: an unknown name is still a string that cross-field rules can compare."""
+    return typing.get_origin(tp) is Annotated and isinstance(typing.get_args(tp)[1], Name)
+
+
+def _built(value) -> bool:
+    """A nested section (or a list/mapping of them) that was built despite its problems (unknown keys,
+    cross-field rules): the enclosing section can still apply its own rules."""
+    if isinstance(value, (list, dict)):
+        items = list(value.values() if isinstance(value, dict) else value)
+        return bool(items) and all(_built(v) for v in items)
+    return isinstance(value, Section) or dataclasses.is_dataclass(value)
 
 
 def parse(cls, data: Mapping, path: str = "", header: str = "invalid config"):
-    """`check` that raises one ConfigError listing every problem."""
-    obj, problems = check(cls, data, path)
+    """`check` that raises one ConfigError listing every problem (`cls` may be any field type)."""
+    if dataclasses.is_dataclass(cls):
+        obj, problems = check(cls, data, path)
+    else:
+        problems = []
+        obj = coerce(cls, data, path, problems)
     if problems:
         raise ConfigError(problems, header)
     return obj
 
 
-def check_kwargs(fn: Callable, kwargs: Mapping, path: str, skip=()) -> List[str]:
-    """Problems for keys of `kwargs` that `fn` does not accept, or required arguments that are missing.
-
-    Used for registry entries configured by keyword arguments (optimizers, schedulers, callbacks).
-    """
-    sig = inspect.signature(fn)
-    params = {n: p for n, p in sig.parameters.items() if n not in skip and n != "self"}
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return []
-    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    problems = unknown_keys(kwargs, accepted, path)
-    for n in accepted:
-        if params[n].default is inspect.Parameter.empty and n not in kwargs:
-            problems.append(f"{join(path, n)}: missing required key")
-    return problems
+def fields_of(obj) -> Dict[str, Any]:
+    """A dataclass instance's fields as a dict, one level deep (nested dataclasses stay objects)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

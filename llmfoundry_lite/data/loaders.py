@@ -1,21 +1,23 @@
-"""`train_loader` / `eval_loader` sections: typed schema, validation and `build_dataloader`.
+"""`train_loader` / `eval_loader` sections: their schema and `build_dataloader`.
 
 A loader section is `{name, dataset: {...}, drop_last, num_workers, pin_memory, prefetch_factor,
 persistent_workers, timeout}`; `name` picks an entry of the `dataloaders` registry (`text`,
-`finetuning`, or a plug-in's), which owns the schema of `dataset`. Unknown keys at any level are
-problems, all reported together with did-you-mean suggestions.
+`finetuning`, or a plug-in's), registered with its config dataclass (the `LoaderOptions` plus its
+own `dataset` schema) and a function `build(config, tokenizer, batch_size)` returning
+`(dataset, collate_fn, examples_per_batch, sampler_or_None)`.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader
 
-from llmfoundry_lite.config import check
-from llmfoundry_lite.errors import ConfigError, DataError
+from llmfoundry_lite.config import Named, Positive, Section, cross, parse, rule
+from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.registry import dataloaders
 
 
@@ -68,61 +70,71 @@ class StreamingOptions:
                                  for s in self.streams.values()]
         return {**kwargs, "batch_size": batch_size}
 
-    def source_problems(self, path: str) -> List[str]:
+    @cross("local", "remote", "split", "streams")
+    def _one_source(self, path: str) -> List[str]:
         if not (self.local or self.remote or self.streams):
             return [f"{path}: give `local`/`remote` (with `split`) or `streams`"]
         if self.streams and (self.local or self.remote):
             return [f"{path}: give either `streams` or `local`/`remote`, not both"]
+        sources = [(path, self)] + [(f"{path}.streams.{n}", s) for n, s in (self.streams or {}).items()]
+        return [p for where, s in sources for p in local_split_problems(s.local, s.remote, s.split or self.split, where)]
+
+
+def local_split_problems(local: Optional[str], remote: Optional[str], split: Optional[str], path: str) -> List[str]:
+    """A local-only split must be there before training starts (streaming would fail mid-setup)."""
+    if not local or remote:
         return []
+    from llmfoundry_lite.data.mds import check_local_split
+    try:
+        check_local_split(os.path.join(local, split or ""))
+    except DataError as e:
+        return [f"{path}.local: {e}"]
+    return []
 
 
 @dataclass(kw_only=True)
 class TextDatasetConfig(StreamingOptions):
-    max_seq_len: int
+    max_seq_len: Positive
     token_encoding_type: Literal["int32", "int64", "uint16"] = "int32"  # of a raw-bytes `tokens` column
     eos_token_id: Optional[int] = None  # emit `sequence_id`: EOS ends a document inside a row
-
-    def validate(self, path: str) -> List[str]:
-        return self.source_problems(path) + ([f"{path}.max_seq_len: must be positive"] if self.max_seq_len < 1 else [])
 
 
 @dataclass(kw_only=True)
 class FinetuningDatasetConfig(StreamingOptions):
-    max_seq_len: int
+    max_seq_len: Positive
     hf_name: Optional[str] = None  # hub name or local file/folder; else MDS via local/remote/streams
     hf_kwargs: Dict[str, Any] = field(default_factory=dict)
     preprocessing_fn: Optional[str] = None
     target_prompts: str = "none"
     target_responses: Literal["last", "all"] = "last"
     chat_template: Optional[str] = None
-    packing_ratio: Optional[Union[float, Literal["auto"]]] = None
+    packing_ratio: Optional[Union[Annotated[float, rule(lambda v: v >= 1, "must be >= 1 (or 'auto')")],
+                                  Literal["auto"]]] = None
     max_leftover_bins_to_keep: Optional[int] = None
     allow_pad_trimming: bool = False  # pad to the longest example of the batch instead of max_seq_len
-    decoder_only_format: bool = True
+    decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models are supported; set it to true")] = True
 
-    def validate(self, path: str) -> List[str]:
+    @cross("hf_name", "local", "remote", "split", "streams")
+    def _one_source(self, path: str) -> List[str]:
+        if not self.hf_name:
+            return super()._one_source(path)
+        if self.local or self.remote or self.streams:
+            return [f"{path}: give either `hf_name` or MDS `local`/`remote`/`streams`, not both"]
+        return []
+
+    @cross("target_prompts")
+    def _known_target_prompts(self, path: str):
         from llmfoundry_lite.data.finetuning import parse_target_prompts
-        from llmfoundry_lite.errors import UserError
-        problems = [] if self.hf_name else self.source_problems(path)
-        if self.hf_name and (self.local or self.remote or self.streams):
-            problems.append(f"{path}: give either `hf_name` or MDS `local`/`remote`/`streams`, not both")
-        if self.max_seq_len < 1:
-            problems.append(f"{path}.max_seq_len: must be positive")
         try:
             parse_target_prompts(self.target_prompts)
         except UserError as e:
-            problems.append(f"{path}.{e}")
-        if isinstance(self.packing_ratio, float) and self.packing_ratio < 1:
-            problems.append(f"{path}.packing_ratio: must be >= 1 (or 'auto'), got {self.packing_ratio}")
-        if not self.decoder_only_format:
-            problems.append(f"{path}.decoder_only_format: only decoder-only (MPT) models are supported; set it to true")
-        return problems
+            return f"{path}.{e}"
 
 
-@dataclass
-class LoaderConfig:
-    name: str
-    dataset: Dict[str, Any]
+@dataclass(kw_only=True)
+class LoaderOptions:
+    """The keys every loader section has besides `name` and `dataset` (torch DataLoader arguments)."""
+    label: Optional[str] = None  # names an eval loader's metrics in an `eval_loader` list
     drop_last: bool = False
     num_workers: int = 0
     pin_memory: bool = False
@@ -130,41 +142,49 @@ class LoaderConfig:
     persistent_workers: bool = False
     timeout: float = 0
 
-    def validate(self, path: str) -> List[str]:
-        problems = []
+    @cross("num_workers", "prefetch_factor", "persistent_workers")
+    def _workers(self, path: str):
         if self.num_workers == 0 and (self.prefetch_factor is not None or self.persistent_workers):
-            problems.append(f"{path}: prefetch_factor and persistent_workers need num_workers > 0")
-        return problems
+            return f"{path}: prefetch_factor and persistent_workers need num_workers > 0"
 
 
-@dataclass
-class LoaderKind:
-    """A `dataloaders` registry entry: the dataset schema and `build(dataset_cfg, tokenizer, batch_size)`
-    returning `(dataset, collate_fn, examples_per_batch, sampler_or_None)`."""
-    config: type
-    build: Callable
+@dataclass(kw_only=True)
+class TextLoader(LoaderOptions):
+    dataset: TextDatasetConfig
 
 
-def dataloader_config_problems(cfg: Dict[str, Any], path: str = "train_loader") -> List[str]:
-    """Every problem of a loader section (without raising)."""
-    loader, problems = check(LoaderConfig, cfg, path)
-    if loader is None:
-        if isinstance(cfg, dict) and isinstance(cfg.get("dataset"), dict) and cfg.get("name") in dataloaders:
-            problems += check(dataloaders.get(cfg["name"]).config, cfg["dataset"], f"{path}.dataset")[1]
-        return problems
-    if loader.name not in dataloaders:
-        return problems + [dataloaders.unknown_message(loader.name, f"{path}.name")]
-    return problems + check(dataloaders.get(loader.name).config, loader.dataset, f"{path}.dataset")[1]
+@dataclass(kw_only=True)
+class FinetuningLoader(LoaderOptions):
+    dataset: FinetuningDatasetConfig
 
 
-def build_dataloader(cfg: Dict[str, Any], tokenizer, device_batch_size: int, path: str = "train_loader") -> DataLoader:
-    problems = dataloader_config_problems(cfg, path)
-    if problems:
-        raise ConfigError(problems, header=f"invalid {path}")
-    loader, _ = check(LoaderConfig, cfg, path)
-    kind = dataloaders.get(loader.name)
-    dataset_cfg, _ = check(kind.config, loader.dataset, f"{path}.dataset")
-    dataset, collate_fn, batch_size, sampler = kind.build(dataset_cfg, tokenizer, device_batch_size)
+# `eval_loader`: one loader, or a list of them each with a distinct `label`.
+EvalLoaders = Union[Named[dataloaders], List[Named[dataloaders]]]
+
+
+def labelled_loaders(eval_loader) -> List[Tuple[str, Section]]:
+    """[(label, loader section)] of an `eval_loader` value (None: no eval loaders)."""
+    if eval_loader is None:
+        return []
+    if isinstance(eval_loader, Section):
+        return [(eval_loader.config.label or "eval", eval_loader)]
+    return [(s.config.label or f"eval_{i}", s) for i, s in enumerate(eval_loader)]
+
+
+def eval_loader_problems(eval_loader, path: str = "eval_loader") -> List[str]:
+    labels = [s.config.label for s in eval_loader] if isinstance(eval_loader, list) else []
+    if len(labels) > 1 and (None in labels or len(set(labels)) != len(labels)):
+        return [f"{path}: a list of eval loaders needs a distinct `label` on each"]
+    return []
+
+
+def build_dataloader(section: Union[Section, Dict[str, Any]], tokenizer, device_batch_size: int,
+                     path: str = "train_loader") -> DataLoader:
+    """The DataLoader of a loader section (checked here when it is a plain mapping)."""
+    if not isinstance(section, Section):
+        section = parse(Named[dataloaders], section, path, header=f"invalid {path}")
+    loader = section.config
+    dataset, collate_fn, batch_size, sampler = dataloaders.get(section.name)(loader, tokenizer, device_batch_size)
     extra = {"prefetch_factor": loader.prefetch_factor} if loader.prefetch_factor is not None else {}
     dataloader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, sampler=sampler,
                             drop_last=loader.drop_last, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
@@ -176,7 +196,9 @@ def build_dataloader(cfg: Dict[str, Any], tokenizer, device_batch_size: int, pat
     return dataloader
 
 
-def _build_text(cfg: TextDatasetConfig, tokenizer, batch_size: int):
+@dataloaders.register("text", config=TextLoader)
+def _build_text(loader: TextLoader, tokenizer, batch_size: int):
+    cfg = loader.dataset
     from llmfoundry_lite.data.collators import CausalLMCollator
     from llmfoundry_lite.data.text_dataset import StreamingTextDataset
     dataset = StreamingTextDataset(tokenizer, cfg.max_seq_len, cfg.token_encoding_type,
@@ -184,7 +206,9 @@ def _build_text(cfg: TextDatasetConfig, tokenizer, batch_size: int):
     return dataset, CausalLMCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.eos_token_id), batch_size, None
 
 
-def _build_finetuning(cfg: FinetuningDatasetConfig, tokenizer, batch_size: int):
+@dataloaders.register("finetuning", config=FinetuningLoader)
+def _build_finetuning(loader: FinetuningLoader, tokenizer, batch_size: int):
+    cfg = loader.dataset
     from llmfoundry_lite.data import collators, finetuning
     if cfg.hf_name:
         raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
@@ -216,6 +240,3 @@ def map_sampler(dataset, shuffle: bool, seed: int):
         return torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     return None
 
-
-dataloaders.register("text", LoaderKind(TextDatasetConfig, _build_text))
-dataloaders.register("finetuning", LoaderKind(FinetuningDatasetConfig, _build_finetuning))

@@ -11,8 +11,10 @@ quickstart and offline users get a tokenizer, since nothing can be fetched from 
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from llmfoundry_lite.config.schema import cross
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.files import check_folder_path, read_json_file
 from llmfoundry_lite.registry import tokenizers as tokenizer_registry
@@ -29,6 +31,22 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+@dataclass
+class TokenizerSection:
+    """The `tokenizer:` section of training and eval YAMLs."""
+    name: str                                          # folder, registered name or hub name
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # to AutoTokenizer.from_pretrained
+
+    @cross("name")
+    def _folder_exists(self, path: str):
+        if self.name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(self.name)):
+            return (f"{path}.name: tokenizer folder not found: {self.name} (train one with "
+                    "`llmfoundry-lite data-prep train-tokenizer`, or give a registered or hub name)")
+
+    def build(self):
+        return build_tokenizer(self.name, self.kwargs)
 
 
 def build_tokenizer(name_or_path: str, kwargs: Optional[dict] = None):

@@ -25,11 +25,13 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import torch
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import check, load_config
-from llmfoundry_lite.config.schema import join
+from llmfoundry_lite.config import Named, NamedMap, Positive, check, cross, join, load_config
+from llmfoundry_lite.data.icl import ICLTasks
+from llmfoundry_lite.data.loaders import EvalLoaders, build_dataloader, eval_loader_problems, labelled_loaders
+from llmfoundry_lite.data.tokenizer import TokenizerSection
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.eval.icl import evaluate_icl_task, icl_task_configs
-from llmfoundry_lite.train.schema import TokenizerSection
+from llmfoundry_lite.eval.icl import evaluate_icl_task
+from llmfoundry_lite.export.opening import open_model
 
 SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
 
@@ -37,107 +39,70 @@ SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
 @dataclasses.dataclass
 class ModelEntry:
     model_name: str
-    model: Optional[Dict[str, Any]] = None
+    model: Optional[Named[registry.models]] = None
     tokenizer: Optional[TokenizerSection] = None
     load_path: Optional[str] = None
 
-    def validate(self, path: str) -> List[str]:
+    @cross("model", "load_path", "tokenizer")
+    def _one_source(self, path: str):
         if (self.model is None) == (self.load_path is None):
-            return [f"{path}: give either `load_path` (a Composer checkpoint) or `model` (a model section, "
-                    "with `pretrained_model_name_or_path` for an HF folder)"]
-        if self.load_path is not None:
-            if not os.path.exists(self.load_path):
-                return [f"{join(path, 'load_path')}: not found: {self.load_path}"]
-            return []
-        name = self.model.get("name")
-        if name not in registry.models:
-            return [registry.models.unknown_message(name, join(path, "model.name"))]
-        section = {k: v for k, v in self.model.items() if k != "name"}
-        problems = getattr(registry.models.get(name), "config_problems", lambda c, p: [])(section, join(path, "model"))
-        if self.tokenizer is None and "pretrained_model_name_or_path" not in section:
-            problems.append(f"{join(path, 'tokenizer')}: missing; a model built from a config needs a tokenizer "
-                            "(e.g. tokenizer: {name: path/to/tokenizer_folder})")
-        return problems
+            return (f"{path}: give either `load_path` (a Composer checkpoint) or `model` (a model section, "
+                    "with `pretrained_model_name_or_path` for an HF folder)")
+        if self.load_path is not None and not os.path.exists(self.load_path):
+            return f"{join(path, 'load_path')}: not found: {self.load_path}"
+        if self.model is not None and self.tokenizer is None and "pretrained_model_name_or_path" not in self.model.kwargs:
+            return (f"{join(path, 'tokenizer')}: missing; a model built from a config needs a tokenizer "
+                    "(e.g. tokenizer: {name: path/to/tokenizer_folder})")
 
 
 @dataclasses.dataclass
 class EvalConfig:
-    max_seq_len: int
+    max_seq_len: Positive
     models: List[ModelEntry]
-    device_eval_batch_size: int = 4
-    icl_tasks: Optional[Union[str, List[Dict[str, Any]]]] = None  # a list, or a YAML file with one
-    eval_loader: Optional[Union[Dict[str, Any], List[Dict[str, Any]]]] = None
+    device_eval_batch_size: Positive = 4
+    icl_tasks: Optional[ICLTasks] = None             # a list, or a YAML file with one
+    eval_loader: Optional[EvalLoaders] = None
     eval_subset_num_batches: int = -1                # perplexity batches per loader; -1: all
     precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 17
-    loggers: Dict[str, Optional[Dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    loggers: NamedMap[registry.loggers] = dataclasses.field(default_factory=dict)
     run_name: Optional[str] = None
     results_path: Optional[str] = "eval_results"     # folder for results.json / results.csv; null: none
     progress_bar: bool = True
 
+    @cross("eval_loader")
+    def _eval_labels(self, path: str):
+        return eval_loader_problems(self.eval_loader)
+
+    @cross("models")
+    def _model_names(self, path: str):
+        names = [m.model_name for m in self.models]
+        return (["models: empty; list at least one model"] if not names else []) + [
+            f"models: model_name {n!r} is used twice; names label the results"
+            for n in sorted({n for n in names if names.count(n) > 1})]
+
+    @cross("icl_tasks", "eval_loader")
+    def _something_to_evaluate(self, path: str):
+        if self.icl_tasks is None and self.eval_loader is None:
+            return "nothing to evaluate: add `icl_tasks` and/or `eval_loader`"
+
 
 def check_eval_config(data: Dict[str, Any]) -> EvalConfig:
     """The EvalConfig of a loaded YAML, or one ConfigError listing every problem of every section."""
-    from llmfoundry_lite.train import builders, composer_model  # noqa: F401  (register models, loggers)
     data = dict(data)
     if "models" not in data and any(k in data for k in SINGLE_MODEL_KEYS):
         entry = {k: data.pop(k) for k in SINGLE_MODEL_KEYS if k in data}
         data["models"] = [{"model_name": "model", **entry}]
     cfg, problems = check(EvalConfig, data, "")
-    problems += _section_problems(data)
     if problems:
         raise ConfigError(problems, header="invalid eval config")
     return cfg
 
 
-def _section_problems(data: Dict[str, Any]) -> List[str]:
-    """Problems across keys and inside free-form sections, found even when other keys are wrong."""
-    from llmfoundry_lite.train.schema import eval_loader_sections, named_section_problems
-
-    problems = []
-    models = data.get("models")
-    if isinstance(models, list):
-        names = [m.get("model_name") for m in models if isinstance(m, dict)]
-        if not models:
-            problems.append("models: empty; list at least one model")
-        problems += [f"models: model_name {n!r} is used twice; names label the results"
-                     for n in sorted({n for n in names if names.count(n) > 1}, key=str)]
-    for key in ("max_seq_len", "device_eval_batch_size"):
-        if isinstance(data.get(key), int) and data[key] < 1:
-            problems.append(f"{key}: must be >= 1, got {data[key]}")
-    if data.get("icl_tasks") is None and data.get("eval_loader") is None:
-        problems.append("nothing to evaluate: add `icl_tasks` and/or `eval_loader`")
-    loaders = data.get("eval_loader")
-    if isinstance(loaders, dict) or (isinstance(loaders, list) and all(isinstance(x, dict) for x in loaders)):
-        from llmfoundry_lite.data import dataloader_config_problems
-        for _, loader, path in eval_loader_sections(loaders):
-            problems += dataloader_config_problems(loader, path)
-    if isinstance(data.get("loggers"), dict):
-        for name, kwargs in data["loggers"].items():
-            problems += named_section_problems(registry.loggers, name, kwargs, f"loggers.{name}")
-    if isinstance(data.get("icl_tasks"), (str, list)):
-        problems += icl_task_configs(data["icl_tasks"])[1]
-    return problems
-
-
-def load_model(entry: ModelEntry, path: str = "models"):
+def load_model(entry: ModelEntry):
     """(MPTForCausalLM-like module, tokenizer) for one `models:` entry, on CPU."""
-    from llmfoundry_lite.data import build_tokenizer
-    tokenizer = build_tokenizer(entry.tokenizer.name, entry.tokenizer.kwargs) if entry.tokenizer else None
-    if entry.load_path is not None:
-        from llmfoundry_lite.export import load_composer_checkpoint
-        model, saved_tokenizer = load_composer_checkpoint(entry.load_path)
-        tokenizer = tokenizer or saved_tokenizer
-        if tokenizer is None:
-            raise ConfigError([f"{path}.tokenizer: the checkpoint {entry.load_path} holds no tokenizer; "
-                               "add tokenizer: {name: <folder>}"])
-        return model, tokenizer
-    section = {k: v for k, v in entry.model.items() if k != "name"}
-    if tokenizer is None:  # checked: an HF folder then
-        tokenizer = build_tokenizer(section["pretrained_model_name_or_path"])
-    built = registry.models.get(entry.model["name"])(section, tokenizer)
-    return getattr(built, "model", built), tokenizer  # a Composer wrapper holds the HF model in .model
+    return open_model(entry.load_path or entry.model, entry.tokenizer.build() if entry.tokenizer else None)
 
 
 @torch.no_grad()
@@ -171,17 +136,14 @@ def _autocast(precision: str, device: torch.device):
 
 def evaluate_model(model, tokenizer, cfg: EvalConfig, device: torch.device) -> Dict[str, float]:
     """Every configured metric of one model: '<loader>/cross_entropy', '<task>/<k>-shot', ..."""
-    from llmfoundry_lite.train.schema import eval_loader_sections
-
     model.to(device).eval()
     metrics: Dict[str, float] = {}
     with _autocast(cfg.precision, device):
-        for label, loader_cfg, _ in eval_loader_sections(cfg.eval_loader):
-            from llmfoundry_lite.data import build_dataloader
-            loader = build_dataloader(loader_cfg, tokenizer, cfg.device_eval_batch_size)
+        for label, section in labelled_loaders(cfg.eval_loader):
+            loader = build_dataloader(section, tokenizer, cfg.device_eval_batch_size, "eval_loader")
             for k, v in perplexity(model, loader, device, cfg.eval_subset_num_batches).items():
                 metrics[f"{label}/{k}"] = v
-        for task in icl_task_configs(cfg.icl_tasks)[0] if cfg.icl_tasks is not None else []:
+        for task in cfg.icl_tasks or []:
             metrics.update(evaluate_icl_task(model, tokenizer, task, cfg.max_seq_len, cfg.device_eval_batch_size,
                                              device, progress=cfg.progress_bar))
     return metrics
@@ -219,8 +181,7 @@ def _log(cfg: EvalConfig, results: Dict[str, Dict[str, float]], model) -> None:
     from composer.devices import DeviceCPU
     from composer.loggers import Logger
 
-    from llmfoundry_lite.train.builders import build_named
-    destinations = build_named(registry.loggers, cfg.loggers, "loggers")
+    destinations = [s.build() for s in cfg.loggers.values()]
     state = State(model=model, rank_zero_seed=cfg.seed, run_name=cfg.run_name or "eval", device=DeviceCPU())
     logger = Logger(state, destinations)
     for d in destinations:
@@ -237,9 +198,9 @@ def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[s
     device = _device(ec.device)
     results = {}
     model = None
-    for i, entry in enumerate(ec.models):
+    for entry in ec.models:
         torch.manual_seed(ec.seed)  # a model built from a config gets the same weights every run
-        model, tokenizer = load_model(entry, f"models[{i}]")
+        model, tokenizer = load_model(entry)
         results[entry.model_name] = evaluate_model(model, tokenizer, ec, device)
         print(format_table(entry.model_name, results[entry.model_name]), flush=True)
     if ec.results_path:

@@ -1,26 +1,14 @@
-"""Hugging Face folders in and out, and Composer checkpoints in (no Composer import needed).
+"""Hugging Face folders in and out, Composer checkpoints in (no Composer import needed), and
+`open_model`, the one way every command opens a model.
 
 - `write_hf_folder(config, state_dict, out_dir, tokenizer=None, dtype=torch.float32, max_shard_size="5GB")`
-- `load_composer_checkpoint(path) -> (MPTForCausalLM, tokenizer | None)`, `iter_composer_weights(path)`
+- `load_composer_checkpoint(path) -> (MPTForCausalLM, tokenizer | None)`
 - `load_hf_model(path_or_name, **kw) -> MPTForCausalLM`
-- `convert_composer_to_hf(composer_path, hf_output_path, output_precision="fp32", max_shard_size="5GB")`
+- `open_model(folder, checkpoint or model section, tokenizer=None) -> (model, tokenizer)`
 """
-_LAZY = {
-    "write_hf_folder": "llmfoundry_lite.export.hf_export",
-    "native_blockers": "llmfoundry_lite.export.hf_export",
-    "load_composer_checkpoint": "llmfoundry_lite.export.composer_checkpoint",
-    "iter_composer_weights": "llmfoundry_lite.export.composer_checkpoint",
-    "open_composer_checkpoint": "llmfoundry_lite.export.composer_checkpoint",
-    "is_composer_checkpoint": "llmfoundry_lite.export.composer_checkpoint",
-    "load_hf_model": "llmfoundry_lite.export.hf_import",
-    "convert_composer_to_hf": "llmfoundry_lite.export.command",
-}
+from llmfoundry_lite.export.composer_checkpoint import load_composer_checkpoint
+from llmfoundry_lite.export.hf_export import native_blockers, write_hf_folder
+from llmfoundry_lite.export.hf_import import load_hf_model
+from llmfoundry_lite.export.opening import open_model
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'llmfoundry_lite.export' has no attribute {name!r}")
+__all__ = ["write_hf_folder", "native_blockers", "load_composer_checkpoint", "load_hf_model", "open_model"]

@@ -32,22 +32,10 @@ def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=Non
                              tokenizer: Optional[str] = None) -> Tuple[torch.nn.Module, object]:
     """(MPTForCausalLM in eval mode on `device`/`dtype`, tokenizer) from a model folder or a Composer
     checkpoint (`.pt` file or sharded folder). `tokenizer` overrides the one stored with the model."""
-    from llmfoundry_lite.data import build_tokenizer
-    from llmfoundry_lite.export import is_composer_checkpoint, load_composer_checkpoint, load_hf_model
-
+    from llmfoundry_lite.export.opening import open_model
     device = resolve_device(device)
-    if is_composer_checkpoint(path):
-        model, tok = load_composer_checkpoint(path)
-    else:
-        model, tok = load_hf_model(path), None
-        if tokenizer is None:
-            tokenizer = path
-    if tokenizer is not None:
-        tok = build_tokenizer(tokenizer)
-    if tok is None:
-        raise UserError(f"{path} holds no tokenizer; pass one with --tokenizer NAME_OR_FOLDER")
-    model = model.to(device=device, dtype=resolve_dtype(dtype, device)).eval()
-    return model, tok
+    model, tok = open_model(path, tokenizer)
+    return model.to(device=device, dtype=resolve_dtype(dtype, device)).eval(), tok
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

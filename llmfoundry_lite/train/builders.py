@@ -1,15 +1,14 @@
-"""Registry entries for the training building blocks and the functions that build them from config.
+"""The built-in entries of the training registries, by the names llm-foundry YAMLs use.
 
 Optimizers (`decoupled_adamw`, `decoupled_lionw`, `adamw`), schedulers (`cosine_with_warmup`,
 `linear_decay_with_warmup`, `constant_with_warmup`, `inv_sqrt_with_warmup`), the algorithm
-`gradient_clipping`, callbacks and loggers are registered by the names llm-foundry YAMLs use. A
-section's keys are the keyword arguments of the registered class, so `schema.check_train_config`
-validates them from the signature and a plug-in registers its own classes the same way.
+`gradient_clipping`, callbacks and loggers. A section's keys are the keyword arguments of the
+registered class, so the config check validates them from its signature and a plug-in registers its
+own classes the same way; `Section.build(...)` makes the instance.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
 
 import torch
 from composer.algorithms import GradientClipping
@@ -100,44 +99,18 @@ class InverseSquareRootWithWarmupScheduler(ComposerScheduler):
         return at_start + (self.alpha_f_cooldown - at_start) * frac
 
 
-def _register_builtins() -> None:
-    for reg, entries in (
-        (registry.optimizers, {"decoupled_adamw": DecoupledAdamW, "decoupled_lionw": DecoupledLionW,
-                               "adamw": torch.optim.AdamW}),
-        (registry.schedulers, {"cosine_with_warmup": CosineAnnealingWithWarmupScheduler,
-                               "linear_decay_with_warmup": LinearWithWarmupScheduler,
-                               "constant_with_warmup": ConstantWithWarmupScheduler,
-                               "inv_sqrt_with_warmup": InverseSquareRootWithWarmupScheduler}),
-        (registry.algorithms, {"gradient_clipping": GradientClipping}),
-        (registry.callbacks, {"speed_monitor": SpeedMonitor, "lr_monitor": LRMonitor,
-                              "memory_monitor": MemoryMonitor, "runtime_estimator": RuntimeEstimator,
-                              "hf_checkpointer": HFCheckpointer, "loss_spike_guard": LossSpikeGuard}),
-        (registry.loggers, {"wandb": WandBLogger, "console": ConsoleLogger, "progress_bar": ProgressBarLogger,
-                            "jsonl": JSONLLogger}),
-    ):
-        for name, obj in entries.items():
-            reg.register(name, obj)
-
-
-_register_builtins()
-
-
-def build_optimizer(model: torch.nn.Module, section: Dict) -> torch.optim.Optimizer:
-    kwargs = {k: v for k, v in section.items() if k != "name"}
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return registry.optimizers.get(section["name"], "optimizer.name")(model.parameters(), **kwargs)
-
-
-def build_scheduler(section: Optional[Dict]):
-    if section is None:
-        return None
-    return registry.schedulers.get(section["name"], "scheduler.name")(
-        **{k: v for k, v in section.items() if k != "name"})
-
-
-def build_named(reg: registry.Registry, sections: Dict[str, Optional[Dict]], kind: str) -> List:
-    """Instances for a `{registered_name: {kwargs}}` section (algorithms, callbacks, loggers);
-    an entry set to `false` is skipped."""
-    return [reg.get(name, f"{kind}.{name}")(**(kwargs if isinstance(kwargs, dict) else {}))
-            for name, kwargs in sections.items() if kwargs is not False]
+for reg, entries in (
+    (registry.optimizers, {"decoupled_adamw": DecoupledAdamW, "decoupled_lionw": DecoupledLionW, "adamw": torch.optim.AdamW}),
+    (registry.schedulers, {"cosine_with_warmup": CosineAnnealingWithWarmupScheduler,
+                           "linear_decay_with_warmup": LinearWithWarmupScheduler,
+                           "constant_with_warmup": ConstantWithWarmupScheduler,
+                           "inv_sqrt_with_warmup": InverseSquareRootWithWarmupScheduler}),
+    (registry.algorithms, {"gradient_clipping": GradientClipping}),
+    (registry.callbacks, {"speed_monitor": SpeedMonitor, "lr_monitor": LRMonitor, "memory_monitor": MemoryMonitor,
+                          "runtime_estimator": RuntimeEstimator, "hf_checkpointer": HFCheckpointer,
+                          "loss_spike_guard": LossSpikeGuard}),
+    (registry.loggers, {"wandb": WandBLogger, "console": ConsoleLogger, "progress_bar": ProgressBarLogger,
+                        "jsonl": JSONLLogger}),
+):
+    for name, obj in entries.items():
+        reg.register(name, obj)

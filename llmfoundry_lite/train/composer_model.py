@@ -1,4 +1,4 @@
-"""The Composer wrapper of `MPTForCausalLM` and the `mpt_causal_lm` model builder.
+"""The Composer wrapper of `MPTForCausalLM` (the model a `model:` section opens, see export/opening.py).
 
 `ComposerMPTCausalLM` is a `composer.models.HuggingFaceModel`, so Composer checkpoints keep the
 weights under `state['model']` as `model.<HF MPT name>` and the HF config and tokenizer under
@@ -9,18 +9,11 @@ token accuracy over the positions that have a label.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List
 
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import HuggingFaceModel
 
-from llmfoundry_lite import registry
-from llmfoundry_lite.errors import ConfigError
-
 IGNORE_INDEX = -100
-
-
-LOSS_FNS = ("torch_crossentropy", "fused_crossentropy")
 
 
 class ComposerMPTCausalLM(HuggingFaceModel):
@@ -79,48 +72,3 @@ def _known_causal_lm():
         yield
     finally:
         huggingface._is_registered_causal_lm = original
-
-
-# Keys of the `model:` section that are not MPTConfig fields.
-BUILDER_KEYS = ("pretrained_model_name_or_path", "pretrained", "loss_fn")
-
-
-def _config_problems(cfg: Dict[str, Any], path: str = "model") -> List[str]:
-    from llmfoundry_lite.models import model_config_problems
-    problems = []
-    if cfg.get("pretrained_model_name_or_path") is not None and not isinstance(cfg["pretrained_model_name_or_path"], str):
-        problems.append(f"{path}.pretrained_model_name_or_path: expected a folder path or hub name")
-    if cfg.get("loss_fn", LOSS_FNS[0]) not in LOSS_FNS:
-        problems.append(f"{path}.loss_fn: {cfg['loss_fn']!r} is not one of {list(LOSS_FNS)}")
-    if cfg.get("loss_fn") == "fused_crossentropy" and cfg.get("final_logit_softcapping"):
-        problems.append(f"{path}.loss_fn: fused_crossentropy does not support final_logit_softcapping; "
-                        "use torch_crossentropy")
-    return problems + model_config_problems({k: v for k, v in cfg.items() if k not in BUILDER_KEYS}, path)
-
-
-def build_mpt_causal_lm(cfg: Dict[str, Any], tokenizer) -> ComposerMPTCausalLM:
-    """`model: {name: mpt_causal_lm, <MPTConfig keys>}` from scratch, or with
-    `pretrained_model_name_or_path` from an HF MPT folder (the other keys then override its config).
-
-    A missing `vocab_size` is taken from the tokenizer; one smaller than the tokenizer is an error.
-    """
-    from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-    cfg = dict(cfg)
-    cfg.pop("pretrained", None)  # llm-foundry's flag for hf_causal_lm: a named folder is always loaded
-    loss_fn = cfg.pop("loss_fn", LOSS_FNS[0])
-    source = cfg.pop("pretrained_model_name_or_path", None)
-    if source is not None:
-        from llmfoundry_lite.export import load_hf_model
-        model = load_hf_model(source, **cfg)
-    else:
-        cfg.setdefault("vocab_size", len(tokenizer))
-        model = MPTForCausalLM(MPTConfig(**cfg))
-    if tokenizer is not None and model.config.vocab_size < len(tokenizer):
-        raise ConfigError([f"model.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
-                           f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} (a multiple of 64 is fastest)"])
-    return ComposerMPTCausalLM(model, tokenizer, loss_fn)
-
-
-build_mpt_causal_lm.config_problems = _config_problems
-registry.models.register("mpt_causal_lm", build_mpt_causal_lm)
-registry.models.register("hf_causal_lm", build_mpt_causal_lm)  # llm-foundry's name for "from an HF folder"

@@ -16,11 +16,14 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from llmfoundry_lite import registry
 from llmfoundry_lite.config import load_config
+from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
-from llmfoundry_lite.train.schema import TrainConfig, check_train_config, eval_loader_sections
+from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+from llmfoundry_lite.train.parallel import on_meta
+from llmfoundry_lite.train.schema import TrainConfig, check_train_config
 
 log = logging.getLogger(__name__)
 
@@ -53,102 +56,46 @@ def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
     return mb
 
 
+# TrainConfig keys that are Composer Trainer arguments of the same name and meaning.
+TRAINER_KEYS = ("max_duration", "eval_interval", "eval_subset_num_batches", "seed", "run_name", "save_folder",
+                "save_filename", "save_interval", "save_num_checkpoints_to_keep", "save_overwrite",
+                "save_weights_only", "load_path", "load_weights_only", "load_strict_model_weights", "load_ignore_keys",
+                "progress_bar", "log_to_console", "console_log_interval", "python_log_level", "dist_timeout")
+
+
 def fit(tc: TrainConfig):
     """Build everything for a checked TrainConfig and run `Trainer.fit()`."""
     from composer import Trainer
-    from composer.core import Evaluator
     from composer.utils import dist, reproducibility
 
-    from llmfoundry_lite.data import build_dataloader, build_tokenizer
-    from llmfoundry_lite.train.builders import build_named, build_optimizer, build_scheduler
-    from llmfoundry_lite.train.parallel import (
-        checkpoint_blocks,
-        compile_blocks,
-        fsdp2_config,
-        materialize_meta,
-        on_meta,
-        own_meta_init,
-        resolve_precision,
-    )
+    from llmfoundry_lite.train.parallel import fsdp2_config, own_meta_init, prepare_model, resolve_precision
 
     _setup_logging(tc.python_log_level)
     on_gpu = torch.cuda.is_available()
     world_size = dist.get_world_size()
     if world_size > 1:  # loaders, device meshes and HYBRID_SHARD need the process group before the Trainer
         dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
-    precision = resolve_precision(tc.precision, on_gpu)
-
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
-    tokenizer = build_tokenizer(tc.tokenizer.name, tc.tokenizer.kwargs)
-    model = registry.models.get(tc.model["name"])({k: v for k, v in tc.model.items() if k != "name"}, tokenizer)
-    if tc.compile_config is not None:
-        compile_blocks(model, tc.compile_config)
+    tokenizer = tc.tokenizer.build()
+    model = ComposerMPTCausalLM(open_model(tc.model, tokenizer)[0], tokenizer,
+                                tc.model.kwargs.get("loss_fn", "torch_crossentropy"))
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
-    if fsdp is None and on_meta(model):
-        materialize_meta(model)
-    if fsdp is None and tc.fsdp_config is not None and tc.fsdp_config.activation_checkpointing:
-        checkpoint_blocks(model)
-
+    prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None)
     device_batch = tc.global_train_batch_size // world_size
-    train_loader = build_dataloader(tc.train_loader, tokenizer, device_batch)
-    eval_batch = tc.device_eval_batch_size or device_batch
-    evaluators = [Evaluator(label=label, dataloader=build_dataloader(loader, tokenizer, eval_batch),
-                            metric_names=list(model.val_metrics))
-                  for label, loader, _ in eval_loader_sections(tc.eval_loader)]
-    if tc.icl_tasks is not None:  # few-shot tasks as evaluators (after the loaders took their metric names)
-        from llmfoundry_lite.eval.composer_evaluators import add_icl_metrics, build_icl_evaluators
-        add_icl_metrics(model)
-        evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.max_seq_len)
-
+    evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder = _prepare_save_folder(tc, model)
-    optimizer = build_optimizer(model, tc.optimizer)
-    scheduler = build_scheduler(tc.scheduler)
-    callbacks = build_named(registry.callbacks, tc.callbacks, "callbacks")
-    loggers = build_named(registry.loggers, tc.loggers, "loggers")
-    algorithms = build_named(registry.algorithms, tc.algorithms, "algorithms")
-
-    meta_under_fsdp = fsdp is not None and on_meta(model)
-    with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
+    with own_meta_init("cuda" if on_gpu else "cpu") if fsdp is not None and on_meta(model) else contextlib.nullcontext():
         trainer = Trainer(
-            model=model,
-            train_dataloader=train_loader,
-            eval_dataloader=evaluators or None,
-            eval_interval=tc.eval_interval,
-            eval_subset_num_batches=tc.eval_subset_num_batches,
-            max_duration=tc.max_duration,
-            optimizers=optimizer,
-            schedulers=scheduler,
-            algorithms=algorithms,
-            callbacks=callbacks,
-            loggers=loggers,
-            device="gpu" if on_gpu else "cpu",
-            precision=precision,
+            model=model, train_dataloader=build_dataloader(tc.train_loader, tokenizer, device_batch),
+            eval_dataloader=evaluators or None, optimizers=tc.optimizer.build(model.parameters()),
+            schedulers=tc.scheduler.build() if tc.scheduler else None,
+            algorithms=[s.build() for s in tc.algorithms.values()],
+            callbacks=[s.build() for s in tc.callbacks.values()], loggers=[s.build() for s in tc.loggers.values()],
+            device="gpu" if on_gpu else "cpu", precision=resolve_precision(tc.precision, on_gpu),
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
-            parallelism_config={"fsdp": fsdp} if fsdp is not None else None,
-            seed=tc.seed,
-            run_name=tc.run_name,
-            save_folder=tc.save_folder,
-            save_filename=tc.save_filename,
-            save_interval=tc.save_interval,
-            save_num_checkpoints_to_keep=tc.save_num_checkpoints_to_keep,
-            save_overwrite=tc.save_overwrite,
-            save_weights_only=tc.save_weights_only,
-            load_path=tc.load_path,
-            load_weights_only=tc.load_weights_only,
-            load_strict_model_weights=tc.load_strict_model_weights,
-            load_ignore_keys=tc.load_ignore_keys,
-            autoresume=tc.autoresume_enabled(),
-            progress_bar=tc.progress_bar,
-            log_to_console=tc.log_to_console,
-            console_log_interval=tc.console_log_interval,
-            python_log_level=tc.python_log_level,
-            dist_timeout=tc.dist_timeout,
-        )
-    if tc.autoresume_enabled():
-        resumed_at = trainer.state.timestamp.batch.value
-        log.info("autoresume: %s", f"resumed from {os.path.join(save_folder, LATEST)} -> "
-                 f"{os.path.realpath(os.path.join(save_folder, LATEST))} at batch {resumed_at}"
-                 if resumed_at else f"no complete checkpoint in {save_folder}; starting from scratch")
+            parallelism_config={"fsdp": fsdp} if fsdp is not None else None, autoresume=tc.autoresume_enabled(),
+            **{k: getattr(tc, k) for k in TRAINER_KEYS})
+    _log_resume(tc, trainer, save_folder)
     if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
         trainer.eval()
     try:
@@ -164,6 +111,27 @@ def fit(tc: TrainConfig):
         raise
     _raise_if_stopped(trainer, save_folder)
     return trainer
+
+
+def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
+    """Perplexity loaders, then ICL tasks (after the loaders took their metric names)."""
+    from composer.core import Evaluator
+    evaluators = [Evaluator(label=label, dataloader=build_dataloader(section, tokenizer, eval_batch),
+                            metric_names=list(model.val_metrics))
+                  for label, section in labelled_loaders(tc.eval_loader)]
+    if tc.icl_tasks is not None:
+        from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
+        add_icl_metrics(model)
+        evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.max_seq_len)
+    return evaluators
+
+
+def _log_resume(tc: TrainConfig, trainer, save_folder) -> None:
+    if tc.autoresume_enabled():
+        resumed_at = trainer.state.timestamp.batch.value
+        log.info("autoresume: %s", f"resumed from {os.path.join(save_folder, LATEST)} -> "
+                 f"{os.path.realpath(os.path.join(save_folder, LATEST))} at batch {resumed_at}"
+                 if resumed_at else f"no complete checkpoint in {save_folder}; starting from scratch")
 
 
 # What gloo says when the other end of a collective died.

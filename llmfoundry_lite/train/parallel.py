@@ -163,3 +163,15 @@ def compile_blocks(model: torch.nn.Module, compile_config: dict) -> None:
 
 def on_meta(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
+
+
+def prepare_model(model: torch.nn.Module, compile_config: Optional[dict], fsdp: Optional[FSDPSection],
+                  sharded: bool) -> None:
+    """What the model needs before the Trainer: per-block compile; without FSDP2 (which does both
+    itself), real weights for a meta-device init and activation checkpointing."""
+    if compile_config is not None:
+        compile_blocks(model, compile_config)
+    if not sharded and on_meta(model):
+        materialize_meta(model)
+    if not sharded and fsdp is not None and fsdp.activation_checkpointing:
+        checkpoint_blocks(model)

@@ -1,3 +1,2 @@
-"""MPT building blocks; importing this package registers the attention kernels, norms, FFNs and
-init functions under the names the model config uses."""
-from llmfoundry_lite.models.layers import attention, ffn, init, norms  # noqa: F401
+"""MPT building blocks: attention kernels, norms, FFNs and init functions, each registered by name
+where it is defined (see `llmfoundry_lite.registry`)."""

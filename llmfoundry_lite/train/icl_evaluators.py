@@ -15,11 +15,9 @@ from composer.core import DataSpec, Evaluator
 from composer.utils import dist
 from torchmetrics import Metric
 
-from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.eval.icl import (
+from llmfoundry_lite.data.icl import (
     ICLDataset,
-    icl_task_configs,
-    icl_tasks_config_problems,
+    ICLTaskConfig,
     judge_generations,
     judge_logits,
     num_examples,
@@ -27,7 +25,7 @@ from llmfoundry_lite.eval.icl import (
 )
 from llmfoundry_lite.registry import icl_tasks
 
-__all__ = ["build_icl_evaluators", "icl_tasks_config_problems", "add_icl_metrics", "ICL_METRICS"]
+__all__ = ["build_icl_evaluators", "add_icl_metrics", "ICL_METRICS"]
 
 
 class _ICLAccuracy(Metric):
@@ -76,18 +74,15 @@ def add_icl_metrics(composer_model) -> None:
         composer_model.val_metrics.setdefault(cls.__name__, cls())
 
 
-def build_icl_evaluators(icl_tasks_cfg: Any, tokenizer, device_eval_batch_size: int, max_seq_len: int,
+def build_icl_evaluators(tasks: List[ICLTaskConfig], tokenizer, device_eval_batch_size: int, max_seq_len: int,
                          subset_num_batches: Optional[int] = None) -> List[Evaluator]:
-    """Evaluators for an `icl_tasks` section (a list of tasks or the path of a YAML with one).
+    """Evaluators for the checked tasks of an `icl_tasks` section.
 
     The model must carry the metrics (`add_icl_metrics(composer_model)`). Each batch holds
     `batch_size` examples with all their rows; DataSpec splits never separate one example's rows.
     """
-    configs, problems = icl_task_configs(icl_tasks_cfg)
-    if problems:
-        raise ConfigError(problems, header="invalid icl_tasks")
     evaluators = []
-    for cfg in configs:
+    for cfg in tasks:
         task_type = icl_tasks.get(cfg.icl_task_type)
         batch_size = cfg.batch_size or device_eval_batch_size
         for k in cfg.num_fewshot:
