@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from llmfoundry_lite.config import check
-from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.data.icl import (
     ICLDataset,
     ICLTaskConfig,
@@ -16,6 +15,7 @@ from llmfoundry_lite.data.icl import (
     load_task_file,
     normalize_answer,
 )
+from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.registry import icl_tasks
 

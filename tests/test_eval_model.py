@@ -93,8 +93,8 @@ def test_batching_and_padding_do_not_change_scores(tok, task_files):
 def test_composer_evaluators_match_the_standalone_numbers(tok, task_files, tmp_path):
     from composer import Trainer
 
-    from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
     from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+    from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
 
     model = tiny_model(tok, seed=2)
     cfgs = [{"label": t.label, "dataset_uri": t.dataset_uri, "icl_task_type": t.icl_task_type, "num_fewshot": [0, 1]}

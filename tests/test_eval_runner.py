@@ -164,8 +164,7 @@ def test_shipped_eval_yamls_and_task_suite_validate(tmp_path, tiny_tokenizer_dir
 
     from transformers import AutoTokenizer
 
-    from llmfoundry_lite.config import load_config
-    from llmfoundry_lite.config import parse
+    from llmfoundry_lite.config import load_config, parse
     from llmfoundry_lite.data.icl import ICLDataset, ICLTasks
     from llmfoundry_lite.eval.runner import check_eval_config
 

@@ -1,11 +1,17 @@
-"""Batched, left-padded generation and the `generate` command."""
+"""Batched, left-padded generation, the sampling options and the `generate` command."""
+import argparse
+import importlib
+from dataclasses import replace
+
 import pytest
 import torch
 
+from llmfoundry_lite.cli import COMMANDS
 from llmfoundry_lite.cli import main as cli
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export import write_hf_folder
 from llmfoundry_lite.inference import generate
+from llmfoundry_lite.inference.generate import SamplingOptions
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -55,8 +61,25 @@ def test_bad_inputs_are_user_errors(model_and_tokenizer):
         generate(model, tokenizer, ["word " * 80], max_new_tokens=4)
     with pytest.raises(UserError, match="non-empty list"):
         generate(model, tokenizer, "a string", max_new_tokens=4)
-    with pytest.raises(UserError, match="max_new_tokens"):
+    with pytest.raises(UserError, match="max_new_tokens: 0 out of range"):
         generate(model, tokenizer, ["x"], max_new_tokens=0)
+    with pytest.raises(UserError, match="temperature: 0 out of range.*top_p: 2 out of range"):
+        generate(model, tokenizer, ["x"], temperature=0, top_p=2, do_sample=True)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_every_sampling_option_is_a_flag_of_the_inference_commands(command, capsys):
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    default = SamplingOptions(max_new_tokens=256 if command == "chat" else 64)
+    assert SamplingOptions.from_args(parser.parse_args(["model"])) == default
+    flags = ["--max_new_tokens", "9", "--temperature", "0.5", "--top_k", "5", "--top_p", "0.9",
+             "--repetition_penalty", "1.2", "--do_sample", "--seed", "7"]
+    assert SamplingOptions.from_args(parser.parse_args(["model", *flags])) == replace(
+        default, max_new_tokens=9, temperature=0.5, top_k=5, top_p=0.9, repetition_penalty=1.2, do_sample=True, seed=7)
+    # out-of-range values are refused before the model is opened
+    assert cli([command, "no/such/model", "--top_p", "1.5"]) == 2
+    assert "top_p: 1.5 out of range" in capsys.readouterr().err
 
 
 def test_generate_command_prints_outputs_and_speed(model_and_tokenizer, tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llmfoundry_lite.inference import generate
+from llmfoundry_lite.inference.generate import SamplingOptions
 from llmfoundry_lite.inference.serve import Endpoint, Limits, RequestError, make_server
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
@@ -102,6 +103,17 @@ def test_bad_requests_get_a_4xx_naming_the_field(url, body, status, field):
     got, answer = _request(url, body)
     assert (got, answer["field"]) == (status, field), answer
     assert answer["error"]
+
+
+def test_a_request_gets_the_servers_defaults_for_what_it_does_not_set(model_and_tokenizer, monkeypatch):
+    seen = []
+    monkeypatch.setattr("llmfoundry_lite.inference.serve.generate", lambda *args, **kw: seen.append(kw) or ["x"])
+    endpoint = Endpoint(*model_and_tokenizer, Limits(max_new_tokens=8),
+                        SamplingOptions(max_new_tokens=20, do_sample=True, temperature=0.7, seed=1))
+    endpoint.answer(json.dumps(_with()).encode())
+    endpoint.answer(json.dumps(_with(seed=2, max_new_tokens=3)).encode())
+    assert [(kw["max_new_tokens"], kw["do_sample"], kw["temperature"], kw["seed"]) for kw in seen] == [
+        (8, True, 0.7, 1), (3, True, 0.7, 2)]  # the default max_new_tokens is capped by the limit
 
 
 def test_unknown_routes_and_oversized_bodies(url):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.config import check
+from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.export.opening import MPTModelSection
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token
 from llmfoundry_lite.models.config import MPTSchema

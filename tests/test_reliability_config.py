@@ -8,12 +8,13 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from train_utils import stand_in_folders
 
 from llmfoundry_lite import cli
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.train.schema import check_train_config
+
+from train_utils import stand_in_folders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "broken_configs")

@@ -8,11 +8,12 @@ import warnings
 
 import pytest
 import torch
-from train_utils import stand_in_folders
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.train.schema import check_train_config
+
+from train_utils import stand_in_folders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = sorted(glob.glob(os.path.join(ROOT, "yamls", "pretrain", "*.yaml")) +

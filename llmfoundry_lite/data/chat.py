@@ -12,6 +12,10 @@ from typing import Any
 from llmfoundry_lite.errors import DataError
 
 ROLES = ("system", "user", "assistant")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# MPT-7B-Chat's system prompt: the `mpt-7b-chat` chat template's and the chat command's default.
+MPT_SYSTEM_PROMPT = ("A conversation between a user and an LLM-based AI assistant. "
+                     "The assistant gives helpful and honest answers.")
 
 
 def check_messages(messages: Any, for_training: bool = True) -> None:

@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from llmfoundry_lite.data.chat import check_messages
+from llmfoundry_lite.data.chat import IM_END, IM_START, MPT_SYSTEM_PROMPT, check_messages
 from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.registry import preprocessors
@@ -28,12 +28,10 @@ from llmfoundry_lite.registry import preprocessors
 log = logging.getLogger(__name__)
 IGNORE = -100
 
-MPT_SYSTEM_PROMPT = ("A conversation between a user and an LLM-based AI assistant. "
-                     "The assistant gives helpful and honest answers.")
 # MPT-7B-Chat: ChatML whose conversation opens with this system prompt unless one is given.
 MPT_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\n" + MPT_SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{{ '" + IM_START + "system\n" + MPT_SYSTEM_PROMPT + IM_END + "\n' }}"
     "{% endif %}" + CHATML_TEMPLATE
 )
 CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "mpt-7b-chat": MPT_CHAT_TEMPLATE}

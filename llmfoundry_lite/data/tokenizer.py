@@ -15,21 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from llmfoundry_lite.config.schema import cross
+from llmfoundry_lite.data.chat import IM_END, IM_START
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.files import check_folder_path, read_json_file
 from llmfoundry_lite.registry import tokenizers as tokenizer_registry
 
 EOS = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 DEFAULT_SPECIAL_TOKENS = (EOS, IM_START, IM_END)
 
 # ChatML: <|im_start|>role\ncontent<|im_end|>\n per message; the assistant header opens a reply.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '" + IM_START + "' + message['role'] + '\n' + message['content'] + '" + IM_END + "' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\n' }}{% endif %}"
 )
 
 

@@ -17,14 +17,10 @@ from typing import List, Optional, TextIO
 
 from transformers import TextStreamer
 
-from llmfoundry_lite.data.chat import check_messages
+from llmfoundry_lite.data.chat import IM_END, IM_START, MPT_SYSTEM_PROMPT, check_messages
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.inference.generate import generate
-from llmfoundry_lite.inference.loading import add_model_arguments, add_sampling_arguments, open_model, sampling_kwargs
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-DEFAULT_SYSTEM_PROMPT = ("A conversation between a user and an LLM-based AI assistant. "
-                         "The assistant gives helpful and honest answers.")
+from llmfoundry_lite.inference.generate import SamplingOptions, generate
+from llmfoundry_lite.inference.loading import add_model_arguments, open_model
 
 
 def chatml(messages: List[dict], add_generation_prompt: bool = True) -> str:
@@ -49,12 +45,12 @@ class _Streamer(TextStreamer):
 class ChatSession:
     """A conversation with one model; `reply(message)` streams and returns the assistant's answer."""
 
-    def __init__(self, model, tokenizer, system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT, **sampling):
+    def __init__(self, model, tokenizer, system_prompt: Optional[str] = MPT_SYSTEM_PROMPT, **sampling):
         ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)]
         if tokenizer.unk_token_id in ids or None in ids:
             raise UserError(f"the tokenizer has no {IM_START}/{IM_END} tokens, which ChatML needs; add them as "
                             "special tokens (the tokenizers `data-prep train-tokenizer` writes have them)")
-        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.model, self.tokenizer, self.sampling = model, tokenizer, SamplingOptions(**sampling).checked()
         self.stop_ids = [ids[1]] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.messages: List[dict] = []
@@ -67,7 +63,7 @@ class ChatSession:
 
     def _fit(self) -> bool:
         """Drop the oldest exchanges until the prompt plus a full reply fits; False if even one message won't."""
-        budget = self.model.config.max_seq_len - self.sampling.get("max_new_tokens", 64)
+        budget = self.model.config.max_seq_len - self.sampling.max_new_tokens
         while len(self.tokenizer(self.prompt())["input_ids"]) > budget:
             if len(self.messages) <= 1:
                 return False
@@ -83,7 +79,7 @@ class ChatSession:
             return None
         prompt = self.prompt()
         text = generate(self.model, self.tokenizer, [prompt], eos_token_id=self.stop_ids,
-                        streamer=_Streamer(self.tokenizer, out), **self.sampling)[0][len(prompt):]
+                        streamer=_Streamer(self.tokenizer, out), **vars(self.sampling))[0][len(prompt):]
         self.messages.append({"role": "assistant", "content": text})
         return text
 
@@ -109,11 +105,12 @@ def chat_loop(session: ChatSession, inp: Optional[TextIO] = None, out: Optional[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="'' for none")
-    add_sampling_arguments(parser, max_new_tokens=256)
+    parser.add_argument("--system_prompt", default=MPT_SYSTEM_PROMPT, help="'' for none")
+    SamplingOptions.add_arguments(parser, max_new_tokens=256)
 
 
 def run(args: argparse.Namespace) -> int:
+    sampling = SamplingOptions.from_args(args)
     model, tokenizer = open_model(args)
-    chat_loop(ChatSession(model, tokenizer, args.system_prompt, **sampling_kwargs(args)))
+    chat_loop(ChatSession(model, tokenizer, args.system_prompt, **vars(sampling)))
     return 0

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import time
+import typing
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.inference.loading import add_model_arguments, add_sampling_arguments, open_model, sampling_kwargs
+from llmfoundry_lite.inference.loading import add_model_arguments, open_model
 
 
 class Generations(list):
@@ -27,17 +29,64 @@ class Generations(list):
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generation_kwargs(tokenizer, max_new_tokens: int = 64, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, repetition_penalty: float = 1.0, do_sample: bool = False,
-                      eos_token_id=None) -> dict:
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SamplingOptions:
+    """How new tokens are chosen. The one list of these options: the keyword arguments of `generate`,
+    the flags of the generate, chat and serve commands (`add_arguments`) and the `parameters` of a
+    serve request (checked with `config.check`, which calls `validate`)."""
+
+    max_new_tokens: int = _option(64, "tokens to generate after each prompt")
+    temperature: float = _option(1.0, "logits are divided by it when sampling (< 1: more predictable)")
+    top_k: Optional[int] = _option(None, "sample among the k likeliest tokens only (0 or unset: all)")
+    top_p: Optional[float] = _option(None, "sample among the likeliest tokens holding probability p only")
+    repetition_penalty: float = _option(1.0, "> 1 makes tokens already in the text less likely")
+    do_sample: bool = _option(False, "sample (default: greedy)")
+    seed: Optional[int] = _option(None, "random seed, for reproducible sampling")
+
+    def validate(self, path: str = "") -> List[str]:
+        """One problem per value out of range (NaN fails every comparison); `config.check` checks the types."""
+        ranges = {"max_new_tokens": (lambda v: v >= 1, ">= 1"),
+                  "temperature": (lambda v: 0 < v <= 100, "in (0, 100]"),
+                  "top_k": (lambda v: v >= 0, ">= 0"),
+                  "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                  "repetition_penalty": (lambda v: 0 < v <= 10, "in (0, 10]"),
+                  "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")}
+        return [f"{path + '.' if path else ''}{name}: {value} out of range: must be {text}"
+                for name, (ok, text) in ranges.items() if (value := getattr(self, name)) is not None and not ok(value)]
+
+    def checked(self) -> SamplingOptions:
+        """self, or a UserError listing every value out of range."""
+        problems = self.validate()
+        if problems:
+            raise UserError("bad sampling options: " + "; ".join(problems))
+        return self
+
+    @classmethod
+    def add_arguments(cls, parser, **defaults) -> None:
+        """A flag per field (`--top_p` ...); `defaults` replaces a field's default (chat: max_new_tokens=256)."""
+        for f in fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            tp = next(t for t in typing.get_args(tp) or [tp] if t is not type(None))  # Optional[int] -> int
+            kind = {"action": "store_true"} if tp is bool else {"type": tp}
+            parser.add_argument(f"--{f.name}", default=defaults.get(f.name, f.default), help=f.metadata["help"], **kind)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)}).checked()
+
+
+def generation_kwargs(tokenizer, options: SamplingOptions, eos_token_id=None) -> dict:
     """Keyword arguments for `model.generate`; sampling knobs are passed only when sampling."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=repetition_penalty,
-              pad_token_id=tokenizer.pad_token_id,
+    kw = dict(max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
+              repetition_penalty=options.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
               eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
-    if do_sample:
-        kw.update(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p)
+    if options.do_sample:
+        kw.update(temperature=options.temperature, top_k=options.top_k or 0,
+                  top_p=1.0 if options.top_p is None else options.top_p)
     else:  # greedy: make sure no sampling default from the model's generation_config sneaks in
         kw.update(temperature=None, top_k=None, top_p=None)
     return kw
@@ -58,25 +107,24 @@ def _count_new_tokens(new_ids: torch.Tensor, eos_ids) -> int:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-             do_sample: bool = False, seed: Optional[int] = None, max_batch_size: Optional[int] = None,
-             eos_token_id=None, streamer=None) -> Generations:
+def generate(model, tokenizer, prompts: Sequence[str], max_batch_size: Optional[int] = None, eos_token_id=None,
+             streamer=None, **sampling) -> Generations:
     """Complete every prompt; returns `Generations` (prompt + continuation per prompt, in order).
 
-    Greedy by default. `eos_token_id` (an id or a list) overrides the tokenizer's end token;
-    `streamer` (a transformers streamer) receives tokens as they come and needs a single prompt.
+    `sampling` are `SamplingOptions` fields (greedy, 64 new tokens by default). `eos_token_id` (an id or
+    a list) overrides the tokenizer's end token; `streamer` (a transformers streamer) receives tokens as
+    they come and needs a single prompt.
     """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise UserError("prompts must be a non-empty list of strings")
-    kw = generation_kwargs(tokenizer, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                           do_sample, eos_token_id)
+    options = SamplingOptions(**sampling).checked()
+    kw = generation_kwargs(tokenizer, options, eos_token_id)
     eos_ids = kw["eos_token_id"] if isinstance(kw["eos_token_id"], (list, tuple)) else [kw["eos_token_id"]]
-    problems = overlong(tokenizer, prompts, max_new_tokens, model.config.max_seq_len)
+    problems = overlong(tokenizer, prompts, options.max_new_tokens, model.config.max_seq_len)
     if problems:
         raise UserError("\n".join(f"prompt {i}: {msg}" for i, msg in problems))
-    if seed is not None:
-        torch.manual_seed(seed)
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     step = max_batch_size or len(prompts)
@@ -119,14 +167,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--prompts", nargs="+", default=["My name is", "The capital of France is"],
                         help="prompts, or file::PATH to read one prompt from a file")
-    add_sampling_arguments(parser)
+    SamplingOptions.add_arguments(parser)
     parser.add_argument("--max_batch_size", type=int, default=None, help="prompts per batch (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
+    sampling = SamplingOptions.from_args(args)
     model, tokenizer = open_model(args)
     prompts = read_prompts(args.prompts)
-    outputs = generate(model, tokenizer, prompts, max_batch_size=args.max_batch_size, **sampling_kwargs(args))
+    outputs = generate(model, tokenizer, prompts, max_batch_size=args.max_batch_size, **vars(sampling))
     for text in outputs:
         print("#" * 60)
         print(text)

@@ -17,11 +17,12 @@ import json
 import queue
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, List, Optional
 
-from llmfoundry_lite.inference.generate import generate, overlong
+from llmfoundry_lite.config import check
+from llmfoundry_lite.inference.generate import SamplingOptions, generate, overlong
 from llmfoundry_lite.inference.loading import add_model_arguments, open_model
 from llmfoundry_lite.registry import did_you_mean
 
@@ -37,14 +38,6 @@ class RequestError(Exception):
         self.status, self.field, self.message = status, field_path, message
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 @dataclass
 class Limits:
     max_inputs: int = 8                 # input strings per request
@@ -56,21 +49,8 @@ class Limits:
     max_connections: int = 64           # open connections (one thread each); more -> 503 at once
 
 
-# name -> (type check, type name, range check, range text); a range check receives the Limits.
-PARAMETERS = {
-    "max_new_tokens": (_is_int, "an integer", lambda v, lim: 1 <= v <= lim.max_new_tokens, "between 1 and {max_new_tokens}"),
-    "temperature": (_is_number, "a number", lambda v, lim: 0 < v <= 100, "in (0, 100]"),
-    "top_p": (_is_number, "a number", lambda v, lim: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (_is_int, "an integer", lambda v, lim: v >= 0, ">= 0"),
-    "repetition_penalty": (_is_number, "a number", lambda v, lim: 0 < v <= 10, "in (0, 10]"),
-    "do_sample": (lambda v: isinstance(v, bool), "true or false", lambda v, lim: True, ""),
-    "seed": (_is_int, "an integer", lambda v, lim: 0 <= v < 2 ** 63, "in [0, 2**63)"),
-}
-DEFAULT_MAX_NEW_TOKENS = 64  # when a request does not say (capped by Limits.max_new_tokens)
-
-
-def parse_request(body: bytes, limits: Limits):
-    """(prompts, generation parameters) from a request body, or RequestError naming the bad field.
+def parse_request(body: bytes, limits: Limits, defaults: SamplingOptions):
+    """(prompts, SamplingOptions: `defaults` updated by the request) from a body, or RequestError naming the bad field.
 
     Token lengths are checked later, by the worker: HF fast tokenizers must not be used by two
     threads at once ("Already borrowed"), so only the worker thread touches the tokenizer."""
@@ -106,29 +86,25 @@ def parse_request(body: bytes, limits: Limits):
                 p.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate ("\ud800") that no tokenizer can encode
                 raise RequestError(400, f"{where}[{i}]", "is not valid Unicode (lone surrogate)") from None
-    params = {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens), "do_sample": False}
-    raw = inp.get("parameters", {})
+    where, raw = "input_data.parameters", inp.get("parameters", {})
     if not isinstance(raw, dict):
-        raise RequestError(400, "input_data.parameters", "must be an object")
-    for key, value in raw.items():
-        path = f"input_data.parameters.{key}"
-        if key not in PARAMETERS:
-            raise RequestError(400, path, f"unknown parameter{did_you_mean(key, PARAMETERS)}; "
-                                          f"choose from {sorted(PARAMETERS)}")
-        type_ok, type_name, range_ok, range_text = PARAMETERS[key]
-        if not type_ok(value):
-            raise RequestError(400, path, f"must be {type_name}, got {json.dumps(value)}")
-        if not range_ok(value, limits):
-            raise RequestError(400, path, f"{value} out of range: must be "
-                                          f"{range_text.format(max_new_tokens=limits.max_new_tokens)}")
-        params[key] = value
-    return prompts, params
+        raise RequestError(400, where, "must be an object")
+    options, problems = check(SamplingOptions, {**vars(defaults), **raw}, where)
+    if not problems and options.max_new_tokens > limits.max_new_tokens:
+        problems = [f"{where}.max_new_tokens: {options.max_new_tokens} out of range: this server's limit is "
+                    f"{limits.max_new_tokens}"]
+    if problems:  # named by the first problem's key: the longest one its text starts with (a key may hold ':')
+        key = max((k for k in raw if problems[0].startswith(f"{where}.{k}:")), key=len, default=None)
+        names = [f.name for f in fields(SamplingOptions)]
+        known = f" (parameters: {', '.join(names)})" if set(raw) - set(names) else ""
+        raise RequestError(400, where if key is None else f"{where}.{key}", ("; ".join(problems) + known)[:1000])
+    return prompts, options
 
 
 @dataclass
 class _Job:
     prompts: List[str]
-    params: dict
+    options: SamplingOptions
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: Optional[BaseException] = None
@@ -137,9 +113,10 @@ class _Job:
 class Endpoint:
     """The model, its tokenizer, the bounded request queue and the one worker thread that runs the model."""
 
-    def __init__(self, model, tokenizer, limits: Optional[Limits] = None):
-        limits = limits or Limits()
+    def __init__(self, model, tokenizer, limits: Optional[Limits] = None, defaults: Optional[SamplingOptions] = None):
+        limits, defaults = limits or Limits(), (defaults or SamplingOptions()).checked()
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
+        self.defaults = replace(defaults, max_new_tokens=min(defaults.max_new_tokens, limits.max_new_tokens))
         self.jobs: "queue.Queue[_Job]" = queue.Queue(maxsize=limits.queue_size)
         self.served = 0
         threading.Thread(target=self._work, name="model-worker", daemon=True).start()
@@ -148,11 +125,11 @@ class Endpoint:
         while True:
             job = self.jobs.get()
             try:
-                for i, message in overlong(self.tokenizer, job.prompts, job.params["max_new_tokens"],
+                for i, message in overlong(self.tokenizer, job.prompts, job.options.max_new_tokens,
                                            self.model.config.max_seq_len):
                     raise RequestError(400, f"input_data.input_string[{i}]", message)
                 texts = generate(self.model, self.tokenizer, job.prompts,
-                                 max_batch_size=self.limits.max_batch_size, **job.params)
+                                 max_batch_size=self.limits.max_batch_size, **vars(job.options))
                 job.result = [{str(i): t for i, t in enumerate(texts)}]
                 self.served += 1
             except Exception as e:  # reported to the client (4xx or 500); the worker keeps serving
@@ -160,8 +137,7 @@ class Endpoint:
             job.done.set()
 
     def answer(self, body: bytes):
-        prompts, params = parse_request(body, self.limits)
-        job = _Job(prompts, params)
+        job = _Job(*parse_request(body, self.limits, self.defaults))
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -263,9 +239,9 @@ class EndpointServer(ThreadingHTTPServer):
 
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8080, limits: Optional[Limits] = None,
-                quiet: bool = False) -> EndpointServer:
+                quiet: bool = False, defaults: Optional[SamplingOptions] = None) -> EndpointServer:
     """A ready server (call `.serve_forever()`); port 0 picks a free port (`server.server_address`)."""
-    return EndpointServer((host, port), Endpoint(model, tokenizer, limits), quiet=quiet)
+    return EndpointServer((host, port), Endpoint(model, tokenizer, limits, defaults), quiet=quiet)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -277,12 +253,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue_size", type=int, default=Limits.queue_size, help="waiting requests before 503")
     parser.add_argument("--max_batch_size", type=int, default=None)
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
+    SamplingOptions.add_arguments(parser.add_argument_group(
+        "request defaults", "for the parameters a request does not set (max_new_tokens capped by --max_new_tokens_limit)"))
 
 
 def run(args: argparse.Namespace) -> int:
+    defaults = SamplingOptions.from_args(args)
     model, tokenizer = open_model(args)
     limits = Limits(args.max_inputs, args.max_new_tokens_limit, args.queue_size, args.max_batch_size)
-    server = make_server(model, tokenizer, args.host, args.port, limits, args.quiet)
+    server = make_server(model, tokenizer, args.host, args.port, limits, args.quiet, defaults)
     host, port = server.server_address[:2]
     print(f"serving on http://{host}:{port}  (POST / with input_data, GET /health; Ctrl-C stops)", flush=True)
     try:
