@@ -174,13 +174,15 @@ def test_shipped_eval_yamls_and_task_suite_validate(tmp_path, tiny_tokenizer_dir
     (out / "checkpoints" / "mpt-tiny-cpu").mkdir(parents=True)
     (out / "checkpoints" / "mpt-tiny-cpu" / "latest-rank0.pt").touch()
     write_copy_task(str(out / "data"), n_train=4, n_val=4)
+    (out / "tokenizer").mkdir()
     cfg = check_eval_config(load_config("yamls/eval/mpt-tiny.yaml", [f"variables.out={out}"]))
     assert [m.model_name for m in cfg.models] == ["mpt-tiny-trained", "mpt-tiny-untrained"]
     bench = tmp_path / "bench"
     bench.mkdir()
     for name in ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winograd_wsc", "triviaqa"):
         (bench / f"{name}.jsonl").touch()
-    check_eval_config(load_config("yamls/eval/public-benchmarks.yaml", [f"variables.data={bench}"]))
+    check_eval_config(load_config("yamls/eval/public-benchmarks.yaml", [f"variables.data={bench}",
+                                                                        f"variables.model={tmp_path}"]))
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tasks = parse(ICLTasks, "yamls/eval/tasks-tiny.yaml", "icl_tasks")
     assert len(tasks) == 4

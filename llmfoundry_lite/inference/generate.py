@@ -10,10 +10,11 @@ import argparse
 import time
 import typing
 from dataclasses import dataclass, field, fields
-from typing import List, Optional, Sequence, Tuple
+from typing import Annotated, List, Optional, Sequence, Tuple
 
 import torch
 
+from llmfoundry_lite.config import Rule, check
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.inference.loading import add_model_arguments, open_model
 
@@ -33,34 +34,32 @@ def _option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _within(ok, text: str) -> Rule:
+    return Rule(lambda v: None if ok(v) else f"{v} out of range: must be {text}")  # NaN fails every comparison
+
+
 @dataclass
 class SamplingOptions:
     """How new tokens are chosen. The one list of these options: the keyword arguments of `generate`,
     the flags of the generate, chat and serve commands (`add_arguments`) and the `parameters` of a
-    serve request (checked with `config.check`, which calls `validate`)."""
+    serve request (checked with `config.check`)."""
 
-    max_new_tokens: int = _option(64, "tokens to generate after each prompt")
-    temperature: float = _option(1.0, "logits are divided by it when sampling (< 1: more predictable)")
-    top_k: Optional[int] = _option(None, "sample among the k likeliest tokens only (0 or unset: all)")
-    top_p: Optional[float] = _option(None, "sample among the likeliest tokens holding probability p only")
-    repetition_penalty: float = _option(1.0, "> 1 makes tokens already in the text less likely")
+    max_new_tokens: Annotated[int, _within(lambda v: v >= 1, ">= 1")] = _option(64, "tokens to generate after each prompt")
+    temperature: Annotated[float, _within(lambda v: 0 < v <= 100, "in (0, 100]")] = _option(
+        1.0, "logits are divided by it when sampling (< 1: more predictable)")
+    top_k: Optional[Annotated[int, _within(lambda v: v >= 0, ">= 0")]] = _option(
+        None, "sample among the k likeliest tokens only (0 or unset: all)")
+    top_p: Optional[Annotated[float, _within(lambda v: 0 < v <= 1, "in (0, 1]")]] = _option(
+        None, "sample among the likeliest tokens holding probability p only")
+    repetition_penalty: Annotated[float, _within(lambda v: 0 < v <= 10, "in (0, 10]")] = _option(
+        1.0, "> 1 makes tokens already in the text less likely")
     do_sample: bool = _option(False, "sample (default: greedy)")
-    seed: Optional[int] = _option(None, "random seed, for reproducible sampling")
-
-    def validate(self, path: str = "") -> List[str]:
-        """One problem per value out of range (NaN fails every comparison); `config.check` checks the types."""
-        ranges = {"max_new_tokens": (lambda v: v >= 1, ">= 1"),
-                  "temperature": (lambda v: 0 < v <= 100, "in (0, 100]"),
-                  "top_k": (lambda v: v >= 0, ">= 0"),
-                  "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                  "repetition_penalty": (lambda v: 0 < v <= 10, "in (0, 10]"),
-                  "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")}
-        return [f"{path + '.' if path else ''}{name}: {value} out of range: must be {text}"
-                for name, (ok, text) in ranges.items() if (value := getattr(self, name)) is not None and not ok(value)]
+    seed: Optional[Annotated[int, _within(lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)")]] = _option(
+        None, "random seed, for reproducible sampling")
 
     def checked(self) -> SamplingOptions:
         """self, or a UserError listing every value out of range."""
-        problems = self.validate()
+        problems = check(SamplingOptions, {f.name: getattr(self, f.name) for f in fields(self)})[1]
         if problems:
             raise UserError("bad sampling options: " + "; ".join(problems))
         return self

@@ -57,18 +57,3 @@ def model_path(args: argparse.Namespace) -> str:
 
 def open_model(args: argparse.Namespace):
     return load_model_and_tokenizer(model_path(args), args.device, args.dtype, args.tokenizer)
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
-    parser.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
-    parser.add_argument("--seed", type=int, default=None)
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                          "repetition_penalty", "do_sample", "seed")}
