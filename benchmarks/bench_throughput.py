@@ -30,7 +30,7 @@ import torch
 from composer.core import Callback
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.data.loaders import LoaderKind
+from llmfoundry_lite.data.loaders import LoaderOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +42,11 @@ class SyntheticConfig:
     max_seq_len: int
     vocab_size: int
     seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class SyntheticLoader(LoaderOptions):
+    dataset: SyntheticConfig
 
 
 class RandomRows(torch.utils.data.Dataset):
@@ -56,7 +61,8 @@ class RandomRows(torch.utils.data.Dataset):
         return torch.randint(0, self.cfg.vocab_size, (self.cfg.max_seq_len,), generator=g)
 
 
-def _build_synthetic(cfg: SyntheticConfig, tokenizer, batch_size: int):
+def _build_synthetic(loader: SyntheticLoader, tokenizer, batch_size: int):
+    cfg = loader.dataset
     from llmfoundry_lite.data.collators import CausalLMCollator
     from llmfoundry_lite.data.loaders import map_sampler
     dataset = RandomRows(cfg)
@@ -90,7 +96,7 @@ class Timer(Callback):
         self.marks.append((time.perf_counter(), state.timestamp.token.value))
 
 
-registry.dataloaders.register("synthetic", LoaderKind(SyntheticConfig, _build_synthetic))
+registry.dataloaders.register("synthetic", _build_synthetic, config=SyntheticLoader)
 registry.tokenizers.register("synthetic", _synthetic_tokenizer)
 registry.callbacks.register("benchmark_timer", Timer)
 

@@ -109,7 +109,9 @@ def test_fsdp_and_plugin_snippets_are_valid():
 
     from llmfoundry_lite import registry
     from llmfoundry_lite.config import check
-    from llmfoundry_lite.train.schema import FSDPSection, named_section_problems
+    from llmfoundry_lite.config import NamedMap
+    from llmfoundry_lite.config.schema import coerce
+    from llmfoundry_lite.train.schema import FSDPSection
 
     fsdp_yaml = next(b for b in blocks("yaml") if "fsdp_config" in b)
     data = yaml.safe_load(fsdp_yaml)
@@ -118,8 +120,11 @@ def test_fsdp_and_plugin_snippets_are_valid():
     plugin = next(b for b in blocks("python") if "registry.callbacks.register" in b)
     if "print_loss" not in registry.callbacks:
         exec(compile(plugin, "README plug-in", "exec"), {})
-    assert named_section_problems(registry.callbacks, "print_loss", {"every": 5}, "callbacks.print_loss") == []
-    assert named_section_problems(registry.callbacks, "print_loss", {"evry": 5}, "callbacks.print_loss")
+    problems = []
+    sections = coerce(NamedMap[registry.callbacks], {"print_loss": {"every": 5}}, "callbacks", problems)
+    assert problems == [] and sections["print_loss"].build().every == 5
+    coerce(NamedMap[registry.callbacks], {"print_loss": {"evry": 5}}, "callbacks", problems)
+    assert problems == ["callbacks.print_loss.evry: unknown key (did you mean 'every'?)"]
     assert 'entry-points."llmfoundry_lite.plugins"' in README
 
 

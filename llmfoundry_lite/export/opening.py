@@ -64,21 +64,23 @@ def open_model(source: Union[str, Section], tokenizer=None) -> Tuple[object, obj
     stored with the model; a section needs one unless it names a pretrained folder."""
     from llmfoundry_lite.export.composer_checkpoint import is_composer_checkpoint, load_composer_checkpoint
     from llmfoundry_lite.export.hf_import import load_hf_model
-    if isinstance(tokenizer, str):
-        tokenizer = build_tokenizer(tokenizer)
     if isinstance(source, Section):
         folder = source.kwargs.get("pretrained_model_name_or_path")
         if tokenizer is None and folder is None:
             raise ConfigError(["tokenizer: missing; a model built from a config needs a tokenizer "
                                "(e.g. tokenizer: {name: path/to/tokenizer_folder})"])
-        tokenizer = tokenizer or build_tokenizer(folder)
+        tokenizer = _tokenizer(tokenizer or folder)
         return source.build(tokenizer), tokenizer
-    if is_composer_checkpoint(source):
+    if is_composer_checkpoint(source):  # the model first: its problems are the likelier ones to report
         model, saved = load_composer_checkpoint(source)
     else:
         model, saved = load_hf_model(source), None
-        tokenizer = tokenizer or build_tokenizer(source)
-    tokenizer = tokenizer or saved
+        tokenizer = tokenizer or source
+    tokenizer = _tokenizer(tokenizer) or saved
     if tokenizer is None:
         raise UserError(f"{source} holds no tokenizer; give one (--tokenizer, or tokenizer: {{name: <folder>}})")
     return model, tokenizer
+
+
+def _tokenizer(tokenizer):
+    return build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
