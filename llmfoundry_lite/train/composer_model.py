@@ -16,9 +16,7 @@ from composer.models import HuggingFaceModel
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import ConfigError
-
-IGNORE_INDEX = -100
-
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
 LOSS_FNS = ("torch_crossentropy", "fused_crossentropy")
 
