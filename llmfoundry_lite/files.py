@@ -1,9 +1,10 @@
-"""Checks of the paths a user gives, before any work starts (usable from every layer)."""
+"""Checks of the paths a user gives, before any work starts, and atomic file writes (usable from every layer)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+from typing import IO, Any, Iterator
 
 from llmfoundry_lite.errors import UserError
 
@@ -36,3 +37,12 @@ def read_json_file(path: str, what: str, missing_ok: bool = False) -> Any:
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                         f"{what} needs a valid JSON file there: restore or rewrite it") from None
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """`open(path, mode)` for writing, through `path + ".tmp"` renamed over `path` when the block succeeds:
+    a reader, or a run killed while writing, sees the old file or the new one, never half of one."""
+    with open(f"{path}.tmp", mode, **open_kwargs) as f:
+        yield f
+    os.replace(f"{path}.tmp", path)

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.files import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_YAML = "yamls/pretrain/mpt-tiny-cpu.yaml"
@@ -216,10 +217,8 @@ def _read_record(state_dir: str, name: str) -> Optional[dict]:
 
 
 def _write_record(state_dir: str, name: str, record: dict) -> None:
-    path = os.path.join(state_dir, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(os.path.join(state_dir, f"{name}.json")) as f:
         json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 # --- the last step: check, plot, summarise -------------------------------------------------------

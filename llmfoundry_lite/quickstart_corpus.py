@@ -14,6 +14,8 @@ import json
 import os
 from typing import Dict, Iterator, List
 
+from llmfoundry_lite.files import atomic_write
+
 # Importable everywhere without side effects (no GUI, no `this`/`antigravity`, no platform-only ones).
 MODULES = sorted("""
 abc argparse array ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmd code codecs
@@ -87,18 +89,12 @@ def write_corpus(out_dir: str, val_fraction: float = 0.05, max_docs: int = 0) ->
         splits["val" if is_val(doc, val_fraction) else "train"].append(doc)
     os.makedirs(out_dir, exist_ok=True)
     for split, items in splits.items():
-        _atomic_write(os.path.join(out_dir, f"{split}.jsonl"),
-                      "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in items))
-    _atomic_write(os.path.join(out_dir, "train.txt"), "\n\n".join(splits["train"]) + "\n")
+        with atomic_write(os.path.join(out_dir, f"{split}.jsonl"), encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in items)
+    with atomic_write(os.path.join(out_dir, "train.txt"), encoding="utf-8") as f:
+        f.write("\n\n".join(splits["train"]) + "\n")
     return {"train_docs": len(splits["train"]), "val_docs": len(splits["val"]),
             "chars": sum(len(d) for d in docs)}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> None:

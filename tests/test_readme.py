@@ -108,8 +108,7 @@ def test_fsdp_and_plugin_snippets_are_valid():
     import yaml  # PyYAML comes with omegaconf
 
     from llmfoundry_lite import registry
-    from llmfoundry_lite.config import check
-    from llmfoundry_lite.config import NamedMap
+    from llmfoundry_lite.config import NamedMap, check
     from llmfoundry_lite.config.schema import coerce
     from llmfoundry_lite.train.schema import FSDPSection
 

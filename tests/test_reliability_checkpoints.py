@@ -3,6 +3,7 @@ create a marker folder if executed, in every place a pickle can hide), and broke
 (truncated, another model's shapes, impossible config values, path tricks) end in a clear UserError."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -158,6 +159,31 @@ def test_weights_of_another_shape(hf_folder, change, fragment):
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=fragment):
         load_hf_model(hf_folder)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("change, fragment", [
+    ({"vocab_size": 128}, r"size mismatch \['transformer.wte.weight \(64, 32\) != model \(128, 32\)'\]"),
+    ({"n_layers": 3}, r"missing \['transformer.blocks.2"),
+    ({"n_layers": 1}, r"unexpected \['transformer.blocks.1"),
+])
+def test_composer_weights_of_another_shape(tmp_path, sharded, change, fragment, capsys):
+    """A checkpoint whose weights disagree with its saved config: loading and converting name the weights
+    (shapes of a sharded one come from its metadata) and write nothing."""
+    model = tiny_model()
+    hf = composer_state(model)["state"]["integrations"]["huggingface"]
+    hf["model"]["config"]["content"].update(change)
+    if sharded:
+        path = str(sharded_checkpoint(tmp_path, model, extra_state={"integrations": {"huggingface": hf}}))
+    else:
+        path = str(tmp_path / "ckpt.pt")
+        torch.save({"state": {**composer_state(model)["state"], "integrations": {"huggingface": hf}}}, path)
+    with pytest.raises(CheckpointError, match=fragment):
+        load_composer_checkpoint(path)
+    assert cli.main(["convert", "--composer_path", path, "--hf_output_path", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(fragment, err) and "nothing was written" in err and "Traceback" not in err
+    assert not list((tmp_path / "hf").glob("*.safetensors"))
 
 
 @pytest.mark.parametrize("change", [{"n_heads": 3}, {"n_layers": -1}, {"vocab_size": 0}, {"max_seq_len": "long"},

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-IGNORE = -100
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ class CausalLMCollator:
         input_ids = _pad(rows, self.max_seq_len, self.pad_token_id)
         attention_mask = _mask(rows, self.max_seq_len)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "labels": input_ids.masked_fill(attention_mask == 0, IGNORE)}
+                 "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)}
         if self.eos_token_id is not None:
             is_eos = (input_ids == self.eos_token_id) & (attention_mask == 1)
             # a document's EOS belongs to it; the next document starts after it
@@ -61,7 +61,7 @@ class FinetuningCollator:
         ids = [e["input_ids"] for e in examples]
         length = min(self.max_seq_len, max(map(len, ids))) if self.pad_to_longest else self.max_seq_len
         return {"input_ids": _pad(ids, length, self.pad_token_id), "attention_mask": _mask(ids, length),
-                "labels": _pad([e["labels"] for e in examples], length, IGNORE)}
+                "labels": _pad([e["labels"] for e in examples], length, IGNORE_INDEX)}
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
@@ -115,7 +115,7 @@ class PackingCollator:
         self.stats["tokens"] += used
         self.stats["padding tokens"] += len(rows) * n - used
         return {"input_ids": _pad(ids, n, self.pad_token_id), "attention_mask": _mask(ids, n),
-                "labels": _pad(labels, n, IGNORE), "sequence_id": _pad(seq, n, -1)}
+                "labels": _pad(labels, n, IGNORE_INDEX), "sequence_id": _pad(seq, n, -1)}
 
 
 def auto_packing_ratio(lengths: Sequence[int], max_seq_len: int, rows: int, seed: int = 0) -> float:

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _finetuning(args: argparse.Namespace) -> None:
-    from llmfoundry_lite.data.convert import Summary, iter_json_records
+    from llmfoundry_lite.data.convert import Counts, iter_json_records
     from llmfoundry_lite.data.finetuning import convert_finetuning, load_raw_examples, numbered
     from llmfoundry_lite.data.mds import check_output_folder
     from llmfoundry_lite.data.tokenizer import build_tokenizer
@@ -169,14 +169,13 @@ def _finetuning(args: argparse.Namespace) -> None:
         check_output_folder(os.path.join(args.out_root, split))
     for split in args.splits:
         out = os.path.join(args.out_root, split)
-        read = Summary()  # what the local reader skipped
+        skipped = Counts()  # by the local reader
         if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
-            examples = iter_json_records(args.dataset, read, args.skip_bad_lines)
+            examples = iter_json_records(args.dataset, skipped, args.skip_bad_lines)
         else:
             kwargs = {k: v for k, v in (("name", args.data_subset), ("data_files", parse_data_files(args.data_files)))
                       if v is not None}
             examples = numbered(load_raw_examples(args.dataset, split, kwargs))
         stats = convert_finetuning(examples, out, tokenizer, args.max_seq_len, args.preprocessor, args.target_prompts,
                                    args.target_responses, args.chat_template, args.compression, args.skip_bad_lines)
-        stats.update(read.dropped)
-        print(f"{out}: " + ", ".join(f"{v} {k}" for k, v in stats.items()))
+        print(f"{out}: {Counts({**stats, **skipped})}")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from llmfoundry_lite.data.mds import check_output_folder, publish_split, token_column_encoding
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
-from llmfoundry_lite.files import check_folder_path
+from llmfoundry_lite.files import atomic_write, check_folder_path, read_json_file
 
 DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
 BATCH = 256  # documents per tokenization task
@@ -54,6 +54,17 @@ class TokenizeSpec:
             raise UserError(f"--concat_tokens must be positive, got {self.concat_tokens}")
 
 
+class Counts(dict):
+    """What data prep counted, dropped or skipped: what -> count, printed as '2 empty documents, 1 malformed lines'."""
+
+    def add(self, what: str, n: int = 1) -> None:
+        if n:
+            self[what] = self.get(what, 0) + n
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n} {what}" for what, n in self.items()) or "nothing"
+
+
 @dataclass
 class Summary:
     documents: int = 0
@@ -62,29 +73,27 @@ class Summary:
     shards: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    dropped: Dict[str, int] = field(default_factory=dict)
+    dropped: Counts = field(default_factory=Counts)
+
+    def __post_init__(self):  # from a done marker's JSON
+        self.dropped = Counts(self.dropped)
 
     def add(self, other: "Summary") -> None:
         for k in ("documents", "tokens", "samples", "shards", "bytes"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
-        for k, v in other.dropped.items():
-            self.drop(k, v)
-
-    def drop(self, why: str, n: int = 1) -> None:
-        if n:
-            self.dropped[why] = self.dropped.get(why, 0) + n
+        for what, n in other.dropped.items():
+            self.dropped.add(what, n)
 
     def __str__(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
-        dropped = ", ".join(f"{v} {k}" for k, v in sorted(self.dropped.items())) or "nothing"
         return (f"{self.documents} documents -> {self.samples} samples, {self.tokens} tokens, "
                 f"{self.shards} shards, {self.bytes / 1e6:.2f} MB in {self.seconds:.1f}s "
-                f"({rate:,.0f} tokens/s); dropped: {dropped}")
+                f"({rate:,.0f} tokens/s); dropped: {self.dropped}")
 
 
 # ---- reading documents -------------------------------------------------------------------------
 
-def iter_json_records(path: str, summary: Summary, skip_bad_lines: bool = False) -> Iterator[Tuple[str, Any]]:
+def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[Tuple[str, Any]]:
     """(`file:line`, record) of a .json/.jsonl file or a folder of them, read a line at a time (a JSON
     array file at once); a bad line is an error naming file and line, or a counted skip with
     `skip_bad_lines`."""
@@ -103,7 +112,7 @@ def iter_json_records(path: str, summary: Summary, skip_bad_lines: bool = False)
                 continue
             f.seek(0)
             for lineno, raw in enumerate(f, 1):
-                rec = _json_line(name, lineno, raw, summary, skip_bad_lines)
+                rec = _json_line(name, lineno, raw, dropped, skip_bad_lines)
                 if rec is not _SKIP:
                     yield f"{name}:{lineno}", rec
 
@@ -111,7 +120,7 @@ def iter_json_records(path: str, summary: Summary, skip_bad_lines: bool = False)
 _SKIP = object()
 
 
-def _json_line(name: str, lineno: int, raw: bytes, summary: Summary, skip_bad_lines: bool):
+def _json_line(name: str, lineno: int, raw: bytes, dropped: Counts, skip_bad_lines: bool):
     """The record of one JSONL line, or _SKIP (blank, or bad and skipped)."""
     try:
         line = raw.decode("utf-8")
@@ -124,13 +133,13 @@ def _json_line(name: str, lineno: int, raw: bytes, summary: Summary, skip_bad_li
         problem, kind = f"malformed JSON ({e.msg}); fix the line", "malformed lines"
     if not skip_bad_lines:
         raise DataError(f"{name}:{lineno}: {problem} or pass --skip_bad_lines to skip and count such lines")
-    summary.drop(kind)
+    dropped.add(kind)
     return _SKIP
 
 
-def iter_json_files(path: str, column: str, summary: Summary, skip_bad_lines: bool = False) -> Iterator[str]:
+def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[str]:
     """Texts (the `column` field) from a .json/.jsonl file or a folder of them."""
-    for where, rec in iter_json_records(path, summary, skip_bad_lines):
+    for where, rec in iter_json_records(path, dropped, skip_bad_lines):
         if not isinstance(rec, dict) or column not in rec:
             have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise DataError(f"{where}: no '{column}' field (has {have}); choose the field with --text_column")
@@ -205,7 +214,7 @@ def _batches(docs: Iterable[str], summary: Summary) -> Iterator[List[str]]:
         if not isinstance(doc, str):
             raise DataError(f"document {summary.documents + len(batch)} is a {type(doc).__name__}, not text")
         if not doc.strip():
-            summary.drop("empty documents")
+            summary.dropped.add("empty documents")
             continue
         batch.append(doc)
         if len(batch) == BATCH:
@@ -220,8 +229,8 @@ def _batches(docs: Iterable[str], summary: Summary) -> Iterator[List[str]]:
 class _Concat:
     """Cuts concatenated `bos + doc + eos` ids into rows of `length`."""
 
-    def __init__(self, length: int, bos: List[int], eos: List[int], wrap: bool, summary: Summary):
-        self.length, self.bos, self.eos, self.wrap, self.summary = length, bos, eos, wrap, summary
+    def __init__(self, length: int, bos: List[int], eos: List[int], wrap: bool, dropped: Counts):
+        self.length, self.bos, self.eos, self.wrap, self.dropped = length, bos, eos, wrap, dropped
         self.buffer: List[int] = []
 
     def add(self, ids: np.ndarray) -> Iterator[List[int]]:
@@ -230,11 +239,11 @@ class _Concat:
             row, self.buffer = self.buffer[: self.length], self.buffer[self.length:]
             yield row
             if not self.wrap:
-                self.summary.drop("tokens after a row cut (--no_wrap)", len(self.buffer))
+                self.dropped.add("tokens after a row cut (--no_wrap)", len(self.buffer))
                 self.buffer = []
 
     def finish(self) -> None:
-        self.summary.drop("tokens in the last partial row", len(self.buffer))
+        self.dropped.add("tokens in the last partial row", len(self.buffer))
         self.buffer = []
 
 
@@ -265,7 +274,8 @@ def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression
             concat = None
             if tok:
                 encode = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-                concat = _Concat(spec.concat_tokens, encode(spec.bos_text), encode(spec.eos_text), spec.wrap, summary)
+                concat = _Concat(spec.concat_tokens, encode(spec.bos_text), encode(spec.eos_text), spec.wrap,
+                                 summary.dropped)
             for texts, ids in tokenized:
                 summary.documents += len(texts)
                 if ids is None:
@@ -305,31 +315,24 @@ def _ordered_map(pool, batches: Iterator[List[str]], window: int):
 
 
 def _count_shards(out_dir: str, summary: Summary) -> None:
-    with open(os.path.join(out_dir, "index.json")) as f:
-        shards = json.load(f)["shards"]
+    shards = read_json_file(os.path.join(out_dir, "index.json"), "data prep")["shards"]
     summary.shards += len(shards)
     summary.bytes += sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in shards)
 
 
 def _require_documents(summary: Summary, source: str) -> Summary:
     if summary.documents == 0:
-        raise DataError(f"no documents in {source}: the input is empty (dropped: {summary.dropped or 'nothing'})")
+        raise DataError(f"no documents in {source}: the input is empty (dropped: {summary.dropped})")
     return summary
 
 
 def _mark_done(folder: str, summary: Summary, args: Dict) -> None:
-    tmp = os.path.join(folder, DONE + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(folder, DONE)) as f:
         json.dump({"args": args, "summary": asdict(summary)}, f)
-    os.replace(tmp, os.path.join(folder, DONE))
 
 
 def _read_done(folder: str) -> Optional[Dict]:
-    try:
-        with open(os.path.join(folder, DONE)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    return read_json_file(os.path.join(folder, DONE), "a finished conversion", missing_ok=True)
 
 
 # ---- the three pretraining conversions ---------------------------------------------------------
@@ -358,7 +361,7 @@ def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[s
     out = os.path.join(out_root, split) if split else out_root
     summary = Summary()
     with publish_split(out) as tmp:
-        docs = iter_json_files(path, text_column, summary, skip_bad_lines)
+        docs = iter_json_files(path, text_column, summary.dropped, skip_bad_lines)
         return _require_documents(write_mds(docs, tmp, spec, compression, num_workers, summary,
                                             desc=os.path.basename(out)), path)
 
@@ -392,7 +395,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
     else:
         check_output_folder(output_folder, "--output_folder")
         os.makedirs(output_folder, exist_ok=True)
-        with open(plan_path, "w") as f:
+        with atomic_write(plan_path) as f:
             json.dump(plan, f)
     jobs = [(g, os.path.join(output_folder, f"group_{i:05d}"), spec, compression) for i, g in enumerate(groups)]
     todo = [j for j in jobs if _read_done(j[1]) is None]
@@ -427,13 +430,10 @@ def _merge_indexes(out_dir: str, folders: Sequence[str]) -> None:
     """One index.json over the groups' shards (their basenames get the group folder prefix)."""
     shards = []
     for folder in folders:
-        with open(os.path.join(folder, "index.json")) as f:
-            for shard in json.load(f)["shards"]:
-                for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
-                    if shard.get(key):
-                        shard[key]["basename"] = os.path.join(os.path.basename(folder), shard[key]["basename"])
-                shards.append(shard)
-    tmp = os.path.join(out_dir, "index.json.tmp")
-    with open(tmp, "w") as f:
+        for shard in read_json_file(os.path.join(folder, "index.json"), "data prep")["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = os.path.join(os.path.basename(folder), shard[key]["basename"])
+            shards.append(shard)
+    with atomic_write(os.path.join(out_dir, "index.json")) as f:
         json.dump({"version": 2, "shards": shards}, f)
-    os.replace(tmp, os.path.join(out_dir, "index.json"))

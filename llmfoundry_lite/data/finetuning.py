@@ -23,10 +23,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 from llmfoundry_lite.data.chat import IM_END, IM_START, MPT_SYSTEM_PROMPT, check_messages
 from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
 from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.models.mpt import IGNORE_INDEX as IGNORE
 from llmfoundry_lite.registry import preprocessors
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 # MPT-7B-Chat: ChatML whose conversation opens with this system prompt unless one is given.
 MPT_CHAT_TEMPLATE = (

@@ -44,6 +44,7 @@ import torch
 
 from llmfoundry_lite.config import ExistingFile, ListOrFile, Name, Positive, Rule, rule
 from llmfoundry_lite.errors import DataError
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
 from llmfoundry_lite.registry import icl_tasks
 
 NonNegative = Annotated[int, rule(lambda v: v >= 0, "must be >= 0")]
@@ -343,7 +344,7 @@ class ICLDataset(torch.utils.data.Dataset):
         cont = [c for it in items for c in it.cont_lens]
         cont_span = torch.tensor([[n - c, n] for n, c in zip(lens, cont, strict=True)], dtype=torch.long)
         pos = torch.arange(width)
-        labels = input_ids.masked_fill((pos < cont_span[:, :1]) | (pos >= cont_span[:, 1:]), -100)
+        labels = input_ids.masked_fill((pos < cont_span[:, :1]) | (pos >= cont_span[:, 1:]), IGNORE_INDEX)
         batch.update(mode="icl_task", labels=labels, cont_span=cont_span,
                      example_index=torch.tensor([i for i, it in enumerate(items) for _ in it.rows]),
                      gold=torch.tensor([it.gold for it in items]))

@@ -32,6 +32,8 @@ from llmfoundry_lite.data.tokenizer import TokenizerSection
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.export.opening import open_model
+from llmfoundry_lite.files import atomic_write
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
 SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
 
@@ -116,8 +118,8 @@ def perplexity(model, loader, device, max_batches: int = -1) -> Dict[str, float]
         logits = model(input_ids=batch["input_ids"].to(device), **kw).logits
         labels = batch["labels"].to(device)[:, 1:]  # labels are aligned with input_ids: shift
         total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                   ignore_index=-100, reduction="sum").item()
-        tokens += int((labels != -100).sum())
+                                                   ignore_index=IGNORE_INDEX, reduction="sum").item()
+        tokens += int((labels != IGNORE_INDEX).sum())
     ce = total / max(tokens, 1)
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 700.0)), "tokens": tokens}
 
@@ -161,10 +163,8 @@ def format_table(model_name: str, metrics: Dict[str, float]) -> str:
 def write_results(results: Dict[str, Dict[str, float]], folder: str) -> None:
     """results.json ({model: {metric: value}}) and results.csv (a row per model, a column per metric)."""
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "results.json.tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(folder, "results.json")) as f:
         json.dump(results, f, indent=2)
-    os.replace(tmp, os.path.join(folder, "results.json"))
     columns = list(dict.fromkeys(k for m in results.values() for k in m))
     with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)

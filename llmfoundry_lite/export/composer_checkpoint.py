@@ -24,13 +24,15 @@ import pickle
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from llmfoundry_lite.errors import CheckpointError
+from llmfoundry_lite.export.state_dict import check_state_dict
 
 MODEL_PREFIX = "model."
+LATEST = "latest-rank0.pt"  # Composer's default `save_latest_filename` for rank 0
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -38,7 +40,7 @@ def resolve_checkpoint(path: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    latest = os.path.join(path, "latest-rank0.pt")
+    latest = os.path.join(path, LATEST)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")) and os.path.exists(latest):
         return os.path.realpath(latest)
     return path
@@ -46,10 +48,7 @@ def resolve_checkpoint(path: str) -> str:
 
 def is_composer_checkpoint(path: str) -> bool:
     """True for a `.pt` file, a sharded (DCP) folder, or a save_folder with `latest-rank0.pt`."""
-    if os.path.isfile(path):
-        return True
-    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, ".metadata"))
-                                    or os.path.exists(os.path.join(path, "latest-rank0.pt")))
+    return os.path.isfile(path) or any(os.path.exists(os.path.join(path, name)) for name in (".metadata", LATEST))
 
 
 def _safe_globals() -> list:
@@ -156,6 +155,9 @@ class _DCPWeights(Mapping):
         _dcp_load(holder, self.reader)
         return holder[fqn]
 
+    def shape_of(self, name: str) -> torch.Size:  # for check_state_dict, without reading the tensor
+        return self.metadata.state_dict_metadata[self.fqns[name]].size
+
     def __iter__(self):
         return iter(self.fqns)
 
@@ -221,11 +223,7 @@ def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a Composer checkpoint (no state.model); "
                               "give a file written by `llmfoundry-lite train` (save_folder)")
-    weights = {}
-    for key, tensor in state["model"].items():
-        name = _strip(key)
-        if name is not None:
-            weights[name] = tensor
+    weights = {_strip(key): tensor for key, tensor in state["model"].items() if _strip(key) is not None}
     return state.get("integrations", {}).get("huggingface", {}), weights
 
 
@@ -257,17 +255,11 @@ def _read_tokenizer(hf_state: Dict[str, Any]):
                                       "file name; refused (it would be written outside the tokenizer folder)")
             target = os.path.join(tmp, name if name.endswith(ext) else name + ext)
             if ext == ".json":
-                with open(target, "w", encoding="utf-8") as f:
-                    json.dump(_restore_template_special_tokens(content), f)
+                content = json.dumps(_restore_template_special_tokens(content))
             elif ext == ".txt":
-                with open(target, "w", encoding="utf-8") as f:
-                    f.write("".join(line + "\n" for line in content))
-            elif ext == ".model":  # a serialized sentencepiece proto
-                with open(target, "wb") as f:
-                    f.write(content)
-            else:  # .py, .jinja
-                with open(target, "w", encoding="utf-8") as f:
-                    f.write(content)
+                content = "".join(line + "\n" for line in content)
+            with open(target, "wb") as f:  # .model: a serialized sentencepiece proto; .py, .jinja: text
+                f.write(content if ext == ".model" else content.encode("utf-8"))
         return build_tokenizer(tmp)
 
 
@@ -289,13 +281,6 @@ def open_composer_checkpoint(path: str):
     return MPTConfig(**content), _read_tokenizer(hf_state), weights
 
 
-def iter_composer_weights(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(HF parameter name, tensor) pairs, each read from disk only when reached."""
-    weights = _open(path)[1]
-    for name in weights:
-        yield name, weights[name]
-
-
 def load_composer_checkpoint(path: str):
     """(MPTForCausalLM in eval mode on CPU, tokenizer or None) from a full `.pt` or a sharded folder."""
     from llmfoundry_lite.models import MPTForCausalLM
@@ -303,15 +288,9 @@ def load_composer_checkpoint(path: str):
     config, tokenizer, weights = open_composer_checkpoint(path)
     with torch.device("meta"):
         model = MPTForCausalLM(config)
-    state = {name: weights[name] for name in weights}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = {k for k in model.state_dict() if not (k == "lm_head.weight" and config.tie_word_embeddings)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: the weights do not match the model config "
-                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.load_state_dict(state, strict=False, assign=True)
+    names = check_state_dict(model, weights, path, "it holds another model's weights or was changed after "
+                             "training; use a checkpoint as `llmfoundry-lite train` wrote it")
+    model.load_state_dict({name: weights[name] for name in names}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval(), tokenizer

@@ -23,8 +23,9 @@ from typing import Dict, Iterable, List, Mapping, Tuple, Union
 import torch
 
 from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP, stock_mpt_values
-from llmfoundry_lite.errors import CheckpointError, UserError
+from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.remote_code import CONFIG_FILE, MODELING_FILE, write_remote_code
+from llmfoundry_lite.export.state_dict import check_state_dict
 
 REMOTE_CODE_FILES = (MODELING_FILE, CONFIG_FILE)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -202,29 +203,6 @@ def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtyp
     return final
 
 
-def _export_items(config, state_dict: Mapping[str, torch.Tensor]):
-    """(name, tensor) in order, loaded one at a time; a tied lm_head is left out (it is wte)."""
-    for name in state_dict:
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        yield name, state_dict[name]
-
-
-def _check_names(config, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """The names must be exactly the model's: transformers would silently leave a missing lm_head random."""
-    from llmfoundry_lite.models import MPTForCausalLM
-
-    with torch.device("meta"):
-        expected = set(MPTForCausalLM(config).state_dict())
-    if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    names = set(state_dict) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    missing, unexpected = sorted(expected - names), sorted(names - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"the weights do not match the model config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}); nothing was written")
-
-
 def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Union[str, os.PathLike],
                     tokenizer=None, dtype: torch.dtype = torch.float32,
                     max_shard_size: Union[int, str] = "5GB", log=print) -> str:
@@ -236,8 +214,13 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
     """
     from transformers import GenerationConfig
 
-    _check_names(config, state_dict)
+    from llmfoundry_lite.models import MPTForCausalLM
+
     out_dir = os.fspath(out_dir)
+    with torch.device("meta"):
+        model = MPTForCausalLM(config)
+    names = check_state_dict(model, state_dict, f"export to {out_dir}",
+                             "nothing was written; give the state dict of the model this config describes")
     os.makedirs(out_dir, exist_ok=True)
     for stale in os.listdir(out_dir):  # files of an earlier export would mix with ours
         if stale.endswith(".safetensors") or stale in ("model.safetensors.index.json", *REMOTE_CODE_FILES):
@@ -252,7 +235,8 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
         native_config(config, dtype, tokenizer).save_pretrained(out_dir)
         log("wrote a native transformers MPT folder (model_type mpt): "
             "AutoModelForCausalLM.from_pretrained loads it without trust_remote_code")
-    shards = write_shards(_export_items(config, state_dict), out_dir, dtype, max_shard_size)
+    items = ((name, state_dict[name]) for name in names)  # each tensor loaded only when written
+    shards = write_shards(items, out_dir, dtype, max_shard_size)
     ids = _special_token_ids(config, tokenizer)
     GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(out_dir)
     if tokenizer is not None:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export.remote_code import CUSTOM_MODEL_TYPE
+from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import read_json_file
 
 MPT_MODEL_TYPES = ("mpt", CUSTOM_MODEL_TYPE)
@@ -88,11 +89,12 @@ def load_hf_model(path_or_name: str, **kwargs):
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # truncated, unreadable
         detail = " ".join(line.strip() for line in str(e).splitlines()[:3])[:500]
         raise CheckpointError(f"cannot load the weights in {folder}: {detail}") from None
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    problems = {"missing": sorted(set(info["missing_keys"]) - tied), "unexpected": sorted(info["unexpected_keys"]),
-                "size mismatch": [str(m) for m in sorted(info.get("mismatched_keys", []))]}
-    problems = {k: v for k, v in problems.items() if v}
-    if problems:
-        raise CheckpointError(f"{folder}: the weights do not match its config.json ("
-                              + "; ".join(f"{k}: {v[:5]}" for k, v in problems.items()) + ")")
+    # what the folder held, from transformers' report (name -> tensor, or shape; None: unknown or irrelevant)
+    found = {k: v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
+    found.update(dict.fromkeys(info["unexpected_keys"]))
+    for m in info.get("mismatched_keys", []):  # transformers 4: a name; 5: (name, stored shape, model shape)
+        name, shape = (m, None) if isinstance(m, str) else m[:2]
+        found[name] = shape
+    check_state_dict(model, found, folder, "config.json (with any overrides) must describe the weight files "
+                     "beside it: restore the config.json saved with these weights")
     return model.eval()

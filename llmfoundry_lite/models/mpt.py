@@ -40,6 +40,7 @@ from llmfoundry_lite.models.layers.attention import AttentionContext, MPTAttenti
 from llmfoundry_lite.models.layers.norms import build_norm
 from llmfoundry_lite.registry import ffns, param_inits
 
+IGNORE_INDEX = -100  # a label without a target (transformers' and torch's convention); data and eval use it too
 
 class MPTBlock(nn.Module):
     def __init__(self, config: MPTConfig, layer_idx: int):
@@ -225,7 +226,7 @@ class CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         index = torch.where(valid, targets, 0)[:, None]
         logp = torch.log_softmax(logits, dim=-1)
         count = valid.sum().clamp(min=1)
@@ -253,7 +254,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float,
                 chunk: int) -> torch.Tensor:
         acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax and sums in fp32 (or fp64)
-        valid = targets != -100
+        valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=acc)
@@ -314,7 +315,8 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
                                output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         # shift the labels, not the logits: slicing the (B, S, vocab) logits would copy them
-        targets = None if labels is None else F.pad(labels[:, 1:].to(hidden.device), (0, 1), value=-100).flatten()
+        targets = (None if labels is None
+                   else F.pad(labels[:, 1:].to(hidden.device), (0, 1), value=IGNORE_INDEX).flatten())
         cap = self.config.final_logit_softcapping
         if targets is not None and self.fused_loss and self.training and torch.is_grad_enabled():
             if cap:

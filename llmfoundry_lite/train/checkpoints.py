@@ -24,9 +24,9 @@ import zipfile
 from typing import List, Optional, Tuple
 
 from llmfoundry_lite.errors import CheckpointError, UserError
+from llmfoundry_lite.export.composer_checkpoint import LATEST
 
 log = logging.getLogger(__name__)
-LATEST = "latest-rank0.pt"  # Composer's default `save_latest_filename` for rank 0
 INCOMPLETE = "incomplete"
 _BATCH = re.compile(r"ba(\d+)")
 

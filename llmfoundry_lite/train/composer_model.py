@@ -13,7 +13,7 @@ import contextlib
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import HuggingFaceModel
 
-IGNORE_INDEX = -100
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
 
 class ComposerMPTCausalLM(HuggingFaceModel):
