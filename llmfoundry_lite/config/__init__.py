@@ -17,5 +17,5 @@ from llmfoundry_lite.config.schema import (
     rule,
 )
 
-__all__ = ["load_config", "check", "cross", "parse", "join", "rule", "Name", "Named", "NamedMap", "ListOrFile", "Section",
-           "Positive", "Probability", "Rule", "ExistingFile"]
+__all__ = ["load_config", "check", "cross", "parse", "join", "rule", "Name", "Named", "NamedMap", "ListOrFile",
+           "Section", "Positive", "Probability", "Rule", "ExistingFile"]

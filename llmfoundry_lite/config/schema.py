@@ -8,15 +8,16 @@ Field types: the builtins, `Any`, `Optional`, `Union`, `Literal`, `List`, `Dict[
 dataclasses, and these, which is how a schema reaches into the registries:
   `Name[reg]`            a string naming an entry of registry `reg` (`attn_impl: flash`)
   `Named[reg]`           a mapping whose `name` key picks an entry of `reg`; its other keys are checked
-                         against that entry's config dataclass (`optimizer: {name: decoupled_adamw, lr: ..}`);
-                         `Named[reg, "ffn_type"]` picks by another key. The value is a `Section`.
+                         against that entry's config dataclass (`optimizer: {name: decoupled_adamw, lr: ..}`).
+                         The value is a `Section`.
   `NamedMap[reg]`        `{entry name: its keys}` (`callbacks: {speed_monitor: {window_size: 5}}`); `{}` or
                          null takes the defaults, `false` turns an entry off. The value is `{name: Section}`.
   `ListOrFile[T, key]`   a list of T, or the path of a YAML file whose `key` holds that list
-  `Annotated[T, rule(ok, message)]`   T with a value rule (`Positive`, `Probability`)
-A dataclass adds cross-field rules as methods marked `@cross("field", ...)`, each run when the fields it
-needs are valid (so one pass reports them next to every other problem); `EXTRA_KEYS` (a ClassVar) names keys another library owns, collected into its
-`extra` field; `ALIASES` maps other spellings of a key onto it.
+  `Annotated[T, Rule(...)]`   T with a value rule (`Positive`, `Probability`, `ExistingFile`)
+A dataclass adds cross-field rules as methods marked `@cross("field", ...)`, each run when the fields
+it needs are valid, so one pass reports them next to every other problem. `EXTRA_KEYS` (a ClassVar)
+names keys another library owns, collected into the dataclass's `extra` field; `ALIASES` maps other
+spellings of a key onto it.
 """
 from __future__ import annotations
 
@@ -87,21 +88,19 @@ class Name(_FieldType):
 
 
 class Named(_FieldType):
-    def __init__(self, registry: Registry, key: str = "name"):
-        self.registry, self.key = registry, key
+    def __init__(self, registry: Registry):
+        self.registry = registry
 
     def coerce(self, value, path, problems):
-        if isinstance(value, Section):
-            return value
         if not isinstance(value, Mapping):
-            problems.append(f"{path}: expected a mapping, got {value!r}; `{join(path, self.key)}` names "
+            problems.append(f"{path}: expected a mapping, got {value!r}; `{join(path, 'name')}` names "
                             f"the {self.registry.kind} (one of {self.registry.names()})")
             return value
-        kwargs = {k: v for k, v in value.items() if k != self.key}
-        if self.key not in value:
-            problems.append(f"{join(path, self.key)}: missing required key; choose one of {self.registry.names()}")
+        if "name" not in value:
+            problems.append(f"{join(path, 'name')}: missing required key; choose one of {self.registry.names()}")
             return None
-        return entry_section(self.registry, value[self.key], kwargs, join(path, self.key), path, problems)
+        kwargs = {k: v for k, v in value.items() if k != "name"}
+        return entry_section(self.registry, value["name"], kwargs, join(path, "name"), path, problems)
 
 
 def entry_section(registry: Registry, name, kwargs, name_path: str, path: str, problems: List[str]):
@@ -128,9 +127,7 @@ class NamedMap(_FieldType):
         out = {}
         for name, kwargs in value.items():
             where = join(path, name)
-            if isinstance(kwargs, Section):
-                out[name] = kwargs
-            elif name not in self.registry:  # also when turned off: a typo would leave the real one on
+            if name not in self.registry:  # also when turned off: a typo would leave the real one on
                 problems.append(self.registry.unknown_message(name, where))
             elif kwargs is not None and kwargs is not True and kwargs is not False and not isinstance(kwargs, Mapping):
                 problems.append(f"{where}: expected a mapping of arguments (or null/false), got {kwargs!r}")
@@ -254,12 +251,6 @@ def coerce(tp, value, path: str, problems: List[str]):
     return value
 
 
-def unknown_keys(data: Mapping, known, path: str) -> List[str]:
-    """One problem per key of `data` that is not in `known`, with a did-you-mean suggestion."""
-    known = list(known)
-    return [f"{join(path, k)}: unknown key{did_you_mean(k, known)}" for k in data if k not in known]
-
-
 def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
     """Check `data` against dataclass `cls`; returns (instance or None, problems)."""
     if not isinstance(data, Mapping):
@@ -269,7 +260,8 @@ def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not (extra_keys and f.name == "extra")}
     data = {getattr(cls, "ALIASES", {}).get(k, k): v for k, v in data.items()}
     extra = {k: v for k, v in data.items() if extra_keys and k in extra_keys and k not in fields}
-    problems = unknown_keys({k: v for k, v in data.items() if k not in extra}, fields, path)
+    problems = [f"{join(path, k)}: unknown key{did_you_mean(k, fields)}"
+                for k in data if k not in fields and k not in extra]
     kwargs, valid = {}, set()
     for name, field in fields.items():
         if name in data:
@@ -337,7 +329,3 @@ def parse(cls, data: Mapping, path: str = "", header: str = "invalid config"):
         raise ConfigError(problems, header)
     return obj
 
-
-def fields_of(obj) -> Dict[str, Any]:
-    """A dataclass instance's fields as a dict, one level deep (nested dataclasses stay objects)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

@@ -77,7 +77,8 @@ class StreamingOptions:
         if self.streams and (self.local or self.remote):
             return [f"{path}: give either `streams` or `local`/`remote`, not both"]
         sources = [(path, self)] + [(f"{path}.streams.{n}", s) for n, s in (self.streams or {}).items()]
-        return [p for where, s in sources for p in local_split_problems(s.local, s.remote, s.split or self.split, where)]
+        return [p for where, s in sources
+                for p in local_split_problems(s.local, s.remote, s.split or self.split, where)]
 
 
 def local_split_problems(local: Optional[str], remote: Optional[str], split: Optional[str], path: str) -> List[str]:
@@ -112,7 +113,8 @@ class FinetuningDatasetConfig(StreamingOptions):
                                   Literal["auto"]]] = None
     max_leftover_bins_to_keep: Optional[int] = None
     allow_pad_trimming: bool = False  # pad to the longest example of the batch instead of max_seq_len
-    decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models are supported; set it to true")] = True
+    # only decoder-only (MPT) models are supported
+    decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models; set it to true")] = True
 
     @cross("hf_name", "local", "remote", "split", "streams")
     def _one_source(self, path: str) -> List[str]:

@@ -52,7 +52,8 @@ class ModelEntry:
                     "with `pretrained_model_name_or_path` for an HF folder)")
         if self.load_path is not None and not os.path.exists(self.load_path):
             return f"{join(path, 'load_path')}: not found: {self.load_path}"
-        if self.model is not None and self.tokenizer is None and "pretrained_model_name_or_path" not in self.model.kwargs:
+        named_folder = self.model is not None and "pretrained_model_name_or_path" in self.model.kwargs
+        if self.model is not None and self.tokenizer is None and not named_folder:
             return (f"{join(path, 'tokenizer')}: missing; a model built from a config needs a tokenizer "
                     "(e.g. tokenizer: {name: path/to/tokenizer_folder})")
 

@@ -50,7 +50,8 @@ def build_mpt_causal_lm(tokenizer, pretrained_model_name_or_path: Optional[str] 
         model = MPTForCausalLM(MPTConfig(**{"vocab_size": len(tokenizer), **keys}))
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError([f"model.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
-                           f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} (a multiple of 64 is fastest)"])
+                           f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} "
+                           "(a multiple of 64 is fastest)"])
     return model
 
 

@@ -92,7 +92,11 @@ class FFNConfig:
         import torch.nn.functional as F
         name = (self.ffn_act_fn or {"name": "gelu"}).get("name")
         if not isinstance(name, str) or not callable(getattr(F, name, None)):
-            return f"{join(path, 'ffn_act_fn.name')}: {name!r} is not a torch.nn.functional activation (e.g. gelu, silu, relu)"
+            return (f"{join(path, 'ffn_act_fn.name')}: {name!r} is not a torch.nn.functional activation "
+                    "(e.g. gelu, silu, relu)")
+
+
+_PAIR = rule(lambda v: len(v) == 2, "a number or a [low, high] pair")
 
 
 def _number_or_bool(value) -> Optional[str]:
@@ -108,10 +112,10 @@ class InitConfig:
     name: Name[registry.param_inits] = "kaiming_normal_"
     fan_mode: Literal["fan_in", "fan_out"] = "fan_in"
     init_nonlinearity: Literal["linear", "relu", "leaky_relu", "tanh", "sigmoid", "selu"] = "relu"
-    init_div_is_residual: Annotated[Union[bool, int, float, str], Rule(_number_or_bool)] = True  # True: sqrt(2 * n_layers)
+    # True: divide residual-output weights by sqrt(2 * n_layers); a number: by that
+    init_div_is_residual: Annotated[Union[bool, int, float, str], Rule(_number_or_bool)] = True
     emb_init_std: Optional[float] = None
-    emb_init_uniform_lim: Union[float, Annotated[List[float], rule(lambda v: len(v) == 2, "a number or a [low, high] pair")],
-                                None] = None
+    emb_init_uniform_lim: Union[float, Annotated[List[float], _PAIR], None] = None
     init_std: Optional[float] = None  # required by baseline_
     init_gain: float = 0.0
     verbose: int = 0  # written by MosaicML's original MPT configs; ignored
@@ -131,6 +135,11 @@ def _registered_norm(name: str) -> Optional[str]:
     if name.lower() not in registry.norms:  # llm-foundry's names are matched case-insensitively
         return registry.norms.unknown_message(name)
     return None
+
+
+def _torch_linear(fc_type) -> Optional[str]:
+    name = fc_type if isinstance(fc_type, str) else fc_type.get("name")
+    return None if name == "torch" else f"only 'torch' linear layers are supported, got {name!r}"
 
 
 def _torch_device(name: str) -> Optional[str]:
@@ -167,8 +176,7 @@ class MPTSchema:
     norm_eps: Optional[float] = None  # llm-foundry's name for layer_norm_epsilon
     use_cache: bool = False
     tie_word_embeddings: bool = True
-    fc_type: Annotated[Union[str, Dict[str, Any]], Rule(lambda v: None if (v if isinstance(v, str) else v.get("name"))
-                                                        == "torch" else "only 'torch' linear layers are supported")] = "torch"
+    fc_type: Annotated[Union[str, Dict[str, Any]], Rule(_torch_linear)] = "torch"
     use_pad_tok_in_ffn: bool = True  # pad tokens always go through the FFN; their outputs are unused
     block_overrides: Literal[None] = None
     initializer_range: float = 0.02  # transformers' key; MPT init is set by init_config
@@ -188,7 +196,8 @@ class MPTSchema:
 
     @cross("n_heads", "attn_config")
     def _kv_heads(self, path):
-        kv, attn_type, where = self.attn_config.kv_n_heads, self.attn_config.attn_type, join(path, "attn_config.kv_n_heads")
+        kv, attn_type = self.attn_config.kv_n_heads, self.attn_config.attn_type
+        where = join(path, "attn_config.kv_n_heads")
         if kv is not None and (kv <= 0 or self.n_heads % kv):
             return f"{where}: kv_n_heads ({kv}) must divide n_heads ({self.n_heads})"
         if kv is not None and attn_type == "multihead_attention" and kv != self.n_heads:

@@ -100,7 +100,8 @@ class InverseSquareRootWithWarmupScheduler(ComposerScheduler):
 
 
 for reg, entries in (
-    (registry.optimizers, {"decoupled_adamw": DecoupledAdamW, "decoupled_lionw": DecoupledLionW, "adamw": torch.optim.AdamW}),
+    (registry.optimizers, {"decoupled_adamw": DecoupledAdamW, "decoupled_lionw": DecoupledLionW,
+                           "adamw": torch.optim.AdamW}),
     (registry.schedulers, {"cosine_with_warmup": CosineAnnealingWithWarmupScheduler,
                            "linear_decay_with_warmup": LinearWithWarmupScheduler,
                            "constant_with_warmup": ConstantWithWarmupScheduler,

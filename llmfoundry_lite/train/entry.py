@@ -84,7 +84,8 @@ def fit(tc: TrainConfig):
     device_batch = tc.global_train_batch_size // world_size
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder = _prepare_save_folder(tc, model)
-    with own_meta_init("cuda" if on_gpu else "cpu") if fsdp is not None and on_meta(model) else contextlib.nullcontext():
+    meta_under_fsdp = fsdp is not None and on_meta(model)
+    with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
         trainer = Trainer(
             model=model, train_dataloader=build_dataloader(tc.train_loader, tokenizer, device_batch),
             eval_dataloader=evaluators or None, optimizers=tc.optimizer.build(model.parameters()),
@@ -104,8 +105,8 @@ def fit(tc: TrainConfig):
         raise (disk_full_error(e, save_folder) or e) from None
     except RuntimeError as e:  # gloo/NCCL: a peer process (another rank or node) went away mid-collective
         if isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in _LOST_PEER):
-            where = (f"autoresume continues from the last complete checkpoint in {save_folder}" if tc.autoresume_enabled()
-                     else "set run_name and save_folder to be able to resume such a run")
+            where = (f"autoresume continues from the last complete checkpoint in {save_folder}"
+                     if tc.autoresume_enabled() else "set run_name and save_folder to be able to resume such a run")
             raise PeerLost(f"another rank or node stopped during training ({str(e).splitlines()[0][:300]}). Check "
                            f"its log, then relaunch every node with the same command: {where}") from None
         raise
