@@ -39,11 +39,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
-        result = module.run(args)
+        return module.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return result if isinstance(result, int) else 0
 
 
 def entry(*command: str) -> None:

@@ -65,15 +65,14 @@ STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP = not TRANSFORMERS_5
 KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-
 def _fsdp2_hsdp_runs_on_gloo() -> bool:
     """torch 2.7: FSDP2's HYBRID_SHARD averages gradients across replicas with `ReduceOp.AVG`, which gloo
     lacks, and waits on CPU stream events that do not exist, so HSDP cannot train on CPU. Later releases
     (their divide-factor helper takes `force_sum_reduction_for_comms`) run it; torch 2.14 is tested."""
     import inspect
 
-    from torch.distributed.fsdp._fully_shard import _fsdp_collectives
-    return "force_sum_reduction_for_comms" in inspect.signature(_fsdp_collectives._get_gradient_divide_factors).parameters
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
+    return "force_sum_reduction_for_comms" in inspect.signature(_get_gradient_divide_factors).parameters
 
 
 FSDP2_HSDP_ON_CPU = _fsdp2_hsdp_runs_on_gloo()

@@ -83,7 +83,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out_dir", default="quickstart_out", help="where everything goes (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a minimal run (small corpus, a few batches) for tests")
     parser.add_argument("--max_duration", default=None, help="override the training length, e.g. 500ba")
-    parser.add_argument("--num_procs", type=int, default=2, help="training processes for the composer launcher (default: %(default)s)")
+    parser.add_argument("--num_procs", type=int, default=2,
+                        help="training processes for the composer launcher (default: %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
 
 
@@ -137,7 +138,6 @@ def run(args) -> int:
     steps = plan(paths, size, args.max_duration or size.max_duration, args.num_procs)
     state_dir = os.path.join(paths.out, ".steps")
     os.makedirs(state_dir, exist_ok=True)
-    env = _env()
     started = time.time()
     redo = args.fresh
     seconds: Dict[str, float] = {}
@@ -156,15 +156,14 @@ def run(args) -> int:
         _write_record(state_dir, step.name, {"argv": step.argv, "done": False})
         t0 = time.time()
         log_path = os.path.join(paths.logs, f"{step.name}.log")
-        rc = _run_logged(step, env, log_path)
+        rc = _run_logged(step, log_path)
         if rc != 0:
             raise UserError(f"step '{step.name}' failed (exit code {rc}); its output is in {log_path}.\n"
                             "Fix the problem and run the quickstart again: finished steps are reused.")
         seconds[step.name] = time.time() - t0
         _write_record(state_dir, step.name, {"argv": step.argv, "done": True, "seconds": seconds[step.name]})
     print(f"\n[{total}/{total}] load the HF folder with stock transformers, plot the loss curves", flush=True)
-    summary = _finish(paths, steps, seconds, time.time() - started)
-    print(summary, flush=True)
+    print(_finish(paths, steps, seconds, time.time() - started), flush=True)
     return 0
 
 
@@ -180,26 +179,21 @@ def _remove(paths: List[str]) -> None:
 
 def _env() -> Dict[str, str]:
     """The caller's environment, offline, with this Python's scripts first on PATH."""
-    env = dict(os.environ)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false", **os.environ}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("WANDB_MODE", "offline")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 
 def _show(step: Step) -> str:
-    prefix = "".join(f"{k}={v} " for k, v in step.env.items())
-    return prefix + shlex.join(step.argv)
+    return "".join(f"{k}={v} " for k, v in step.env.items()) + shlex.join(step.argv)
 
 
-def _run_logged(step: Step, env: Dict[str, str], log_path: str) -> int:
-    """Run the step's command from the repository root, echoing its output and keeping a copy."""
+def _run_logged(step: Step, log_path: str) -> int:
+    """Run the step's command, echoing its output and keeping a copy."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cwd = os.getcwd()
-    proc = subprocess.Popen(step.argv, env={**env, **step.env}, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, bufsize=0)
+    proc = subprocess.Popen(step.argv, env={**_env(), **step.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            bufsize=0)
     with open(log_path, "wb") as log:
         for chunk in iter(lambda: proc.stdout.read(4096), b""):  # raw reads: output shows as it comes
             sys.stdout.buffer.write(chunk)
@@ -210,8 +204,7 @@ def _run_logged(step: Step, env: Dict[str, str], log_path: str) -> int:
 
 def _read_record(state_dir: str, name: str) -> Optional[dict]:
     try:
-        with open(os.path.join(state_dir, f"{name}.json")) as f:
-            return json.load(f)
+        return json.loads(Path(state_dir, f"{name}.json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -280,11 +273,9 @@ def check_hf_folder(hf_dir: str) -> Dict[str, object]:
 def _generations(log_path: str) -> List[str]:
     """The completions the generate command printed between its #### separators."""
     try:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        parts = Path(log_path).read_text(encoding="utf-8", errors="replace").split("#" * 60)
     except OSError:
         return []
-    parts = text.split("#" * 60)
     return [p.strip() for p in parts[1:-1] if p.strip()]
 
 
@@ -323,8 +314,7 @@ def _finish(paths: SimpleNamespace, steps: List[Step], seconds: Dict[str, float]
         lines.append(f"  eval {row.get('model_name', '?')}: {shown}")
     lines.append(f"  HF export loads with stock transformers as {hf['class']} ({hf['params']:,} parameters); "
                  f"max |logit difference| to llmfoundry_lite: {hf['max_logit_diff']:.1e}")
-    for text in _generations(os.path.join(paths.logs, "generate.log")):
-        lines.append(f"  generated: {text!r}")
+    lines += [f"  generated: {text!r}" for text in _generations(os.path.join(paths.logs, "generate.log"))]
     lines.append("  step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
                  + f"; this run {wall:.0f}s (reused steps take no time)")
     lines.append("Each step as a command (run from the repository root to repeat it):")
@@ -334,12 +324,12 @@ def _finish(paths: SimpleNamespace, steps: List[Step], seconds: Dict[str, float]
               f"  llmfoundry-lite serve {paths.hf} --port 8080",
               f"  llmfoundry-lite eval {EVAL_YAML} variables.out={paths.out}   # with the ICL task suite",
               f"  llmfoundry-lite train {PRETRAIN_YAML} variables.data_local={paths.data} "
-              f"variables.tokenizer_name={paths.tokenizer} save_folder={paths.out}/checkpoints/longer max_duration=1000ba",
+              f"variables.tokenizer_name={paths.tokenizer} save_folder={paths.out}/checkpoints/longer "
+              "max_duration=1000ba",
               "  jupyter lab notebooks/finetune_mpt.ipynb   # finetuning from Python",
               "  README.md: data prep, finetuning, FSDP on GPUs, serving, the YAML reference"]
     text = "\n".join(lines)
-    with open(paths.summary, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    Path(paths.summary).write_text(text + "\n", encoding="utf-8")
     return text
 
 

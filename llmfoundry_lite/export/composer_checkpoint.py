@@ -35,17 +35,6 @@ MODEL_PREFIX = "model."
 LATEST = "latest-rank0.pt"  # Composer's default `save_latest_filename` for rank 0
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint path; a Composer save_folder resolves to its `latest-rank0.pt` (file or folder)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    latest = os.path.join(path, LATEST)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")) and os.path.exists(latest):
-        return os.path.realpath(latest)
-    return path
-
-
 def is_composer_checkpoint(path: str) -> bool:
     """True for a `.pt` file, a sharded (DCP) folder, or a save_folder with `latest-rank0.pt`."""
     return os.path.isfile(path) or any(os.path.exists(os.path.join(path, name)) for name in (".metadata", LATEST))
@@ -132,21 +121,25 @@ class _MetadataUnpickler(pickle.Unpickler):
         return obj
 
 
-def _check_metadata(path: str) -> None:
-    """Refuse a `.metadata` that would run code when DCP unpickles it."""
+def _read_metadata(path: str):
+    """DCP's `.metadata`, read through the allow-list: refused when it would run code when unpickled."""
+    from torch.distributed.checkpoint.metadata import Metadata
     try:
         with open(os.path.join(path, ".metadata"), "rb") as f:
-            _MetadataUnpickler(f).load()
+            metadata = _MetadataUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
         raise CheckpointError(f"{path}/.metadata is not a plain sharded-checkpoint index ({e}); refused, since "
                               "loading it could run arbitrary code, or it is truncated") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: unreadable sharded-checkpoint metadata (a {type(metadata).__name__})")
+    return metadata
 
 
 class _DCPWeights(Mapping):
     """Model tensors of a DCP folder, each read from disk when it is looked up."""
 
-    def __init__(self, path: str, reader, fqns: Dict[str, str], metadata):
-        self.path, self.reader, self.fqns, self.metadata = path, reader, fqns, metadata
+    def __init__(self, reader, fqns: Dict[str, str], metadata):
+        self.reader, self.fqns, self.metadata = reader, fqns, metadata
 
     def __getitem__(self, name: str) -> torch.Tensor:
         fqn = self.fqns[name]
@@ -188,12 +181,8 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    _check_metadata(path)
+    metadata = _read_metadata(path)
     reader = FileSystemReader(path)
-    try:
-        metadata = reader.read_metadata()
-    except Exception as e:  # noqa: BLE001  (any unreadable metadata is the same user problem)
-        raise CheckpointError(f"{path}: unreadable sharded-checkpoint metadata ({e})") from None
     paths = metadata.planner_data or {}
     fqns, hf_paths = {}, {}
     for fqn, entry in metadata.state_dict_metadata.items():
@@ -208,12 +197,18 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     if holder:
         _dcp_load(holder, reader)
     hf_state = _nest({hf_paths[fqn]: value for fqn, value in holder.items()})
-    return hf_state, _DCPWeights(path, reader, fqns, metadata)
+    return hf_state, _DCPWeights(reader, fqns, metadata)
 
 
 def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
-    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names)."""
-    path = resolve_checkpoint(path)
+    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names) of a
+    checkpoint; a Composer save_folder opens its `latest-rank0.pt` (file or folder)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    latest = os.path.join(path, LATEST)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")) and os.path.exists(latest):
+        path = os.path.realpath(latest)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise CheckpointError(f"{path} is a folder without .metadata: not a sharded Composer checkpoint")

@@ -27,7 +27,6 @@ from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.remote_code import CONFIG_FILE, MODELING_FILE, write_remote_code
 from llmfoundry_lite.export.state_dict import check_state_dict
 
-REMOTE_CODE_FILES = (MODELING_FILE, CONFIG_FILE)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXACT_GELU = ({"name": "gelu"}, {"name": "gelu", "approximate": "none"})
 
@@ -127,11 +126,8 @@ def native_config(config, dtype: torch.dtype, tokenizer=None):
 
 def _special_token_ids(config, tokenizer) -> dict:
     """bos/eos/pad ids: the tokenizer's when given, else the config's."""
-    ids = {}
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        ids[name] = value if value is not None else getattr(config, name, None)
-    return ids
+    ids = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {name: getattr(config, name, None) if value is None else value for name, value in ids.items()}
 
 
 def parse_size(size: Union[int, str]) -> int:
@@ -149,14 +145,6 @@ def parse_size(size: Union[int, str]) -> int:
     if s.isdigit():
         return int(s)
     raise UserError(f"max_shard_size {size!r}: give a size like 5GB, 500MB or 200MiB")
-
-
-def _owned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor owning exactly its bytes (safetensors refuses views of bigger storages)."""
-    t = t.contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t
 
 
 def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtype: torch.dtype,
@@ -182,8 +170,10 @@ def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtyp
         shard, shard_bytes = {}, 0
 
     for name, tensor in tensors:
-        t = _owned(tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype))
+        t = tensor.detach().to("cpu", dtype=dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
         size = t.numel() * t.element_size()
+        if t.untyped_storage().nbytes() != size:  # safetensors refuses views of bigger storages
+            t = t.clone()
         if shard and shard_bytes + size > limit:
             flush()
         shard[name] = t
@@ -223,11 +213,12 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
                              "nothing was written; give the state dict of the model this config describes")
     os.makedirs(out_dir, exist_ok=True)
     for stale in os.listdir(out_dir):  # files of an earlier export would mix with ours
-        if stale.endswith(".safetensors") or stale in ("model.safetensors.index.json", *REMOTE_CODE_FILES):
+        if stale.endswith(".safetensors") or stale in ("model.safetensors.index.json", MODELING_FILE, CONFIG_FILE):
             os.remove(os.path.join(out_dir, stale))
     blockers = native_blockers(config)
+    ids = _special_token_ids(config, tokenizer)
     if blockers:
-        write_remote_code(config, out_dir, dtype, _special_token_ids(config, tokenizer))
+        write_remote_code(config, out_dir, dtype, ids)
         log("stock transformers' MptForCausalLM cannot represent this model; wrote a custom-code folder "
             "(load it with trust_remote_code=True). Keys preventing a native export:\n"
             + "\n".join(f"  - {b}" for b in blockers))
@@ -237,7 +228,6 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
             "AutoModelForCausalLM.from_pretrained loads it without trust_remote_code")
     items = ((name, state_dict[name]) for name in names)  # each tensor loaded only when written
     shards = write_shards(items, out_dir, dtype, max_shard_size)
-    ids = _special_token_ids(config, tokenizer)
     GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

@@ -54,11 +54,10 @@ def load_hf_config(path_or_name: str, config_overrides: Optional[Dict[str, Any]]
     data = read_json_file(os.path.join(folder, "config.json"), "a Hugging Face model folder")
     if not isinstance(data, dict):
         raise CheckpointError(f"{folder}/config.json holds a {type(data).__name__}, not a model config object")
-    model_type = data.get("model_type")
+    model_type = data.pop("model_type", None)
     if model_type not in MPT_MODEL_TYPES:
         raise CheckpointError(f"{path_or_name} is a '{model_type}' model (architectures "
                               f"{data.get('architectures')}); llmfoundry_lite loads MPT models only")
-    data.pop("model_type")
     attn = data.get("attn_config")
     if isinstance(attn, dict) and attn.get("attn_impl") in _ORIGINAL_ATTN_IMPLS:
         data["attn_config"] = {**attn, "attn_impl": _ORIGINAL_ATTN_IMPLS[attn["attn_impl"]]}

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import pprint
+from pathlib import Path
 from typing import List
 
 import torch
@@ -104,10 +105,8 @@ def bundle_config_source() -> str:
 
 def write_remote_code(config, out_dir: str, dtype: torch.dtype, special_ids: dict) -> None:
     """config.json (model_type llmfoundry_mpt, auto_map) and the two code files into `out_dir`."""
-    with open(os.path.join(out_dir, MODELING_FILE), "w") as f:
-        f.write(bundle_modeling_source())
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        f.write(bundle_config_source())
+    Path(out_dir, MODELING_FILE).write_text(bundle_modeling_source())
+    Path(out_dir, CONFIG_FILE).write_text(bundle_config_source())
     data = config.to_dict()
     data["attn_config"] = {**data["attn_config"], "attn_impl": "torch"}  # loadable anywhere; flash is opt-in
     data.pop("torch_dtype", None)

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Optional
 
 import torch
-from composer.core import Callback, State
+from composer.core import Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger, LoggerDestination
 from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist
@@ -114,28 +114,18 @@ class SpeedMonitor(Callback):
             metrics["throughput/device/hfu"] = hardware_flops / self.peak
         logger.log_metrics(metrics)
 
-    def state_dict(self):  # throughput windows do not survive a restart
-        return {}
-
 
 def full_state_dict(module: torch.nn.Module) -> dict:
-    """The unsharded state dict on CPU (on rank 0 under FSDP2; every rank must call this)."""
-    from torch.distributed.tensor import DTensor
-    if any(isinstance(p, DTensor) for p in module.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    """The unsharded state dict on CPU (on rank 0 when distributed; every rank must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class HFCheckpointer(Callback):
-    """Writes `save_folder/ba{batch}` as a Hugging Face folder every `save_interval` and at fit end.
-
-    `save_interval`: batches ('500ba') or epochs ('1ep'). `precision`: float32 | bfloat16 | float16
-    (the dtype of the written weights).
-    """
+    """Writes `save_folder/ba{batch}` as a Hugging Face folder every `save_interval` (batches, '500ba', or
+    epochs, '1ep') and at fit end, with weights in `precision` (float32 | bfloat16 | float16)."""
 
     def __init__(self, save_folder: str, save_interval: str = "1ep", precision: str = "float32"):
-        from composer.core import Time, TimeUnit
         self.save_folder = save_folder
         self.interval = Time.from_timestring(save_interval)
         if self.interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or self.interval.value <= 0:
@@ -146,28 +136,19 @@ class HFCheckpointer(Callback):
         self.dtype = getattr(torch, precision)
         self.last_saved = -1
 
-    def _due(self, state: State, unit) -> bool:
-        return self.interval.unit == unit and state.timestamp.get(unit).value % self.interval.value == 0
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if self._due(state, "ba"):
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        unit = {Event.BATCH_END: TimeUnit.BATCH, Event.EPOCH_END: TimeUnit.EPOCH}.get(event)
+        due = unit == self.interval.unit and state.timestamp.get(unit).value % self.interval.value == 0
+        if due or event == Event.FIT_END:
             self.save(state)
 
-    def epoch_end(self, state: State, logger: Logger) -> None:
-        if self._due(state, "ep"):
-            self.save(state)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self.save(state)
-
-    def save(self, state: State) -> Optional[str]:
+    def save(self, state: State) -> None:
         batch = state.timestamp.batch.value
         if batch == self.last_saved:
-            return None
+            return
         self.last_saved = batch
         composer_model = unwrap(state)
         weights = full_state_dict(composer_model.model)
-        out = None
         if dist.get_global_rank() == 0:
             from llmfoundry_lite.export import write_hf_folder
             config = composer_model.model.config.__class__.from_dict(composer_model.model.config.to_dict())
@@ -176,7 +157,6 @@ class HFCheckpointer(Callback):
                                   tokenizer=composer_model.tokenizer, dtype=self.dtype)
             log.info("hf_checkpointer: wrote %s", out)
         dist.barrier()
-        return out
 
 
 class TrainingDiverged(UserError):
@@ -187,16 +167,14 @@ class LossSpikeGuard(Callback):
     """Skips optimizer steps whose loss or gradients are not finite, logs loss spikes, stops a run
     that keeps failing.
 
-    Non-finite: checked after the last microbatch's backward pass and before the optimizer step, on
-    every rank (one all-reduce, so all ranks agree). The step's gradients are dropped, so the
-    optimizer leaves the weights and its moments as they were. After `max_nonfinite_steps` such steps
-    in a row the run stops: Composer saves a checkpoint of these unchanged (last good) weights at
-    that batch when `save_folder` is set, and `train()` raises `TrainingDiverged`.
+    Non-finite: checked after the last backward pass, before the optimizer step, on every rank (one
+    all-reduce: all ranks agree). The step's gradients are dropped, so weights and optimizer moments
+    stay as they were. After `max_nonfinite_steps` such steps in a row the run stops: Composer saves
+    these last good weights when `save_folder` is set, and `train()` raises `TrainingDiverged`.
 
     Spikes: a finite loss above `outlier_multiplier` x the mean of the last `window_size` normal losses
-    (once `min_history` are seen), or above `loss_cap` when set, is logged as it happens; after
-    `patience` spikes in a row the run stops with `TrainingDiverged` (resume from the last checkpoint
-    with a lower learning rate).
+    (once `min_history` are seen), or above `loss_cap`, is logged; `patience` spikes in a row raise
+    `TrainingDiverged` (resume from the last checkpoint with a lower learning rate).
     """
 
     def __init__(self, window_size: int = 100, outlier_multiplier: float = 2.0, patience: int = 4,
@@ -272,9 +250,8 @@ class JSONLLogger(LoggerDestination):
     def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
         if dist.get_global_rank() != 0:
             return
-        row = {"step": step}
-        for k, v in metrics.items():
-            row[k] = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        row = {"step": step, **{k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+                                for k, v in metrics.items()}}
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import zipfile
 from typing import List, Optional, Tuple
@@ -50,7 +51,7 @@ def _checkpoints(folder: str) -> List[Tuple[int, str]]:
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         m = _BATCH.search(name)
-        if m is None or os.path.islink(path) or name == INCOMPLETE:
+        if m is None or os.path.islink(path):  # also skips INCOMPLETE (no batch number)
             continue
         if os.path.isdir(path) and not any(n.endswith(".distcp") or n == ".metadata" for n in os.listdir(path)):
             continue
@@ -94,10 +95,8 @@ def check_save_folder(folder: str, checkpoint_bytes: int) -> None:
     """Fail before training when `folder` cannot be written or cannot hold one more checkpoint."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "wb") as f:
+        with tempfile.TemporaryFile(dir=folder) as f:
             f.write(b"ok")
-        os.remove(probe)
     except OSError as e:
         raise UserError(f"save_folder {folder} is not writable ({e.strerror or e}); choose another save_folder "
                         "or fix its permissions") from None

@@ -18,7 +18,6 @@ model's `param_init_fn` exactly as an unsharded init would be.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -74,7 +73,7 @@ def fsdp2_config(section: Optional[FSDPSection], world_size: int):
         if section.data_parallel_shard_degree in (-1, None) and section.data_parallel_replicate_degree is None:
             # llm-foundry's default: shard within a node, replicate across nodes
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            section = FSDPSection(**{**section.__dict__, "data_parallel_shard_degree": local})
+            section = dataclasses.replace(section, data_parallel_shard_degree=local)
         rep, shard = hybrid_degrees(section, world_size)
 
     with warnings.catch_warnings():  # "FSDP2 Config/APIs are experimental": we chose them knowingly
@@ -128,17 +127,13 @@ def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
                 setattr(sub, name, getattr(first, first_name))
 
 
-@contextlib.contextmanager
 def own_meta_init(device: str):
     """While active, Composer's FSDP2 initialises meta-built models with `materialize_meta` on `device`
     (Composer 0.32's own version materialises on CUDA only and cannot init sliced DTensors)."""
+    from unittest import mock
+
     from composer.distributed import prepare_distributed
-    original = prepare_distributed.meta_init
-    prepare_distributed.meta_init = functools.partial(materialize_meta, device=device)
-    try:
-        yield
-    finally:
-        prepare_distributed.meta_init = original
+    return mock.patch.object(prepare_distributed, "meta_init", functools.partial(materialize_meta, device=device))
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> None:
