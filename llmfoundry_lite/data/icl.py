@@ -8,16 +8,14 @@ every rule is testable with a stub model.
 Task types live in the `icl_tasks` registry, keyed by `icl_task_type`; a plug-in adds one by
 registering a subclass of `ICLTaskType`. The shipped types and the JSON fields of one example:
 
-  language_modeling            {context, continuation}        correct when greedy decoding reproduces
-                                                              the continuation token for token
-  multiple_choice              {query, choices, gold}         correct when the gold choice has the lowest
-                                                              mean per-token loss (length-normalised)
-  schema                       {context_options, continuation, gold}   Winograd-style: correct when the
-                                                              gold context gives the continuation the
-                                                              lowest mean per-token loss
-  generation_task_with_answers {context, answer, aliases?}    greedy generation, cut at the example
-                                                              delimiter, equals the answer or an alias
-                                                              after normalisation
+  language_modeling             {context, continuation}: correct when greedy decoding reproduces the
+                                continuation token for token
+  multiple_choice               {query, choices, gold}: correct when the gold choice has the lowest mean
+                                per-token loss (length-normalised)
+  schema                        {context_options, continuation, gold}: Winograd-style, correct when the
+                                gold context gives the continuation the lowest mean per-token loss
+  generation_task_with_answers  {context, answer, aliases?}: greedy generation, cut at the example
+                                delimiter, equals the answer or an alias after normalisation
 
 The prompt of one example with k shots (a shot is a solved example of the same file, never the
 example itself, drawn with a `random.Random` seeded by (fewshot_random_seed, example index), so the
@@ -49,8 +47,7 @@ from llmfoundry_lite.registry import icl_tasks
 
 NonNegative = Annotated[int, rule(lambda v: v >= 0, "must be >= 0")]
 
-# ----------------------------------------------------------------------------------------------
-# Config of one task (an item of `icl_tasks:`), llm-foundry's keys
+# ---- Config of one task (an item of `icl_tasks:`), llm-foundry's keys -------------------------
 
 
 @dataclasses.dataclass
@@ -82,8 +79,7 @@ def _distinct_labels(tasks) -> Optional[str]:
 ICLTasks = Annotated[ListOrFile[ICLTaskConfig, "icl_tasks"], Rule(_distinct_labels)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Task types
+# ---- Task types -------------------------------------------------------------------------------
 
 
 class ICLTaskType:
@@ -192,8 +188,7 @@ class GenerationWithAnswers(ICLTaskType):
         return [ex["answer"], *ex.get("aliases", [])]
 
 
-# ----------------------------------------------------------------------------------------------
-# Task files and prompts
+# ---- Task files and prompts -------------------------------------------------------------------
 
 
 def load_task_file(path: str, task_type: ICLTaskType) -> List[dict]:
@@ -226,11 +221,11 @@ def fewshot_indices(n_examples: int, index: int, k: int, seed: int) -> List[int]
     return [j + (j >= index) for j in rng.sample(range(n_examples - 1), k)]
 
 
-def build_prompts(examples: List[dict], task_type: ICLTaskType, cfg: ICLTaskConfig, num_fewshot: int,
-                  path: str = "") -> List[List[Tuple[str, str]]]:
+def build_prompts(examples: List[dict], task_type: ICLTaskType, cfg: ICLTaskConfig,
+                  num_fewshot: int) -> List[List[Tuple[str, str]]]:
     """Per example, its (prompt, continuation) requests with the few-shot prefix in front."""
     if num_fewshot >= len(examples):
-        raise DataError(f"{path or cfg.dataset_uri}: num_fewshot {num_fewshot} needs at least "
+        raise DataError(f"{cfg.dataset_uri}: num_fewshot {num_fewshot} needs at least "
                         f"{num_fewshot + 1} examples, the file has {len(examples)}")
     out = []
     for i, ex in enumerate(examples):
@@ -242,8 +237,7 @@ def build_prompts(examples: List[dict], task_type: ICLTaskType, cfg: ICLTaskConf
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenized examples and batches
+# ---- Tokenized examples and batches -----------------------------------------------------------
 
 
 def _encode(tokenizer, text: str) -> List[int]:
@@ -268,7 +262,7 @@ class ICLDataset(torch.utils.data.Dataset):
         self.max_seq_len = cfg.max_seq_len or max_seq_len
         path = cfg.dataset_uri
         examples = load_task_file(path, self.task_type)
-        prompts = build_prompts(examples, self.task_type, cfg, num_fewshot, path)
+        prompts = build_prompts(examples, self.task_type, cfg, num_fewshot)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.prefix_space = len(_encode(tokenizer, " a")) == 1
         if self.task_type.generates:
@@ -340,9 +334,8 @@ class ICLDataset(torch.utils.data.Dataset):
                          generation_kwargs={"max_new_tokens": self.max_new_tokens, "do_sample": False,
                                             "pad_token_id": self.pad_id, "eos_token_id": self.tokenizer.eos_token_id})
             return batch
-        lens = [len(r) for it in items for r in it.rows]
         cont = [c for it in items for c in it.cont_lens]
-        cont_span = torch.tensor([[n - c, n] for n, c in zip(lens, cont, strict=True)], dtype=torch.long)
+        cont_span = torch.tensor([[len(r) - c, len(r)] for r, c in zip(rows, cont, strict=True)], dtype=torch.long)
         pos = torch.arange(width)
         labels = input_ids.masked_fill((pos < cont_span[:, :1]) | (pos >= cont_span[:, 1:]), IGNORE_INDEX)
         batch.update(mode="icl_task", labels=labels, cont_span=cont_span,
@@ -382,8 +375,7 @@ def split_examples(batch: Dict[str, Any], size: int) -> List[Dict[str, Any]]:
     return pieces
 
 
-# ----------------------------------------------------------------------------------------------
-# Scoring
+# ---- Scoring ----------------------------------------------------------------------------------
 
 
 def continuation_scores(logits: torch.Tensor, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -403,20 +395,14 @@ def judge_logits(logits: torch.Tensor, batch: Dict[str, Any]) -> List[bool]:
     """Per example of a loglikelihood batch: correct or not, from the model's logits."""
     mean_loss, greedy_ok = continuation_scores(logits, batch)
     task_type = icl_tasks.get(batch["icl_task_type"])()
-    owner = batch["example_index"].tolist()
-    out = []
-    for e, gold in enumerate(batch["gold"].tolist()):
-        rows = [r for r, o in enumerate(owner) if o == e]
-        out.append(task_type.correct([mean_loss[r].item() for r in rows], [greedy_ok[r].item() for r in rows], gold))
-    return out
-
-
-_PUNCTUATION = frozenset(string.punctuation)
+    owner = batch["example_index"].to(mean_loss.device)
+    return [task_type.correct(mean_loss[owner == e].tolist(), greedy_ok[owner == e].tolist(), gold)
+            for e, gold in enumerate(batch["gold"].tolist())]
 
 
 def normalize_answer(text: str) -> str:
     """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD-style)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -424,9 +410,5 @@ def normalize_answer(text: str) -> str:
 def judge_generations(texts: Sequence[str], batch: Dict[str, Any]) -> List[bool]:
     """Per example of a generation batch: the text, cut at the example delimiter, matches an answer."""
     stop = batch["stop_at"]
-    out = []
-    for text, answers in zip(texts, batch["labels"], strict=True):
-        if stop:
-            text = text.split(stop)[0]
-        out.append(normalize_answer(text) in {normalize_answer(a) for a in answers})
-    return out
+    return [normalize_answer(text.split(stop)[0] if stop else text) in {normalize_answer(a) for a in answers}
+            for text, answers in zip(texts, batch["labels"], strict=True)]

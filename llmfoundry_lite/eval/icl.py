@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Union
 
 import torch
+from tqdm import tqdm
 
 from llmfoundry_lite.data.icl import ICLDataset, ICLTaskConfig, judge_generations, judge_logits
 
@@ -21,11 +22,10 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     nothing from the model beyond forward(input_ids, attention_mask).logits.
     """
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    new = []
+    prompt_len = input_ids.shape[1]
     for _ in range(max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1]
         nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
-        new.append(nxt)
         if eos_token_id is not None:
             done |= nxt == eos_token_id
         # what a finished row attends to no longer matters: its later tokens are dropped at decoding
@@ -33,7 +33,7 @@ def greedy_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         if done.all():
             break
-    return torch.stack(new, 1)
+    return input_ids[:, prompt_len:]
 
 
 def score_batch(model, tokenizer, batch: Dict[str, Any], device: Union[str, torch.device] = "cpu") -> List[bool]:
@@ -41,11 +41,10 @@ def score_batch(model, tokenizer, batch: Dict[str, Any], device: Union[str, torc
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     if batch["mode"] == "generate":
         kw = batch["generation_kwargs"]
-        new = greedy_generate(model, ids, mask, kw["max_new_tokens"], kw["eos_token_id"], kw["pad_token_id"])
         eos = kw["eos_token_id"]
+        new = greedy_generate(model, ids, mask, kw["max_new_tokens"], eos, kw["pad_token_id"])
         rows = [r[:r.index(eos)] if eos in r else r for r in new.tolist()]
-        texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return judge_generations(texts, batch)
+        return judge_generations(tokenizer.batch_decode(rows, skip_special_tokens=True), batch)
     return judge_logits(model(input_ids=ids, attention_mask=mask).logits, batch)
 
 
@@ -58,12 +57,9 @@ def evaluate_icl_task(model, tokenizer, cfg: ICLTaskConfig, max_seq_len: int, ba
         model.eval()
     try:
         for k in cfg.num_fewshot:
-            ds = ICLDataset(cfg, k, tokenizer, max_seq_len)
-            batches = ds.batches(cfg.batch_size or batch_size)
-            if progress:
-                from tqdm import tqdm
-                batches = tqdm(batches, total=-(-len(ds) // (cfg.batch_size or batch_size)),
-                               desc=f"{cfg.label} {k}-shot", leave=False)
+            ds, size = ICLDataset(cfg, k, tokenizer, max_seq_len), cfg.batch_size or batch_size
+            batches = tqdm(ds.batches(size), total=-(-len(ds) // size), desc=f"{cfg.label} {k}-shot", leave=False,
+                           disable=not progress)
             correct = sum(sum(score_batch(model, tokenizer, b, device)) for b in batches)
             results[f"{cfg.label}/{k}-shot"] = correct / len(ds)
     finally:

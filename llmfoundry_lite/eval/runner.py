@@ -103,11 +103,6 @@ def check_eval_config(data: Dict[str, Any]) -> EvalConfig:
     return cfg
 
 
-def load_model(entry: ModelEntry):
-    """(MPTForCausalLM-like module, tokenizer) for one `models:` entry, on CPU."""
-    return open_model(entry.load_path or entry.model, entry.tokenizer.build() if entry.tokenizer else None)
-
-
 @torch.no_grad()
 def perplexity(model, loader, device, max_batches: int = -1) -> Dict[str, float]:
     """Token-weighted cross-entropy (nats) and perplexity over the labelled positions of `loader`."""
@@ -125,23 +120,12 @@ def perplexity(model, loader, device, max_batches: int = -1) -> Dict[str, float]
     return {"cross_entropy": ce, "perplexity": math.exp(min(ce, 700.0)), "tokens": tokens}
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["device: 'cuda' asked for but no CUDA device is visible; use device: auto or cpu"])
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "amp_bf16" else torch.float16)
-
-
 def evaluate_model(model, tokenizer, cfg: EvalConfig, device: torch.device) -> Dict[str, float]:
     """Every configured metric of one model: '<loader>/cross_entropy', '<task>/<k>-shot', ..."""
     model.to(device).eval()
     metrics: Dict[str, float] = {}
-    with _autocast(cfg.precision, device):
+    amp = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(cfg.precision)  # None: fp32
+    with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
         for label, section in labelled_loaders(cfg.eval_loader):
             loader = build_dataloader(section, tokenizer, cfg.device_eval_batch_size, "eval_loader")
             for k, v in perplexity(model, loader, device, cfg.eval_subset_num_batches).items():
@@ -168,10 +152,9 @@ def write_results(results: Dict[str, Dict[str, float]], folder: str) -> None:
         json.dump(results, f, indent=2)
     columns = list(dict.fromkeys(k for m in results.values() for k in m))
     with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["model_name", *columns])
-        for name, m in results.items():
-            w.writerow([name, *(m.get(c, "") for c in columns)])
+        w = csv.DictWriter(f, ["model_name", *columns])  # a metric a model lacks: empty cell
+        w.writeheader()
+        w.writerows({"model_name": name, **m} for name, m in results.items())
 
 
 def _log(cfg: EvalConfig, results: Dict[str, Dict[str, float]], model) -> None:
@@ -196,12 +179,14 @@ def _log(cfg: EvalConfig, results: Dict[str, Dict[str, float]], model) -> None:
 def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, float]]:
     """Evaluate every model of an eval YAML (path or dict); returns {model_name: {metric: value}}."""
     ec = check_eval_config(load_config(cfg, overrides))
-    device = _device(ec.device)
-    results = {}
-    model = None
+    if ec.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["device: 'cuda' asked for but no CUDA device is visible; use device: auto or cpu"])
+    device = torch.device("cuda" if ec.device != "cpu" and torch.cuda.is_available() else "cpu")
+    results, model = {}, None
     for entry in ec.models:
         torch.manual_seed(ec.seed)  # a model built from a config gets the same weights every run
-        model, tokenizer = load_model(entry)
+        tokenizer = entry.tokenizer.build() if entry.tokenizer else None
+        model, tokenizer = open_model(entry.load_path or entry.model, tokenizer)
         results[entry.model_name] = evaluate_model(model, tokenizer, ec, device)
         print(format_table(entry.model_name, results[entry.model_name]), flush=True)
     if ec.results_path:

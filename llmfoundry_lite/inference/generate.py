@@ -98,13 +98,6 @@ def overlong(tokenizer, prompts: Sequence[str], max_new_tokens: int, max_seq_len
             for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]) if len(ids) + max_new_tokens > max_seq_len]
 
 
-def _count_new_tokens(new_ids: torch.Tensor, eos_ids) -> int:
-    """Tokens actually produced: up to and including each row's first end token (the rest is padding)."""
-    is_end = torch.isin(new_ids, torch.tensor(eos_ids, device=new_ids.device)).int()
-    ended_before = (is_end.cumsum(dim=1) - is_end) > 0
-    return int((~ended_before).sum())
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], max_batch_size: Optional[int] = None, eos_token_id=None,
              streamer=None, **sampling) -> Generations:
@@ -118,7 +111,6 @@ def generate(model, tokenizer, prompts: Sequence[str], max_batch_size: Optional[
         raise UserError("prompts must be a non-empty list of strings")
     options = SamplingOptions(**sampling).checked()
     kw = generation_kwargs(tokenizer, options, eos_token_id)
-    eos_ids = kw["eos_token_id"] if isinstance(kw["eos_token_id"], (list, tuple)) else [kw["eos_token_id"]]
     problems = overlong(tokenizer, prompts, options.max_new_tokens, model.config.max_seq_len)
     if problems:
         raise UserError("\n".join(f"prompt {i}: {msg}" for i, msg in problems))
@@ -140,7 +132,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_batch_size: Optional[
             torch.cuda.synchronize()
         result.seconds += time.perf_counter() - t0
         new_ids = out[:, batch["input_ids"].shape[1]:]
-        result.new_tokens += _count_new_tokens(new_ids, eos_ids)
+        # tokens produced: up to and including each row's first end token (the rest is padding)
+        is_end = torch.isin(new_ids, torch.tensor(kw["eos_token_id"], device=device)).int()
+        result.new_tokens += int((is_end.cumsum(dim=1) - is_end == 0).sum())
         for row, i in enumerate(idx):
             result[i] = prompts[i] + tokenizer.decode(new_ids[row], skip_special_tokens=True)
     return result

@@ -48,12 +48,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on GPU, fp32 on CPU")
 
 
-def model_path(args: argparse.Namespace) -> str:
+def open_model(args: argparse.Namespace):
     path = getattr(args, "model", None) or args.name_or_path
     if not path:
         raise UserError("no model given: pass a model folder or checkpoint as MODEL or --name_or_path")
-    return path
-
-
-def open_model(args: argparse.Namespace):
-    return load_model_and_tokenizer(model_path(args), args.device, args.dtype, args.tokenizer)
+    return load_model_and_tokenizer(path, args.device, args.dtype, args.tokenizer)

@@ -13,6 +13,7 @@ order, so concurrent requests never share model state. Every bad request gets a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import sys
@@ -81,11 +82,8 @@ def parse_request(body: bytes, limits: Limits, defaults: SamplingOptions):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise RequestError(400, f"{where}[{i}]", "must not be an empty string")
-        if not p.isascii():
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate ("\ud800") that no tokenizer can encode
-                raise RequestError(400, f"{where}[{i}]", "is not valid Unicode (lone surrogate)") from None
+        if not p.isascii() and any("\ud800" <= c <= "\udfff" for c in p):  # lone surrogates: no tokenizer encodes them
+            raise RequestError(400, f"{where}[{i}]", "is not valid Unicode (lone surrogate)")
     where, raw = "input_data.parameters", inp.get("parameters", {})
     if not isinstance(raw, dict):
         raise RequestError(400, where, "must be an object")
@@ -167,12 +165,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, e: RequestError) -> None:
-        self._send(e.status, {"error": e.message, "field": e.field})
-
     def do_GET(self):
         if self.path.rstrip("/") != "/health":
-            return self._error(RequestError(404, "path", f"no route GET {self.path}; try GET /health or POST /"))
+            return self._send(404, {"error": f"no route GET {self.path}; try GET /health or POST /", "field": "path"})
         ep = self.server.endpoint
         self._send(200, {"status": "ok", "queued": ep.jobs.qsize(), "served": ep.served,
                          "max_seq_len": ep.model.config.max_seq_len})
@@ -196,10 +191,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, self.server.endpoint.answer(body))
         except TimeoutError:
             self.close_connection = True
-            self._error(RequestError(408, "body", f"the body did not arrive within "
-                                                  f"{self.server.endpoint.limits.client_timeout_s:g}s"))
+            limit = self.server.endpoint.limits.client_timeout_s
+            self._send(408, {"error": f"the body did not arrive within {limit:g}s", "field": "body"})
         except RequestError as e:
-            self._error(e)
+            self._send(e.status, {"error": e.message, "field": e.field})
 
     def log_message(self, format, *args):
         if not self.server.quiet:
@@ -219,10 +214,8 @@ class EndpointServer(ThreadingHTTPServer):
         # One thread per connection, at most max_connections of them: a flood of (slow) clients is
         # answered 503 at once instead of growing threads and memory without bound.
         if not self.slots.acquire(blocking=False):
-            try:
+            with contextlib.suppress(OSError):
                 request.sendall(BUSY_RESPONSE)
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -264,10 +257,6 @@ def run(args: argparse.Namespace) -> int:
     server = make_server(model, tokenizer, args.host, args.port, limits, args.quiet, defaults)
     host, port = server.server_address[:2]
     print(f"serving on http://{host}:{port}  (POST / with input_data, GET /health; Ctrl-C stops)", flush=True)
-    try:
+    with server, contextlib.suppress(KeyboardInterrupt):  # leaving the `with` closes the server
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
     return 0

@@ -15,14 +15,7 @@ from composer.core import DataSpec, Evaluator
 from composer.utils import dist
 from torchmetrics import Metric
 
-from llmfoundry_lite.data.icl import (
-    ICLDataset,
-    ICLTaskConfig,
-    judge_generations,
-    judge_logits,
-    num_examples,
-    split_examples,
-)
+from llmfoundry_lite.data import icl
 from llmfoundry_lite.registry import icl_tasks
 
 __all__ = ["build_icl_evaluators", "add_icl_metrics", "ICL_METRICS"]
@@ -40,10 +33,8 @@ class _ICLAccuracy(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, batch: Dict[str, Any], outputs: Any, labels: Any = None) -> None:
-        if batch["mode"] == "generate":  # Composer popped the answers into `labels`
-            ok = judge_generations(outputs, {**batch, "labels": labels})
-        else:
-            ok = judge_logits(outputs, batch)
+        ok = (icl.judge_generations(outputs, {**batch, "labels": labels}) if batch["mode"] == "generate"
+              else icl.judge_logits(outputs, batch))  # generation: Composer popped the answers into `labels`
         self.correct += sum(ok)
         self.total += len(ok)
 
@@ -74,7 +65,7 @@ def add_icl_metrics(composer_model) -> None:
         composer_model.val_metrics.setdefault(cls.__name__, cls())
 
 
-def build_icl_evaluators(tasks: List[ICLTaskConfig], tokenizer, device_eval_batch_size: int, max_seq_len: int,
+def build_icl_evaluators(tasks: List[icl.ICLTaskConfig], tokenizer, device_eval_batch_size: int, max_seq_len: int,
                          subset_num_batches: Optional[int] = None) -> List[Evaluator]:
     """Evaluators for the checked tasks of an `icl_tasks` section.
 
@@ -83,15 +74,14 @@ def build_icl_evaluators(tasks: List[ICLTaskConfig], tokenizer, device_eval_batc
     """
     evaluators = []
     for cfg in tasks:
-        task_type = icl_tasks.get(cfg.icl_task_type)
         batch_size = cfg.batch_size or device_eval_batch_size
         for k in cfg.num_fewshot:
-            ds = ICLDataset(cfg, k, tokenizer, max_seq_len)
+            ds = icl.ICLDataset(cfg, k, tokenizer, max_seq_len)
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate,
                                                  sampler=dist.get_sampler(ds, shuffle=False, drop_last=False))
-            spec = DataSpec(loader, get_num_samples_in_batch=num_examples, split_batch=split_examples)
+            spec = DataSpec(loader, get_num_samples_in_batch=icl.num_examples, split_batch=icl.split_examples)
             evaluators.append(Evaluator(label=f"{cfg.label}/{k}-shot", dataloader=spec,
-                                        metric_names=[task_type.metric_name],
+                                        metric_names=[icl_tasks.get(cfg.icl_task_type).metric_name],
                                         subset_num_batches=subset_num_batches,
                                         device_eval_microbatch_size=batch_size))
     return evaluators

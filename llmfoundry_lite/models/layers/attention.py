@@ -114,10 +114,8 @@ class AttentionContext:
         if self.sequence_id is not None:
             seq = self.sequence_id.to(device)
             allowed = allowed & (seq[:, None, :, None] == seq[:, None, None, :])
-        if self.alibi_slopes is not None:
-            values = (self.alibi_slopes.to(device)[:, None, None] * rel[None].float())[None]
-        else:
-            values = torch.zeros((), device=device)
+        values = (torch.zeros((), device=device) if self.alibi_slopes is None
+                  else (self.alibi_slopes.to(device)[:, None, None] * rel[None].float())[None])
         return torch.where(allowed, values, torch.finfo(torch.float32).min).to(dtype)
 
 
@@ -126,6 +124,7 @@ def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+@attention_impls.register("torch")
 def torch_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
                     softcap: Optional[float] = None) -> torch.Tensor:
     """q (B, H, S, D), k/v (B, Hkv, K, D) -> (B, H, S, D) with PyTorch's SDPA."""
@@ -144,6 +143,7 @@ def torch_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
                                           is_causal=bias is None and ctx.q_len > 1)
 
 
+@attention_impls.register("flash")
 def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
                     softcap: Optional[float] = None) -> torch.Tensor:
     """flash-attn 2 (CUDA, fp16/bf16); padding and packed sequences go through the varlen kernel."""
@@ -201,14 +201,14 @@ def _flex_mask_mod(ctx: AttentionContext, device):
         if seq is not None:
             allowed = allowed & (seq[b, q_idx] == seq[b, kv_idx])
         return allowed
-    per_row = padding is not None or seq is not None
-    batch = (padding if padding is not None else seq).shape[0] if per_row else None
+    batch = next((t.shape[0] for t in (padding, seq) if t is not None), None)  # None: one mask for all rows
     return create_block_mask(mask_mod, batch, None, ctx.q_len, ctx.k_len, device=device)
 
 
 _compiled_flex = None
 
 
+@attention_impls.register("flex")
 def flex_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dropout_p: float,
                    softcap: Optional[float] = None) -> torch.Tensor:
     """PyTorch FlexAttention: ALiBi and soft-capping as a score modifier, masks as a block mask (whole
@@ -230,22 +230,15 @@ def flex_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, drop
         if slopes is not None:
             score = score + slopes[h] * (kv_idx - q_idx - past)
         return score
-    fn = flex.flex_attention
-    if q.device.type == "cuda":
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
-        fn = _compiled_flex
+    if q.device.type == "cuda" and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
+    fn = _compiled_flex if q.device.type == "cuda" else flex.flex_attention
     try:
         return fn(q, k, v, score_mod=score_mod, block_mask=ctx.cache[key], scale=softmax_scale,
                   enable_gqa=k.shape[1] != q.shape[1])
     except NotImplementedError as e:  # torch > 2.7 has no FlexAttention backward on CPU
         raise UserError(f"attn_config.attn_impl: 'flex' cannot run this on {q.device.type} with torch "
                         f"{torch.__version__} ({e}); use attn_impl: torch") from None
-
-
-attention_impls.register("torch", torch_attention)
-attention_impls.register("flash", flash_attention)
-attention_impls.register("flex", flex_attention)
 
 
 class MPTAttention(nn.Module):
@@ -277,27 +270,18 @@ class MPTAttention(nn.Module):
         self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias)
         self.out_proj._is_residual = True  # see init.py
 
-    def _qkv(self, x):
-        if self.fused:
-            qkv = self.Wqkv(x)
-            if self.clip_qkv:
-                qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
-            return qkv.split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
-        qkv = self.Wq(x), self.Wk(x), self.Wv(x)
-        return tuple(t.clamp(-self.clip_qkv, self.clip_qkv) for t in qkv) if self.clip_qkv else qkv
-
     def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values=None) -> torch.Tensor:
         B, S, _ = x.shape
-        q, k, v = self._qkv(x)
-        if hasattr(self, "q_ln"):
-            if self.qk_gn:
-                q = self.q_ln(q.view(B, S, -1, self.head_dim)).to(q.dtype)
-                k = self.k_ln(k.view(B, S, -1, self.head_dim)).to(k.dtype)
-            else:
-                q, k = self.q_ln(q).to(q.dtype), self.k_ln(k).to(k.dtype)
-        q = q.reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(B, S, self.kv_n_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(B, S, self.kv_n_heads, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.Wqkv(x).split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
+        else:
+            q, k, v = self.Wq(x), self.Wk(x), self.Wv(x)
+        if self.clip_qkv:
+            q, k, v = [t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v)]
+        if hasattr(self, "q_ln"):  # qk_gn: each head on its own
+            shape = (B, S, -1, self.head_dim) if self.qk_gn else (B, S, -1)
+            q, k = self.q_ln(q.view(shape)).to(q.dtype), self.k_ln(k.view(shape)).to(k.dtype)
+        q, k, v = [t.reshape(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v)]
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         if past_key_values is not None:

@@ -14,17 +14,12 @@ from torch.nn import functional as F
 from llmfoundry_lite.registry import ffns
 
 
-def build_activation(spec: Dict[str, Any]):
-    """{'name': 'gelu', 'approximate': 'none'} -> partial(F.gelu, approximate='none')."""
-    spec = dict(spec)
-    return functools.partial(getattr(F, spec.pop("name")), **spec)
-
-
 class MPTMLP(nn.Module):
     def __init__(self, d_model: int, hidden_size: int, act: Dict[str, Any], bias: bool):
         super().__init__()
         self.up_proj = nn.Linear(d_model, hidden_size, bias=bias)
-        self.act = build_activation(act)
+        # {'name': 'gelu', 'approximate': 'none'} -> partial(F.gelu, approximate='none')
+        self.act = functools.partial(getattr(F, act["name"]), **{k: v for k, v in act.items() if k != "name"})
         self.down_proj = nn.Linear(hidden_size, d_model, bias=bias)
         self.down_proj._is_residual = True  # see init.py
 

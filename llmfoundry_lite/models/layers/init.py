@@ -24,14 +24,6 @@ from llmfoundry_lite.models.layers.norms import NORM_CLASSES
 from llmfoundry_lite.registry import param_inits
 
 
-def residual_divisor(init_div_is_residual, n_layers: int) -> float:
-    if init_div_is_residual is True:
-        return math.sqrt(2 * n_layers)
-    if init_div_is_residual is False:
-        return 1.0
-    return float(init_div_is_residual)
-
-
 @torch.no_grad()
 def generic_init_(module: nn.Module, init_fn_, *, n_layers: int, init_div_is_residual=True,
                   emb_init_std=None, emb_init_uniform_lim=None, **_):
@@ -42,8 +34,9 @@ def generic_init_(module: nn.Module, init_fn_, *, n_layers: int, init_div_is_res
             init_fn_(module.weight.narrow(dim, start, end - start))
         if module.bias is not None:
             module.bias.zero_()
-        if getattr(module, "_is_residual", False):
-            module.weight.div_(residual_divisor(init_div_is_residual, n_layers))
+        div = init_div_is_residual  # True: sqrt(2 * n_layers); False: none
+        if getattr(module, "_is_residual", False) and div is not False:
+            module.weight.div_(math.sqrt(2 * n_layers) if div is True else float(div))
     elif isinstance(module, nn.Embedding):
         if emb_init_std is not None:
             module.weight.normal_(0.0, emb_init_std)
@@ -72,14 +65,12 @@ def _register(name):
 
 @_register("kaiming_normal_")
 def _kaiming_normal(init_gain=0.0, fan_mode="fan_in", init_nonlinearity="relu", **_):
-    return functools.partial(nn.init.kaiming_normal_, a=init_gain, mode=fan_mode,
-                             nonlinearity=init_nonlinearity), {}
+    return functools.partial(nn.init.kaiming_normal_, a=init_gain, mode=fan_mode, nonlinearity=init_nonlinearity), {}
 
 
 @_register("kaiming_uniform_")
 def _kaiming_uniform(init_gain=0.0, fan_mode="fan_in", init_nonlinearity="relu", **_):
-    return functools.partial(nn.init.kaiming_uniform_, a=init_gain, mode=fan_mode,
-                             nonlinearity=init_nonlinearity), {}
+    return functools.partial(nn.init.kaiming_uniform_, a=init_gain, mode=fan_mode, nonlinearity=init_nonlinearity), {}
 
 
 @_register("xavier_normal_")

@@ -14,14 +14,6 @@ from torch.nn import functional as F
 from llmfoundry_lite.registry import norms
 
 
-def _autocast_dtype(x: torch.Tensor):
-    """The autocast dtype for x's device when autocast is on there, else None."""
-    device = x.device.type
-    if device in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
 class RMSNorm(nn.Module):
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = False):
         super().__init__()
@@ -46,10 +38,11 @@ class _LowPrecision:
     """Mixin: under autocast, normalise input and parameters in the autocast dtype."""
 
     def forward(self, x):
-        dtype = _autocast_dtype(x)
-        if dtype is None:
+        device = x.device.type
+        if device not in ("cuda", "cpu", "xpu") or not torch.is_autocast_enabled(device):
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
             return self._normalize(cast(x), cast(self.weight), cast(self.bias))
 
