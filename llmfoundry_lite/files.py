@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 from typing import IO, Any, Iterator
 
 from llmfoundry_lite.errors import UserError
@@ -11,15 +12,11 @@ from llmfoundry_lite.errors import UserError
 
 def check_folder_path(path: str, flag: str) -> None:
     """`path` must be a folder or not exist yet, and none of its parents a file."""
-    current = os.path.abspath(path)
-    while True:
-        if os.path.exists(current) and not os.path.isdir(current):
-            what = "" if current == os.path.abspath(path) else f" (in {path})"
+    full = pathlib.Path(os.path.abspath(path))
+    for current in (full, *full.parents):
+        if current.exists() and not current.is_dir():
+            what = "" if current == full else f" (in {path})"
             raise UserError(f"{flag}: {current}{what} is a file, not a folder; choose a folder path")
-        parent = os.path.dirname(current)
-        if parent == current:
-            return
-        current = parent
 
 
 def read_json_file(path: str, what: str, missing_ok: bool = False) -> Any:

@@ -76,14 +76,10 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 
 def write_corpus(out_dir: str, val_fraction: float = 0.05, max_docs: int = 0) -> Dict[str, int]:
-    """Write `train.jsonl`/`val.jsonl` (`{"text": ...}` per line) and `train.txt` (for the tokenizer).
-
-    `max_docs` > 0 keeps only the first documents (for quick tests). Returns counts per split and
-    characters. Files are written under temporary names and renamed, so a present file is complete.
-    """
-    docs = documents()
-    if max_docs:
-        docs = docs[:max_docs]
+    """Write `train.jsonl`/`val.jsonl` (`{"text": ...}` per line) and `train.txt` (for the tokenizer), each
+    atomically, so a present file is complete. `max_docs` > 0 keeps only the first documents (for quick
+    tests). Returns counts per split and characters."""
+    docs = documents()[:max_docs or None]
     splits: Dict[str, List[str]] = {"train": [], "val": []}
     for doc in docs:
         splits["val" if is_val(doc, val_fraction) else "train"].append(doc)

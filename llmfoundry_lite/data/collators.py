@@ -15,6 +15,7 @@ by token id (the pad token is often EOS, which is a real target).
 """
 from __future__ import annotations
 
+import random
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -29,20 +30,13 @@ def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor
     return out
 
 
-def _mask(rows: Sequence[Sequence[int]], length: int) -> torch.Tensor:
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):
-        mask[i, : min(len(r), length)] = 1
-    return mask
-
-
 class CausalLMCollator:
     def __init__(self, pad_token_id: int, max_seq_len: int, eos_token_id: Optional[int] = None):
         self.pad_token_id, self.max_seq_len, self.eos_token_id = pad_token_id, max_seq_len, eos_token_id
 
     def __call__(self, rows: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         input_ids = _pad(rows, self.max_seq_len, self.pad_token_id)
-        attention_mask = _mask(rows, self.max_seq_len)
+        attention_mask = _pad([[1] * len(r) for r in rows], self.max_seq_len, 0)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)}
         if self.eos_token_id is not None:
@@ -60,7 +54,8 @@ class FinetuningCollator:
     def __call__(self, examples: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
         ids = [e["input_ids"] for e in examples]
         length = min(self.max_seq_len, max(map(len, ids))) if self.pad_to_longest else self.max_seq_len
-        return {"input_ids": _pad(ids, length, self.pad_token_id), "attention_mask": _mask(ids, length),
+        return {"input_ids": _pad(ids, length, self.pad_token_id),
+                "attention_mask": _pad([[1] * len(r) for r in ids], length, 0),
                 "labels": _pad([e["labels"] for e in examples], length, IGNORE_INDEX)}
 
 
@@ -96,41 +91,35 @@ class PackingCollator:
         bins = first_fit_decreasing([len(e["input_ids"]) for e in pool], self.max_seq_len)
         bins.sort(key=lambda b: -sum(len(pool[i]["input_ids"]) for i in b))
         keep, rest = bins[: self.rows], bins[self.rows:]
-        if self.max_leftover_bins_to_keep is not None:
-            dropped = rest[self.max_leftover_bins_to_keep:]
-            rest = rest[: self.max_leftover_bins_to_keep]
-            self.stats["dropped leftover examples"] += sum(map(len, dropped))
-        self.leftover = [pool[i] for b in rest for i in b]
+        kept = rest[: self.max_leftover_bins_to_keep]  # None: keep them all
+        self.stats["dropped leftover examples"] += sum(map(len, rest[len(kept):]))
+        self.leftover = [pool[i] for b in kept for i in b]
         return [[pool[i] for i in b] for b in keep]
 
     def __call__(self, examples: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
         rows = self.pack(examples)
-        ids, labels, seq = [], [], []
-        for row in rows:
-            ids.append([t for e in row for t in e["input_ids"]])
-            labels.append([t for e in row for t in e["labels"]])
-            seq.append([n for n, e in enumerate(row) for _ in e["input_ids"]])
+        ids = [[t for e in row for t in e["input_ids"]] for row in rows]
+        labels = [[t for e in row for t in e["labels"]] for row in rows]
+        seq = [[n for n, e in enumerate(row) for _ in e["input_ids"]] for row in rows]
         n = self.max_seq_len
         used = sum(map(len, ids))
         self.stats["tokens"] += used
         self.stats["padding tokens"] += len(rows) * n - used
-        return {"input_ids": _pad(ids, n, self.pad_token_id), "attention_mask": _mask(ids, n),
+        return {"input_ids": _pad(ids, n, self.pad_token_id), "attention_mask": _pad([[1] * len(r) for r in ids], n, 0),
                 "labels": _pad(labels, n, IGNORE_INDEX), "sequence_id": _pad(seq, n, -1)}
 
 
 def auto_packing_ratio(lengths: Sequence[int], max_seq_len: int, rows: int, seed: int = 0) -> float:
     """The largest packing ratio (step 0.25) whose simulated packing of `lengths` does not let
     leftovers pile up (they stay under one batch of examples), i.e. that drops nothing."""
-    import random
     order = [min(n, max_seq_len) for n in lengths]
     random.Random(seed).shuffle(order)
-    order = order[:4096]  # a sample is enough to see whether leftovers pile up
+    fake = [{"input_ids": [0] * n, "labels": [0] * n} for n in order[:4096]]  # enough to see leftovers pile up
     best, ratio = 1.0, 1.0
     upper = max(1.0, max_seq_len / max(1, min(lengths)))
     while ratio <= upper:
         per_batch = max(rows, int(rows * ratio))
         collator = PackingCollator(0, max_seq_len, rows)
-        fake = [{"input_ids": [0] * n, "labels": [0] * n} for n in order]
         for i in range(0, len(fake), per_batch):
             collator.pack(fake[i:i + per_batch])
         if len(collator.leftover) > per_batch:

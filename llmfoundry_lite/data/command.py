@@ -65,8 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help=".txt/.md files or folders of them")
     p.add_argument("--out", required=True, help="folder to save the tokenizer to")
     p.add_argument("--vocab_size", type=int, default=8192)
-    p.add_argument("--special_tokens", nargs="+", default=None,
-                   help="default: <|endoftext|> <|im_start|> <|im_end|>")
+    p.add_argument("--special_tokens", nargs="+", help="default: <|endoftext|> <|im_start|> <|im_end|>")
     p.add_argument("--eos_token", default="<|endoftext|>", help="EOS and pad token (one of the special tokens)")
     p.add_argument("--model_max_length", type=int, default=2048)
     p.add_argument("--min_frequency", type=int, default=2)
@@ -173,8 +172,7 @@ def _finetuning(args: argparse.Namespace) -> None:
         if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
             examples = iter_json_records(args.dataset, skipped, args.skip_bad_lines)
         else:
-            kwargs = {k: v for k, v in (("name", args.data_subset), ("data_files", parse_data_files(args.data_files)))
-                      if v is not None}
+            kwargs = {"name": args.data_subset, "data_files": parse_data_files(args.data_files)}
             examples = numbered(load_raw_examples(args.dataset, split, kwargs))
         stats = convert_finetuning(examples, out, tokenizer, args.max_seq_len, args.preprocessor, args.target_prompts,
                                    args.target_responses, args.chat_template, args.compression, args.skip_bad_lines)

@@ -15,6 +15,7 @@ into one `index.json` and a top-level done marker records the summary.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import multiprocessing
@@ -47,7 +48,7 @@ class TokenizeSpec:
     eos_text: str = ""
     wrap: bool = True
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if (self.tokenizer is None) != (self.concat_tokens is None):
             raise UserError("--concat_tokens and --tokenizer go together: give both (token rows) or neither (raw text)")
         if self.concat_tokens is not None and self.concat_tokens < 1:
@@ -112,29 +113,22 @@ def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False) 
                 continue
             f.seek(0)
             for lineno, raw in enumerate(f, 1):
-                rec = _json_line(name, lineno, raw, dropped, skip_bad_lines)
-                if rec is not _SKIP:
+                try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
+                    rec = json.loads(line)
+                except UnicodeDecodeError as e:
+                    problem = f"not UTF-8 (byte {e.start} of the line); re-encode the file as UTF-8"
+                    kind = "undecodable lines"
+                except json.JSONDecodeError as e:
+                    problem, kind = f"malformed JSON ({e.msg}); fix the line", "malformed lines"
+                else:
                     yield f"{name}:{lineno}", rec
-
-
-_SKIP = object()
-
-
-def _json_line(name: str, lineno: int, raw: bytes, dropped: Counts, skip_bad_lines: bool):
-    """The record of one JSONL line, or _SKIP (blank, or bad and skipped)."""
-    try:
-        line = raw.decode("utf-8")
-        if not line.strip():
-            return _SKIP
-        return json.loads(line)
-    except UnicodeDecodeError as e:
-        problem, kind = f"not UTF-8 (byte {e.start} of the line); re-encode the file as UTF-8", "undecodable lines"
-    except json.JSONDecodeError as e:
-        problem, kind = f"malformed JSON ({e.msg}); fix the line", "malformed lines"
-    if not skip_bad_lines:
-        raise DataError(f"{name}:{lineno}: {problem} or pass --skip_bad_lines to skip and count such lines")
-    dropped.add(kind)
-    return _SKIP
+                    continue
+                if not skip_bad_lines:
+                    raise DataError(f"{name}:{lineno}: {problem} or pass --skip_bad_lines to skip and count such lines")
+                dropped.add(kind)
 
 
 def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[str]:
@@ -158,17 +152,6 @@ def load_hf_dataset(dataset: str, split: str, **kwargs):
         cause = (e.__cause__ or e.__context__) if isinstance(e, datasets.exceptions.DatasetGenerationError) else None
         detail = str(e).splitlines()[0] + (f" ({str(cause).splitlines()[0]})" if cause else "")
         raise DataError(f"cannot load dataset {dataset!r} split {split!r}: {detail}") from None
-
-
-def iter_hf_split(dataset: str, split: str, column: str, subset: Optional[str] = None,
-                  data_files=None) -> Iterator[str]:
-    """Texts of one split of anything `datasets.load_dataset` opens (hub name or a builder like json)."""
-    ds = load_hf_dataset(dataset, split, name=subset, data_files=data_files)
-    if column not in ds.column_names:
-        raise DataError(f"dataset {dataset!r} split {split!r} has no column '{column}' "
-                        f"(columns: {ds.column_names}); choose one with --text_column")
-    for rec in ds:
-        yield rec[column]
 
 
 def iter_text_files(files: Sequence[str]) -> Iterator[str]:
@@ -208,116 +191,86 @@ def _tokenize(texts: List[str]) -> List[np.ndarray]:
     return [np.asarray(e.ids, dtype=np.int64) for e in _worker_tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def _batches(docs: Iterable[str], summary: Summary) -> Iterator[List[str]]:
-    batch: List[str] = []
+def _documents(docs: Iterable[str], summary: Summary) -> Iterator[str]:
+    """The non-empty documents, counted in `summary` (the empty ones as dropped)."""
     for doc in docs:
         if not isinstance(doc, str):
-            raise DataError(f"document {summary.documents + len(batch)} is a {type(doc).__name__}, not text")
+            raise DataError(f"document {summary.documents} is a {type(doc).__name__}, not text")
         if not doc.strip():
             summary.dropped.add("empty documents")
             continue
-        batch.append(doc)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        summary.documents += 1
+        yield doc
+
+
+def _ordered_map(pool, batches: Iterator[List[str]], window: int) -> Iterator[List[np.ndarray]]:
+    """Tokenized batches in input order, with at most `window` in flight (`pool.imap` reads all input at once)."""
+    pending: collections.deque = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_tokenize, (batch,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # ---- writing -----------------------------------------------------------------------------------
 
-class _Concat:
-    """Cuts concatenated `bos + doc + eos` ids into rows of `length`."""
-
-    def __init__(self, length: int, bos: List[int], eos: List[int], wrap: bool, dropped: Counts):
-        self.length, self.bos, self.eos, self.wrap, self.dropped = length, bos, eos, wrap, dropped
-        self.buffer: List[int] = []
-
-    def add(self, ids: np.ndarray) -> Iterator[List[int]]:
-        self.buffer += self.bos + ids.tolist() + self.eos
-        while len(self.buffer) >= self.length:
-            row, self.buffer = self.buffer[: self.length], self.buffer[self.length:]
-            yield row
-            if not self.wrap:
-                self.dropped.add("tokens after a row cut (--no_wrap)", len(self.buffer))
-                self.buffer = []
-
-    def finish(self) -> None:
-        self.dropped.add("tokens in the last partial row", len(self.buffer))
-        self.buffer = []
+def _token_rows(tokenized: Iterable[List[np.ndarray]], tok, spec: TokenizeSpec, dropped: Counts) -> Iterator[List[int]]:
+    """Concatenated `bos + doc + eos` ids cut into rows of `spec.concat_tokens`."""
+    bos, eos = (tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (spec.bos_text, spec.eos_text))
+    buffer: List[int] = []
+    for ids in itertools.chain.from_iterable(tokenized):
+        buffer += bos + ids.tolist() + eos
+        while len(buffer) >= spec.concat_tokens:
+            yield buffer[:spec.concat_tokens]
+            buffer = buffer[spec.concat_tokens:]
+            if not spec.wrap:
+                dropped.add("tokens after a row cut (--no_wrap)", len(buffer))
+                buffer = []
+    dropped.add("tokens in the last partial row", len(buffer))
 
 
 def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression: Optional[str] = None,
               num_workers: int = 1, summary: Optional[Summary] = None, desc: str = "") -> Summary:
     """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary."""
     from streaming import MDSWriter
-    spec.validate()
     summary = summary or Summary()
     start = time.time()
     tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
-    columns = {"tokens": token_column_encoding(len(tok))} if tok else {"text": "str"}
-    dtype = np.dtype(columns.get("tokens", "ndarray:int32").split(":")[1])
+    encoding = token_column_encoding(len(tok)) if tok else None
+    documents = _documents(docs, summary)
+    batches = iter(lambda: list(itertools.islice(documents, BATCH)), [])  # lists of BATCH documents until none
     pool = None
-    batches = _batches(docs, summary)
-    if tok is None:
-        tokenized = ((b, None) for b in batches)
-    elif num_workers > 1 and getattr(tok, "is_fast", False):
+    if tok and num_workers > 1 and getattr(tok, "is_fast", False):
         pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (tok.backend_tokenizer.to_str(),))
         tokenized = _ordered_map(pool, batches, window=4 * num_workers)
-    else:
-        tokenized = ((b, [np.asarray(x, dtype=np.int64) for x in tok(b, add_special_tokens=False)["input_ids"]])
+    elif tok:
+        tokenized = ([np.asarray(x, dtype=np.int64) for x in tok(b, add_special_tokens=False)["input_ids"]]
                      for b in batches)
-    bar = tqdm(desc=desc or os.path.basename(out_dir), unit=" tok" if tok else " doc", unit_scale=True,
-               mininterval=1.0)
+    bar = tqdm(desc=desc or os.path.basename(out_dir), unit=" tok" if tok else " doc", unit_scale=True, mininterval=1.0)
+    columns = {"tokens": encoding} if tok else {"text": "str"}
     try:
-        with MDSWriter(out=out_dir, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
-            concat = None
-            if tok:
-                encode = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-                concat = _Concat(spec.concat_tokens, encode(spec.bos_text), encode(spec.eos_text), spec.wrap,
-                                 summary.dropped)
-            for texts, ids in tokenized:
-                summary.documents += len(texts)
-                if ids is None:
-                    for t in texts:
-                        writer.write({"text": t})
-                    summary.samples += len(texts)
-                    bar.update(len(texts))
-                    continue
-                for row_ids in ids:
-                    for row in concat.add(row_ids):
-                        writer.write({"tokens": np.asarray(row, dtype=dtype)})
-                        summary.samples += 1
-                        summary.tokens += len(row)
-                        bar.update(len(row))
-            if concat:
-                concat.finish()
+        with bar, MDSWriter(out=out_dir, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
+            if tok is None:
+                for text in documents:
+                    writer.write({"text": text})
+                    summary.samples += 1
+                    bar.update(1)
+            else:
+                for row in _token_rows(tokenized, tok, spec, summary.dropped):
+                    writer.write({"tokens": np.asarray(row, dtype=encoding.split(":")[1])})
+                    summary.samples += 1
+                    summary.tokens += len(row)
+                    bar.update(len(row))
     finally:
-        bar.close()
         if pool is not None:
             pool.terminate()
     summary.seconds += time.time() - start
-    _count_shards(out_dir, summary)
-    return summary
-
-
-def _ordered_map(pool, batches: Iterator[List[str]], window: int):
-    """(batch, tokenized batch) in input order, with at most `window` batches in flight (bounded memory)."""
-    pending: collections.deque = collections.deque()
-    for batch in batches:
-        pending.append((batch, pool.apply_async(_tokenize, (batch,))))
-        if len(pending) >= window:
-            texts, result = pending.popleft()
-            yield texts, result.get()
-    while pending:
-        texts, result = pending.popleft()
-        yield texts, result.get()
-
-
-def _count_shards(out_dir: str, summary: Summary) -> None:
     shards = read_json_file(os.path.join(out_dir, "index.json"), "data prep")["shards"]
     summary.shards += len(shards)
     summary.bytes += sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in shards)
+    return summary
 
 
 def _require_documents(summary: Summary, source: str) -> Summary:
@@ -341,13 +294,16 @@ def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: Tokeniz
                data_files=None, text_column: str = "text", compression: Optional[str] = None,
                num_workers: int = 1) -> Dict[str, Summary]:
     """`datasets.load_dataset(dataset, subset, data_files)` splits -> `out_root/<split>/`."""
-    spec.validate()
     for split in splits:
         check_output_folder(os.path.join(out_root, split))
     summaries = {}
     for split in splits:
         with publish_split(os.path.join(out_root, split)) as tmp:
-            docs = iter_hf_split(dataset, split, text_column, subset, data_files)
+            ds = load_hf_dataset(dataset, split, name=subset, data_files=data_files)
+            if text_column not in ds.column_names:
+                raise DataError(f"dataset {dataset!r} split {split!r} has no column '{text_column}' "
+                                f"(columns: {ds.column_names}); choose one with --text_column")
+            docs = (rec[text_column] for rec in ds)
             summaries[split] = _require_documents(write_mds(docs, tmp, spec, compression, num_workers, desc=split),
                                                   f"{dataset} split {split}")
     return summaries
@@ -357,7 +313,6 @@ def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[s
                  text_column: str = "text", compression: Optional[str] = None, num_workers: int = 1,
                  skip_bad_lines: bool = False) -> Summary:
     """A .json/.jsonl file or folder -> `out_root` (or `out_root/<split>` when a split is named)."""
-    spec.validate()
     out = os.path.join(out_root, split) if split else out_root
     summary = Summary()
     with publish_split(out) as tmp:
@@ -369,7 +324,6 @@ def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[s
 def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, compression: Optional[str] = None,
                  processes: int = 1, files_per_group: Optional[int] = None, reprocess: bool = False) -> Summary:
     """A folder of .txt files -> one MDS folder, resumable (see the module docstring)."""
-    spec.validate()
     check_folder_path(output_folder, "--output_folder")
     files = _files(input_folder, (".txt",))
     args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
@@ -387,39 +341,37 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
     groups = [files[i:i + per_group] for i in range(0, len(files), per_group)]
     plan = {"args": args, "groups": len(groups), "files_per_group": per_group}
     plan_path = os.path.join(output_folder, "plan.json")
-    if os.path.isfile(plan_path):
-        with open(plan_path) as f:
-            if json.load(f) != plan:
-                raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
-                                "pass --reprocess to start over or choose another --output_folder")
-    else:
+    old_plan = read_json_file(plan_path, "resuming the conversion", missing_ok=True)
+    if old_plan is None:
         check_output_folder(output_folder, "--output_folder")
         os.makedirs(output_folder, exist_ok=True)
         with atomic_write(plan_path) as f:
             json.dump(plan, f)
-    jobs = [(g, os.path.join(output_folder, f"group_{i:05d}"), spec, compression) for i, g in enumerate(groups)]
-    todo = [j for j in jobs if _read_done(j[1]) is None]
-    if len(todo) < len(jobs):
-        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} groups already done")
+    elif old_plan != plan:
+        raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
+                        "pass --reprocess to start over or choose another --output_folder")
+    folders = [os.path.join(output_folder, f"group_{i:05d}") for i in range(len(groups))]
+    todo = [(g, f, spec, compression) for g, f in zip(groups, folders, strict=True) if _read_done(f) is None]
+    if len(todo) < len(groups):
+        print(f"resuming: {len(groups) - len(todo)} of {len(groups)} groups already done")
     start = time.time()
     if processes > 1 and len(todo) > 1:
         with multiprocessing.get_context("spawn").Pool(min(processes, len(todo))) as pool:
-            list(pool.imap_unordered(_convert_group, todo))
+            pool.starmap(_convert_group, todo)
     else:
         for job in todo:
-            _convert_group(job)
+            _convert_group(*job)
     total = Summary()
-    for _, folder, _, _ in jobs:
+    for folder in folders:
         total.add(Summary(**_read_done(folder)["summary"]))
     total.seconds = time.time() - start
     _require_documents(total, input_folder)
-    _merge_indexes(output_folder, [folder for _, folder, _, _ in jobs])
+    _merge_indexes(output_folder, folders)
     _mark_done(output_folder, total, args)
     return total
 
 
-def _convert_group(job) -> None:
-    files, folder, spec, compression = job
+def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str]) -> None:
     if os.path.isdir(folder):  # a crashed attempt left partial shards
         shutil.rmtree(folder)
     summary = write_mds(iter_text_files(files), folder, spec, compression, desc=os.path.basename(folder))

@@ -20,7 +20,11 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from tqdm import tqdm
+
 from llmfoundry_lite.data.chat import IM_END, IM_START, MPT_SYSTEM_PROMPT, check_messages
+from llmfoundry_lite.data.convert import SHARD_HASHES, Counts, load_hf_dataset
+from llmfoundry_lite.data.mds import publish_split, streaming_init
 from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.models.mpt import IGNORE_INDEX as IGNORE
@@ -36,8 +40,7 @@ MPT_CHAT_TEMPLATE = (
 )
 CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "mpt-7b-chat": MPT_CHAT_TEMPLATE}
 Turn = Tuple[str, str]
-# build_example's status -> the stats key it is counted under
-STATUS_KEYS = {"truncated": "truncated", "empty": "dropped empty", "no-targets": "dropped without targets"}
+COUNTED = ("truncated", "dropped empty", "dropped without targets")  # build_example's statuses besides ok
 
 
 # ---- preprocessors -----------------------------------------------------------------------------
@@ -71,13 +74,6 @@ def get_preprocessor(name: Optional[str]) -> Optional[Callable[[Dict], Dict]]:
 
 # ---- turns -------------------------------------------------------------------------------------
 
-def resolve_chat_template(tokenizer, chat_template: Optional[str] = None) -> str:
-    """A named template (`chatml`, `mpt-7b-chat`), a Jinja string, the tokenizer's, else ChatML."""
-    if chat_template:
-        return CHAT_TEMPLATES.get(chat_template, chat_template)
-    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
-
-
 def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> List[Turn]:
     """(prompt, response) text pairs of a prompt/response or chat example."""
     if not isinstance(example, dict):
@@ -86,7 +82,7 @@ def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None)
     example = {k: v for k, v in example.items() if v is not None}
     if "messages" in example:
         check_messages(example["messages"])
-        return _chat_turns(example["messages"], tokenizer, resolve_chat_template(tokenizer, chat_template))
+        return _chat_turns(example["messages"], tokenizer, chat_template)
     if "prompt" in example and "response" in example:
         p, r = example["prompt"], example["response"]
         if not isinstance(p, str) or not isinstance(r, str):
@@ -96,7 +92,11 @@ def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None)
                     "(set preprocessing_fn to map other layouts, e.g. dolly or alpaca)")
 
 
-def _chat_turns(messages: Sequence[Dict], tokenizer, template: str) -> List[Turn]:
+def _chat_turns(messages: Sequence[Dict], tokenizer, chat_template: Optional[str]) -> List[Turn]:
+    # a named template (chatml, mpt-7b-chat) or a Jinja string, else the tokenizer's, else ChatML
+    template = (CHAT_TEMPLATES.get(chat_template, chat_template) or getattr(tokenizer, "chat_template", None)
+                or CHATML_TEMPLATE)
+
     def render(msgs, gen=False):
         if tokenizer is None:  # text-only conversion: the template alone (ChatML unless named)
             from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -157,12 +157,13 @@ def parse_target_prompts(value: str) -> Optional[int]:
 
 def build_example(tok_turns, max_seq_len: int, target_prompts: str = "none",
                   target_responses: str = "last") -> Tuple[Optional[Dict[str, List[int]]], str]:
-    """(example, status): status is ok, truncated, empty or no-targets (example None when dropped)."""
+    """(example, status): status is ok or one of COUNTED, the stats key it is counted under (example None
+    when dropped)."""
     if target_responses not in ("last", "all"):
         raise UserError(f"target_responses {target_responses!r}: expected last or all")
     min_prompt = parse_target_prompts(target_prompts)
     if not tok_turns or any(not p or not r for p, r in tok_turns):
-        return None, "empty"
+        return None, "dropped empty"
     ids: List[int] = []
     labels: List[int] = []
     for k, (p, r) in enumerate(tok_turns):
@@ -174,7 +175,7 @@ def build_example(tok_turns, max_seq_len: int, target_prompts: str = "none",
     if len(ids) > max_seq_len:
         ids, labels, status = ids[:max_seq_len], labels[:max_seq_len], "truncated"
     if all(t == IGNORE for t in labels):
-        return None, "no-targets"
+        return None, "dropped without targets"
     return {"input_ids": ids, "labels": labels}, status
 
 
@@ -182,7 +183,6 @@ def build_example(tok_turns, max_seq_len: int, target_prompts: str = "none",
 
 def load_raw_examples(hf_name: str, split: str, hf_kwargs: Optional[Dict] = None):
     """A `datasets.Dataset` from a local .json/.jsonl/.csv/.parquet file or folder, or a hub name."""
-    from llmfoundry_lite.data.convert import load_hf_dataset
     builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
     ext = os.path.splitext(hf_name)[1]
     if os.path.isfile(hf_name) and ext in builders:
@@ -190,55 +190,30 @@ def load_raw_examples(hf_name: str, split: str, hf_kwargs: Optional[Dict] = None
     return load_hf_dataset(hf_name, split, **(hf_kwargs or {}))
 
 
-class FinetuningDataset:
-    """Map-style dataset of `{input_ids, labels}` built eagerly from raw examples, with `stats`."""
+class FinetuningDataset(list):
+    """Map-style dataset: the `{input_ids, labels}` examples, built eagerly from raw examples, and their `stats`."""
 
     def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
                  target_prompts: str = "none", target_responses: str = "last", chat_template: Optional[str] = None):
         pre = get_preprocessor(preprocessing_fn)
-        self.stats = {"examples": 0, **{k: 0 for k in STATUS_KEYS.values()}}
-        self.examples: List[Dict[str, List[int]]] = []
+        self.stats = Counts(dict.fromkeys(("examples", *COUNTED), 0))
         for where, raw in numbered(examples):
             self.stats["examples"] += 1
             turns = example_turns(where, raw, pre, tokenizer, chat_template)
             ex, status = build_example(tokenize_turns(turns, tokenizer), max_seq_len, target_prompts, target_responses)
-            self.count(status)
+            if status != "ok":
+                self.stats[status] += 1
             if ex is not None:
-                self.examples.append(ex)
-        if not self.examples:
-            raise DataError(f"no usable finetuning examples ({self.describe()})")
-        log.warning("finetuning data: %s", self.describe())
-
-    def count(self, status: str) -> None:
-        if status in STATUS_KEYS:
-            self.stats[STATUS_KEYS[status]] += 1
-
-    def describe(self) -> str:
-        return ", ".join(f"{v} {k}" for k, v in self.stats.items())
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> Dict[str, List[int]]:
-        return self.examples[i]
-
-
-def turns_to_example(tok_turns: Sequence[Sequence[Sequence[int]]], max_seq_len: int, target_prompts: str,
-                     target_responses: str) -> Dict[str, List[int]]:
-    """For pre-tokenized MDS samples: the example, or all-ignored labels if nothing is left to learn."""
-    ex, _ = build_example([(list(p), list(r)) for p, r in tok_turns], max_seq_len, target_prompts, target_responses)
-    if ex is None:  # the converter already dropped these; keep the sample count stable here
-        ids = [t for p, r in tok_turns for t in list(p) + list(r)][:max_seq_len]
-        ex = {"input_ids": ids, "labels": [IGNORE] * len(ids)}
-    return ex
+                self.append(ex)
+        if not self:
+            raise DataError(f"no usable finetuning examples ({self.stats})")
+        log.warning("finetuning data: %s", self.stats)
 
 
 def streaming_finetuning_dataset(tokenizer, max_seq_len: int, target_prompts: str, target_responses: str,
                                  chat_template: Optional[str] = None, **streaming_kwargs: Any):
     """A `StreamingDataset` over MDS written by `data-prep finetuning` (`turns` tokenized, or text)."""
     from streaming import StreamingDataset
-
-    from llmfoundry_lite.data.mds import streaming_init
 
     class StreamingFinetuningDataset(StreamingDataset):
         def __init__(self):
@@ -249,10 +224,14 @@ def streaming_finetuning_dataset(tokenizer, max_seq_len: int, target_prompts: st
             if "tokenized_turns" in sample:
                 tok_turns = sample["tokenized_turns"]
             elif "turns" in sample:
-                tok_turns = tokenize_turns([tuple(t) for t in sample["turns"]], tokenizer)
+                tok_turns = tokenize_turns(sample["turns"], tokenizer)
             else:
                 raise DataError(f"MDS finetuning sample has columns {sorted(sample)}; expected turns or tokenized_turns")
-            return turns_to_example(tok_turns, max_seq_len, target_prompts, target_responses)
+            ex, _ = build_example(tok_turns, max_seq_len, target_prompts, target_responses)
+            if ex is None:  # the converter drops these; keep the sample count stable with nothing to learn
+                ids = [t for p, r in tok_turns for t in p + r][:max_seq_len]
+                ex = {"input_ids": ids, "labels": [IGNORE] * len(ids)}
+            return ex
 
     return StreamingFinetuningDataset()
 
@@ -266,12 +245,8 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
     over-long and target-less examples are filtered here, under `max_seq_len`). An invalid example is an
     error, or skipped and counted with `skip_bad_examples`. The split appears only when all succeeded."""
     from streaming import MDSWriter
-    from tqdm import tqdm
-
-    from llmfoundry_lite.data.convert import SHARD_HASHES
-    from llmfoundry_lite.data.mds import publish_split
     pre = get_preprocessor(preprocessing_fn)
-    stats = {"examples": 0, "written": 0, **{k: 0 for k in STATUS_KEYS.values()}}
+    stats = Counts(dict.fromkeys(("examples", "written", *COUNTED), 0))
     column = "tokenized_turns" if tokenizer is not None else "turns"
     with publish_split(out_dir) as tmp, \
             MDSWriter(out=tmp, columns={column: "json"}, compression=compression, hashes=SHARD_HASHES) as writer:
@@ -282,7 +257,7 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
             except DataError:
                 if not skip_bad_examples:
                     raise
-                stats["skipped invalid"] = stats.get("skipped invalid", 0) + 1
+                stats.add("skipped invalid")
                 continue
             if tokenizer is None:
                 if any(not p or not r for p, r in turns):
@@ -292,8 +267,8 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
             else:
                 tok_turns = tokenize_turns(turns, tokenizer)
                 ex, status = build_example(tok_turns, max_seq_len or 10**9, target_prompts, target_responses)
-                if status in STATUS_KEYS:
-                    stats[STATUS_KEYS[status]] += 1
+                if status != "ok":
+                    stats[status] += 1
                 if ex is None:
                     continue
                 writer.write({"tokenized_turns": [[p, r] for p, r in tok_turns]})
@@ -301,5 +276,5 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
         if stats["examples"] == 0:
             raise DataError(f"no examples to convert for {out_dir}: the input is empty")
         if stats["written"] == 0:
-            raise DataError(f"no usable examples for {out_dir}: " + ", ".join(f"{v} {k}" for k, v in stats.items()))
+            raise DataError(f"no usable examples for {out_dir}: {stats}")
     return stats

@@ -27,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import numpy as np
 
@@ -120,51 +120,30 @@ def check_local_split(folder: str) -> None:
                     "check `local` and `split`")
 
 
-def _mapped_shm_names() -> Optional[set]:
-    """Names of /dev/shm segments some live process maps (None where /proc cannot tell us)."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    names = set()
+def clean_stale_shared_memory() -> int:
+    """Unlink streaming's /dev/shm segments (and their /tmp locks) that no live process maps, so it is safe
+    while other runs are alive; returns how many segments were removed."""
+    if not os.path.isdir("/dev/shm") or not os.path.isdir("/proc/self"):  # /proc tells which segments are mapped
+        return 0
+    mapped = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
             with open(maps) as f:
-                for line in f:
-                    i = line.find("/dev/shm/")
-                    if i >= 0:
-                        names.add(line[i + 9:].split()[0])
+                mapped.update(line.split("/dev/shm/", 1)[1].split()[0] for line in f if "/dev/shm/" in line)
         except OSError:  # process exited, or not ours to read: its segments count as unknown-live
             continue
-    return names
-
-
-def clean_stale_shared_memory() -> int:
-    """Unlink streaming's /dev/shm segments (and their /tmp locks) that no live process maps.
-
-    Returns how many segments were removed. Safe to call while other runs are alive.
-    """
-    if not os.path.isdir("/dev/shm"):
-        return 0
-    mapped = _mapped_shm_names()
-    if mapped is None:
-        return 0
-    removed = 0
-    stale_prefixes = set()
+    removed = []
     for name in os.listdir("/dev/shm"):
         if _SHM_NAME.match(name) and name not in mapped:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join("/dev/shm", name))
-                removed += 1
-                stale_prefixes.add(name[:6])
-            except OSError:
-                continue
+                removed.append(name)
     live_prefixes = {n[:6] for n in os.listdir("/dev/shm") if _SHM_NAME.match(n)}
-    for prefix in stale_prefixes - live_prefixes:
+    for prefix in {n[:6] for n in removed} - live_prefixes:
         for lock in glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}_*filelock")):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(lock)
-            except OSError:
-                pass
-    return removed
+    return len(removed)
 
 
 def streaming_init(dataset, **kwargs: Dict[str, Any]) -> None:
@@ -206,24 +185,25 @@ def check_local_shards(dataset) -> None:
         stream = dataset.streams[stream_id]
         algo = stream.validate_hash
         for pair in shard.file_pairs:  # (raw, compressed): one of them must be here, or downloadable
-            paths = [os.path.join(shard.dirname, shard.split or "", i.basename) for i in pair if i is not None]
-            if stream.remote is None and not any(os.path.isfile(p) for p in paths):
-                raise DataError(f"MDS shard {paths[-1]} is listed in its index.json but missing, and there is no "
-                                "`remote` to download it from; write the split again with data-prep (or restore the file)")
-        for info in (i for pair in shard.file_pairs for i in pair if i is not None):
-            path = os.path.join(shard.dirname, shard.split or "", info.basename)
-            if not os.path.isfile(path):
-                continue  # the other file of its pair is here, or it is still to be downloaded (and checked)
-            size = os.path.getsize(path)
-            if size != info.bytes:
-                raise DataError(f"MDS shard {path} has {size} bytes but its index.json says {info.bytes}: it is "
-                                "truncated or was overwritten. Write the split again with data-prep (or delete the "
-                                "file so that it is downloaded again from `remote`)")
-            if algo and hash_here:
-                if algo not in info.hashes:
-                    raise DataError(f"validate_hash: {algo!r}, but the shards of {shard.dirname} carry "
-                                    f"{sorted(info.hashes) or 'no hashes'}; choose one of those or remove validate_hash")
-                with open(path, "rb") as f:
-                    if get_hash(algo, f.read()) != info.hashes[algo]:
-                        raise DataError(f"MDS shard {path} is corrupted: its {algo} hash differs from index.json. "
-                                        "Write the split again with data-prep (or fetch it again from `remote`)")
+            files = [(os.path.join(shard.dirname, shard.split or "", i.basename), i) for i in pair if i is not None]
+            here = [(path, info) for path, info in files if os.path.isfile(path)]
+            if stream.remote is None and not here:
+                raise DataError(f"MDS shard {files[-1][0]} is listed in its index.json but missing, and there is "
+                                "no `remote` to download it from; write the split again with data-prep (or restore the "
+                                "file)")
+            for path, info in here:  # a file not here is still to be downloaded (and checked)
+                size = os.path.getsize(path)
+                if size != info.bytes:
+                    raise DataError(f"MDS shard {path} has {size} bytes but its index.json says {info.bytes}: it is "
+                                    "truncated or was overwritten. Write the split again with data-prep (or delete "
+                                    "the file so that it is downloaded again from `remote`)")
+                if algo and hash_here:
+                    if algo not in info.hashes:
+                        raise DataError(f"validate_hash: {algo!r}, but the shards of {shard.dirname} carry "
+                                        f"{sorted(info.hashes) or 'no hashes'}; choose one of those or remove "
+                                        "validate_hash")
+                    with open(path, "rb") as f:
+                        if get_hash(algo, f.read()) != info.hashes[algo]:
+                            raise DataError(f"MDS shard {path} is corrupted: its {algo} hash differs from "
+                                            "index.json. Write the split again with data-prep (or fetch it again "
+                                            "from `remote`)")
