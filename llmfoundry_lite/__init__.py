@@ -28,8 +28,8 @@ def __getattr__(name):
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from llmfoundry_lite.errors import UserError  # noqa: F401
-    from llmfoundry_lite.models import (  # noqa: F401
+    from llmfoundry_lite.errors import UserError  # noqa: F401  (re-exported for type checkers)
+    from llmfoundry_lite.models import (  # noqa: F401  (re-exported for type checkers)
         MPTConfig,
         MPTForCausalLM,
         MPTForQuestionAnswering,
@@ -37,4 +37,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         MPTForTokenClassification,
         MPTModel,
     )
-    from llmfoundry_lite.train import train  # noqa: F401
+    from llmfoundry_lite.train import train  # noqa: F401  (re-exported for type checkers)

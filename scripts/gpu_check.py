@@ -70,7 +70,7 @@ def prepare() -> dict:
             sys.exit(f"[gpu-check] cannot import {module} ({e}): run `make gpu-wheels` on a machine with the "
                      f"package registry and carry gpu_wheels/ here")
     import llmfoundry_lite.eval  # noqa: F401  (the whole package imports on this stack)
-    import llmfoundry_lite.train  # noqa: F401
+    import llmfoundry_lite.train  # noqa: F401  (likewise)
     return {"carried_wheels_installed": [_dist_name(w) for w in missing]}
 
 
@@ -156,7 +156,7 @@ def main() -> int:
             figures.append(run_figure(CPU_FIGURE, [], 2, 1, args.figure_timeout, table))
         else:
             try:
-                import flash_attn  # noqa: F401
+                import flash_attn  # noqa: F401  (only whether it imports)
                 impl = "flash"
             except ImportError:  # no wheel on the registry; a source build needs the internet
                 impl = "flex"

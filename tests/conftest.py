@@ -8,13 +8,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # --- data (issue 3): a tiny byte-level BPE every test can share -------------------------------
-import pytest  # noqa: E402
+import pytest
 
 
 def stdlib_docstrings(limit_chars: int = 200_000) -> str:
     """Text to train tokenizers on and to tokenize: docstrings of standard-library modules."""
     import argparse
-    import collections  # noqa: E401
+    import collections
     import inspect as _inspect
     import json
     import os

@@ -139,7 +139,7 @@ def test_multi_turn_chat_masks_every_turn_by_hand(tok, tmp_path):
     pieces = [("<|im_start|>user\nhi there, friend<|im_end|>\n<|im_start|>assistant\n", "yo<|im_end|>\n"),
               ("<|im_start|>user\nok?<|im_end|>\n<|im_start|>assistant\n", "sure<|im_end|>\n")]
     assert to_turns({"messages": messages}, tok) == pieces
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     p1, r1, p2, r2 = enc(pieces[0][0]), enc(pieces[0][1]), enc(pieces[1][0]), enc(pieces[1][1]) + [tok.eos_token_id]
     assert len(p1) > len(p2)
     data = tmp_path / "chat.jsonl"

@@ -178,7 +178,7 @@ def test_meta_init_then_param_init_fn_gives_configured_statistics():
     model.apply(model.param_init_fn)
     params = dict(model.named_parameters())
     assert all(torch.isfinite(p).all() for p in params.values())
-    std = lambda name: params[name].std().item()  # noqa: E731
+    std = lambda name: params[name].std().item()
     assert std("transformer.wte.weight") == pytest.approx(0.5, rel=0.05)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert std("transformer.blocks.0.attn.Wqkv.weight") == pytest.approx(0.02, rel=0.05)

@@ -136,7 +136,7 @@ def example_turns(where: str, raw: Dict, pre: Optional[Callable], tokenizer=None
 
 def tokenize_turns(turns: Sequence[Turn], tokenizer) -> List[Tuple[List[int], List[int]]]:
     """Token ids per turn; EOS closes the last response (unless it already ends with it)."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
     out = [(enc(p), enc(r)) for p, r in turns]
     if out and (not out[-1][1] or out[-1][1][-1] != tokenizer.eos_token_id):
         out[-1] = (out[-1][0], out[-1][1] + [tokenizer.eos_token_id])

@@ -175,7 +175,7 @@ def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
     ids, k_counts = torch.unique_consecutive(k_group, return_counts=True)
     q_valid = valid[:, -S:]
     q_counts = torch.bincount(torch.searchsorted(ids, group[:, -S:][q_valid]), minlength=len(ids))
-    cu = lambda c: F.pad(c.cumsum(0), (1, 0)).to(torch.int32)  # noqa: E731
+    cu = lambda c: F.pad(c.cumsum(0), (1, 0)).to(torch.int32)
     out_valid = fa.flash_attn_varlen_func(
         q[q_valid], k[valid], v[valid], cu_seqlens_q=cu(q_counts), cu_seqlens_k=cu(k_counts),
         max_seqlen_q=int(q_counts.max()), max_seqlen_k=int(k_counts.max()), **kw)

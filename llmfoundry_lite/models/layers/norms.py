@@ -43,7 +43,7 @@ class _LowPrecision:
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            cast = lambda t: None if t is None else t.to(dtype)
             return self._normalize(cast(x), cast(self.weight), cast(self.bias))
 
 
