@@ -1,19 +1,17 @@
 """Named registries of building blocks, extensible by plug-in packages.
 
-Each registry is declared below with the module that defines its built-in entries; that module
-registers each entry where it is defined (`@registry.optimizers.register("decoupled_lionw")`) and is
-imported the first time the registry is used, so every built-in name is known before the first
-config check. A plug-in package adds its own entries by declaring a module in the entry-point group
-``llmfoundry_lite.plugins``; the module is imported (and so registers itself) the first time a name
-is missing from a registry::
+Each registry is declared below with the module that defines and registers its built-in entries,
+named as a string and imported the first time the registry is used: every built-in name is known
+before the first config check, and this module stays at the bottom of the layers (see DESIGN.md)
+while the entries live in the layer that builds them. A plug-in package adds its own entries by
+declaring a module in the entry-point group ``llmfoundry_lite.plugins``; the module is imported (and
+so registers itself) the first time a name is missing from a registry::
 
     [project.entry-points."llmfoundry_lite.plugins"]
     my_plugin = "my_package.llmfoundry_plugin"
 
 An entry configured from YAML has a config dataclass: the one given to `register(..., config=...)`,
 or one derived from the entry's signature (`config_of`), so a plug-in's arguments are checked too.
-The built-in modules are named as strings and imported lazily: this module stays at the bottom of
-the layers (see DESIGN.md) while the entries live in the layer that builds them.
 """
 from __future__ import annotations
 
@@ -33,11 +31,10 @@ _plugins_loaded = False
 def load_plugins() -> None:
     """Import every module declared in the `llmfoundry_lite.plugins` entry-point group (once)."""
     global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            ep.load()
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

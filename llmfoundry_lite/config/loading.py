@@ -16,13 +16,10 @@ def load_config(source: Union[str, os.PathLike, Mapping], overrides: Sequence[st
 
     The top-level `variables` section only feeds interpolation and is removed from the result.
     """
+    if not isinstance(source, Mapping) and not os.path.isfile(source):
+        raise UserError(f"config file not found: {source}")
     try:
-        if isinstance(source, Mapping):
-            cfg = OmegaConf.create(dict(source))
-        else:
-            if not os.path.isfile(source):
-                raise UserError(f"config file not found: {source}")
-            cfg = OmegaConf.load(source)
+        cfg = OmegaConf.create(dict(source)) if isinstance(source, Mapping) else OmegaConf.load(source)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError([f"override {o!r}: expected key=value (e.g. max_duration=10ba)" for o in bad])

@@ -68,19 +68,16 @@ class Section:
 
 
 class _FieldType:
-    """A field type that checks its value itself (`Name`, `Named`, `NamedMap`, `ListOrFile`)."""
+    """A field type whose `coerce(value, path, problems)` checks its value (Name, Named, NamedMap, ListOrFile)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
 
     def __class_getitem__(cls, params):
         return Annotated[Any, cls(*(params if isinstance(params, tuple) else (params,)))]
 
-    def coerce(self, value, path: str, problems: List[str]):
-        raise NotImplementedError
-
 
 class Name(_FieldType):
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
     def coerce(self, value, path, problems):
         if value not in self.registry:
             problems.append(self.registry.unknown_message(value, path))
@@ -88,9 +85,6 @@ class Name(_FieldType):
 
 
 class Named(_FieldType):
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
     def coerce(self, value, path, problems):
         if not isinstance(value, Mapping):
             problems.append(f"{path}: expected a mapping, got {value!r}; `{join(path, 'name')}` names "
@@ -117,9 +111,6 @@ def entry_section(registry: Registry, name, kwargs, name_path: str, path: str, p
 
 
 class NamedMap(_FieldType):
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
     def coerce(self, value, path, problems):
         if not isinstance(value, Mapping):
             problems.append(f"{path}: expected a mapping of {self.registry.kind} names to their keys, got {value!r}")
@@ -225,15 +216,13 @@ def coerce(tp, value, path: str, problems: List[str]):
         if not isinstance(value, (list, tuple)):
             problems.append(f"{path}: expected a list, got {value!r}")
             return value
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else Any
+        item_tp = (typing.get_args(tp) or (Any,))[0]
         return [coerce(item_tp, v, join(path, i), problems) for i, v in enumerate(value)]
     if origin in (dict, Dict, Mapping):
         if not isinstance(value, Mapping):
             problems.append(f"{path}: expected a mapping, got {value!r}")
             return value
-        args = typing.get_args(tp)
-        val_tp = args[1] if args else Any
+        val_tp = (typing.get_args(tp) or (Any, Any))[1]
         return {k: coerce(val_tp, v, join(path, k), problems) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -264,17 +253,14 @@ def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
                 for k in data if k not in fields and k not in extra]
     kwargs, valid = {}, set()
     for name, field in fields.items():
-        if name in data:
-            value = data[name]
-        elif field.default_factory is not dataclasses.MISSING:  # a default section is checked like a written one
-            value = field.default_factory()
-        elif field.default is dataclasses.MISSING:
-            problems.append(f"{join(path, name)}: missing required key")
-            kwargs[name] = None
+        if name not in data and field.default_factory is dataclasses.MISSING:
+            if field.default is dataclasses.MISSING:
+                problems.append(f"{join(path, name)}: missing required key")
+                kwargs[name] = None
+            else:
+                valid.add(name)
             continue
-        else:
-            valid.add(name)
-            continue
+        value = data[name] if name in data else field.default_factory()  # default sections are checked as if written
         before = len(problems)
         kwargs[name] = coerce(hints[name], value, join(path, name), problems)
         if len(problems) == before or _built(kwargs[name]) or _names_an_entry(hints[name]):
@@ -284,7 +270,7 @@ def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
     if extra_keys:
         kwargs["extra"] = extra
     obj = cls(**kwargs)
-    for rule in cross_rules(cls):
+    for rule in [getattr(cls, n) for n in dir(cls) if hasattr(getattr(cls, n, None), "needs")]:  # @cross methods
         if valid.issuperset(rule.needs):
             found = rule(obj, path)
             problems.extend([found] if isinstance(found, str) else found or [])
@@ -298,10 +284,6 @@ def cross(*needs: str):
         method.needs = needs
         return method
     return mark
-
-
-def cross_rules(cls) -> List[Callable]:
-    return [getattr(cls, n) for n in dir(cls) if hasattr(getattr(cls, n, None), "needs")]
 
 
 def _names_an_entry(tp) -> bool:
@@ -320,11 +302,8 @@ def _built(value) -> bool:
 
 def parse(cls, data: Mapping, path: str = "", header: str = "invalid config"):
     """`check` that raises one ConfigError listing every problem (`cls` may be any field type)."""
-    if dataclasses.is_dataclass(cls):
-        obj, problems = check(cls, data, path)
-    else:
-        problems = []
-        obj = coerce(cls, data, path, problems)
+    problems: List[str] = []
+    obj = coerce(cls, data, path, problems)
     if problems:
         raise ConfigError(problems, header)
     return obj

@@ -76,21 +76,15 @@ class StreamingOptions:
             return [f"{path}: give `local`/`remote` (with `split`) or `streams`"]
         if self.streams and (self.local or self.remote):
             return [f"{path}: give either `streams` or `local`/`remote`, not both"]
-        sources = [(path, self)] + [(f"{path}.streams.{n}", s) for n, s in (self.streams or {}).items()]
-        return [p for where, s in sources
-                for p in local_split_problems(s.local, s.remote, s.split or self.split, where)]
-
-
-def local_split_problems(local: Optional[str], remote: Optional[str], split: Optional[str], path: str) -> List[str]:
-    """A local-only split must be there before training starts (streaming would fail mid-setup)."""
-    if not local or remote:
-        return []
-    from llmfoundry_lite.data.mds import check_local_split
-    try:
-        check_local_split(os.path.join(local, split or ""))
-    except DataError as e:
-        return [f"{path}.local: {e}"]
-    return []
+        from llmfoundry_lite.data.mds import check_local_split
+        problems = []
+        for where, s in [(path, self)] + [(f"{path}.streams.{n}", s) for n, s in (self.streams or {}).items()]:
+            if s.local and not s.remote:  # a local-only split must be there now: streaming would fail mid-setup
+                try:
+                    check_local_split(os.path.join(s.local, s.split or self.split or ""))
+                except DataError as e:
+                    problems.append(f"{where}.local: {e}")
+        return problems
 
 
 @dataclass(kw_only=True)
@@ -173,10 +167,10 @@ def labelled_loaders(eval_loader) -> List[Tuple[str, Section]]:
     return [(s.config.label or f"eval_{i}", s) for i, s in enumerate(eval_loader)]
 
 
-def eval_loader_problems(eval_loader, path: str = "eval_loader") -> List[str]:
+def eval_loader_problems(eval_loader) -> List[str]:
     labels = [s.config.label for s in eval_loader] if isinstance(eval_loader, list) else []
     if len(labels) > 1 and (None in labels or len(set(labels)) != len(labels)):
-        return [f"{path}: a list of eval loaders needs a distinct `label` on each"]
+        return ["eval_loader: a list of eval loaders needs a distinct `label` on each"]
     return []
 
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import torch
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import Named, NamedMap, Positive, check, cross, join, load_config
+from llmfoundry_lite.config import Named, NamedMap, Positive, cross, join, load_config, parse
 from llmfoundry_lite.data.icl import ICLTasks
 from llmfoundry_lite.data.loaders import EvalLoaders, build_dataloader, eval_loader_problems, labelled_loaders
 from llmfoundry_lite.data.tokenizer import TokenizerSection
@@ -97,10 +97,7 @@ def check_eval_config(data: Dict[str, Any]) -> EvalConfig:
     if "models" not in data and any(k in data for k in SINGLE_MODEL_KEYS):
         entry = {k: data.pop(k) for k in SINGLE_MODEL_KEYS if k in data}
         data["models"] = [{"model_name": "model", **entry}]
-    cfg, problems = check(EvalConfig, data, "")
-    if problems:
-        raise ConfigError(problems, header="invalid eval config")
-    return cfg
+    return parse(EvalConfig, data, header="invalid eval config")
 
 
 @torch.no_grad()

@@ -95,8 +95,7 @@ class InverseSquareRootWithWarmupScheduler(ComposerScheduler):
         if cooldown <= 0 or t < start:
             return self._decay(t, warmup, max(scale, 1.0))
         at_start = self._decay(start, warmup, max(scale, 1.0))
-        frac = min((t - start) / cooldown, 1.0)
-        return at_start + (self.alpha_f_cooldown - at_start) * frac
+        return at_start + (self.alpha_f_cooldown - at_start) * min((t - start) / cooldown, 1.0)
 
 
 for reg, entries in (

@@ -8,10 +8,10 @@ token accuracy over the positions that have a label.
 """
 from __future__ import annotations
 
-import contextlib
+from unittest import mock
 
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
-from composer.models import HuggingFaceModel
+from composer.models import HuggingFaceModel, huggingface
 
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
@@ -31,8 +31,10 @@ class ComposerMPTCausalLM(HuggingFaceModel):
         eval_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), LanguagePerplexity(ignore_index=IGNORE_INDEX),
                         MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
-        # position t with the label at t+1, as the model's loss does.
-        with _known_causal_lm():
+        # position t with the label at t+1, as the model's loss does. HuggingFaceModel asks whether the
+        # model is a causal LM by importing every causal-LM class transformers has (seconds per process,
+        # tens under load); ours is one, so answer directly.
+        with mock.patch.object(huggingface, "_is_registered_causal_lm", lambda model: True):
             super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
                              shift_labels=True)
         if train_metrics:  # logged under the usual name
@@ -59,16 +61,3 @@ class LossCrossEntropy(LanguageCrossEntropy):
         n = (target != self.ignore_index).sum()
         self.sum_loss += loss.detach().float() * n
         self.total_items += n
-
-
-@contextlib.contextmanager
-def _known_causal_lm():
-    """HuggingFaceModel asks whether the model is a causal LM by importing every causal-LM class
-    transformers has (seconds per process, tens under load); ours is one, so answer directly."""
-    from composer.models import huggingface
-    original = huggingface._is_registered_causal_lm
-    huggingface._is_registered_causal_lm = lambda model: True
-    try:
-        yield
-    finally:
-        huggingface._is_registered_causal_lm = original

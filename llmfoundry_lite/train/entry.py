@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 def train(cfg: Union[str, os.PathLike, Mapping], overrides: Sequence[str] = ()):
     """Train from a YAML path or dict with `key.sub=value` overrides; returns the fitted Composer Trainer."""
     from composer.utils import dist
-    tc = check_train_config(load_config(cfg, overrides), world_size=dist.get_world_size())
-    return fit(tc)
+    return fit(check_train_config(load_config(cfg, overrides), world_size=dist.get_world_size()))
 
 
 def _setup_logging(level: str) -> None:
@@ -46,14 +45,12 @@ def _setup_logging(level: str) -> None:
 
 def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
     mb = tc.device_train_microbatch_size
-    if mb is None:
-        return device_batch
     if mb == "auto" and not auto_ok:
         # Composer searches microbatch sizes only on GPU and not under FSDP2.
         warnings.warn("device_train_microbatch_size 'auto' needs a GPU without FSDP2; using the whole device batch "
                       f"({device_batch}); set an int to save memory", stacklevel=2)
-        return device_batch
-    return mb
+        mb = None
+    return device_batch if mb is None else mb
 
 
 # TrainConfig keys that are Composer Trainer arguments of the same name and meaning.

@@ -4,11 +4,9 @@
 keys, the model, the loaders, the optimizer, scheduler, algorithms, callbacks, loggers, ICL tasks,
 fsdp_config, duration strings), adds the rules that depend on the world size (batch divisibility,
 HYBRID_SHARD degrees), and raises one `ConfigError` listing them all before anything heavy
-(tokenizer, model, data, process group) is built.
-
-Sections configured by a registry name (`optimizer: {name: decoupled_adamw, lr: ...}`,
-`callbacks: {speed_monitor: {...}}`) are checked against the config of the registered entry (for a
-plug-in class or function: its signature), so a plug-in's own arguments are validated the same way.
+(tokenizer, model, data, process group) is built. A section naming a registry entry (`optimizer:
+{name: decoupled_adamw, lr: ...}`, `callbacks: {speed_monitor: {...}}`) is checked against that
+entry's config, for a plug-in too (its signature).
 """
 from __future__ import annotations
 
@@ -18,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join
+from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join, parse
 from llmfoundry_lite.data.icl import ICLTasks
 from llmfoundry_lite.data.loaders import EvalLoaders, eval_loader_problems
 from llmfoundry_lite.data.tokenizer import TokenizerSection
-from llmfoundry_lite.errors import ConfigError
 
 
 def _duration_problem(value) -> Optional[str]:
@@ -166,27 +163,21 @@ class TrainConfig:
                     f"(= global_train_batch_size {gbs} / {world_size} ranks)")
 
     def autoresume_enabled(self) -> bool:
-        if self.autoresume is not None:
-            return self.autoresume
-        return bool(self.run_name and self.save_folder)
+        return bool(self.run_name and self.save_folder) if self.autoresume is None else self.autoresume
 
 
 def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
     """The TrainConfig for `data` run by `world_size` processes, or one ConfigError listing every problem."""
     token = WORLD_SIZE.set(world_size)
     try:
-        cfg, problems = check(TrainConfig, data, "")
+        return parse(TrainConfig, data, header="invalid training config")
     finally:
         WORLD_SIZE.reset(token)
-    if problems:
-        raise ConfigError(problems, header="invalid training config")
-    return cfg
 
 
 def hybrid_degrees(fsdp: FSDPSection, world_size: int) -> tuple:
     """(replicate, shard) degrees of HYBRID_SHARD; an unset one is derived from the world size."""
-    shard = fsdp.data_parallel_shard_degree
-    rep = fsdp.data_parallel_replicate_degree
+    shard, rep = fsdp.data_parallel_shard_degree, fsdp.data_parallel_replicate_degree
     if shard in (-1, None):
         shard = world_size // rep if rep else world_size
     if rep is None:
