@@ -104,3 +104,19 @@ def test_builtin_names_are_known_without_importing_their_modules():
             "(r.preprocessors, 'dolly'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_a_broken_task_list_file_is_one_problem_among_the_others(tmp_path):
+    from llmfoundry_lite.config import ListOrFile, Positive
+
+    tasks_or_file = ListOrFile[Inner, "tasks"]
+
+    @dataclasses.dataclass
+    class Suite:
+        tasks: tasks_or_file
+        size: Positive
+
+    bad = tmp_path / "tasks.yaml"
+    bad.write_text("tasks: [1, 2\n")
+    _, problems = check(Suite, {"tasks": str(bad), "size": 0}, "cfg")
+    assert len(problems) == 2 and problems[0].startswith(f"cfg.tasks: {bad}: ") and "must be positive" in problems[1]

@@ -138,7 +138,11 @@ class ListOrFile(_FieldType):
             if not os.path.isfile(value):
                 problems.append(f"{path}: file not found: {value}")
                 return value
-            value, path = load_config(value).get(self.key), f"{value}: {self.key}"
+            try:
+                value, path = load_config(value).get(self.key), f"{value}: {self.key}"
+            except ConfigError as e:  # unreadable YAML: one more problem of this pass
+                problems.extend(f"{path}: {value}: {p}" for p in e.problems)
+                return value
         if not isinstance(value, list):
             problems.append(f"{path}: expected a list (or the path of a YAML file with `{self.key}:`), got {value!r}")
             return value
