@@ -6,11 +6,12 @@ Each shim says which version needs it. Nothing here imports Composer or streamin
 """
 from __future__ import annotations
 
+import inspect
+
 import transformers
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
-
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 # transformers 5: `PretrainedConfig` no longer holds the special-token ids, the weight-tying flag or
 # the generation defaults (they moved to the model configs and to `GenerationConfig`), but config.json
@@ -58,21 +59,13 @@ def stock_mpt_values(config: dict) -> dict:
 
 # transformers 5 types MptAttentionConfig.attn_pdrop as an int, so stock Mpt cannot hold a dropout
 # probability strictly between 0 and 1 there (transformers 4 can).
-STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP = not TRANSFORMERS_5
+STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP = int(transformers.__version__.split(".")[0]) < 5
 
 # transformers 5.2x renamed the KV cache `past_key_values` to `cache`: the keyword `generate` passes to
 # `forward`, and the field of the model outputs (where the old name still works, with a warning).
 KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-
-def _fsdp2_hsdp_runs_on_gloo() -> bool:
-    """torch 2.7: FSDP2's HYBRID_SHARD averages gradients across replicas with `ReduceOp.AVG`, which gloo
-    lacks, and waits on CPU stream events that do not exist, so HSDP cannot train on CPU. Later releases
-    (their divide-factor helper takes `force_sum_reduction_for_comms`) run it; torch 2.14 is tested."""
-    import inspect
-
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
-    return "force_sum_reduction_for_comms" in inspect.signature(_get_gradient_divide_factors).parameters
-
-
-FSDP2_HSDP_ON_CPU = _fsdp2_hsdp_runs_on_gloo()
+# torch 2.7: FSDP2's HYBRID_SHARD averages gradients across replicas with `ReduceOp.AVG`, which gloo
+# lacks, and waits on CPU stream events that do not exist, so HSDP cannot train on CPU. Later releases
+# (their divide-factor helper takes `force_sum_reduction_for_comms`) run it; torch 2.14 is tested.
+FSDP2_HSDP_ON_CPU = "force_sum_reduction_for_comms" in inspect.signature(_get_gradient_divide_factors).parameters

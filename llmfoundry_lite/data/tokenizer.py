@@ -1,12 +1,6 @@
-"""Tokenizers: load one by hub name or local folder, or train a small byte-level BPE offline.
-
-`build_tokenizer` is what configs call (`tokenizer: {name: ..., kwargs: {...}}`). It guarantees an
-EOS token (concatenated pretraining text and finetuning targets end with it) and a pad token (EOS
-when the tokenizer has none; padded positions are masked anyway).
-
-`train_tokenizer` trains a byte-level BPE with `tokenizers` on local text files and saves a folder
-that `AutoTokenizer.from_pretrained` loads, with a ChatML chat template. This is how tests, the
-quickstart and offline users get a tokenizer, since nothing can be fetched from the hub here.
+"""Tokenizers: `build_tokenizer` loads one for configs (`tokenizer: {name: ..., kwargs: {...}}`);
+`train_tokenizer` trains a small byte-level BPE offline, which is how tests, the quickstart and
+offline users get a tokenizer, since nothing can be fetched from the hub here.
 """
 from __future__ import annotations
 
@@ -49,7 +43,8 @@ class TokenizerSection:
 
 
 def build_tokenizer(name_or_path: str, kwargs: Optional[dict] = None):
-    """A Hugging Face tokenizer with an EOS and a pad token.
+    """A Hugging Face tokenizer with an EOS token (concatenated pretraining text and finetuning targets
+    end with it) and a pad token (EOS when it has none; padded positions are masked anyway).
 
     `name_or_path` is a name registered in `llmfoundry_lite.registry.tokenizers` (called with
     `**kwargs`), a local folder, or a hub name. `kwargs` go to `AutoTokenizer.from_pretrained`
@@ -67,10 +62,9 @@ def build_tokenizer(name_or_path: str, kwargs: Optional[dict] = None):
             tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as e:
             where = "folder" if os.path.isdir(name_or_path) else "tokenizer"
-            raise UserError(
-                f"cannot load {where} '{name_or_path}': {str(e).splitlines()[0]}\n"
-                "Give a local tokenizer folder (train one with `llmfoundry-lite data-prep train-tokenizer`) "
-                "or a hub name while online (HF_HUB_OFFLINE=0).") from None
+            raise UserError(f"cannot load {where} '{name_or_path}': {str(e).splitlines()[0]}\n"
+                            "Give a local tokenizer folder (train one with `llmfoundry-lite data-prep "
+                            "train-tokenizer`) or a hub name while online (HF_HUB_OFFLINE=0).") from None
     if tok.eos_token is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token; set one with "
                         "tokenizer.kwargs.eos_token (e.g. '<|endoftext|>')")
@@ -89,28 +83,13 @@ def _read_texts(files: Sequence[str]) -> Iterable[str]:
                             "convert it to UTF-8 first") from None
 
 
-def _text_files(inputs: Sequence[str]) -> List[str]:
-    files: List[str] = []
-    for p in inputs:
-        if os.path.isdir(p):
-            files += sorted(os.path.join(root, n) for root, _, names in os.walk(p) for n in names
-                            if n.endswith((".txt", ".md", ".text")))
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise UserError(f"tokenizer training input not found: {p}")
-    if not files:
-        raise UserError(f"no .txt/.md files found in {list(inputs)}")
-    return files
-
-
 def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
                     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, eos_token: str = EOS,
                     model_max_length: int = 2048, min_frequency: int = 2):
-    """Train a byte-level BPE on text files (or folders of .txt/.md) and save it to `out_dir`.
+    """Train a byte-level BPE on text files (or folders of .txt/.md) and save it to `out_dir`, with a
+    ChatML chat template, as a folder `AutoTokenizer.from_pretrained` loads.
 
-    `eos_token` (also the pad token) must be one of `special_tokens`. Returns the loaded
-    `PreTrainedTokenizerFast`.
+    `eos_token` (also the pad token) must be one of `special_tokens`. Returns the loaded `PreTrainedTokenizerFast`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -122,7 +101,17 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
     if vocab_size < 256 + len(special_tokens):
         raise UserError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
                         f"{256 + len(special_tokens)} (256 bytes + special tokens)")
-    files = _text_files(inputs)
+    files: List[str] = []
+    for p in inputs:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(root, n) for root, _, names in os.walk(p) for n in names
+                            if n.endswith((".txt", ".md", ".text")))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise UserError(f"tokenizer training input not found: {p}")
+    if not files:
+        raise UserError(f"no .txt/.md files found in {list(inputs)}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -135,6 +124,5 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
                                      additional_special_tokens=[t for t in special_tokens if t != eos_token],
                                      model_max_length=model_max_length)
     hf_tok.chat_template = CHATML_TEMPLATE
-    os.makedirs(out_dir, exist_ok=True)
     hf_tok.save_pretrained(out_dir)
     return hf_tok

@@ -20,8 +20,6 @@ from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import read_json_file
 
 MPT_MODEL_TYPES = ("mpt", CUSTOM_MODEL_TYPE)
-# Kernels of MosaicML's original code that are not model properties; ours is picked at load time.
-_ORIGINAL_ATTN_IMPLS = {"triton": "torch", "flash": "torch"}
 
 
 def _folder(path_or_name: str) -> str:
@@ -58,9 +56,9 @@ def load_hf_config(path_or_name: str, config_overrides: Optional[Dict[str, Any]]
     if model_type not in MPT_MODEL_TYPES:
         raise CheckpointError(f"{path_or_name} is a '{model_type}' model (architectures "
                               f"{data.get('architectures')}); llmfoundry_lite loads MPT models only")
-    attn = data.get("attn_config")
-    if isinstance(attn, dict) and attn.get("attn_impl") in _ORIGINAL_ATTN_IMPLS:
-        data["attn_config"] = {**attn, "attn_impl": _ORIGINAL_ATTN_IMPLS[attn["attn_impl"]]}
+    attn = data.get("attn_config")  # MosaicML's kernels are no model property: ours is picked at load time
+    if isinstance(attn, dict) and attn.get("attn_impl") in ("triton", "flash"):
+        data["attn_config"] = {**attn, "attn_impl": "torch"}
     data["init_device"] = "cpu"
     return folder, MPTConfig(**_merge(data, config_overrides or {}))
 
@@ -88,12 +86,11 @@ def load_hf_model(path_or_name: str, **kwargs):
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # truncated, unreadable
         detail = " ".join(line.strip() for line in str(e).splitlines()[:3])[:500]
         raise CheckpointError(f"cannot load the weights in {folder}: {detail}") from None
-    # what the folder held, from transformers' report (name -> tensor, or shape; None: unknown or irrelevant)
+    # what the folder held, from transformers' report (name -> tensor, or shape; None: unknown or irrelevant);
+    # a mismatched key is a name in transformers 4, (name, stored shape, model shape) in 5
     found = {k: v for k, v in model.state_dict().items() if k not in info["missing_keys"]}
     found.update(dict.fromkeys(info["unexpected_keys"]))
-    for m in info.get("mismatched_keys", []):  # transformers 4: a name; 5: (name, stored shape, model shape)
-        name, shape = (m, None) if isinstance(m, str) else m[:2]
-        found[name] = shape
+    found.update((m, None) if isinstance(m, str) else m[:2] for m in info.get("mismatched_keys", []))
     check_state_dict(model, found, folder, "config.json (with any overrides) must describe the weight files "
                      "beside it: restore the config.json saved with these weights")
     return model.eval()

@@ -13,10 +13,8 @@ import ast
 import importlib
 import inspect
 import json
-import os
 import pprint
 from pathlib import Path
-from typing import List
 
 import torch
 
@@ -46,15 +44,11 @@ def _top_level_names(tree: ast.Module) -> set:
 
 def bundle_modeling_source() -> str:
     """The text of a self-contained modeling_mpt.py (imports only torch, transformers and the stdlib)."""
-    imports: List[str] = []
-    bodies: List[str] = []
-    defined: set = set()
+    imports, bodies, defined = [], [], set()
     for mod in MODEL_MODULES:
         name = f"llmfoundry_lite.{mod}"
         src = inspect.getsource(importlib.import_module(name))
-        tree = ast.parse(src)
-        lines = src.splitlines()
-        drop = set()
+        tree, drop = ast.parse(src), set()
         for i, node in enumerate(tree.body):
             is_doc = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
             if not (is_doc or isinstance(node, (ast.Import, ast.ImportFrom))):
@@ -72,11 +66,10 @@ def bundle_modeling_source() -> str:
                 raise RuntimeError(f"{name}: cannot bundle `{ast.get_source_segment(src, node)}`; import "
                                    f"names from modules listed earlier in remote_code.MODEL_MODULES")
         own = _top_level_names(tree)
-        clash = own & defined
-        if clash:
+        if clash := own & defined:
             raise RuntimeError(f"{name} redefines {sorted(clash)}, defined by an earlier bundled module")
         defined |= own
-        body = "\n".join(line for j, line in enumerate(lines) if j not in drop).strip("\n")
+        body = "\n".join(line for j, line in enumerate(src.splitlines()) if j not in drop).strip("\n")
         bodies.append(f"# ---- from {name} " + "-" * max(0, 80 - len(name)) + f"\n{body}\n")
     header = ('"""MPT model, exported by llmfoundry_lite (its model source, bundled for trust_remote_code)."""\n'
               "from __future__ import annotations\n\n")
@@ -113,6 +106,5 @@ def write_remote_code(config, out_dir: str, dtype: torch.dtype, special_ids: dic
     data.update(model_type=CUSTOM_MODEL_TYPE, auto_map=AUTO_MAP, architectures=["MPTForCausalLM"],
                 init_device="cpu", **{CONFIG_DTYPE_KEY: str(dtype).replace("torch.", "")},
                 **{k: v for k, v in special_ids.items() if v is not None})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+    Path(out_dir, "config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
 

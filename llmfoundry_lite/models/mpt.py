@@ -42,6 +42,7 @@ from llmfoundry_lite.registry import ffns, param_inits
 
 IGNORE_INDEX = -100  # a label without a target (transformers' and torch's convention); data and eval use it too
 
+
 class MPTBlock(nn.Module):
     def __init__(self, config: MPTConfig, layer_idx: int):
         super().__init__()
@@ -106,8 +107,7 @@ class MPTModel(MPTPreTrainedModel):
                 self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
             self.emb_drop = nn.Dropout(config.emb_pdrop)
             self.blocks = nn.ModuleList([MPTBlock(config, i) for i in range(config.n_layers)])
-            self.norm_f = build_norm(config.norm_type, config.d_model, config.layer_norm_epsilon,
-                                     not config.no_bias)
+            self.norm_f = build_norm(config.norm_type, config.d_model, config.layer_norm_epsilon, not config.no_bias)
         self._bias_cache = {}  # the ALiBi/causal bias of the last unpadded shape, reused across steps
         self.post_init()
 
@@ -135,7 +135,11 @@ class MPTModel(MPTPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         attention_mask, sequence_id = self._checked_masks(x, attention_mask, sequence_id, past_len)
         positions = self._positions(x, attention_mask, sequence_id, past_len)
-        x = self._embed(x, positions)
+        if self.config.position_scheme == "learned":
+            x = x + self.wpe(positions)
+        if (fraction := self.config.embedding_fraction) != 1:  # scale the embedding gradient only (stability trick)
+            x = x * fraction + x.detach() * (1 - fraction)
+        x = self.emb_drop(x)
         ctx = self._attention_context(x, attention_mask, sequence_id, positions, past_len)
         hidden_states = () if output_hidden_states else None
         for block in self.blocks:
@@ -180,15 +184,6 @@ class MPTModel(MPTPreTrainedModel):
         if attention_mask is not None:
             return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         return torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
-
-    def _embed(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
-        """Token embeddings -> block input: learned positions added, gradient scaled, dropout."""
-        if self.config.position_scheme == "learned":
-            x = x + self.wpe(positions)
-        fraction = self.config.embedding_fraction
-        if fraction != 1:  # scale the embedding gradient only (MPT's stability trick)
-            x = x * fraction + x.detach() * (1 - fraction)
-        return self.emb_drop(x)
 
     def _attention_context(self, x, attention_mask, sequence_id, positions, past_len: int) -> AttentionContext:
         """Positions and masks for every layer's attention; without padding or packing the bias
@@ -243,11 +238,10 @@ class CrossEntropy(torch.autograd.Function):
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """`CrossEntropy(hidden @ weight.T * scale, targets)` without the (tokens, vocab) logits.
 
-    Tokens go through the unembedding in chunks; each chunk's logits exist only while its loss and
-    its gradients (w.r.t. hidden and weight, computed right away while the softmax is at hand) are
-    computed, so the extra memory is one chunk's logits plus the gradients' size, instead of the
-    logits, their fp32 copy and the saved log-softmax (three (tokens, vocab) tensors). Backward only
-    scales the stored gradients. For training: the logits are never returned.
+    Tokens go through the unembedding in chunks; each chunk's logits exist only while its loss and its
+    gradients (w.r.t. hidden and weight, computed at once while the softmax is at hand) are computed:
+    the extra memory is one chunk's logits plus the gradients, not three (tokens, vocab) tensors (the
+    logits, their fp32 copy, the saved log-softmax). Backward only scales the stored gradients.
     """
 
     @staticmethod
@@ -276,11 +270,6 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_out, grad_weight * grad_out, None, None, None
-
-
-def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of `FusedLinearCrossEntropy`: about 1 GiB of fp32 logits at a time."""
-    return max(256, 2**28 // vocab_size)
 
 
 class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
@@ -322,9 +311,9 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
             if cap:
                 raise UserError("loss_fn: fused_crossentropy does not support final_logit_softcapping; "
                                 "use loss_fn: torch_crossentropy")
-            logits = None
+            logits, chunk = None, max(256, 2**28 // self.config.vocab_size)  # ~1 GiB of fp32 logits per chunk
             loss = FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets,
-                                                 self.logit_scale or 1.0, loss_chunk_tokens(self.config.vocab_size))
+                                                 self.logit_scale or 1.0, chunk)
         else:
             logits = self.lm_head(hidden)
             if self.logit_scale is not None:
@@ -352,19 +341,15 @@ class MPTForSequenceClassification(MPTPreTrainedModel):
         """`inputs`: MPTModel's (attention_mask, past_key_values, inputs_embeds, use_cache, ...)."""
         out = self.transformer(input_ids, **inputs)
         logits = self.score(out.last_hidden_state)
-        B = logits.shape[0]
-        pad = self.config.pad_token_id
+        B, pad = logits.shape[0], self.config.pad_token_id
         if pad is None and B != 1:
             raise UserError("sequence classification of a batch needs config.pad_token_id to find the last token")
         if pad is None or input_ids is None:  # no way to find padding: the last position
-            last = torch.full((B,), logits.shape[1] - 1, device=logits.device)
+            pooled = logits[:, -1]
         else:
-            idx = torch.arange(input_ids.shape[-1], device=logits.device)
-            last = (idx * (input_ids != pad).to(logits.device)).argmax(-1)
-        pooled = logits[torch.arange(B, device=logits.device), last]
-        loss = None
-        if labels is not None:
-            loss = _classification_loss(self.config, pooled, labels.to(pooled.device))
+            nonpad = torch.arange(input_ids.shape[-1], device=logits.device) * (input_ids != pad).to(logits.device)
+            pooled = logits[torch.arange(B, device=logits.device), nonpad.argmax(-1)]
+        loss = None if labels is None else _classification_loss(self.config, pooled, labels.to(pooled.device))
         result = SequenceClassifierOutputWithPast(loss=loss, logits=pooled, **{KV_CACHE: getattr(out, KV_CACHE)},
                                                   hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
@@ -373,16 +358,11 @@ class MPTForSequenceClassification(MPTPreTrainedModel):
 def _classification_loss(config, logits, labels):
     """transformers' rule: regression for one label, CE for integer labels, else multi-label BCE."""
     if config.problem_type is None:
-        if config.num_labels == 1:
-            config.problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            config.problem_type = "single_label_classification"
-        else:
-            config.problem_type = "multi_label_classification"
+        config.problem_type = ("regression" if config.num_labels == 1
+                               else "single_label_classification" if labels.dtype in (torch.long, torch.int)
+                               else "multi_label_classification")
     if config.problem_type == "regression":
-        if config.num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze())
-        return F.mse_loss(logits, labels)
+        return F.mse_loss(logits.squeeze(), labels.squeeze()) if config.num_labels == 1 else F.mse_loss(logits, labels)
     if config.problem_type == "single_label_classification":
         return F.cross_entropy(logits, labels)
     return F.binary_cross_entropy_with_logits(logits, labels)
@@ -404,9 +384,7 @@ class MPTForTokenClassification(MPTPreTrainedModel):
         """`inputs`: MPTModel's (attention_mask, past_key_values, inputs_embeds, use_cache, ...)."""
         out = self.transformer(input_ids, **inputs)
         logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten())
+        loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.to(logits.device).flatten())
         result = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         return result if return_dict is not False else result.to_tuple()
 
@@ -422,8 +400,7 @@ class MPTForQuestionAnswering(MPTPreTrainedModel):
     def forward(self, input_ids=None, start_positions=None, end_positions=None, return_dict=None, **inputs):
         """`inputs`: MPTModel's (attention_mask, inputs_embeds, output_hidden_states, ...)."""
         out = self.transformer(input_ids, **inputs)
-        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in self.qa_outputs(out.last_hidden_state)
-                                    .split(1, dim=-1))
+        start_logits, end_logits = (t.contiguous() for t in self.qa_outputs(out.last_hidden_state).unbind(-1))
         loss = None
         if start_positions is not None and end_positions is not None:
             # positions outside the input are clamped to an ignored index, as in transformers
@@ -444,7 +421,6 @@ def flops_per_token(config: MPTConfig, seq_len: int, recompute: bool = False) ->
     forward (2 * block matmul parameters + 4 * n_layers * d_model * seq_len) a second time (for HFU)."""
     d, kv = config.d_model, config.kv_n_heads * config.head_dim
     n_ffn_mats = 3 if config.ffn_config["ffn_type"] == "mptglu" else 2
-    per_layer = d * (d + 2 * kv) + d * d + n_ffn_mats * d * config.ffn_hidden_size
-    blocks = config.n_layers * per_layer
+    blocks = config.n_layers * (d * (d + 2 * kv) + d * d + n_ffn_mats * d * config.ffn_hidden_size)
     model_flops = 6.0 * (blocks + d * config.vocab_size) + 12.0 * config.n_layers * d * seq_len
     return model_flops + (2.0 * blocks + 4.0 * config.n_layers * d * seq_len if recompute else 0.0)
