@@ -10,11 +10,10 @@
 6. generate    completions of docstring-style prompts            (`llmfoundry-lite generate`)
 7. plot        train/val loss curves -> PNG, and a summary of paths, numbers and next commands
 
-Every step but the last is an ordinary command, printed before it runs and again in the summary, so a
-user can repeat any step by hand. A step that finished is recorded in `<out_dir>/.steps/<name>.json`
-with its command; a re-run reuses it when the command is the same. Training is resumable: an
-interrupted run continues from its last checkpoint (autoresume) when the quickstart is run again.
-When a step runs again, every later step runs again too, so the outputs never mix two runs.
+Every step but the last is an ordinary command, printed before it runs and in the summary, so it can
+be repeated by hand. A finished step is recorded in `<out_dir>/.steps/<name>.json` with its command and
+reused by a re-run with the same command; once a step runs again, so do all later ones, so the outputs
+never mix two runs. An interrupted training run continues from its last checkpoint (autoresume).
 """
 from __future__ import annotations
 
@@ -151,8 +150,12 @@ def run(args) -> int:
             seconds[step.name] = record.get("seconds", 0.0)
             continue
         redo = True  # every later step follows this one, so outputs never mix two runs
-        if not (same and step.resumable):
-            _remove(step.outputs)
+        if not (same and step.resumable):  # a fresh run: remove what an earlier one wrote
+            for path in step.outputs:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
         _write_record(state_dir, step.name, {"argv": step.argv, "done": False})
         t0 = time.time()
         log_path = os.path.join(paths.logs, f"{step.name}.log")
@@ -167,33 +170,20 @@ def run(args) -> int:
     return 0
 
 
-def _remove(paths: List[str]) -> None:
-    for path in paths:
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
 # --- running commands --------------------------------------------------------------------------
-
-def _env() -> Dict[str, str]:
-    """The caller's environment, offline, with this Python's scripts first on PATH."""
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-           "TOKENIZERS_PARALLELISM": "false", **os.environ}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
-
 
 def _show(step: Step) -> str:
     return "".join(f"{k}={v} " for k, v in step.env.items()) + shlex.join(step.argv)
 
 
 def _run_logged(step: Step, log_path: str) -> int:
-    """Run the step's command, echoing its output and keeping a copy."""
+    """Run the step's command in the caller's environment, offline, with this Python's scripts first on
+    PATH; echo its output and keep a copy."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    proc = subprocess.Popen(step.argv, env={**_env(), **step.env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            bufsize=0)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false", **os.environ,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **step.env}
+    proc = subprocess.Popen(step.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
     with open(log_path, "wb") as log:
         for chunk in iter(lambda: proc.stdout.read(4096), b""):  # raw reads: output shows as it comes
             sys.stdout.buffer.write(chunk)
@@ -243,9 +233,8 @@ def plot_losses(metrics: Dict[str, List[tuple]], out_png: str) -> None:
         if metrics.get(key):
             xs, ys = zip(*metrics[key], strict=True)
             ax.plot(xs, ys, style, label=label)
-    ax.set_xlabel("batch")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("llmfoundry-lite quickstart: mpt-tiny-cpu on stdlib docstrings")
+    ax.set(xlabel="batch", ylabel="cross-entropy (nats/token)",
+           title="llmfoundry-lite quickstart: mpt-tiny-cpu on stdlib docstrings")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -298,8 +287,7 @@ def _finish(paths: SimpleNamespace, steps: List[Step], seconds: Dict[str, float]
                         ("loss plot", paths.plot), ("metrics log", paths.metrics), ("step logs", paths.logs)):
         lines.append(f"  {label:15s} {path}")
     lines.append("Numbers:")
-    evals = metrics.get(EVAL_LOSS, [])
-    if evals:
+    if evals := metrics.get(EVAL_LOSS):
         (b0, l0), (b1, l1) = evals[0], evals[-1]
         lines.append(f"  validation loss {l0:.3f} (perplexity {math.exp(l0):.1f}) at batch {b0} -> "
                      f"{l1:.3f} (perplexity {math.exp(l1):.1f}) at batch {b1}")

@@ -1,9 +1,7 @@
 """In-context-learning (ICL) tasks: llm-foundry's task configs and JSONL formats, few-shot prompts,
-batches, and how an example is judged from logits or generated text.
-
-Pure torch and data: the evaluation (`eval/icl.py`) and training (`train/icl_evaluators.py`) layers
-run a model over these batches and judge with these functions, so both report the same numbers, and
-every rule is testable with a stub model.
+batches, and how an example is judged from logits or generated text. Pure torch and data: evaluation
+(`eval/icl.py`) and training (`train/icl_evaluators.py`) run a model over these batches and judge with
+these functions, so both report the same numbers, and every rule is testable with a stub model.
 
 Task types live in the `icl_tasks` registry, keyed by `icl_task_type`; a plug-in adds one by
 registering a subclass of `ICLTaskType`. The shipped types and the JSON fields of one example:
@@ -177,9 +175,8 @@ class GenerationWithAnswers(ICLTaskType):
     metric_name = "InContextLearningGenerationExactMatchAccuracy"
 
     def more_problems(self, ex):
-        if not all(isinstance(a, str) for a in ex.get("aliases", [])):
-            return ["field 'aliases' must be a list of strings"]
-        return []
+        ok = all(isinstance(a, str) for a in ex.get("aliases", []))
+        return [] if ok else ["field 'aliases' must be a list of strings"]
 
     def requests(self, ex, cfg):
         return [(ex["context"] + cfg.continuation_delimiter, ex["answer"])]
@@ -279,16 +276,12 @@ class ICLDataset(torch.utils.data.Dataset):
                      for i, (reqs, ex) in enumerate(zip(prompts, examples, strict=True))]
         self.items = sorted(items, key=lambda it: -max(len(r) for r in it.rows))
 
-    def _split_space(self, ctx: str, cont: str) -> Tuple[str, str]:
-        n = len(ctx) - len(ctx.rstrip(" "))
-        if self.prefix_space and n and not cont.startswith(" "):
-            return ctx[:-n], ctx[-n:] + cont
-        return ctx, cont
-
     def _encode_scored(self, requests, gold: int, where: str) -> EncodedExample:
         rows, cont_lens = [], []
         for ctx, cont in requests:
-            ctx, cont = self._split_space(ctx, cont)
+            n = len(ctx) - len(ctx.rstrip(" "))
+            if self.prefix_space and n and not cont.startswith(" "):  # the trailing spaces go with the word
+                ctx, cont = ctx[:-n], ctx[-n:] + cont
             ctx_ids, cont_ids = _encode(self.tokenizer, ctx), _encode(self.tokenizer, cont)
             if not ctx_ids:
                 raise DataError(f"{where}: the prompt is empty; the first continuation token needs a context "

@@ -4,15 +4,13 @@ A checkpoint of `ComposerMPTCausalLM` (a Composer `HuggingFaceModel`) holds the 
 `state.model` with names prefixed `model.`, and the HF config and tokenizer files under
 `state.integrations.huggingface` (`{'model': {'config': {'content': {...}}}, 'tokenizer': {file:
 {'file_extension', 'content'}}}`). Two layouts:
-- full: one `.pt` file. It is opened with `mmap=True`, so a tensor is read from disk only when it
-  is used: the optimizer state is never materialised, and a converter touching one tensor at a
-  time needs memory for one tensor. `weights_only=True` (with the few plain types Composer
-  pickles allow-listed); a file holding other objects is refused, since unpickling it could run code.
-- sharded: a torch.distributed.checkpoint (DCP) folder (`.metadata` + `__R_N.distcp`). Its
-  metadata says where each tensor lives; tensors are loaded one by one with `no_dist=True`, and
-  only the `state.model.*` and `state.integrations.huggingface.*` entries are ever read. DCP itself
-  unpickles `.metadata` and non-tensor entries with no restriction; here `.metadata` goes through an
-  allow-list of DCP's own classes and entries through `weights_only=True`, so no checkpoint runs code.
+- full: one `.pt` file, opened with `mmap=True` (a tensor is read from disk only when used: the
+  optimizer state never is, and a converter needs memory for one tensor at a time) and
+  `weights_only=True` (plus the few plain types Composer pickles): other objects could run code, so are refused.
+- sharded: a torch.distributed.checkpoint (DCP) folder (`.metadata` + `__R_N.distcp`); tensors are
+  loaded one by one with `no_dist=True`, and only `state.model.*` and `state.integrations.huggingface.*`
+  are read. DCP itself unpickles `.metadata` and non-tensor entries unrestricted; here `.metadata` goes
+  through an allow-list of DCP's own classes and entries through `weights_only=True`: no checkpoint runs code.
 """
 from __future__ import annotations
 
@@ -65,10 +63,9 @@ def _load_pt(path: str) -> Dict[str, Any]:
 
 
 def _strip(name: str) -> Optional[str]:
-    """'model.transformer.wte.weight' -> 'transformer.wte.weight' (None for non-model entries)."""
-    if not name.startswith(MODEL_PREFIX):
-        return None
-    return name[len(MODEL_PREFIX):].replace("_orig_mod.", "")  # torch.compile's wrapper, if any
+    """'model.transformer.wte.weight' -> 'transformer.wte.weight', without torch.compile's `_orig_mod.`
+    wrapper prefix (None for non-model entries)."""
+    return name[len(MODEL_PREFIX):].replace("_orig_mod.", "") if name.startswith(MODEL_PREFIX) else None
 
 
 def _dcp_load(holder: Dict[str, Any], reader) -> None:
@@ -196,8 +193,7 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     holder = dict.fromkeys(hf_paths)
     if holder:
         _dcp_load(holder, reader)
-    hf_state = _nest({hf_paths[fqn]: value for fqn, value in holder.items()})
-    return hf_state, _DCPWeights(reader, fqns, metadata)
+    return _nest({hf_paths[fqn]: value for fqn, value in holder.items()}), _DCPWeights(reader, fqns, metadata)
 
 
 def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
@@ -237,7 +233,7 @@ def _restore_template_special_tokens(node):
 
 def _read_tokenizer(hf_state: Dict[str, Any]):
     """The tokenizer saved with the run (files stored by Composer's HuggingFaceModel), or None."""
-    files = hf_state.get("tokenizer") or {}
+    files = hf_state.get("tokenizer")
     if not files:
         return None
     from llmfoundry_lite.data import build_tokenizer

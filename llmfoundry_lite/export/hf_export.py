@@ -16,6 +16,7 @@ converted and written when a shard is full, so peak memory is about one shard pl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Dict, Iterable, List, Mapping, Tuple, Union
@@ -132,28 +133,22 @@ def _special_token_ids(config, tokenizer) -> dict:
 
 def parse_size(size: Union[int, str]) -> int:
     """'5GB' / '500MB' / '10KiB' / 1000 -> bytes."""
-    if isinstance(size, int):
-        return size
+    if isinstance(size, int) or size.strip().isdigit():
+        return int(size)
     s = size.strip().upper()
     units = {"KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "B": 1}
     for unit, factor in units.items():
         if s.endswith(unit):
-            try:
+            with contextlib.suppress(ValueError):
                 return int(float(s[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    if s.isdigit():
-        return int(s)
     raise UserError(f"max_shard_size {size!r}: give a size like 5GB, 500MB or 200MiB")
 
 
 def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtype: torch.dtype,
                  max_shard_size: Union[int, str] = "5GB") -> List[str]:
-    """Stream (name, tensor) pairs into safetensors shards plus `model.safetensors.index.json`.
-
-    Shard names need the total count, which a stream does not know up front: shards are written
-    under temporary names and renamed at the end. Returns the shard file names.
-    """
+    """Stream (name, tensor) pairs into safetensors shards plus `model.safetensors.index.json`; returns
+    the shard file names. Those need the total count, which a stream does not know up front: shards
+    are written under temporary names and renamed at the end."""
     from safetensors.torch import save_file
 
     limit = parse_size(max_shard_size)

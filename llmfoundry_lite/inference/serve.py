@@ -71,8 +71,7 @@ def parse_request(body: bytes, limits: Limits, defaults: SamplingOptions):
         if key not in ("input_string", "parameters"):
             raise RequestError(400, f"input_data.{key}",
                                f"unknown field{did_you_mean(key, ['input_string', 'parameters'])}")
-    prompts = inp.get("input_string")
-    where = "input_data.input_string"
+    prompts, where = inp.get("input_string"), "input_data.input_string"
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise RequestError(400, where, "must be a list of strings")
     if not prompts:
@@ -180,8 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
             if content_type != "application/json":
                 raise RequestError(415, "Content-Type", f"{content_type or 'no Content-Type'}: send the body as "
                                                         "application/json")
-            length = self.headers.get("Content-Length")
-            if length is None or not (length.isascii() and length.isdigit()):
+            length = self.headers.get("Content-Length", "")
+            if not (length.isascii() and length.isdigit()):
                 raise RequestError(411, "Content-Length", "a Content-Length header is required")
             if int(length) > MAX_BODY_BYTES:
                 raise RequestError(413, "body", f"{length} bytes; at most {MAX_BODY_BYTES}")

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from llmfoundry_lite.errors import UserError
 log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device from the vendors' datasheets (no sparsity). `fp32` is the non-tensor-core
-# rate. H200/H100 are assumed SXM. CPUs have no datasheet entry: see `cpu_peak_flops`.
+# rate. H200/H100 are assumed SXM. CPUs have no datasheet entry: see `device_peak_flops`.
 PEAK_FLOPS = {
     "h200": {"amp_bf16": 989e12, "amp_fp16": 989e12, "fp32": 67e12},
     "h100": {"amp_bf16": 989e12, "amp_fp16": 989e12, "fp32": 67e12},
@@ -41,21 +42,14 @@ PEAK_FLOPS = {
 CPU_FLOPS_PER_CYCLE = 32  # fp32, AVX2: 2 FMA units x 8 lanes x 2 FLOPs per FMA
 
 
-def cpu_peak_flops() -> float:
-    """Peak fp32 FLOP/s of the cores this process uses: threads x clock x CPU_FLOPS_PER_CYCLE."""
-    mhz = 2500.0
-    try:
-        with open("/proc/cpuinfo") as f:
-            mhz = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return torch.get_num_threads() * mhz * 1e6 * CPU_FLOPS_PER_CYCLE
-
-
 def device_peak_flops(precision: str) -> tuple:
-    """(device name, peak FLOP/s or None) for this process's device and precision."""
+    """(device name, peak FLOP/s or None) for this process's device and precision; on CPU the fp32 peak
+    of the cores this process uses: threads x clock x CPU_FLOPS_PER_CYCLE."""
     if not torch.cuda.is_available():
-        return f"cpu x{torch.get_num_threads()} threads", cpu_peak_flops()
+        mhz = 2500.0
+        with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/cpuinfo") as f:
+            mhz = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+        return f"cpu x{torch.get_num_threads()} threads", torch.get_num_threads() * mhz * 1e6 * CPU_FLOPS_PER_CYCLE
     name = torch.cuda.get_device_name().lower()
     for key, rates in PEAK_FLOPS.items():  # ordered so 'a100' is tried before 'a10', 'l40s' before 'l4'
         if key in name:

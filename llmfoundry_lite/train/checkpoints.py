@@ -7,8 +7,7 @@ symlink leaves no symlink. Left alone, the relaunch would start from scratch (no
 to start (a partial `.pt` "conflicts with a future checkpoint"). So before the Trainer is built,
 `prepare_autoresume` (global rank 0) checks every checkpoint in `save_folder`:
 - a DCP folder is complete once its `.metadata` exists (DCP writes it last, atomically, after every
-  rank's data); a `.pt` is complete when its zip central directory, which `torch.save` writes last,
-  can be read;
+  rank's data), a `.pt` once its zip central directory (`torch.save` writes it last) can be read;
 - incomplete ones are moved to `save_folder/incomplete/` (kept for inspection, never deleted);
 - the symlink is pointed at the newest complete checkpoint, which is logged as the resume point.
 """
@@ -51,11 +50,9 @@ def _checkpoints(folder: str) -> List[Tuple[int, str]]:
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         m = _BATCH.search(name)
-        if m is None or os.path.islink(path):  # also skips INCOMPLETE (no batch number)
-            continue
-        if os.path.isdir(path) and not any(n.endswith(".distcp") or n == ".metadata" for n in os.listdir(path)):
-            continue
-        if os.path.isfile(path) and ".pt" not in name:
+        if (m is None or os.path.islink(path)  # also skips INCOMPLETE (no batch number)
+                or os.path.isdir(path) and not any(n.endswith(".distcp") or n == ".metadata" for n in os.listdir(path))
+                or os.path.isfile(path) and ".pt" not in name):
             continue
         found.append((int(m.group(1)), name))
     return sorted(found)

@@ -12,9 +12,8 @@ checkpoints per `state_dict_type`. We only translate llm-foundry's keys:
 With one process FSDP buys nothing, so it is dropped with a warning; `activation_checkpointing`
 still applies there and under NO_SHARD (`checkpoint_blocks`).
 
-`init_device: meta` builds the model without memory; Composer shards it, then `materialize_meta`
-(swapped in for Composer's own, which is CUDA-only) gives each rank its shard, initialised by the
-model's `param_init_fn` exactly as an unsharded init would be.
+`init_device: meta` builds the model without memory; Composer shards it, then `materialize_meta` (in
+place of Composer's CUDA-only one) initialises each rank's shard exactly as an unsharded init would.
 """
 from __future__ import annotations
 
@@ -44,17 +43,10 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
 @dataclasses.dataclass
 class MeshFSDP2Config(FSDP2Config):
     """Composer 0.32 builds the FSDP2 device mesh from these two degrees, which its FSDP2Config fixes at
-    (None, -1), and overwrites any `device_mesh` given: HYBRID_SHARD would silently be FULL_SHARD."""
-    replicate: Optional[int] = None
-    shard: int = -1
-
-    @property
-    def data_parallel_replicate_degree(self) -> Optional[int]:
-        return self.replicate
-
-    @property
-    def data_parallel_shard_degree(self) -> int:
-        return self.shard
+    (None, -1) with read-only properties, and overwrites any `device_mesh` given: HYBRID_SHARD would
+    silently be FULL_SHARD. These fields shadow the properties."""
+    data_parallel_replicate_degree: Optional[int] = None
+    data_parallel_shard_degree: int = -1
 
 
 def fsdp2_config(section: Optional[FSDPSection], world_size: int):
@@ -79,7 +71,7 @@ def fsdp2_config(section: Optional[FSDPSection], world_size: int):
     with warnings.catch_warnings():  # "FSDP2 Config/APIs are experimental": we chose them knowingly
         warnings.simplefilter("ignore", UserWarning)
         return MeshFSDP2Config(
-            replicate=rep, shard=shard,
+            data_parallel_replicate_degree=rep, data_parallel_shard_degree=shard,
             reshard_after_forward=section.sharding_strategy != "SHARD_GRAD_OP",
             activation_checkpointing=section.activation_checkpointing,
             activation_cpu_offload=section.activation_cpu_offload,
@@ -93,12 +85,11 @@ def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
     """Give every meta parameter/buffer storage on `device`, then initialise it with the model's
     `param_init_fn`, one module at a time.
 
-    Under FSDP2 a parameter is a DTensor holding this rank's shard. Init functions that work on
-    slices (a fused Wqkv is initialised as three matrices) cannot write through a sharded DTensor,
-    so each module is initialised on full-size plain stand-ins and every rank keeps its shard: the
-    shards together form one full tensor, as if initialised unsharded (Composer seeds ranks alike here).
-    `to_empty` may replace a plain parameter object, which would untie tied weights (wte / lm_head),
-    so modules that shared a parameter are pointed back at the first owner's afterwards.
+    Under FSDP2 a parameter is a DTensor holding this rank's shard, which init functions working on
+    slices (a fused Wqkv is initialised as three matrices) cannot write through; so each module is
+    initialised on full-size plain stand-ins and every rank keeps its shard, as if initialised
+    unsharded (Composer seeds ranks alike here). `to_empty` may replace a plain parameter object,
+    untying tied weights (wte / lm_head): modules that shared one are pointed back at the first owner's.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
     init_owner = next((m for m in module.modules() if hasattr(m, "param_init_fn")), None)
@@ -123,8 +114,7 @@ def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
                 setattr(sub, name, p)
     for (first, first_name), *others in owners.values():
         for sub, name in others:
-            if getattr(sub, name) is not getattr(first, first_name):
-                setattr(sub, name, getattr(first, first_name))
+            setattr(sub, name, getattr(first, first_name))
 
 
 def own_meta_init(device: str):
