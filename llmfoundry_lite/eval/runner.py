@@ -20,19 +20,19 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Union
 
 import torch
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import Named, NamedMap, Positive, cross, join, load_config, parse
+from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, cross, join, load_config, parse
 from llmfoundry_lite.data.icl import ICLTasks
 from llmfoundry_lite.data.loaders import EvalLoaders, build_dataloader, eval_loader_problems, labelled_loaders
 from llmfoundry_lite.data.tokenizer import TokenizerSection
-from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.files import atomic_write
+from llmfoundry_lite.inference.loading import resolve_device
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
 SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
@@ -58,6 +58,11 @@ class ModelEntry:
                     "(e.g. tokenizer: {name: path/to/tokenizer_folder})")
 
 
+def _cuda_visible(device: str):
+    if device == "cuda" and not torch.cuda.is_available():
+        return "'cuda' asked for but no CUDA device is visible; use device: auto or cpu"
+
+
 @dataclasses.dataclass
 class EvalConfig:
     max_seq_len: Positive
@@ -67,7 +72,7 @@ class EvalConfig:
     eval_loader: Optional[EvalLoaders] = None
     eval_subset_num_batches: int = -1                # perplexity batches per loader; -1: all
     precision: Literal["fp32", "amp_bf16", "amp_fp16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[Literal["auto", "cpu", "cuda"], Rule(_cuda_visible)] = "auto"
     seed: int = 17
     loggers: NamedMap[registry.loggers] = dataclasses.field(default_factory=dict)
     run_name: Optional[str] = None
@@ -176,9 +181,7 @@ def _log(cfg: EvalConfig, results: Dict[str, Dict[str, float]], model) -> None:
 def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, float]]:
     """Evaluate every model of an eval YAML (path or dict); returns {model_name: {metric: value}}."""
     ec = check_eval_config(load_config(cfg, overrides))
-    if ec.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["device: 'cuda' asked for but no CUDA device is visible; use device: auto or cpu"])
-    device = torch.device("cuda" if ec.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device(resolve_device(ec.device))
     results, model = {}, None
     for entry in ec.models:
         torch.manual_seed(ec.seed)  # a model built from a config gets the same weights every run

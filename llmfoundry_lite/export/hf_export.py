@@ -139,7 +139,7 @@ def parse_size(size: Union[int, str]) -> int:
     units = {"KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "B": 1}
     for unit, factor in units.items():
         if s.endswith(unit):
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, OverflowError):  # OverflowError: 'infGB'
                 return int(float(s[: -len(unit)]) * factor)
     raise UserError(f"max_shard_size {size!r}: give a size like 5GB, 500MB or 200MiB")
 
