@@ -37,6 +37,13 @@ class RopeHFConfig:
 
 
 @dataclass
+class TemperatureTuning:
+    """llm-foundry's query temperature tuning (Llama 4); `attn_scale: 0` (its default) turns it off."""
+    floor_scale: int = 8192
+    attn_scale: float = 0.0
+
+
+@dataclass
 class AttnConfig:
     attn_type: Literal["multihead_attention", "multiquery_attention", "grouped_query_attention"] = \
         "multihead_attention"
@@ -58,7 +65,10 @@ class AttnConfig:
     rope_dail_config: RopeDailConfig = field(default_factory=RopeDailConfig)
     rope_hf_config: RopeHFConfig = field(default_factory=RopeHFConfig)
     kv_n_heads: Optional[int] = None
-    # Accepted for compatibility with older configs; only the values that mean "off" are supported.
+    # Accepted for compatibility with older configs and with what llm-foundry writes into every config;
+    # only the values that mean "off" are supported.
+    attn_temperature_tuning: TemperatureTuning = field(default_factory=TemperatureTuning)
+    nope: Literal[False] = False  # llm-foundry allows it only per layer (block_overrides)
     prefix_lm: Literal[False] = False
     kv_dim: Literal[None] = None
     flex_attn_mod_list: Annotated[List[Any], Rule(lambda v: v and (
@@ -73,6 +83,12 @@ class AttnConfig:
         if self.alibi and self.rope:
             return (f"{join(path, 'rope')}: alibi and rope are both on; choose one positional scheme "
                     f"(set {join(path, 'alibi')}: false to use rope)")
+
+    @cross("attn_temperature_tuning")
+    def _no_temperature_tuning(self, path):
+        if self.attn_temperature_tuning.attn_scale != 0:
+            return (f"{join(path, 'attn_temperature_tuning.attn_scale')}: query temperature tuning is not "
+                    "supported yet; set attn_scale: 0.0 (llm-foundry's default, off)")
 
     @cross("qk_ln", "qk_gn")
     def _one_qk_norm(self, path):
@@ -163,6 +179,8 @@ class MPTSchema:
     resid_pdrop: Probability = 0.0
     emb_pdrop: Probability = 0.0
     learned_pos_emb: bool = True  # only used when neither alibi nor rope is on (as in llm-foundry)
+    head_dim: Optional[Positive] = None  # llm-foundry's key; only d_model // n_heads (its default) is supported
+    attention_bias: Optional[bool] = None  # biases of the q/k/v projections; None: `not no_bias` (llm-foundry)
     attn_config: AttnConfig = field(default_factory=AttnConfig)
     ffn_config: FFNConfig = field(default_factory=FFNConfig)
     init_config: InitConfig = field(default_factory=InitConfig)
@@ -193,6 +211,12 @@ class MPTSchema:
     def _heads_divide_width(self, path):
         if self.d_model % self.n_heads:
             return f"{join(path, 'd_model')}: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+
+    @cross("d_model", "n_heads", "head_dim")
+    def _standard_head_size(self, path):
+        if self.head_dim is not None and self.head_dim != self.d_model // self.n_heads:
+            return (f"{join(path, 'head_dim')}: a head size other than d_model // n_heads "
+                    f"({self.d_model // self.n_heads}) is not supported yet; remove head_dim")
 
     @cross("n_heads", "attn_config")
     def _kv_heads(self, path):
@@ -234,7 +258,9 @@ class MPTConfig(PretrainedConfig):
         schema = parse(MPTSchema, kwargs, "model", header="invalid MPT model config")
         values = dataclasses.asdict(schema)
         values.pop("extra")  # passed to PretrainedConfig below
-        values["attn_config"].pop("extra")
+        values.pop("head_dim")  # checked to be d_model // n_heads: the `head_dim` property
+        for off in ("extra", "attn_temperature_tuning", "nope"):  # checked to be off: nothing to store
+            values["attn_config"].pop(off)
         values["init_config"].pop("verbose")
         if values.pop("norm_eps") is not None:
             values["layer_norm_epsilon"] = schema.norm_eps

@@ -256,13 +256,14 @@ class MPTAttention(nn.Module):
         self.impl = attention_impls.get(attn["attn_impl"], "model.attn_config.attn_impl")
         self.fused = attn["fused_qkv"]
         bias = not config.no_bias
+        qkv_bias = bias if config.attention_bias is None else config.attention_bias  # llm-foundry's rule
         if self.fused:
-            self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_dim, bias=bias)
+            self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_dim, bias=qkv_bias)
             self.Wqkv._fused = (0, [self.d_model, self.d_model + self.kv_dim])  # q|k|v rows: see init.py
         else:
-            self.Wq = nn.Linear(self.d_model, self.d_model, bias=bias)
-            self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=bias)
-            self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=bias)
+            self.Wq = nn.Linear(self.d_model, self.d_model, bias=qkv_bias)
+            self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=qkv_bias)
+            self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=qkv_bias)
         self.qk_gn = attn["qk_gn"]
         if attn["qk_ln"] or attn["qk_gn"]:  # qk_ln normalises all heads together, qk_gn each head
             self.q_ln = norm_factory(self.head_dim if self.qk_gn else self.d_model)

@@ -3,7 +3,8 @@
 "Low precision" (MPT's default) means: under autocast, normalise in the autocast dtype (bf16/fp16)
 instead of letting autocast upcast to fp32; it is faster and was how MPT was trained. Outside
 autocast the low-precision norms equal the plain ones, which is what the fp32 parity tests see.
-`bias=False` (MPT's `no_bias`) drops the additive bias, as transformers' Mpt LayerNorm does.
+`bias=False` (MPT's `no_bias`) drops the additive bias of a LayerNorm, as transformers' Mpt does; RMS
+norms have no bias in llm-foundry (`torch.nn.RMSNorm`), whatever `no_bias` says.
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape)) if bias else None
+        self.bias = None  # `bias` is accepted like the other norms' and ignored (see above)
 
     def _normalize(self, x, weight, bias):
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
-        return y + bias if bias is not None else y
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
 
     def forward(self, x):
         return self._normalize(x.float(), self.weight, self.bias).to(x.dtype)

@@ -1,0 +1,58 @@
+"""Models llm-foundry 0.22 saved (`tests/fixtures/llmfoundry/`, written by llm-foundry itself through
+`tests/make_llmfoundry_fixtures.py`) load here with every key it writes, and give llm-foundry's logits."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.export import load_hf_model, native_blockers, write_hf_folder
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "llmfoundry")
+CASES = sorted(os.listdir(FIXTURES))
+
+
+def llmfoundry_logits_match(model, folder):
+    expected = load_file(os.path.join(folder, "expected.safetensors"))
+    mask = expected["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"], attention_mask=mask).logits
+    real = mask.bool()  # a padded position's logits are not defined by either implementation
+    torch.testing.assert_close(logits[real], expected["logits"][real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_model_llmfoundry_saved_loads_with_its_logits(case):
+    folder = os.path.join(FIXTURES, case)
+    llmfoundry_logits_match(load_hf_model(folder), folder)
+
+
+@pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only"])
+def test_its_export_keeps_the_logits(case, tmp_path):
+    """Exported again (custom code where stock transformers cannot represent it), the same logits."""
+    folder = os.path.join(FIXTURES, case)
+    model = load_hf_model(folder)
+    assert native_blockers(model.config)  # biases, learned positions: not stock Mpt
+    write_hf_folder(model.config, model.state_dict(), str(tmp_path / "out"))
+    llmfoundry_logits_match(load_hf_model(str(tmp_path / "out")), folder)
+
+
+def test_rms_norms_have_no_bias_like_llmfoundrys():
+    with open(os.path.join(FIXTURES, "rmsnorm_with_biases", "config.json")) as f:
+        assert json.load(f)["no_bias"] is False
+    names = load_hf_model(os.path.join(FIXTURES, "rmsnorm_with_biases")).state_dict()
+    assert "transformer.blocks.0.norm_1.weight" in names and "transformer.blocks.0.norm_1.bias" not in names
+    assert "transformer.blocks.0.attn.Wqkv.bias" in names
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("head_dim", 16, "head_dim: a head size other than d_model // n_heads (8) is not supported yet"),
+    ("attn_config", {"attn_temperature_tuning": {"floor_scale": 8192, "attn_scale": 0.1}},
+     "attn_temperature_tuning.attn_scale: query temperature tuning is not supported yet"),
+    ("attn_config", {"nope": True}, "attn_config.nope: True is not allowed"),
+])
+def test_what_is_not_implemented_yet_is_a_clear_error(key, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_hf_model(os.path.join(FIXTURES, "defaults"), **{key: value})
