@@ -29,6 +29,8 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
     "rope_hf": dict(attn_config=dict(rope=True, rope_impl="hf"), learned_pos_emb=False),
     "glu_silu_layernorm": dict(norm_type="layernorm", ffn_config=dict(ffn_type="mptglu",
                                                                       ffn_act_fn={"name": "silu"})),
+    "temperature_tuning": dict(attn_config=dict(alibi=True, attn_temperature_tuning=dict(floor_scale=4,
+                                                                                         attn_scale=0.5))),
     "softcaps_window": dict(no_bias=True, final_logit_softcapping=20.0,
                             attn_config=dict(alibi=True, attn_logit_softcapping=30.0, sliding_window_size=4)),
 }

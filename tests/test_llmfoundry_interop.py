@@ -49,8 +49,6 @@ def test_rms_norms_have_no_bias_like_llmfoundrys():
 
 @pytest.mark.parametrize("key, value, message", [
     ("head_dim", 16, "head_dim: a head size other than d_model // n_heads (8) is not supported yet"),
-    ("attn_config", {"attn_temperature_tuning": {"floor_scale": 8192, "attn_scale": 0.1}},
-     "attn_temperature_tuning.attn_scale: query temperature tuning is not supported yet"),
     ("attn_config", {"nope": True}, "attn_config.nope: True is not allowed"),
 ])
 def test_what_is_not_implemented_yet_is_a_clear_error(key, value, message):

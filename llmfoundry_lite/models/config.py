@@ -38,8 +38,9 @@ class RopeHFConfig:
 
 @dataclass
 class TemperatureTuning:
-    """llm-foundry's query temperature tuning (Llama 4); `attn_scale: 0` (its default) turns it off."""
-    floor_scale: int = 8192
+    """llm-foundry's query temperature tuning (Llama 4): queries at position p are multiplied by
+    log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1; `attn_scale: 0` (its default) turns it off."""
+    floor_scale: Positive = 8192
     attn_scale: float = 0.0
 
 
@@ -65,9 +66,9 @@ class AttnConfig:
     rope_dail_config: RopeDailConfig = field(default_factory=RopeDailConfig)
     rope_hf_config: RopeHFConfig = field(default_factory=RopeHFConfig)
     kv_n_heads: Optional[int] = None
+    attn_temperature_tuning: TemperatureTuning = field(default_factory=TemperatureTuning)
     # Accepted for compatibility with older configs and with what llm-foundry writes into every config;
     # only the values that mean "off" are supported.
-    attn_temperature_tuning: TemperatureTuning = field(default_factory=TemperatureTuning)
     nope: Literal[False] = False  # llm-foundry allows it only per layer (block_overrides)
     prefix_lm: Literal[False] = False
     kv_dim: Literal[None] = None
@@ -83,12 +84,6 @@ class AttnConfig:
         if self.alibi and self.rope:
             return (f"{join(path, 'rope')}: alibi and rope are both on; choose one positional scheme "
                     f"(set {join(path, 'alibi')}: false to use rope)")
-
-    @cross("attn_temperature_tuning")
-    def _no_temperature_tuning(self, path):
-        if self.attn_temperature_tuning.attn_scale != 0:
-            return (f"{join(path, 'attn_temperature_tuning.attn_scale')}: query temperature tuning is not "
-                    "supported yet; set attn_scale: 0.0 (llm-foundry's default, off)")
 
     @cross("qk_ln", "qk_gn")
     def _one_qk_norm(self, path):
@@ -259,7 +254,7 @@ class MPTConfig(PretrainedConfig):
         values = dataclasses.asdict(schema)
         values.pop("extra")  # passed to PretrainedConfig below
         values.pop("head_dim")  # checked to be d_model // n_heads: the `head_dim` property
-        for off in ("extra", "attn_temperature_tuning", "nope"):  # checked to be off: nothing to store
+        for off in ("extra", "nope"):  # checked to be off: nothing to store
             values["attn_config"].pop(off)
         values["init_config"].pop("verbose")
         if values.pop("norm_eps") is not None:

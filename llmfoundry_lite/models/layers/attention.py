@@ -253,6 +253,8 @@ class MPTAttention(nn.Module):
         self.softmax_scale = attn["softmax_scale"] or 1 / math.sqrt(self.head_dim)
         self.attn_pdrop, self.clip_qkv = attn["attn_pdrop"], attn["clip_qkv"]
         self.softcap = attn["attn_logit_softcapping"]
+        tuning = attn["attn_temperature_tuning"]
+        self.temperature = (tuning["floor_scale"], tuning["attn_scale"]) if tuning["attn_scale"] else None
         self.impl = attention_impls.get(attn["attn_impl"], "model.attn_config.attn_impl")
         self.fused = attn["fused_qkv"]
         bias = not config.no_bias
@@ -282,6 +284,11 @@ class MPTAttention(nn.Module):
         if hasattr(self, "q_ln"):  # qk_gn: each head on its own
             shape = (B, S, -1, self.head_dim) if self.qk_gn else (B, S, -1)
             q, k = self.q_ln(q.view(shape)).to(q.dtype), self.k_ln(k.view(shape)).to(k.dtype)
+        if self.temperature:  # llm-foundry: after the qk norms, before RoPE, computed in fp32
+            floor_scale, attn_scale = self.temperature
+            pos = torch.arange(ctx.past_len, ctx.k_len, device=q.device, dtype=torch.float32)
+            scale = torch.log(torch.floor((pos + 1) / floor_scale) + 1) * attn_scale + 1
+            q = (q * scale.view(S, *[1] * (q.dim() - 2))).to(q.dtype)  # q: (B, S, H*D), or (B, S, H, D) after qk_gn
         q, k, v = [t.reshape(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v)]
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
