@@ -31,6 +31,10 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
                                                                       ffn_act_fn={"name": "silu"})),
     "temperature_tuning": dict(attn_config=dict(alibi=True, attn_temperature_tuning=dict(floor_scale=4,
                                                                                          attn_scale=0.5))),
+    # llm-foundry splits a fused Wqkv by d_model, so a wider head_dim runs with unfused q/k/v only
+    "head_dim_unfused": dict(head_dim=16, attn_config=dict(fused_qkv=False, alibi=True, qk_ln=True)),
+    "head_dim_gqa_rope_hf": dict(head_dim=4, learned_pos_emb=False, attn_config=dict(
+        fused_qkv=False, attn_type="grouped_query_attention", kv_n_heads=2, rope=True, rope_impl="hf")),
     "softcaps_window": dict(no_bias=True, final_logit_softcapping=20.0,
                             attn_config=dict(alibi=True, attn_logit_softcapping=30.0, sliding_window_size=4)),
 }

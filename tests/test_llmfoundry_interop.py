@@ -29,12 +29,12 @@ def test_a_model_llmfoundry_saved_loads_with_its_logits(case):
     llmfoundry_logits_match(load_hf_model(folder), folder)
 
 
-@pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only"])
+@pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused"])
 def test_its_export_keeps_the_logits(case, tmp_path):
     """Exported again (custom code where stock transformers cannot represent it), the same logits."""
     folder = os.path.join(FIXTURES, case)
     model = load_hf_model(folder)
-    assert native_blockers(model.config)  # biases, learned positions: not stock Mpt
+    assert native_blockers(model.config)  # biases, learned positions, head size: not stock Mpt
     write_hf_folder(model.config, model.state_dict(), str(tmp_path / "out"))
     llmfoundry_logits_match(load_hf_model(str(tmp_path / "out")), folder)
 
@@ -48,9 +48,10 @@ def test_rms_norms_have_no_bias_like_llmfoundrys():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("head_dim", 16, "head_dim: a head size other than d_model // n_heads (8) is not supported yet"),
+    ("attn_config", {"rope": True, "alibi": False, "rope_impl": "dail"},
+     "head_dim: with rope_impl 'dail', a head size other than d_model // n_heads (8) is not supported yet"),
     ("attn_config", {"nope": True}, "attn_config.nope: True is not allowed"),
 ])
 def test_what_is_not_implemented_yet_is_a_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_hf_model(os.path.join(FIXTURES, "defaults"), **{key: value})
+        load_hf_model(os.path.join(FIXTURES, "head_dim_unfused"), learned_pos_emb=False, **{key: value})

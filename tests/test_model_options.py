@@ -46,6 +46,12 @@ OPTIONS = {
     "logit_scale": dict(logit_scale="inv_sqrt_d_model", final_logit_softcapping=5.0),
     "softcap_window": dict(attn_config={"attn_logit_softcapping": 4.0, "sliding_window_size": 3}),
     "untied_embedding_fraction": dict(tie_word_embeddings=False, embedding_fraction=0.5),
+    "wide_heads_fused": dict(head_dim=12, attention_bias=True),
+    "narrow_heads_gqa_rope": dict(head_dim=4, attn_config={"alibi": False, "rope": True, "rope_impl": "hf",
+                                                           "fused_qkv": False, "attn_type": "grouped_query_attention",
+                                                           "kv_n_heads": 2, "qk_gn": True}),
+    "temperature_tuning": dict(attn_config={"attn_temperature_tuning": {"floor_scale": 3, "attn_scale": 0.7},
+                                            "qk_gn": True}),
 }
 
 

@@ -63,6 +63,7 @@ def _native_checks(cfg) -> Dict[str, Tuple[bool, str]]:
                                                "stock Mpt has no attention soft-capping"),
         "no_bias": (cfg.no_bias, "stock Mpt has no biases"),
         "attention_bias": (not cfg.attention_bias, "stock Mpt has no biases"),
+        "head_dim": (cfg.head_dim == cfg.d_model // cfg.n_heads, "stock Mpt's heads are d_model // n_heads wide"),
         "norm_type": (cfg.norm_type.lower() in ("layernorm", "low_precision_layernorm"),
                       "stock Mpt uses LayerNorm"),
         "ffn_config.ffn_type": (ffn.get("ffn_type", "mptmlp") == "mptmlp", "stock Mpt has a plain MLP (no GLU)"),

@@ -174,7 +174,7 @@ class MPTSchema:
     resid_pdrop: Probability = 0.0
     emb_pdrop: Probability = 0.0
     learned_pos_emb: bool = True  # only used when neither alibi nor rope is on (as in llm-foundry)
-    head_dim: Optional[Positive] = None  # llm-foundry's key; only d_model // n_heads (its default) is supported
+    head_dim: Optional[Positive] = None  # size of a head; None: d_model // n_heads (llm-foundry's key)
     attention_bias: Optional[bool] = None  # biases of the q/k/v projections; None: `not no_bias` (llm-foundry)
     attn_config: AttnConfig = field(default_factory=AttnConfig)
     ffn_config: FFNConfig = field(default_factory=FFNConfig)
@@ -207,11 +207,13 @@ class MPTSchema:
         if self.d_model % self.n_heads:
             return f"{join(path, 'd_model')}: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
 
-    @cross("d_model", "n_heads", "head_dim")
-    def _standard_head_size(self, path):
-        if self.head_dim is not None and self.head_dim != self.d_model // self.n_heads:
-            return (f"{join(path, 'head_dim')}: a head size other than d_model // n_heads "
-                    f"({self.d_model // self.n_heads}) is not supported yet; remove head_dim")
+    @cross("d_model", "n_heads", "head_dim", "attn_config")
+    def _head_size_with_dail_rope(self, path):
+        # llm-foundry's dail RoPE rotates d_model // n_heads features of each head whatever head_dim is
+        attn = self.attn_config
+        if self.head_dim not in (None, self.d_model // self.n_heads) and attn.rope and attn.rope_impl == "dail":
+            return (f"{join(path, 'head_dim')}: with rope_impl 'dail', a head size other than d_model // n_heads "
+                    f"({self.d_model // self.n_heads}) is not supported yet; use rope_impl: hf or remove head_dim")
 
     @cross("n_heads", "attn_config")
     def _kv_heads(self, path):
@@ -253,7 +255,7 @@ class MPTConfig(PretrainedConfig):
         schema = parse(MPTSchema, kwargs, "model", header="invalid MPT model config")
         values = dataclasses.asdict(schema)
         values.pop("extra")  # passed to PretrainedConfig below
-        values.pop("head_dim")  # checked to be d_model // n_heads: the `head_dim` property
+        values["head_dim"] = schema.head_dim or schema.d_model // schema.n_heads
         for off in ("extra", "nope"):  # checked to be off: nothing to store
             values["attn_config"].pop(off)
         values["init_config"].pop("verbose")
@@ -271,10 +273,6 @@ class MPTConfig(PretrainedConfig):
         return stock_mpt_values(super().to_dict())
 
     # --- derived values the model uses ----------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     @property
     def kv_n_heads(self) -> int:
         attn_type = self.attn_config["attn_type"]

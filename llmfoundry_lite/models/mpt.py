@@ -419,8 +419,8 @@ def flops_per_token(config: MPTConfig, seq_len: int, recompute: bool = False) ->
 
     `recompute=True` counts the hardware FLOPs of activation checkpointing, which runs every block's
     forward (2 * block matmul parameters + 4 * n_layers * d_model * seq_len) a second time (for HFU)."""
-    d, kv = config.d_model, config.kv_n_heads * config.head_dim
+    d, q, kv = config.d_model, config.n_heads * config.head_dim, config.kv_n_heads * config.head_dim
     n_ffn_mats = 3 if config.ffn_config["ffn_type"] == "mptglu" else 2
-    blocks = config.n_layers * (d * (d + 2 * kv) + d * d + n_ffn_mats * d * config.ffn_hidden_size)
-    model_flops = 6.0 * (blocks + d * config.vocab_size) + 12.0 * config.n_layers * d * seq_len
-    return model_flops + (2.0 * blocks + 4.0 * config.n_layers * d * seq_len if recompute else 0.0)
+    blocks = config.n_layers * (d * (q + 2 * kv) + q * d + n_ffn_mats * d * config.ffn_hidden_size)
+    model_flops = 6.0 * (blocks + d * config.vocab_size) + 12.0 * config.n_layers * q * seq_len
+    return model_flops + (2.0 * blocks + 4.0 * config.n_layers * q * seq_len if recompute else 0.0)

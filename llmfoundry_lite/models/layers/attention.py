@@ -249,8 +249,10 @@ class MPTAttention(nn.Module):
         attn = config.attn_config
         self.layer_idx = layer_idx
         self.n_heads, self.kv_n_heads, self.head_dim = config.n_heads, config.kv_n_heads, config.head_dim
-        self.d_model, self.kv_dim = config.d_model, config.kv_n_heads * config.head_dim
-        self.softmax_scale = attn["softmax_scale"] or 1 / math.sqrt(self.head_dim)
+        self.d_model, self.q_dim = config.d_model, config.n_heads * self.head_dim  # q_dim != d_model: head_dim
+        self.kv_dim = self.kv_n_heads * self.head_dim
+        # llm-foundry scales by the standard head size even when head_dim sets another
+        self.softmax_scale = attn["softmax_scale"] or 1 / math.sqrt(config.d_model / config.n_heads)
         self.attn_pdrop, self.clip_qkv = attn["attn_pdrop"], attn["clip_qkv"]
         self.softcap = attn["attn_logit_softcapping"]
         tuning = attn["attn_temperature_tuning"]
@@ -260,23 +262,23 @@ class MPTAttention(nn.Module):
         bias = not config.no_bias
         qkv_bias = bias if config.attention_bias is None else config.attention_bias  # llm-foundry's rule
         if self.fused:
-            self.Wqkv = nn.Linear(self.d_model, self.d_model + 2 * self.kv_dim, bias=qkv_bias)
-            self.Wqkv._fused = (0, [self.d_model, self.d_model + self.kv_dim])  # q|k|v rows: see init.py
+            self.Wqkv = nn.Linear(self.d_model, self.q_dim + 2 * self.kv_dim, bias=qkv_bias)
+            self.Wqkv._fused = (0, [self.q_dim, self.q_dim + self.kv_dim])  # q|k|v rows: see init.py
         else:
-            self.Wq = nn.Linear(self.d_model, self.d_model, bias=qkv_bias)
+            self.Wq = nn.Linear(self.d_model, self.q_dim, bias=qkv_bias)
             self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=qkv_bias)
             self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=qkv_bias)
         self.qk_gn = attn["qk_gn"]
         if attn["qk_ln"] or attn["qk_gn"]:  # qk_ln normalises all heads together, qk_gn each head
-            self.q_ln = norm_factory(self.head_dim if self.qk_gn else self.d_model)
+            self.q_ln = norm_factory(self.head_dim if self.qk_gn else self.q_dim)
             self.k_ln = norm_factory(self.head_dim if self.qk_gn else self.kv_dim)
-        self.out_proj = nn.Linear(self.d_model, self.d_model, bias=bias)
+        self.out_proj = nn.Linear(self.q_dim, self.d_model, bias=bias)
         self.out_proj._is_residual = True  # see init.py
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values=None) -> torch.Tensor:
         B, S, _ = x.shape
         if self.fused:
-            q, k, v = self.Wqkv(x).split([self.d_model, self.kv_dim, self.kv_dim], dim=-1)
+            q, k, v = self.Wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         else:
             q, k, v = self.Wq(x), self.Wk(x), self.Wv(x)
         if self.clip_qkv:
@@ -296,4 +298,4 @@ class MPTAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = self.impl(q, k, v, ctx, softmax_scale=self.softmax_scale,
                         dropout_p=self.attn_pdrop if self.training else 0.0, softcap=self.softcap)
-        return self.out_proj(out.transpose(1, 2).reshape(B, S, self.d_model))
+        return self.out_proj(out.transpose(1, 2).reshape(B, S, self.q_dim))
