@@ -39,6 +39,12 @@ def test_its_export_keeps_the_logits(case, tmp_path):
     llmfoundry_logits_match(load_hf_model(str(tmp_path / "out")), folder)
 
 
+def test_triton_rmsnorm_is_the_same_rms_norm():
+    """llm-foundry's `triton_rmsnorm` (a flash-attn kernel) computes what its `rmsnorm` does."""
+    folder = os.path.join(FIXTURES, "rmsnorm_with_biases")
+    llmfoundry_logits_match(load_hf_model(folder, norm_type="triton_rmsnorm"), folder)
+
+
 def test_rms_norms_have_no_bias_like_llmfoundrys():
     with open(os.path.join(FIXTURES, "rmsnorm_with_biases", "config.json")) as f:
         assert json.load(f)["no_bias"] is False
@@ -51,6 +57,9 @@ def test_rms_norms_have_no_bias_like_llmfoundrys():
     ("attn_config", {"rope": True, "alibi": False, "rope_impl": "dail"},
      "head_dim: with rope_impl 'dail', a head size other than d_model // n_heads (8) is not supported yet"),
     ("attn_config", {"nope": True}, "attn_config.nope: True is not allowed"),
+    ("attn_config", {"kv_dim": 16}, "attn_config.kv_dim: 16 != d_model (32): keys of another width are for "
+                                    "cross-attention"),
+    ("fc_type", {"name": "te"}, "fc_type: only 'torch' linear layers are supported (TransformerEngine's 'te'"),
 ])
 def test_what_is_not_implemented_yet_is_a_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -71,7 +71,7 @@ class AttnConfig:
     # only the values that mean "off" are supported.
     nope: Literal[False] = False  # llm-foundry allows it only per layer (block_overrides)
     prefix_lm: Literal[False] = False
-    kv_dim: Literal[None] = None
+    kv_dim: Optional[Positive] = None  # llm-foundry's key-input width, for cross-attention: only d_model runs
     flex_attn_mod_list: Annotated[List[Any], Rule(lambda v: v and (
         "not needed: attn_impl 'flex' builds its score and mask modifiers (ALiBi, causal, window, padding, "
         "sequence_id) from the config; remove it"))] = field(default_factory=list)
@@ -91,12 +91,19 @@ class AttnConfig:
             return f"{join(path, 'qk_gn')}: qk_ln and qk_gn are both on; choose one"
 
 
+def _torch_linear(fc_type) -> Optional[str]:
+    name = fc_type if isinstance(fc_type, str) else fc_type.get("name")
+    return None if name == "torch" else (f"only 'torch' linear layers are supported (TransformerEngine's 'te' "
+                                         f"needs NVIDIA's transformer_engine, not a dependency here), got {name!r}")
+
+
 @dataclass
 class FFNConfig:
     ffn_type: Name[registry.ffns] = "mptmlp"  # 'mptmlp' or 'mptglu'
     ffn_act_fn: Optional[Dict[str, Any]] = None  # {name: <torch.nn.functional name>, **kwargs}; default exact gelu
     ffn_hidden_size: Optional[Positive] = None  # default d_model * expansion_ratio
-    fc_type: Union[str, Dict[str, Any], None] = None  # llm-foundry copies the top-level fc_type here
+    # llm-foundry copies the top-level fc_type here
+    fc_type: Optional[Annotated[Union[str, Dict[str, Any]], Rule(_torch_linear)]] = None
 
     @cross("ffn_act_fn")
     def _known_activation(self, path):
@@ -146,11 +153,6 @@ def _registered_norm(name: str) -> Optional[str]:
     if name.lower() not in registry.norms:  # llm-foundry's names are matched case-insensitively
         return registry.norms.unknown_message(name)
     return None
-
-
-def _torch_linear(fc_type) -> Optional[str]:
-    name = fc_type if isinstance(fc_type, str) else fc_type.get("name")
-    return None if name == "torch" else f"only 'torch' linear layers are supported, got {name!r}"
 
 
 def _torch_device(name: str) -> Optional[str]:
@@ -214,6 +216,12 @@ class MPTSchema:
         if self.head_dim not in (None, self.d_model // self.n_heads) and attn.rope and attn.rope_impl == "dail":
             return (f"{join(path, 'head_dim')}: with rope_impl 'dail', a head size other than d_model // n_heads "
                     f"({self.d_model // self.n_heads}) is not supported yet; use rope_impl: hf or remove head_dim")
+
+    @cross("d_model", "attn_config")
+    def _self_attention_only(self, path):
+        if self.attn_config.kv_dim not in (None, self.d_model):
+            return (f"{join(path, 'attn_config.kv_dim')}: {self.attn_config.kv_dim} != d_model ({self.d_model}): "
+                    "keys of another width are for cross-attention, which MPT never runs; remove kv_dim")
 
     @cross("n_heads", "attn_config")
     def _kv_heads(self, path):

@@ -52,13 +52,15 @@ class LowPrecisionLayerNorm(_LowPrecision, LayerNorm):
 
 
 class LowPrecisionRMSNorm(_LowPrecision, RMSNorm):
-    pass
+    def forward(self, x):  # unlike the LayerNorm, llm-foundry returns the input's dtype
+        return super().forward(x).to(x.dtype)
 
 
 norms.register("layernorm", LayerNorm)
 norms.register("low_precision_layernorm", LowPrecisionLayerNorm)
 norms.register("rmsnorm", RMSNorm)
 norms.register("low_precision_rmsnorm", LowPrecisionRMSNorm)
+norms.register("triton_rmsnorm", RMSNorm)  # llm-foundry's flash-attn kernel: the same fp32 math
 
 NORM_CLASSES = (nn.LayerNorm, RMSNorm)
 
