@@ -6,12 +6,22 @@ tests only read what this writes):
     python3 -m venv /tmp/lf && /tmp/lf/bin/pip install "llm-foundry==0.22.*"
     /tmp/lf/bin/python tests/make_llmfoundry_fixtures.py
 
+llm-foundry runs `rope_impl: dail` and `use_pad_tok_in_ffn: false` only with flash-attn installed, which
+needs CUDA. On CPU this script gives it flash-attn's own Python modules instead, read from a flash-attention
+git checkout (FLASH_ATTN_REPO, tag FLASH_ATTN_TAG): `bert_padding.py` (pure PyTorch) and `layers/rotary.py`
+(its RotaryEmbedding: the cos/sin tables, XPos scaling, `pos_idx_in_fp32`), whose CUDA rotation kernel is
+replaced by that file's own PyTorch reference `apply_rotary_emb_torch` (what flash-attn tests the kernel
+against). Without FLASH_ATTN_REPO those cases are skipped.
+
 Each case is llm-foundry's `MPTForCausalLM` built from a config, its weights moved off their init
 (biases and norm weights included, so loading them is tested), saved with `save_pretrained`, plus
 `expected.safetensors`: input ids, attention mask and llm-foundry's fp32 logits for them.
 """
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -37,16 +47,69 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
         fused_qkv=False, attn_type="grouped_query_attention", kv_n_heads=2, rope=True, rope_impl="hf")),
     "softcaps_window": dict(no_bias=True, final_logit_softcapping=20.0,
                             attn_config=dict(alibi=True, attn_logit_softcapping=30.0, sliding_window_size=4)),
+    # block_overrides: layer kinds expanded from a nested order; a window + nope layer, KV reused across layers
+    "block_overrides_rope_hf": dict(n_layers=4, learned_pos_emb=False, attn_config=dict(rope=True, rope_impl="hf"),
+                                    block_overrides=dict(order=[dict(name="default"), dict(order=[
+                                        dict(name="window_nope"), dict(name="reuse")]), dict(name="reuse")],
+                                        overrides=dict(window_nope=dict(attn_config=dict(sliding_window_size=3,
+                                                                                         nope=True)),
+                                                       reuse=dict(attn_config=dict(reuse_kv_layer_idx=-1))))),
+    "block_overrides_unfused_gqa_alibi": dict(n_layers=4, attn_config=dict(
+        alibi=True, fused_qkv=False, attn_type="grouped_query_attention", kv_n_heads=2, qk_ln=True),
+        block_overrides=dict(order=[dict(name="default"), dict(name="reuse_window")], repeat=2, overrides=dict(
+            reuse_window=dict(attn_config=dict(reuse_kv_layer_idx=-1, sliding_window_size=2,
+                                               attn_temperature_tuning=dict(floor_scale=2, attn_scale=0.5)))))),
+    "rope_dail": dict(learned_pos_emb=False, attn_config=dict(rope=True, rope_impl="dail", rope_theta=500)),
+    "rope_dail_xpos": dict(learned_pos_emb=False, attn_config=dict(rope=True, rope_impl="dail", rope_dail_config=dict(
+        type="xpos", xpos_scale_base=8, pos_idx_in_fp32=False))),
+    "block_overrides_dail_nope_reuse": dict(n_layers=3, learned_pos_emb=False, attn_config=dict(rope=True),
+                                            block_overrides=dict(order=[dict(name="default"), dict(name="nope"),
+                                                                        dict(name="reuse")], overrides=dict(
+                                                nope=dict(attn_config=dict(nope=True)),
+                                                reuse=dict(attn_config=dict(reuse_kv_layer_idx=-2))))),
+    "no_pad_tok_in_ffn": dict(use_pad_tok_in_ffn=False, attn_config=dict(alibi=True)),
 }
+NEEDS_FLASH_ATTN = {"rope_dail", "rope_dail_xpos", "block_overrides_dail_nope_reuse", "no_pad_tok_in_ffn"}
+LEFT_PADDED = {"rope_dail", "rope_dail_xpos"}  # dail positions count padding too (flash-attn's seqlen_offset)
+FLASH_ATTN_REPO, FLASH_ATTN_TAG = os.environ.get("FLASH_ATTN_REPO"), os.environ.get("FLASH_ATTN_TAG", "v2.7.4")
+ROTARY_KERNEL = """
+def apply_rotary(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None, interleaved=False,
+                 inplace=False, conjugate=False):
+    from flash_attn.layers.rotary import apply_rotary_emb_torch
+    assert cu_seqlens is None and isinstance(seqlen_offsets, int) and not conjugate
+    rows = slice(seqlen_offsets, seqlen_offsets + x.shape[1])
+    out = apply_rotary_emb_torch(x, cos[rows], sin[rows], interleaved)
+    return x.copy_(out) if inplace else out
+"""
+
+
+def flash_attn_python_modules():
+    """A `flash_attn` package of flash-attn's pure-Python modules (see the module docstring), on sys.path."""
+    root = tempfile.mkdtemp()
+    files = {"__init__.py": f"__version__ = {FLASH_ATTN_TAG.lstrip('v')!r}\n", "layers/__init__.py": "",
+             "ops/__init__.py": "", "ops/triton/__init__.py": "", "ops/triton/rotary.py": ROTARY_KERNEL}
+    for name in ("bert_padding.py", "layers/rotary.py"):
+        files[name] = subprocess.run(["git", "-C", FLASH_ATTN_REPO, "show", f"{FLASH_ATTN_TAG}:flash_attn/{name}"],
+                                     check=True, capture_output=True, text=True).stdout
+    for name, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, "flash_attn", name)), exist_ok=True)
+        with open(os.path.join(root, "flash_attn", name), "w") as f:
+            f.write(text)
+    sys.path.insert(0, root)
 
 
 def main():
+    if FLASH_ATTN_REPO:
+        flash_attn_python_modules()
     from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
 
     for name, over in CASES.items():
+        if name in NEEDS_FLASH_ATTN and not FLASH_ATTN_REPO:
+            print(name, "skipped: set FLASH_ATTN_REPO to a flash-attention git checkout")
+            continue
         torch.manual_seed(0)
         attn = {"attn_impl": "torch", **over.get("attn_config", {})}
-        config = MPTConfig(**TINY, **{**over, "attn_config": attn})
+        config = MPTConfig(**{**TINY, **over, "attn_config": attn})
         model = MPTForCausalLM(config).eval()
         with torch.no_grad():
             for p in model.parameters():
@@ -54,6 +117,8 @@ def main():
         ids = torch.randint(0, TINY["vocab_size"], (2, 12))
         mask = torch.ones_like(ids)
         mask[1, -3:] = 0  # a right-padded row
+        if name in LEFT_PADDED:
+            mask[0, :2] = 0
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask.bool()).logits
         folder = os.path.join(OUT, name)

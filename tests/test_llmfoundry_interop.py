@@ -14,13 +14,14 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 CASES = sorted(os.listdir(FIXTURES))
 
 
-def llmfoundry_logits_match(model, folder):
+def llmfoundry_logits_match(model, folder, padding_too=False):
     expected = load_file(os.path.join(folder, "expected.safetensors"))
     mask = expected["attention_mask"]
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"], attention_mask=mask).logits
-    real = mask.bool()  # a padded position's logits are not defined by either implementation
-    torch.testing.assert_close(logits[real], expected["logits"][real], rtol=0, atol=1e-5)
+    # a padded position's logits depend on how positions count padding, except with ALiBi (right padding)
+    compared = torch.ones_like(mask, dtype=torch.bool) if padding_too else mask.bool()
+    torch.testing.assert_close(logits[compared], expected["logits"][compared], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -29,12 +30,22 @@ def test_a_model_llmfoundry_saved_loads_with_its_logits(case):
     llmfoundry_logits_match(load_hf_model(folder), folder)
 
 
-@pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused"])
+def test_padding_tokens_skip_the_ffn_as_in_llmfoundry():
+    """use_pad_tok_in_ffn: false changes only padded positions: those are compared too (ALiBi, right padding)."""
+    folder = os.path.join(FIXTURES, "no_pad_tok_in_ffn")
+    llmfoundry_logits_match(load_hf_model(folder), folder, padding_too=True)
+    with pytest.raises(AssertionError):  # the padded positions do tell the two apart
+        llmfoundry_logits_match(load_hf_model(folder, use_pad_tok_in_ffn=True), folder, padding_too=True)
+
+
+@pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused",
+                                  "block_overrides_unfused_gqa_alibi", "block_overrides_dail_nope_reuse",
+                                  "rope_dail_xpos", "no_pad_tok_in_ffn"])
 def test_its_export_keeps_the_logits(case, tmp_path):
     """Exported again (custom code where stock transformers cannot represent it), the same logits."""
     folder = os.path.join(FIXTURES, case)
     model = load_hf_model(folder)
-    assert native_blockers(model.config)  # biases, learned positions, head size: not stock Mpt
+    assert native_blockers(model.config)  # biases, positions, head size, overrides: not stock Mpt
     write_hf_folder(model.config, model.state_dict(), str(tmp_path / "out"))
     llmfoundry_logits_match(load_hf_model(str(tmp_path / "out")), folder)
 
@@ -56,7 +67,8 @@ def test_rms_norms_have_no_bias_like_llmfoundrys():
 @pytest.mark.parametrize("key, value, message", [
     ("attn_config", {"rope": True, "alibi": False, "rope_impl": "dail"},
      "head_dim: with rope_impl 'dail', a head size other than d_model // n_heads (8) is not supported yet"),
-    ("attn_config", {"nope": True}, "attn_config.nope: True is not allowed"),
+    ("attn_config", {"nope": True}, "attn_config.nope: a model without positions is not an option (as in "
+                                    "llm-foundry): make single layers nope in block_overrides"),
     ("attn_config", {"kv_dim": 16}, "attn_config.kv_dim: 16 != d_model (32): keys of another width are for "
                                     "cross-attention"),
     ("fc_type", {"name": "te"}, "fc_type: only 'torch' linear layers are supported (TransformerEngine's 'te'"),

@@ -10,10 +10,11 @@ from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.export.opening import MPTModelSection
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token
 from llmfoundry_lite.models.config import MPTSchema
-from llmfoundry_lite.models.layers.attention import apply_rope, rope_cos_sin
+from llmfoundry_lite.models.layers.attention import apply_rope, dail_rope_cos_sin, rope_cos_sin
 
 V = 64
-POSITIONS = {"alibi": {}, "rope": {"attn_config": {"alibi": False, "rope": True}},
+# hf RoPE counts real tokens of each sequence; dail RoPE counts from the first token (llm-foundry's)
+POSITIONS = {"alibi": {}, "rope": {"attn_config": {"alibi": False, "rope": True, "rope_impl": "hf"}},
              "learned": {"attn_config": {"alibi": False}}}
 
 
@@ -52,6 +53,20 @@ OPTIONS = {
                                                            "kv_n_heads": 2, "qk_gn": True}),
     "temperature_tuning": dict(attn_config={"attn_temperature_tuning": {"floor_scale": 3, "attn_scale": 0.7},
                                             "qk_gn": True}),
+    "rope_dail_fp16_positions": dict(attn_config={"alibi": False, "rope": True, "rope_dail_config": {
+        "pos_idx_in_fp32": False}}),
+    # layer 1: window 3 without RoPE, layers 2 and 3 reuse layer 1's keys (3 -> 2 -> 1)
+    "block_overrides_fused": dict(n_layers=4, attn_config={"alibi": False, "rope": True, "qk_ln": True},
+                                  block_overrides={"order": [{"name": "default"}, {"order": [
+                                      {"name": "window_nope"}, {"name": "reuse"}]}, {"name": "reuse"}], "overrides": {
+                                      "window_nope": {"attn_config": {"sliding_window_size": 3, "nope": True}},
+                                      "reuse": {"attn_config": {"reuse_kv_layer_idx": -1}}}}),
+    "block_overrides_unfused_gqa": dict(n_layers=4, attn_config={
+        "fused_qkv": False, "attn_type": "grouped_query_attention", "kv_n_heads": 2, "qk_gn": True},
+        block_overrides={"order": [{"name": "default"}, {"name": "reuse"}], "repeat": 2, "overrides": {"reuse": {
+            "attn_config": {"reuse_kv_layer_idx": -1, "nope": True,
+                            "attn_temperature_tuning": {"floor_scale": 2, "attn_scale": 0.5}}}}}),
+    "no_pad_tok_in_ffn": dict(use_pad_tok_in_ffn=False),
 }
 
 
@@ -70,6 +85,99 @@ def test_every_option_runs_forward_and_backward(name):
         past = model(x[:, :-1], use_cache=True).past_key_values
         step = model(x[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
     assert (full - step).abs().max() < 1e-5
+
+
+def test_block_overrides_build_llmfoundrys_layers():
+    model = tiny(**OPTIONS["block_overrides_fused"])
+    attn = [block.attn for block in model.transformer.blocks]
+    assert [(a.sliding_window, a.nope, a.reuse_kv) for a in attn] == [
+        (-1, False, None), (3, True, None), (-1, False, 1), (-1, False, 1)]
+    names = set(model.state_dict())
+    assert "transformer.blocks.2.attn.Wq.weight" in names and "transformer.blocks.2.attn.q_ln.weight" in names
+    assert not any(n.startswith("transformer.blocks.2.attn.") and ("Wqkv" in n or "k_ln" in n) for n in names)
+    # a layer that reuses keys gives other logits than one computing its own (the reuse is not a no-op)
+    plain = tiny(**{**OPTIONS["block_overrides_fused"], "block_overrides": None})
+    plain.load_state_dict(model.state_dict(), strict=False)
+    x = torch.randint(0, V, (1, 8))
+    with torch.no_grad():
+        assert (model(x).logits - plain(x).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"order": [{"name": "default"}], "overrides": {}}, "block_overrides: order expands to 1 layers ['default'], but "
+                                                        "n_layers is 2"),
+    ({"order": [{"name": "w"}, {"name": "x"}], "overrides": {"w": {}}}, "order names 'x', which is not in overrides"),
+    ({"order": [{"name": "w", "order": []}] * 2, "overrides": {"w": {}}}, "order[0].name: give exactly one of name"),
+    ({"order": [{"name": "default"}] * 2, "overrides": {"default": {}}}, "overrides.default: 'default' names the"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_layer_idx": -1}}}},
+     "reuse_kv_layer_idx: -1 from layer 0 is before the first layer"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_layer_idx": 0}}}},
+     "reuse_kv_layer_idx: a negative (relative) layer index"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": -1}}}},
+     "reuse_kv_x_layer_idx: not supported here yet"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"alibi": False}}}},
+     "overrides.r.attn_config.alibi: unknown key"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"ffn_config": {}}}}, "overrides.r.ffn_config: unknown key"),
+])
+def test_block_overrides_llmfoundry_refuses_are_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        tiny(attn_config={"alibi": False, "rope": True}, block_overrides=overrides)
+
+
+def test_nope_layers_need_alibi_or_rope():
+    with pytest.raises(ConfigError, match="block_overrides: nope layers need alibi or rope"):
+        tiny(attn_config={"alibi": False}, block_overrides={
+            "order": [{"name": "n"}, {"name": "default"}], "overrides": {"n": {"attn_config": {"nope": True}}}})
+
+
+def test_dail_rope_is_flash_attns_rotary_with_xpos():
+    """Attention of one layer against a hand-written RoPE (RoFormer rotation, first/second half pairs) with
+    XPos scaling (queries times, keys divided by ((2i + 0.4 d) / (1.4 d)) ** ((p - L // 2) / scale_base))."""
+    dail = {"type": "xpos", "xpos_scale_base": 4, "pos_idx_in_fp32": True}
+    model = tiny(n_layers=1, attn_config={"alibi": False, "rope": True, "rope_theta": 100, "rope_dail_config": dail})
+    attn, d, S = model.transformer.blocks[0].attn, 8, 7
+    x = torch.randn(1, S, 32)
+    q, k, v = (t.view(S, 4, d) for t in attn.Wqkv(x)[0].split(32, dim=-1))
+
+    def rotate(t, sign):
+        out = torch.empty_like(t)
+        for p in range(S):
+            for i in range(d // 2):
+                angle = p * 100 ** (-2 * i / d)
+                scale = (((2 * i + 0.4 * d) / (1.4 * d)) ** ((p - S // 2) / 4)) ** sign
+                a, b = t[p, :, i], t[p, :, i + d // 2]
+                out[p, :, i] = (a * math.cos(angle) - b * math.sin(angle)) * scale
+                out[p, :, i + d // 2] = (b * math.cos(angle) + a * math.sin(angle)) * scale
+        return out
+    q, k = rotate(q, 1), rotate(k, -1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    expected = attn.out_proj(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(1, S, 32))
+    from llmfoundry_lite.models.layers.attention import AttentionContext
+    ctx = AttentionContext(q_len=S, past_len=0, rope=dail_rope_cos_sin(0, S, d, 100, dail, torch.float32, "cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, ctx), expected, rtol=0, atol=1e-5)
+
+
+def test_padding_tokens_skip_the_ffn_without_use_pad_tok_in_ffn():
+    """Real tokens' logits are the same either way; padding tokens get no FFN output (llm-foundry's unpadding)."""
+    ids, mask = torch.randint(0, V, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    skip, use = tiny(use_pad_tok_in_ffn=False), tiny()
+    with torch.no_grad():
+        a, b = skip(ids, attention_mask=mask).logits, use(ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(a[real], b[real], rtol=0, atol=1e-5)
+        assert (a[~real] - b[~real]).abs().min() > 1e-4
+        block = skip.transformer.blocks[0]
+        h = torch.randn(2, 8, 32)
+        from llmfoundry_lite.models.layers.attention import AttentionContext
+        out = block._ffn(h, AttentionContext(q_len=8, past_len=0, key_padding_mask=mask.bool()))
+        assert out[~real].abs().max() == 0 and torch.equal(out[real], block.ffn(h)[real])
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)  # left-padded batched generation
+        assert torch.equal(skip.generate(ids, attention_mask=mask, **kw)[0, 3:],
+                           skip.generate(ids[:1, 3:], **kw)[0])
 
 
 @pytest.mark.parametrize("pos", list(POSITIONS))

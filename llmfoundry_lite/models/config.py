@@ -12,6 +12,7 @@ default filled in, so `config.attn_config["alibi"]` always exists.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
@@ -21,11 +22,12 @@ from transformers import PretrainedConfig
 from llmfoundry_lite import registry
 from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, stock_mpt_values
 from llmfoundry_lite.config import Name, Positive, Probability, Rule, cross, join, parse, rule
+from llmfoundry_lite.models.layers.attention import block_attn_configs
 
 
 @dataclass
 class RopeDailConfig:
-    type: Literal["original"] = "original"  # 'xpos' (llm-foundry, flash-attn only) is not supported
+    type: Literal["original", "xpos"] = "original"
     pos_idx_in_fp32: bool = True
     xpos_scale_base: float = 512
 
@@ -56,7 +58,7 @@ class AttnConfig:
     clip_qkv: Optional[float] = None
     softmax_scale: Optional[float] = None
     attn_uses_sequence_id: bool = False
-    sliding_window_size: Annotated[int, rule(lambda v: v == -1 or v > 0, "-1 (off) or a positive window")] = -1
+    sliding_window_size: Annotated[int, _WINDOW] = -1
     attn_logit_softcapping: Optional[float] = None
     alibi: bool = True
     alibi_bias_max: int = 8
@@ -69,7 +71,8 @@ class AttnConfig:
     attn_temperature_tuning: TemperatureTuning = field(default_factory=TemperatureTuning)
     # Accepted for compatibility with older configs and with what llm-foundry writes into every config;
     # only the values that mean "off" are supported.
-    nope: Literal[False] = False  # llm-foundry allows it only per layer (block_overrides)
+    nope: Annotated[bool, rule(lambda v: not v, "a model without positions is not an option (as in llm-foundry): "
+                                                "make single layers nope in block_overrides")] = False
     prefix_lm: Literal[False] = False
     kv_dim: Optional[Positive] = None  # llm-foundry's key-input width, for cross-attention: only d_model runs
     flex_attn_mod_list: Annotated[List[Any], Rule(lambda v: v and (
@@ -112,6 +115,58 @@ class FFNConfig:
         if not isinstance(name, str) or not callable(getattr(F, name, None)):
             return (f"{join(path, 'ffn_act_fn.name')}: {name!r} is not a torch.nn.functional activation "
                     "(e.g. gelu, silu, relu)")
+
+
+_WINDOW = rule(lambda v: v == -1 or v > 0, "-1 (off) or a positive window")
+
+
+@dataclass
+class TemperatureOverride:
+    floor_scale: Optional[Positive] = None
+    attn_scale: Optional[float] = None
+
+
+@dataclass
+class AttnOverride:
+    """The attn_config keys one block may override (llm-foundry's `allowed_block_overrides`)."""
+    sliding_window_size: Optional[Annotated[int, _WINDOW]] = None
+    nope: Optional[bool] = None  # no positions in this layer: no RoPE rotation, no ALiBi
+    reuse_kv_layer_idx: Optional[Annotated[int, rule(lambda v: v < 0, "a negative (relative) layer index, -1 for "
+                                                                      "the layer before")]] = None
+    reuse_kv_x_layer_idx: Optional[Annotated[int, Rule(lambda v: (
+        "not supported here yet (keys and values from an earlier layer's input); use reuse_kv_layer_idx"))]] = None
+    attn_temperature_tuning: Optional[TemperatureOverride] = None
+
+
+@dataclass
+class BlockOverride:
+    attn_config: AttnOverride = field(default_factory=AttnOverride)
+
+
+@dataclass
+class OrderItem:
+    """A layer kind (`name`: a key of `overrides`, or 'default') or a nested `order`, `repeat` times."""
+    name: Optional[str] = None
+    order: Optional[List["OrderItem"]] = None
+    repeat: Positive = 1
+
+    @cross("name", "order")
+    def _name_or_order(self, path):
+        if (self.name is None) == (self.order is None):
+            return f"{join(path, 'name')}: give exactly one of name or order"
+
+
+@dataclass
+class BlockOverrides:
+    """llm-foundry's per-layer overrides: the layers' kinds in `order`, what each kind changes in `overrides`."""
+    order: List[OrderItem]
+    overrides: Dict[str, BlockOverride]
+    repeat: Positive = 1
+
+    @cross("overrides")
+    def _default_is_reserved(self, path):
+        if "default" in self.overrides:
+            return f"{join(path, 'overrides.default')}: 'default' names the layers without overrides; rename it"
 
 
 _PAIR = rule(lambda v: len(v) == 2, "a number or a [low, high] pair")
@@ -193,7 +248,7 @@ class MPTSchema:
     tie_word_embeddings: bool = True
     fc_type: Annotated[Union[str, Dict[str, Any]], Rule(_torch_linear)] = "torch"
     use_pad_tok_in_ffn: bool = True  # pad tokens always go through the FFN; their outputs are unused
-    block_overrides: Literal[None] = None
+    block_overrides: Optional[BlockOverrides] = None  # stored as written, as llm-foundry saves it
     initializer_range: float = 0.02  # transformers' key; MPT init is set by init_config
     verbose: int = 0
     tokenizer_name: Optional[str] = None  # written by MosaicML's original MPT configs
@@ -216,6 +271,21 @@ class MPTSchema:
         if self.head_dim not in (None, self.d_model // self.n_heads) and attn.rope and attn.rope_impl == "dail":
             return (f"{join(path, 'head_dim')}: with rope_impl 'dail', a head size other than d_model // n_heads "
                     f"({self.d_model // self.n_heads}) is not supported yet; use rope_impl: hf or remove head_dim")
+
+    @cross("n_layers", "block_overrides", "attn_config", "learned_pos_emb")
+    def _block_overrides_expand(self, path):
+        if self.block_overrides is None:
+            return None
+        where = join(path, "block_overrides")
+        if self.learned_pos_emb and not (self.attn_config.alibi or self.attn_config.rope) and any(
+                o.attn_config.nope for o in self.block_overrides.overrides.values()):
+            return (f"{where}: nope layers need alibi or rope: learned positions are added to every layer's input "
+                    "(as in llm-foundry)")
+        try:
+            block_attn_configs(dataclasses.asdict(self.attn_config), dataclasses.asdict(self.block_overrides),
+                               self.n_layers)
+        except ValueError as e:
+            return f"{where}: {e}"
 
     @cross("d_model", "attn_config")
     def _self_attention_only(self, path):
@@ -263,6 +333,7 @@ class MPTConfig(PretrainedConfig):
         schema = parse(MPTSchema, kwargs, "model", header="invalid MPT model config")
         values = dataclasses.asdict(schema)
         values.pop("extra")  # passed to PretrainedConfig below
+        values["block_overrides"] = copy.deepcopy(kwargs.get("block_overrides"))  # as written (checked above)
         values["head_dim"] = schema.head_dim or schema.d_model // schema.n_heads
         for off in ("extra", "nope"):  # checked to be off: nothing to store
             values["attn_config"].pop(off)

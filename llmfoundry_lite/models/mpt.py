@@ -3,7 +3,10 @@
 Architecture choices (each set in `MPTConfig`, see config.py):
 - decoder-only, pre-norm blocks: x += attn(norm_1(x)); x += ffn(norm_2(x)); a final `norm_f`.
 - positions: ALiBi (default; slopes as MPT defines them, so `max_seq_len` can be raised at load
-  time to extrapolate), or RoPE (`rope`, `rope_theta`, hf scaling), or learned embeddings (`wpe`).
+  time to extrapolate), or RoPE (`rope`, `rope_theta`; hf scaling, or flash-attn's dail incl. XPos),
+  or learned embeddings (`wpe`).
+- per-layer `block_overrides` (llm-foundry's): a layer's own sliding window, no positions (`nope`),
+  or the keys/values of an earlier layer (`reuse_kv_layer_idx`; such a layer has only `Wq`).
 - attention: fused `Wqkv`, multi-head / grouped-query / multi-query, optional qk LayerNorm or
   per-head GroupNorm, `clip_qkv`, packed-sequence masking by `sequence_id`, sliding window, KV cache
   (transformers' `Cache`); the kernel (`torch` SDPA or `flash`) comes from a registry.
@@ -36,7 +39,14 @@ from transformers.modeling_outputs import (
 from llmfoundry_lite.compat import KV_CACHE
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.models.config import MPTConfig
-from llmfoundry_lite.models.layers.attention import AttentionContext, MPTAttention, alibi_slopes, rope_cos_sin
+from llmfoundry_lite.models.layers.attention import (
+    AttentionContext,
+    MPTAttention,
+    alibi_slopes,
+    block_attn_configs,
+    dail_rope_cos_sin,
+    rope_cos_sin,
+)
 from llmfoundry_lite.models.layers.norms import build_norm
 from llmfoundry_lite.registry import ffns, param_inits
 
@@ -44,21 +54,31 @@ IGNORE_INDEX = -100  # a label without a target (transformers' and torch's conve
 
 
 class MPTBlock(nn.Module):
-    def __init__(self, config: MPTConfig, layer_idx: int):
+    def __init__(self, config: MPTConfig, layer_idx: int, attn: dict, shares_kv: bool = False):
         super().__init__()
         bias = not config.no_bias
         norm = functools.partial(build_norm, config.norm_type, eps=config.layer_norm_epsilon, bias=bias)
         self.norm_1 = norm(config.d_model)
-        self.attn = MPTAttention(config, layer_idx, norm)
+        self.attn = MPTAttention(config, layer_idx, norm, attn, shares_kv)
         self.norm_2 = norm(config.d_model)
         ffn_cls = ffns.get(config.ffn_config["ffn_type"], "model.ffn_config.ffn_type")
         self.ffn = ffn_cls(config.d_model, config.ffn_hidden_size, config.ffn_config["ffn_act_fn"], bias)
+        self.ffn_skips_padding = not config.use_pad_tok_in_ffn
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values: Optional[Cache] = None):
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), ctx, past_key_values))
-        return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
+        return x + self.resid_ffn_dropout(self._ffn(self.norm_2(x), ctx))
+
+    def _ffn(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """`use_pad_tok_in_ffn: false` (llm-foundry): padding tokens skip the FFN, which adds 0 to them."""
+        if not (self.ffn_skips_padding and ctx.key_padding_mask is not None):
+            return self.ffn(h)
+        real = ctx.key_padding_mask[:, -h.shape[1]:].to(h.device)
+        out = h.new_zeros(h.shape)
+        out[real] = self.ffn(h[real]).to(h.dtype)
+        return out
 
 
 class MPTPreTrainedModel(PreTrainedModel):
@@ -106,7 +126,9 @@ class MPTModel(MPTPreTrainedModel):
             if config.position_scheme == "learned":
                 self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
             self.emb_drop = nn.Dropout(config.emb_pdrop)
-            self.blocks = nn.ModuleList([MPTBlock(config, i) for i in range(config.n_layers)])
+            attn = block_attn_configs(config.attn_config, config.block_overrides, config.n_layers)
+            sources = {a.get("reuse_kv_layer_idx") for a in attn}
+            self.blocks = nn.ModuleList([MPTBlock(config, i, a, i in sources) for i, a in enumerate(attn)])
             self.norm_f = build_norm(config.norm_type, config.d_model, config.layer_norm_epsilon, not config.no_bias)
         self._bias_cache = {}  # the ALiBi/causal bias of the last unpadded shape, reused across steps
         self.post_init()
@@ -172,8 +194,9 @@ class MPTModel(MPTPreTrainedModel):
         return attention_mask, sequence_id
 
     def _positions(self, x, attention_mask, sequence_id, past_len: int) -> Optional[torch.Tensor]:
-        """Position ids (B, S) for RoPE / learned positions (None for ALiBi): real tokens, per sequence."""
-        if self.config.position_scheme not in ("learned", "rope"):
+        """Position ids (B, S) for hf RoPE / learned positions (None otherwise): real tokens, per sequence."""
+        scheme = self.config.position_scheme
+        if scheme != "learned" and (scheme != "rope" or self.config.attn_config["rope_impl"] == "dail"):
             return None
         (batch, seq), device = x.shape[:2], x.device
         if sequence_id is not None:
@@ -195,12 +218,22 @@ class MPTModel(MPTPreTrainedModel):
             sequence_id=sequence_id, sliding_window=attn["sliding_window_size"],
             alibi_slopes=alibi_slopes(cfg.n_heads, attn["alibi_bias_max"], x.device)
             if cfg.position_scheme == "alibi" else None,
-            rope=rope_cos_sin(positions, cfg.head_dim, attn["rope_theta"], attn["rope_hf_config"],
-                              cfg.max_seq_len, x.dtype) if cfg.position_scheme == "rope" else None)
+            rope=self._rope(x, positions, past_len) if cfg.position_scheme == "rope" else None)
         if not padded and sequence_id is None:
             self._bias_cache = {(S, past_len): self._bias_cache.get((S, past_len), {})}
             ctx.cache = self._bias_cache[(S, past_len)]
         return ctx
+
+    def _rope(self, x, positions, past_len: int):
+        """(queries', keys') RoPE cos/sin. llm-foundry's dail RoPE counts positions from the first token
+        whatever the padding or packing (flash-attn's `seqlen_offset`); its hf RoPE counts real tokens."""
+        attn, S = self.config.attn_config, x.shape[1]
+        if attn["rope_impl"] == "dail":
+            return dail_rope_cos_sin(past_len, S, self.config.head_dim, attn["rope_theta"], attn["rope_dail_config"],
+                                     x.dtype, x.device)
+        cos_sin = rope_cos_sin(positions, self.config.head_dim, attn["rope_theta"], attn["rope_hf_config"],
+                               self.config.max_seq_len, x.dtype)
+        return cos_sin, cos_sin
 
 
 def _cross_entropy_grad_(logp: torch.Tensor, index: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:

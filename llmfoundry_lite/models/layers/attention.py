@@ -14,8 +14,8 @@ A plug-in registers another kernel with the signature of `torch_attention`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -61,6 +61,30 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def dail_rope_cos_sin(past_len: int, seq: int, head_dim: int, theta: float, dail: Dict, dtype: torch.dtype,
+                      device) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """(queries' cos/sin, keys' cos/sin), each (1, 1, seq, head_dim), as flash-attn's `RotaryEmbedding`
+    computes them for llm-foundry's `rope_impl: dail` (positions past_len.. whatever the padding).
+
+    flash-attn builds its table for positions 0..L-1 with L = past_len + seq (the length llm-foundry
+    passes); `pos_idx_in_fp32: false` takes positions and frequencies in the model's dtype. XPos
+    (`type: xpos`) multiplies the queries' cos/sin by scale ** ((p - L // 2) / xpos_scale_base) and
+    divides the keys' by it, scale = (2i + 0.4 d) / (1.4 d) per frequency i: the centre moves with L.
+    """
+    length = past_len + seq
+    idx_dtype = torch.float32 if dail["pos_idx_in_fp32"] else dtype
+    inv_freq = (1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)))
+    pos = torch.arange(past_len, length, device=device, dtype=idx_dtype)
+    freqs = torch.outer(pos, inv_freq.to(idx_dtype)).float()
+    cos, sin = torch.cat([freqs.cos()] * 2, dim=-1), torch.cat([freqs.sin()] * 2, dim=-1)
+    if dail["type"] != "xpos":
+        return (cos.to(dtype), sin.to(dtype)), (cos.to(dtype), sin.to(dtype))
+    power = (torch.arange(past_len, length, device=device, dtype=torch.float32) - length // 2) / dail["xpos_scale_base"]
+    base = (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) + 0.4 * head_dim) / (1.4 * head_dim)
+    scale = torch.cat([base ** power[:, None]] * 2, dim=-1)
+    return ((cos * scale).to(dtype), (sin * scale).to(dtype)), ((cos / scale).to(dtype), (sin / scale).to(dtype))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, S, D) by the non-interleaved (GPT-NeoX) rotary embedding."""
     half = x.shape[-1] // 2
@@ -74,6 +98,8 @@ class AttentionContext:
 
     key_padding_mask: (B, K) bool, True = real token, or None when there is no padding.
     sequence_id: (B, S) ids of packed sequences (no cache), or None.
+    rope: (queries' (cos, sin), keys' (cos, sin)), the same pair unless XPos; None without RoPE.
+    shared_kv: layer index -> its keys and values, for the layers that reuse them (block_overrides).
     """
     q_len: int
     past_len: int
@@ -81,8 +107,17 @@ class AttentionContext:
     sequence_id: Optional[torch.Tensor] = None
     alibi_slopes: Optional[torch.Tensor] = None
     sliding_window: int = -1
-    rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    rope: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
     cache: Dict = field(default_factory=dict)  # per-forward (or shared) store for the built bias
+    shared_kv: Dict = field(default_factory=dict)
+
+    def for_layer(self, sliding_window: int, nope: bool) -> "AttentionContext":
+        """This context for a block with its own window, or without positions (`nope`): its bias is
+        kept in a sub-store of `cache`, so it too is built once and shared by the blocks like it."""
+        if sliding_window == self.sliding_window and not nope:
+            return self
+        return replace(self, sliding_window=sliding_window, alibi_slopes=None if nope else self.alibi_slopes,
+                       rope=None if nope else self.rope, cache=self.cache.setdefault((sliding_window, nope), {}))
 
     @property
     def k_len(self) -> int:
@@ -241,13 +276,56 @@ def flex_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, drop
                         f"{torch.__version__} ({e}); use attn_impl: torch") from None
 
 
-class MPTAttention(nn.Module):
-    """Self-attention with MPT's parameter names: `Wqkv` (or `Wq`/`Wk`/`Wv`), `q_ln`/`k_ln`, `out_proj`."""
+def block_attn_configs(attn_config: Dict, block_overrides: Optional[Dict], n_layers: int) -> List[Dict]:
+    """Each block's attn_config: `attn_config` with that block's `block_overrides` applied, expanded as
+    llm-foundry expands them. `order` lists `{name, repeat}` items or nested `{order, repeat}` lists
+    (`default`: no override), the whole order repeated `repeat` times: one name per layer.
+    `reuse_kv_layer_idx` is relative (-1: the layer before) and becomes the absolute index of the
+    layer that computes those keys (reusing a reusing layer reuses its source). Raises ValueError."""
+    if block_overrides is None:
+        return [attn_config] * n_layers
+    names = _expand_order(block_overrides["order"]) * (block_overrides.get("repeat") or 1)
+    if len(names) != n_layers:
+        raise ValueError(f"order expands to {len(names)} layers {names}, but n_layers is {n_layers}; "
+                         "make them agree (repeat multiplies the order)")
+    overrides, configs, sources = block_overrides["overrides"], [], {}
+    for i, name in enumerate(names):
+        if name != "default" and name not in overrides:
+            raise ValueError(f"order names {name!r}, which is not in overrides ({sorted(overrides)}); "
+                             "define it there or use 'default' for a layer without overrides")
+        given = (overrides.get(name) or {}).get("attn_config") or {}
+        layer = {**attn_config, **{k: v for k, v in given.items() if v is not None}}
+        if given.get("attn_temperature_tuning"):  # its keys are overridden one by one
+            layer["attn_temperature_tuning"] = {**attn_config["attn_temperature_tuning"], **{
+                k: v for k, v in given["attn_temperature_tuning"].items() if v is not None}}
+        if (step := given.get("reuse_kv_layer_idx")) is not None:
+            if i + step < 0:
+                raise ValueError(f"overrides.{name}.attn_config.reuse_kv_layer_idx: {step} from layer {i} "
+                                 "is before the first layer; point at an earlier layer that exists")
+            layer["reuse_kv_layer_idx"] = sources[i] = sources.get(i + step, i + step)
+        configs.append(layer)
+    return configs
 
-    def __init__(self, config, layer_idx: int, norm_factory):
+
+def _expand_order(order: List[Dict]) -> List[str]:
+    names = []
+    for item in order:
+        names += ([item["name"]] if item.get("name") is not None else _expand_order(item["order"])) * \
+            (item.get("repeat") or 1)
+    return names
+
+
+class MPTAttention(nn.Module):
+    """Self-attention with MPT's parameter names: `Wqkv` (or `Wq`/`Wk`/`Wv`), `q_ln`/`k_ln`, `out_proj`.
+
+    `attn` is this layer's attn_config (see `block_attn_configs`). A layer with `reuse_kv_layer_idx`
+    has only `Wq` (and `q_ln`): it attends over the keys and values that layer computed (its cache
+    included), as llm-foundry's does; `shares_kv` marks a layer whose keys another layer reuses.
+    """
+
+    def __init__(self, config, layer_idx: int, norm_factory, attn: Dict, shares_kv: bool = False):
         super().__init__()
-        attn = config.attn_config
-        self.layer_idx = layer_idx
+        self.layer_idx, self.shares_kv = layer_idx, shares_kv
         self.n_heads, self.kv_n_heads, self.head_dim = config.n_heads, config.kv_n_heads, config.head_dim
         self.d_model, self.q_dim = config.d_model, config.n_heads * self.head_dim  # q_dim != d_model: head_dim
         self.kv_dim = self.kv_n_heads * self.head_dim
@@ -255,10 +333,12 @@ class MPTAttention(nn.Module):
         self.softmax_scale = attn["softmax_scale"] or 1 / math.sqrt(config.d_model / config.n_heads)
         self.attn_pdrop, self.clip_qkv = attn["attn_pdrop"], attn["clip_qkv"]
         self.softcap = attn["attn_logit_softcapping"]
+        self.sliding_window, self.nope = attn["sliding_window_size"], attn.get("nope", False)
+        self.reuse_kv = attn.get("reuse_kv_layer_idx")
         tuning = attn["attn_temperature_tuning"]
         self.temperature = (tuning["floor_scale"], tuning["attn_scale"]) if tuning["attn_scale"] else None
         self.impl = attention_impls.get(attn["attn_impl"], "model.attn_config.attn_impl")
-        self.fused = attn["fused_qkv"]
+        self.fused = attn["fused_qkv"] and self.reuse_kv is None
         bias = not config.no_bias
         qkv_bias = bias if config.attention_bias is None else config.attention_bias  # llm-foundry's rule
         if self.fused:
@@ -266,36 +346,49 @@ class MPTAttention(nn.Module):
             self.Wqkv._fused = (0, [self.q_dim, self.q_dim + self.kv_dim])  # q|k|v rows: see init.py
         else:
             self.Wq = nn.Linear(self.d_model, self.q_dim, bias=qkv_bias)
+        if not self.fused and self.reuse_kv is None:
             self.Wk = nn.Linear(self.d_model, self.kv_dim, bias=qkv_bias)
             self.Wv = nn.Linear(self.d_model, self.kv_dim, bias=qkv_bias)
         self.qk_gn = attn["qk_gn"]
         if attn["qk_ln"] or attn["qk_gn"]:  # qk_ln normalises all heads together, qk_gn each head
             self.q_ln = norm_factory(self.head_dim if self.qk_gn else self.q_dim)
-            self.k_ln = norm_factory(self.head_dim if self.qk_gn else self.kv_dim)
+            if self.reuse_kv is None:
+                self.k_ln = norm_factory(self.head_dim if self.qk_gn else self.kv_dim)
         self.out_proj = nn.Linear(self.q_dim, self.d_model, bias=bias)
         self.out_proj._is_residual = True  # see init.py
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values=None) -> torch.Tensor:
         B, S, _ = x.shape
+        ctx = ctx.for_layer(self.sliding_window, self.nope)
+        own_kv = self.reuse_kv is None
         if self.fused:
             q, k, v = self.Wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         else:
-            q, k, v = self.Wq(x), self.Wk(x), self.Wv(x)
+            q, k, v = self.Wq(x), *((self.Wk(x), self.Wv(x)) if own_kv else (None, None))
         if self.clip_qkv:
-            q, k, v = [t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v)]
+            q, k, v = [t if t is None else t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v)]
         if hasattr(self, "q_ln"):  # qk_gn: each head on its own
             shape = (B, S, -1, self.head_dim) if self.qk_gn else (B, S, -1)
-            q, k = self.q_ln(q.view(shape)).to(q.dtype), self.k_ln(k.view(shape)).to(k.dtype)
+            q = self.q_ln(q.view(shape)).to(q.dtype)
+            k = self.k_ln(k.view(shape)).to(k.dtype) if own_kv else None
         if self.temperature:  # llm-foundry: after the qk norms, before RoPE, computed in fp32
             floor_scale, attn_scale = self.temperature
             pos = torch.arange(ctx.past_len, ctx.k_len, device=q.device, dtype=torch.float32)
             scale = torch.log(torch.floor((pos + 1) / floor_scale) + 1) * attn_scale + 1
             q = (q * scale.view(S, *[1] * (q.dim() - 2))).to(q.dtype)  # q: (B, S, H*D), or (B, S, H, D) after qk_gn
-        q, k, v = [t.reshape(B, S, -1, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+        q = q.reshape(B, S, -1, self.head_dim).transpose(1, 2)
         if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            q = apply_rope(q, *ctx.rope[0])
+        if own_kv:
+            k, v = [t.reshape(B, S, -1, self.head_dim).transpose(1, 2) for t in (k, v)]
+            if ctx.rope is not None:
+                k = apply_rope(k, *ctx.rope[1])
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)
+            if self.shares_kv:
+                ctx.shared_kv[self.layer_idx] = k, v
+        else:  # the source layer's keys and values, its cache included; this layer caches nothing
+            k, v = ctx.shared_kv[self.reuse_kv]
         out = self.impl(q, k, v, ctx, softmax_scale=self.softmax_scale,
                         dropout_p=self.attn_pdrop if self.training else 0.0, softcap=self.softcap)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, self.q_dim))
