@@ -329,3 +329,7 @@ def test_llm_foundry_task_keys_are_checked(tmp_path):
                                         "metric_names": ["InContextLearningLMExpectedCalibrationError"]}, "t")
     assert len(problems) == 1 and "t.metric_names: ['InContextLearningLMExpectedCalibrationError'] is not " \
         "computed here; a multiple_choice task reports [InContextLearningMultipleChoiceAccuracy]" in problems[0]
+    _, problems = check(ICLTaskConfig, {**base, "icl_task_type": "question_answering", "dataset_uri": "hf://a/b",
+                                        "hf_loading_vars": {"split": "test"}}, "t")
+    assert [p.split(":")[0] for p in problems] == ["t.dataset_uri", "t.hf_loading_vars"]
+    assert all("tasks are read from local JSONL files here (nothing is downloaded)" in p for p in problems)

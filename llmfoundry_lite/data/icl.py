@@ -45,6 +45,7 @@ import os
 import random
 import re
 import string
+import typing
 from typing import Annotated, Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -58,11 +59,21 @@ NonNegative = Annotated[int, rule(lambda v: v >= 0, "must be >= 0")]
 
 # ---- Config of one task (an item of `icl_tasks:`), llm-foundry's keys -------------------------
 
+HUB_REFUSED = ("tasks are read from local JSONL files here (nothing is downloaded); save the hub split as "
+               "JSONL (`datasets.load_dataset(...).to_json(path)`) and give its path as dataset_uri")
+
+
+def _task_file_problem(uri: str) -> Optional[str]:
+    if uri.startswith("hf://"):
+        return HUB_REFUSED
+    return typing.get_args(ExistingFile)[1].problem(uri)
+
+
 
 @dataclasses.dataclass
 class ICLTaskConfig:
     label: str
-    dataset_uri: ExistingFile
+    dataset_uri: Annotated[str, Rule(_task_file_problem)]
     icl_task_type: Annotated[str, Rule(_task_type_problem)]   # a name in the `icl_tasks` registry
     num_fewshot: Union[NonNegative, List[NonNegative]] = dataclasses.field(default_factory=lambda: [0])
     batch_size: Optional[Positive] = None       # examples per batch; default device_eval_batch_size
@@ -79,11 +90,18 @@ class ICLTaskConfig:
     cot_delimiter: str = ""                     # the answer is what follows its last occurrence
     early_stopping_criteria: Optional[List[str]] = None  # regular expressions; generation stops at them
     do_normalization: bool = True               # false: answers compared after strip() only
+    hf_loading_vars: Optional[Dict[str, Any]] = None  # llm-foundry's hub datasets: refused (below)
+    hf_parsing_map: Optional[Dict[str, List[str]]] = None
     ALIASES: ClassVar[Dict[str, str]] = {"prelimiter": "question_prelimiter"}  # llm-foundry's older name
 
     def __post_init__(self):
         if isinstance(self.num_fewshot, int):
             self.num_fewshot = [self.num_fewshot]
+
+    @cross("hf_loading_vars", "hf_parsing_map")
+    def _no_hub_dataset(self, path: str):
+        return [f"{join(path, key)}: {HUB_REFUSED}" for key in ("hf_loading_vars", "hf_parsing_map")
+                if getattr(self, key)]
 
     @cross("icl_task_type", "metric_names")
     def _own_metric(self, path: str):
