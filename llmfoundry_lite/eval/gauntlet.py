@@ -5,7 +5,8 @@ As its `EvalGauntlet` callback computes them: a benchmark's score is its accurac
 divided by (1 - random_baseline) when also rescale_accuracy. A category is the weighted mean of its
 benchmarks' scores, weighted EQUAL (1), SAMPLE_SZ (the task's number of examples) or LOG_SAMPLE_SZ
 (max(log2 of it, 1)); a category with a benchmark that was not evaluated is left out (with a warning).
-Each average is the plain mean of its categories that have a score (0 when none has);
+Each average is the plain mean of its categories that have a score (0 when none has: llm-foundry's own
+suites name categories they do not define);
 without `averages`, `default_average` averages them all.
 """
 from __future__ import annotations
@@ -50,11 +51,9 @@ class GauntletConfig:
 
     @cross("categories", "averages")
     def _average_names(self, path: str):
-        names = [c.name for c in self.categories]
-        return [f"{join(path, 'averages')}.{a}: {problem}" for a, members in (self.averages or {}).items()
-                for problem in (["is also a category name; name averages apart from categories"] if a in names
-                                else []) + [f"unknown category {m!r}; categories are {names}"
-                                            for m in members if m not in names]]
+        names = {c.name for c in self.categories}
+        return [f"{join(path, 'averages')}.{a}: is also a category name; name averages apart from categories"
+                for a in self.averages or {} if a in names]
 
     def average_names(self) -> Dict[str, List[str]]:
         return self.averages if self.averages is not None else {"default_average": [c.name for c in self.categories]}
