@@ -12,6 +12,7 @@ from llmfoundry_lite.data.icl import (
     build_prompts,
     continuation_scores,
     fewshot_indices,
+    judge_generations,
     load_task_file,
     normalize_answer,
 )
@@ -113,7 +114,7 @@ def test_schema_picks_the_context_that_best_predicts_the_continuation(tmp_path):
     assert res["t/0-shot"] == 0.5
 
 
-def test_generation_exact_match_after_normalisation_cut_at_delimiter(tmp_path):
+def test_generation_answer_is_a_normalised_prefix(tmp_path):
     # Greedy after '=': 'T','h','e',' ','4','\n' ... ; "The 4" normalises to "4".
     t = table(**{"=T": 9, "Th": 9, "he": 9, "e ": 9, " 4": 9, "4\n": 9, "\nx": 9, "x\x00": 9})
     path = write(tmp_path, "gen.jsonl", [{"context": "2+2", "answer": "4"},
@@ -123,6 +124,7 @@ def test_generation_exact_match_after_normalisation_cut_at_delimiter(tmp_path):
     res = evaluate_icl_task(BigramModel(t), CharTokenizer(), c, max_seq_len=32, batch_size=2)
     assert res["t/0-shot"] == pytest.approx(2 / 3)
     assert normalize_answer("  The Answer,  is: AN apple! ") == "answer is apple"
+    assert normalize_answer("U.S._open ‘An’") == "u s open"  # punctuation and '_' become spaces
 
 
 def test_fewshot_prompt_string_and_sampling(tmp_path):
@@ -229,7 +231,105 @@ def test_split_examples_keeps_each_examples_rows_together(tmp_path):
     model = BigramModel(t)
     judged = [ok for p in pieces for ok in judge_logits(model(p["input_ids"]).logits, p)]
     assert judged == judge_logits(model(whole["input_ids"]).logits, whole) == [False, True, True]
-    gen = {"mode": "generate", "labels": [["a"], ["b"], ["c"]], "input_ids": torch.zeros(3, 2), "stop_at": "\n",
+    gen = {"mode": "generate", "labels": [["a"], ["b"], ["c"]], "input_ids": torch.zeros(3, 2),
+           "early_stopping_criteria": ["\n"], "cot_delimiter": "", "do_normalization": True,
            "attention_mask": torch.ones(3, 2)}
     assert [p["labels"] for p in split_examples(gen, 2)] == [[["a"], ["b"]], [["c"]]]
     assert judge_generations(["A\nb", " the b", "d"], gen) == [True, True, False]
+
+
+# ---- llm-foundry's task keys: prelimiter, chain of thought, early stopping, normalisation, categories ----
+
+
+def test_prelimiter_and_chain_of_thought_shape_the_prompt_as_llm_foundry(tmp_path):
+    rows = [{"context": "2+2", "answer": "4", "chain_of_thought": "two and two."},
+            {"context": "1+1", "answer": "2", "chain_of_thought": "one and one."}]
+    c = cfg(write(tmp_path, "cot.jsonl", rows), "question_answering", question_prelimiter="Q: ",
+            continuation_delimiter="\nA: ", cot_delimiter=" So ")
+    prompts = build_prompts(rows, icl_tasks.get("question_answering")(), c, num_fewshot=1)
+    assert prompts[0] == [("Q: 1+1\nA: one and one. So 2\nQ: 2+2\nA: ", "two and two. So 4")]
+
+
+def generation_batch(tmp_path, **kw):
+    """A collated batch of a one-example generation task (answer '42', alias 'forty two')."""
+    path = write(tmp_path, "g.jsonl", [{"context": "q", "answer": "42", "aliases": ["forty two"]}])
+    ds = ICLDataset(cfg(path, "generation_task_with_answers", **kw), 0, CharTokenizer(), max_seq_len=64)
+    return ds.collate(ds.items)
+
+
+@pytest.mark.parametrize("text, kw, correct", [
+    # cut at the first early-stopping match, then the text after the last cot_delimiter, then startswith
+    ("Think. The answer is 42\n\nQuestion: The answer is 7", dict(cot_delimiter="The answer is "), True),
+    ("The answer is 4Question: 42", dict(cot_delimiter="The answer is "), False),
+    ("42 apples", {}, True),                                    # a prefix is enough
+    ("4 2", {}, False),
+    ("The 42!", {}, True),                                      # normalised: article and punctuation go
+    ("The 42!", dict(do_normalization=False), False),           # not normalised: only stripped
+    ("  42 \n", dict(do_normalization=False), True),
+    ("Forty_two.", {}, True),                                   # '_' is a space, an alias matches
+    ("forty two", dict(early_stopping_criteria=["t[wy]"]), False),  # the criteria are regular expressions
+])
+def test_generation_judged_as_llm_foundry(tmp_path, text, kw, correct):
+    criteria = kw.pop("early_stopping_criteria", ["\n\n", "Question:"])
+    batch = generation_batch(tmp_path, early_stopping_criteria=criteria, **kw)
+    assert judge_generations([text], batch) == [correct]
+
+
+class CountingModel(BigramModel):
+    calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        return super().forward(input_ids, attention_mask)
+
+
+def test_generation_stops_at_an_early_stopping_criterion(tmp_path):
+    # greedy after ':' writes ' 7\n\n\n...' and never EOS: 12 steps without criteria, 4 (' 7\n\n') with
+    t = table(**{": ": 9, " 7": 9, "7\n": 9, "\n\n": 9})
+    path = write(tmp_path, "g.jsonl", [{"context": "3+4", "answer": "7"}])
+    for criteria, steps in ((None, 12), (["\n\n"], 4)):
+        model = CountingModel(t)
+        c = cfg(path, "generation_task_with_answers", continuation_delimiter=":", max_new_tokens=12,
+                early_stopping_criteria=criteria)
+        assert evaluate_icl_task(model, CharTokenizer(), c, max_seq_len=32, batch_size=1) == {"t/0-shot": 1.0}
+        assert model.calls == steps
+
+
+def test_categories_are_scored_apart_and_averaged(tmp_path):
+    # greedy continues ' ' with '4': the examples answering '4' are right
+    t = table(**{" 4": 5.0})
+    rows = [{"context": "2+2=", "continuation": "4", "category": "b"},
+            {"context": "2+3=", "continuation": "5", "category": "a"},
+            {"context": "1+3=", "continuation": "4", "category": "a"}]
+    c = cfg(write(tmp_path, "cat.jsonl", rows), "language_modeling", has_categories=True)
+    res = evaluate_icl_task(BigramModel(t), CharTokenizer(), c, max_seq_len=32, batch_size=2)
+    # the mean of the categories (0.5 and 1.0), not the pooled 2/3, as llm-foundry reports it
+    assert res == {"t/0-shot/a": 0.5, "t/0-shot/b": 1.0, "t/0-shot": 0.75}
+    from llmfoundry_lite.data.icl import task_datasets
+    name, ds = next(task_datasets(cfg(c.dataset_uri, "language_modeling", has_categories=True, num_fewshot=1),
+                                  CharTokenizer(), 64))
+    prompts = ["".join(map(chr, it.rows[0])) for it in ds.items]
+    assert name == "t/1-shot/a" and sorted(prompts) == ["1+3= 4\n2+3= 5", "2+3= 5\n1+3= 4"]  # shots: own category
+    path = write(tmp_path, "nocat.jsonl", [{"context": "x", "continuation": "y"}])
+    with pytest.raises(DataError, match="nocat.jsonl:1: .*string field 'category'"):
+        evaluate_icl_task(BigramModel(t), CharTokenizer(), cfg(path, "language_modeling", has_categories=True), 32, 1)
+
+
+def test_llm_foundry_task_keys_are_checked(tmp_path):
+    path = write(tmp_path, "g.jsonl", [{"context": "q", "answer": "a"}])
+    base = {"label": "x", "dataset_uri": path, "num_fewshot": [0]}
+    ok, problems = check(ICLTaskConfig, {**base, "icl_task_type": "question_answering", "prelimiter": "Q: ",
+                                         "metric_names": ["InContextLearningGenerationExactMatchAccuracy"],
+                                         "cot_delimiter": "So ", "do_normalization": False}, "t")
+    assert problems == [] and ok.question_prelimiter == "Q: "
+    _, problems = check(ICLTaskConfig, {**base, "icl_task_type": "code_evaluation"}, "t")
+    assert problems == ["t.icl_task_type: 'code_evaluation' runs the code the model writes, which needs a sandbox "
+                        "this framework does not have; remove the task (llm-foundry runs it in a sandbox)"]
+    _, problems = check(ICLTaskConfig, {**base, "icl_task_type": "multiple_choice",
+                                        "metric_names": ["InContextLearningLMExpectedCalibrationError"]}, "t")
+    assert len(problems) == 1 and "t.metric_names: ['InContextLearningLMExpectedCalibrationError'] is not " \
+        "computed here; a multiple_choice task reports [InContextLearningMultipleChoiceAccuracy]" in problems[0]
+    _, problems = check(ICLTaskConfig, {**base, "icl_task_type": "question_answering", "dataset_uri": "hf://a/b",
+                                        "hf_loading_vars": {"split": "test"}}, "t")
+    assert [p.split(":")[0] for p in problems] == ["t.dataset_uri", "t.hf_loading_vars"]
+    assert all("tasks are read from local JSONL files here (nothing is downloaded)" in p for p in problems)

@@ -2,6 +2,7 @@
 from llmfoundry_lite.config.loading import load_config
 from llmfoundry_lite.config.schema import (
     ExistingFile,
+    FromFile,
     ListOrFile,
     Name,
     Named,
@@ -17,5 +18,5 @@ from llmfoundry_lite.config.schema import (
     rule,
 )
 
-__all__ = ["load_config", "check", "cross", "parse", "join", "rule", "Name", "Named", "NamedMap", "ListOrFile",
+__all__ = ["load_config", "check", "cross", "parse", "join", "rule", "Name", "Named", "NamedMap", "ListOrFile", "FromFile",
            "Section", "Positive", "Probability", "Rule", "ExistingFile"]

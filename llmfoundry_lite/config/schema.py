@@ -12,7 +12,7 @@ dataclasses, and these, which is how a schema reaches into the registries:
                          The value is a `Section`.
   `NamedMap[reg]`        `{entry name: its keys}` (`callbacks: {speed_monitor: {window_size: 5}}`); `{}` or
                          null takes the defaults, `false` turns an entry off. The value is `{name: Section}`.
-  `ListOrFile[T, key]`   a list of T, or the path of a YAML file whose `key` holds that list
+  `FromFile[T, key]`     a T, or the path of a YAML file whose `key` holds one (`ListOrFile[T, key]`: a list of T)
   `Annotated[T, Rule(...)]`   T with a value rule (`Positive`, `Probability`, `ExistingFile`)
 A dataclass adds cross-field rules as methods marked `@cross("field", ...)`, each run when the fields
 it needs are valid, so one pass reports them next to every other problem. `EXTRA_KEYS` (a ClassVar)
@@ -128,9 +128,11 @@ class NamedMap(_FieldType):
         return out
 
 
-class ListOrFile(_FieldType):
-    def __init__(self, item_type, key: str):
-        self.item_type, self.key = item_type, key
+class FromFile(_FieldType):
+    """`T`, or the path of a YAML file whose `key` holds a `T` (llm-foundry's `icl_tasks: tasks.yaml`)."""
+
+    def __init__(self, tp, key: str):
+        self.tp, self.key = tp, key
 
     def coerce(self, value, path, problems):
         if isinstance(value, str):
@@ -143,10 +145,18 @@ class ListOrFile(_FieldType):
             except ConfigError as e:  # unreadable YAML: one more problem of this pass
                 problems.extend(f"{path}: {value}: {p}" for p in e.problems)
                 return value
-        if not isinstance(value, list):
-            problems.append(f"{path}: expected a list (or the path of a YAML file with `{self.key}:`), got {value!r}")
+        if _value_shape(value) != _shape(self.tp):
+            problems.append(f"{path}: expected {_type_name(self.tp)} (or the path of a YAML file with "
+                            f"`{self.key}:`), got {value!r}")
             return value
-        return coerce(List[self.item_type], value, path, problems)
+        return coerce(self.tp, value, path, problems)
+
+
+class ListOrFile(FromFile):
+    """A list of `item_type`, or the path of a YAML file whose `key` holds that list."""
+
+    def __init__(self, item_type, key: str):
+        super().__init__(List[item_type], key)
 
 
 def _type_name(tp) -> str:
@@ -171,7 +181,7 @@ def _shape(tp) -> str:
         meta = typing.get_args(tp)[1]
         if isinstance(meta, (Named, NamedMap)):
             return "mapping"
-        return "list" if isinstance(meta, ListOrFile) else _shape(typing.get_args(tp)[0])
+        return _shape(meta.tp) if isinstance(meta, FromFile) else _shape(typing.get_args(tp)[0])
     if origin in (dict, Dict, Mapping) or dataclasses.is_dataclass(tp):
         return "mapping"
     return "list" if origin in (list, List, tuple) else "scalar"

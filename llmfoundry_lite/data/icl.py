@@ -12,15 +12,26 @@ registering a subclass of `ICLTaskType`. The shipped types and the JSON fields o
                                 per-token loss (length-normalised)
   schema                        {context_options, continuation, gold}: Winograd-style, correct when the
                                 gold context gives the continuation the lowest mean per-token loss
-  generation_task_with_answers  {context, answer, aliases?}: greedy generation, cut at the example
-                                delimiter, equals the answer or an alias after normalisation
+  generation_task_with_answers  {context, answer, aliases?, chain_of_thought?}: judged as llm-foundry's
+  (also question_answering)     InContextLearningGenerationExactMatchAccuracy: the greedy generation, cut
+                                at the first `early_stopping_criteria` match and after the last
+                                `cot_delimiter`, starts with the answer or an alias (both normalised
+                                unless do_normalization: false, then only stripped)
+
+`code_evaluation` (running model-written code) is refused: it needs a sandbox. With `has_categories`
+every example has a `category`; each category is its own task (shots drawn within it), reported as
+`<label>/<k>-shot/<category>`, and `<label>/<k>-shot` is the mean over categories (llm-foundry's
+results table and gauntlet average them so).
 
 The prompt of one example with k shots (a shot is a solved example of the same file, never the
 example itself, drawn with a `random.Random` seeded by (fewshot_random_seed, example index), so the
 prompts are the same on every run, rank and batching):
 
   [prompt_string + example_delimiter] shot_1 + example_delimiter ... shot_k + example_delimiter
-  + context + continuation_delimiter
+  + question_prelimiter + context + continuation_delimiter
+
+where a shot is question_prelimiter + context + continuation_delimiter + answer (a generation
+example with a `chain_of_thought`: + chain_of_thought + cot_delimiter + answer).
 
 Sequences longer than max_seq_len lose tokens from the left of the context. When the tokenizer
 folds a leading space into the word (GPT-style BPE: " a" is one token), trailing spaces of the
@@ -34,11 +45,12 @@ import os
 import random
 import re
 import string
-from typing import Annotated, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import typing
+from typing import Annotated, Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llmfoundry_lite.config import ExistingFile, ListOrFile, Name, Positive, Rule, rule
+from llmfoundry_lite.config import ExistingFile, ListOrFile, Positive, Rule, cross, join, rule
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
 from llmfoundry_lite.registry import icl_tasks
@@ -47,12 +59,22 @@ NonNegative = Annotated[int, rule(lambda v: v >= 0, "must be >= 0")]
 
 # ---- Config of one task (an item of `icl_tasks:`), llm-foundry's keys -------------------------
 
+HUB_REFUSED = ("tasks are read from local JSONL files here (nothing is downloaded); save the hub split as "
+               "JSONL (`datasets.load_dataset(...).to_json(path)`) and give its path as dataset_uri")
+
+
+def _task_file_problem(uri: str) -> Optional[str]:
+    if uri.startswith("hf://"):
+        return HUB_REFUSED
+    return typing.get_args(ExistingFile)[1].problem(uri)
+
+
 
 @dataclasses.dataclass
 class ICLTaskConfig:
     label: str
-    dataset_uri: ExistingFile
-    icl_task_type: Name[icl_tasks]
+    dataset_uri: Annotated[str, Rule(_task_file_problem)]
+    icl_task_type: Annotated[str, Rule(_task_type_problem)]   # a name in the `icl_tasks` registry
     num_fewshot: Union[NonNegative, List[NonNegative]] = dataclasses.field(default_factory=lambda: [0])
     batch_size: Optional[Positive] = None       # examples per batch; default device_eval_batch_size
     max_seq_len: Optional[Positive] = None      # default: the run's max_seq_len
@@ -60,11 +82,33 @@ class ICLTaskConfig:
     example_delimiter: str = "\n"
     prompt_string: str = ""
     fewshot_random_seed: int = 1234
-    max_new_tokens: Optional[Positive] = None   # generation; default: longest answer + 1 tokens
+    question_prelimiter: str = ""               # before every context, the shots' too
+    has_categories: bool = False                # per-category scores (examples need a `category`)
+    metric_names: Optional[List[str]] = None    # llm-foundry's; only the task type's own metric exists here
+    # generation tasks
+    max_new_tokens: Optional[Positive] = None   # default: longest answer + 1 tokens (+10 with cot_delimiter)
+    cot_delimiter: str = ""                     # the answer is what follows its last occurrence
+    early_stopping_criteria: Optional[List[str]] = None  # regular expressions; generation stops at them
+    do_normalization: bool = True               # false: answers compared after strip() only
+    hf_loading_vars: Optional[Dict[str, Any]] = None  # llm-foundry's hub datasets: refused (below)
+    hf_parsing_map: Optional[Dict[str, List[str]]] = None
+    ALIASES: ClassVar[Dict[str, str]] = {"prelimiter": "question_prelimiter"}  # llm-foundry's older name
 
     def __post_init__(self):
         if isinstance(self.num_fewshot, int):
             self.num_fewshot = [self.num_fewshot]
+
+    @cross("hf_loading_vars", "hf_parsing_map")
+    def _no_hub_dataset(self, path: str):
+        return [f"{join(path, key)}: {HUB_REFUSED}" for key in ("hf_loading_vars", "hf_parsing_map")
+                if getattr(self, key)]
+
+    @cross("icl_task_type", "metric_names")
+    def _own_metric(self, path: str):
+        own = icl_tasks.get(self.icl_task_type).metric_name if self.icl_task_type in icl_tasks else None
+        if own and self.metric_names is not None and self.metric_names != [own]:
+            return (f"{join(path, 'metric_names')}: {self.metric_names} is not computed here; a "
+                    f"{self.icl_task_type} task reports [{own}] (remove the key or write that)")
 
 
 def _distinct_labels(tasks) -> Optional[str]:
@@ -75,6 +119,13 @@ def _distinct_labels(tasks) -> Optional[str]:
 
 # `icl_tasks:` a list of tasks, or the path of a YAML file with an `icl_tasks` list (as in llm-foundry).
 ICLTasks = Annotated[ListOrFile[ICLTaskConfig, "icl_tasks"], Rule(_distinct_labels)]
+
+
+def _task_type_problem(name) -> Optional[str]:
+    if name == "code_evaluation":
+        return ("'code_evaluation' runs the code the model writes, which needs a sandbox this framework does not "
+                "have; remove the task (llm-foundry runs it in a sandbox)")
+    return None if name in icl_tasks else icl_tasks.unknown_message(name)
 
 
 # ---- Task types -------------------------------------------------------------------------------
@@ -170,7 +221,7 @@ class Schema(ICLTaskType):
 class GenerationWithAnswers(ICLTaskType):
     name = "generation_task_with_answers"
     fields = {"context": str, "answer": str}
-    optional_fields = {"aliases": list}
+    optional_fields = {"aliases": list, "chain_of_thought": str}
     generates = True
     metric_name = "InContextLearningGenerationExactMatchAccuracy"
 
@@ -179,17 +230,25 @@ class GenerationWithAnswers(ICLTaskType):
         return [] if ok else ["field 'aliases' must be a list of strings"]
 
     def requests(self, ex, cfg):
-        return [(ex["context"] + cfg.continuation_delimiter, ex["answer"])]
+        return [(ex["context"] + cfg.continuation_delimiter, self.response(ex, ex["answer"], cfg))]
+
+    def response(self, ex, answer: str, cfg: ICLTaskConfig) -> str:
+        """What the model should write: the answer, after the example's chain of thought if it has one."""
+        return ex["chain_of_thought"] + cfg.cot_delimiter + answer if "chain_of_thought" in ex else answer
 
     def answers(self, ex) -> List[str]:
         return [ex["answer"], *ex.get("aliases", [])]
 
 
+icl_tasks.register("question_answering", GenerationWithAnswers)  # llm-foundry's other name for it
+
+
 # ---- Task files and prompts -------------------------------------------------------------------
 
 
-def load_task_file(path: str, task_type: ICLTaskType) -> List[dict]:
-    """The examples of a JSONL task file; a malformed line raises DataError naming file, line, field."""
+def load_task_file(path: str, task_type: ICLTaskType, has_categories: bool = False) -> List[dict]:
+    """The examples of a JSONL task file; a malformed line raises DataError naming file, line, field.
+    With `has_categories` every example needs a string `category`."""
     if not os.path.isfile(path):
         raise DataError(f"ICL task file not found: {path} (relative paths are relative to the current directory)")
     examples = []
@@ -202,6 +261,8 @@ def load_task_file(path: str, task_type: ICLTaskType) -> List[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
             problems = task_type.problems(ex)
+            if has_categories and isinstance(ex, dict) and not isinstance(ex.get("category"), str):
+                problems.append("has_categories: true needs a string field 'category' in every example")
             if problems:
                 need = ", ".join([*task_type.fields, *(f"{k} (optional)" for k in task_type.optional_fields)])
                 raise DataError(f"{path}:{lineno}: {'; '.join(problems)} "
@@ -224,14 +285,30 @@ def build_prompts(examples: List[dict], task_type: ICLTaskType, cfg: ICLTaskConf
     if num_fewshot >= len(examples):
         raise DataError(f"{cfg.dataset_uri}: num_fewshot {num_fewshot} needs at least "
                         f"{num_fewshot + 1} examples, the file has {len(examples)}")
-    out = []
+    out, pre = [], cfg.question_prelimiter
     for i, ex in enumerate(examples):
-        shots = [task_type.solved(examples[j], cfg) for j in
+        shots = [pre + task_type.solved(examples[j], cfg) for j in
                  fewshot_indices(len(examples), i, num_fewshot, cfg.fewshot_random_seed)]
         parts = ([cfg.prompt_string] if cfg.prompt_string else []) + shots
         prefix = "".join(p + cfg.example_delimiter for p in parts)
-        out.append([(prefix + ctx, cont) for ctx, cont in task_type.requests(ex, cfg)])
+        out.append([(prefix + pre + ctx, cont) for ctx, cont in task_type.requests(ex, cfg)])
     return out
+
+
+def task_datasets(cfg: ICLTaskConfig, tokenizer, max_seq_len: int,
+                  max_examples: Optional[int] = None) -> Iterator[Tuple[str, "ICLDataset"]]:
+    """(result name, dataset) of a task at each num_fewshot: '<label>/<k>-shot', or with has_categories
+    one per category (sorted), '<label>/<k>-shot/<category>'. `max_examples` evaluates only the first
+    examples of each (shots are still drawn from all)."""
+    task_type = icl_tasks.get(cfg.icl_task_type)()
+    examples = load_task_file(cfg.dataset_uri, task_type, cfg.has_categories)
+    groups = {"": examples}
+    if cfg.has_categories:
+        groups = {c: [ex for ex in examples if ex["category"] == c] for c in sorted({ex["category"] for ex in examples})}
+    for k in cfg.num_fewshot:
+        for category, group in groups.items():
+            name = f"{cfg.label}/{k}-shot" + (f"/{category}" if category else "")
+            yield name, ICLDataset(cfg, k, tokenizer, max_seq_len, group, max_examples)
 
 
 # ---- Tokenized examples and batches -----------------------------------------------------------
@@ -253,19 +330,22 @@ class EncodedExample:
 class ICLDataset(torch.utils.data.Dataset):
     """One task at one num_fewshot, tokenized; items sorted longest first so batches pad little."""
 
-    def __init__(self, cfg: ICLTaskConfig, num_fewshot: int, tokenizer, max_seq_len: int):
+    def __init__(self, cfg: ICLTaskConfig, num_fewshot: int, tokenizer, max_seq_len: int,
+                 examples: Optional[List[dict]] = None, max_examples: Optional[int] = None):
         self.cfg, self.num_fewshot, self.tokenizer = cfg, num_fewshot, tokenizer
         self.task_type: ICLTaskType = icl_tasks.get(cfg.icl_task_type)()
         self.max_seq_len = cfg.max_seq_len or max_seq_len
         path = cfg.dataset_uri
-        examples = load_task_file(path, self.task_type)
-        prompts = build_prompts(examples, self.task_type, cfg, num_fewshot)
+        examples = load_task_file(path, self.task_type) if examples is None else examples
+        prompts = build_prompts(examples, self.task_type, cfg, num_fewshot)[:max_examples]
+        examples = examples[:len(prompts)]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.prefix_space = len(_encode(tokenizer, " a")) == 1
         if self.task_type.generates:
             answers = [self.task_type.answers(ex) for ex in examples]
-            self.max_new_tokens = cfg.max_new_tokens or 1 + max(
-                len(_encode(tokenizer, " " + a)) for alts in answers for a in alts)
+            self.max_new_tokens = cfg.max_new_tokens or 1 + 10 * bool(cfg.cot_delimiter) + max(
+                len(_encode(tokenizer, " " + self.task_type.response(ex, a, cfg)))
+                for ex, alts in zip(examples, answers, strict=True) for a in alts)
             if self.max_new_tokens >= self.max_seq_len:
                 raise DataError(f"{path}: max_new_tokens {self.max_new_tokens} leaves no room for the prompt "
                                 f"within max_seq_len {self.max_seq_len}")
@@ -323,7 +403,9 @@ class ICLDataset(torch.utils.data.Dataset):
             attention_mask[i, span] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "icl_task_type": self.task_type.name}
         if left:
-            batch.update(mode="generate", labels=[it.answers for it in items], stop_at=self.cfg.example_delimiter,
+            batch.update(mode="generate", labels=[it.answers for it in items], cot_delimiter=self.cfg.cot_delimiter,
+                         early_stopping_criteria=self.cfg.early_stopping_criteria or [],
+                         do_normalization=self.cfg.do_normalization,
                          generation_kwargs={"max_new_tokens": self.max_new_tokens, "do_sample": False,
                                             "pad_token_id": self.pad_id, "eos_token_id": self.tokenizer.eos_token_id})
             return batch
@@ -393,15 +475,26 @@ def judge_logits(logits: torch.Tensor, batch: Dict[str, Any]) -> List[bool]:
             for e, gold in enumerate(batch["gold"].tolist())]
 
 
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation + "‘’´`"})
+
+
 def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation and the articles a/an/the, collapse whitespace (SQuAD-style)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    """llm-foundry's (TriviaQA's) normalisation: lowercase, '_' and punctuation become spaces, the
+    articles a/an/the go, whitespace collapses."""
+    text = text.replace("_", " ").lower().translate(_PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def final_answer(text: str, batch: Dict[str, Any]) -> str:
+    """The part of a generation that is judged: before the first early-stopping match (the criteria are
+    joined into one regular expression, as llm-foundry does), after the last cot_delimiter."""
+    if batch["early_stopping_criteria"]:
+        text = re.split("|".join(batch["early_stopping_criteria"]), text)[0]
+    return text.split(batch["cot_delimiter"])[-1] if batch["cot_delimiter"] else text
 
 
 def judge_generations(texts: Sequence[str], batch: Dict[str, Any]) -> List[bool]:
-    """Per example of a generation batch: the text, cut at the example delimiter, matches an answer."""
-    stop = batch["stop_at"]
-    return [normalize_answer(text.split(stop)[0] if stop else text) in {normalize_answer(a) for a in answers}
+    """Per example of a generation batch: its final answer starts with the answer or an alias."""
+    clean = normalize_answer if batch["do_normalization"] else str.strip
+    return [any(clean(final_answer(text, batch)).startswith(clean(a)) for a in answers)
             for text, answers in zip(texts, batch["labels"], strict=True)]

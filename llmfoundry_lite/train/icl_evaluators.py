@@ -1,7 +1,7 @@
 """ICL tasks of a training YAML (`icl_tasks:`) as Composer evaluators, run at `eval_interval`.
 
-One `Evaluator` per (task, num_fewshot), labelled `<label>/<k>-shot`, so Composer logs
-`metrics/<label>/<k>-shot/<metric>` (llm-foundry's names). The batches are `icl.ICLDataset`'s:
+One `Evaluator` per (task, num_fewshot[, category]), labelled `<label>/<k>-shot[/<category>]`, so
+Composer logs `metrics/<label>/<k>-shot/<metric>` (llm-foundry's names). The batches are `icl.ICLDataset`'s:
 Composer's `HuggingFaceModel.eval_forward` returns logits for `mode: icl_task` and generated text for
 `mode: generate`, and hands the whole batch to metrics that set `needs_batch`; the metrics below
 judge with the same functions as the standalone evaluation, so both report the same numbers.
@@ -75,12 +75,11 @@ def build_icl_evaluators(tasks: List[icl.ICLTaskConfig], tokenizer, device_eval_
     evaluators = []
     for cfg in tasks:
         batch_size = cfg.batch_size or device_eval_batch_size
-        for k in cfg.num_fewshot:
-            ds = icl.ICLDataset(cfg, k, tokenizer, max_seq_len)
+        for label, ds in icl.task_datasets(cfg, tokenizer, max_seq_len):
             loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=ds.collate,
                                                  sampler=dist.get_sampler(ds, shuffle=False, drop_last=False))
             spec = DataSpec(loader, get_num_samples_in_batch=icl.num_examples, split_batch=icl.split_examples)
-            evaluators.append(Evaluator(label=f"{cfg.label}/{k}-shot", dataloader=spec,
+            evaluators.append(Evaluator(label=label, dataloader=spec,
                                         metric_names=[icl_tasks.get(cfg.icl_task_type).metric_name],
                                         subset_num_batches=subset_num_batches,
                                         device_eval_microbatch_size=batch_size))

@@ -10,13 +10,13 @@ entry's config, for a plug-in too (its signature).
 """
 from __future__ import annotations
 
-import contextvars
 import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join, parse
+from llmfoundry_lite.config.parallel import WORLD_SIZE, FSDPSection, hybrid_degrees  # noqa: F401 (re-exported)
 from llmfoundry_lite.data.icl import ICLTasks
 from llmfoundry_lite.data.loaders import EvalLoaders, eval_loader_problems
 from llmfoundry_lite.data.tokenizer import TokenizerSection
@@ -36,52 +36,10 @@ def _duration_problem(value) -> Optional[str]:
 
 
 Duration = Annotated[Union[int, str], Rule(_duration_problem)]
-# The number of processes the config is checked for (`check_train_config(data, world_size)`).
-WORLD_SIZE: contextvars.ContextVar[int] = contextvars.ContextVar("world_size", default=1)
 BatchSize = Annotated[Positive, Rule(lambda v: v % WORLD_SIZE.get() and (
     f"{v} is not divisible by the world size {WORLD_SIZE.get()}; use a multiple of {WORLD_SIZE.get()}"))]
 MicroBatch = Annotated[Union[int, Literal["auto"]],
                        Rule(lambda v: None if v == "auto" or v > 0 else f"must be positive or 'auto', got {v}")]
-
-
-@dataclass
-class FSDPSection:
-    """llm-foundry's `fsdp_config`, mapped onto Composer's FSDP2 (`fully_shard`) path."""
-    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
-    mixed_precision: Literal["DEFAULT", "PURE", "FULL"] = "DEFAULT"
-    activation_checkpointing: bool = False
-    activation_cpu_offload: bool = False
-    state_dict_type: Literal["sharded", "full"] = "sharded"
-    data_parallel_shard_degree: int = -1               # HYBRID_SHARD: ranks per shard group (-1: all)
-    data_parallel_replicate_degree: Optional[int] = None  # HYBRID_SHARD: number of replicas
-    verbose: bool = False
-    # FSDP1 knobs kept so llm-foundry YAMLs load; FSDP2 needs none of them (it always uses original
-    # params, non-reentrant checkpointing, and its own prefetching).
-    limit_all_gathers: bool = True
-    use_orig_params: bool = True
-    forward_prefetch: bool = False
-    backward_prefetch: Optional[str] = None
-    sync_module_states: bool = False
-    activation_checkpointing_reentrant: bool = False
-
-    @cross("sharding_strategy", "data_parallel_shard_degree", "data_parallel_replicate_degree")
-    def _hybrid_layout(self, path) -> List[str]:
-        world_size = WORLD_SIZE.get()
-        if self.sharding_strategy != "HYBRID_SHARD" or world_size == 1:
-            return []
-        import torch
-
-        from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
-        problems = []
-        if not torch.cuda.is_available() and not FSDP2_HSDP_ON_CPU:
-            problems.append(f"{path}.sharding_strategy: HYBRID_SHARD cannot train on CPU with torch "
-                            f"{torch.__version__} (its FSDP2 averages across replicas with an op gloo lacks); use "
-                            "FULL_SHARD here, or a newer torch (`make install-current` gives 2.14, where it runs)")
-        rep, shard = hybrid_degrees(self, world_size)
-        if rep * shard != world_size:
-            problems.append(f"{path}: data_parallel_replicate_degree x data_parallel_shard_degree = "
-                            f"{rep} x {shard} must equal the world size {world_size}")
-        return problems
 
 
 @dataclass
@@ -173,13 +131,3 @@ def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
         return parse(TrainConfig, data, header="invalid training config")
     finally:
         WORLD_SIZE.reset(token)
-
-
-def hybrid_degrees(fsdp: FSDPSection, world_size: int) -> tuple:
-    """(replicate, shard) degrees of HYBRID_SHARD; an unset one is derived from the world size."""
-    shard, rep = fsdp.data_parallel_shard_degree, fsdp.data_parallel_replicate_degree
-    if shard in (-1, None):
-        shard = world_size // rep if rep else world_size
-    if rep is None:
-        rep = max(world_size // max(shard, 1), 1)
-    return rep, shard
