@@ -1,28 +1,39 @@
 """Opening a model: ONE function for an HF folder (or hub name), a Composer checkpoint, or the
 `model:` section of a YAML; inference, eval and training all call it.
 
-The `models` registry's built-in entries are here: `mpt_causal_lm` (and llm-foundry's name for it,
-`hf_causal_lm`) builds an `MPTForCausalLM` from the section's MPT keys, or loads the HF MPT folder
-named by `pretrained_model_name_or_path` with the other keys overriding its config.
+The `models` registry's built-in entries are here, as llm-foundry defines them: `mpt_causal_lm` builds
+an `MPTForCausalLM` from the section's MPT keys (or loads the HF MPT folder named by
+`pretrained_model_name_or_path`, the other keys overriding its config); `hf_causal_lm` loads an MPT
+folder with `config_overrides` merged onto its config. Both take `pretrained` (false: the folder's
+config, freshly initialised) and `init_device` (cpu, meta or mixed; see train/parallel.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
-from typing import Literal, Optional, Tuple, Union
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
-from llmfoundry_lite.config import Section, cross, join
+from llmfoundry_lite.config import Rule, Section, cross, join
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.models.config import MPTSchema
-from llmfoundry_lite.registry import models
+from llmfoundry_lite.models.config import MPTSchema, _torch_device
+from llmfoundry_lite.registry import did_you_mean, models
+
+
+def _device_or_mixed(name: str) -> Optional[str]:
+    return None if name == "mixed" else _torch_device(name)
 
 
 @dataclass(kw_only=True)
-class MPTModelSection(MPTSchema):
-    """`model: {name: mpt_causal_lm, ...}`: the MPT keys plus llm-foundry's builder keys."""
-    pretrained_model_name_or_path: Optional[str] = None  # an HF MPT folder or hub name to load
-    pretrained: Optional[bool] = None  # llm-foundry's flag for hf_causal_lm: a named folder is always loaded
+class _Source:
+    """llm-foundry's keys for where a model's weights come from, shared by both model names."""
+    pretrained_model_name_or_path: Optional[str] = None  # an HF MPT folder or hub name
+    pretrained: bool = True  # false: the folder's config only, initialised afresh by its init_config
+    # cpu; meta (built without memory, initialised, or loaded, after FSDP sharding); mixed (global rank 0
+    # builds or loads on cpu, the others on meta, and FSDP broadcasts rank 0's weights)
+    init_device: Annotated[str, Rule(_device_or_mixed)] = "cpu"
     loss_fn: Literal["torch_crossentropy", "fused_crossentropy"] = "torch_crossentropy"  # training's loss
 
     @cross("pretrained_model_name_or_path")
@@ -31,6 +42,12 @@ class MPTModelSection(MPTSchema):
         if source and source.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(source)):
             return f"{join(path, 'pretrained_model_name_or_path')}: model folder not found: {source}"
 
+
+@dataclass(kw_only=True)
+class MPTModelSection(_Source, MPTSchema):
+    """`model: {name: mpt_causal_lm, ...}`: the MPT keys (which override the config of a named folder)
+    plus llm-foundry's builder keys."""
+
     @cross("loss_fn", "final_logit_softcapping")
     def _fused_loss_without_softcap(self, path: str):
         if self.loss_fn == "fused_crossentropy" and self.final_logit_softcapping:
@@ -38,16 +55,60 @@ class MPTModelSection(MPTSchema):
                     "use torch_crossentropy")
 
 
-def build_mpt_causal_lm(tokenizer, pretrained_model_name_or_path: Optional[str] = None, pretrained=None,
-                        loss_fn=None, **keys):
-    """An `MPTForCausalLM` from MPT config keys, or from an HF folder with `keys` overriding its config.
-    A missing `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error."""
+@dataclass(kw_only=True)
+class HFCausalLMSection(_Source):
+    """`model: {name: hf_causal_lm, ...}` as llm-foundry defines it, for an MPT folder or hub name."""
+    pretrained_model_name_or_path: str
+    config_overrides: Dict[str, Any] = field(default_factory=dict)  # merged onto the folder's config
+    use_flash_attention_2: bool = False  # true: attn_config.attn_impl flash (flash-attn 2, CUDA)
+    token: Union[str, bool, None] = None  # for a gated hub model; a local folder needs none
+    use_auth_token: Union[str, bool, None] = False  # transformers' old name: use the stored login token
+    trust_remote_code: bool = True  # accepted: code in a folder is never run, the model is ours
+
+    @cross("config_overrides")
+    def _known_overrides(self, path: str):
+        return _unknown_keys(MPTSchema, self.config_overrides, join(path, "config_overrides"))
+
+
+def _unknown_keys(schema, overrides: Dict[str, Any], path: str) -> List[str]:
+    """As llm-foundry: an override must name a key of the config (of a nested section, at any depth)."""
+    hints = {k: v for k, v in typing.get_type_hints(schema).items() if k != "extra"}
+    problems = []
+    for key, value in overrides.items():
+        name = getattr(schema, "ALIASES", {}).get(key, key)
+        if name not in hints and key not in getattr(schema, "EXTRA_KEYS", ()):
+            problems.append(f"{join(path, key)}: unknown key{did_you_mean(key, hints)}; config_overrides may "
+                            "only change keys of the MPT config")
+        elif isinstance(value, Mapping) and dataclasses.is_dataclass(hints.get(name)):
+            problems += _unknown_keys(hints[name], value, join(path, key))
+    return problems
+
+
+def build_mpt_causal_lm(tokenizer, pretrained_model_name_or_path: Optional[str] = None, pretrained: bool = True,
+                        init_device: str = "cpu", loss_fn=None, config_overrides: Optional[Dict[str, Any]] = None,
+                        use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None,
+                        **keys):
+    """An `MPTForCausalLM` from MPT config keys, or from an HF folder whose config `config_overrides`
+    (or, under `mpt_causal_lm`, the section's MPT keys) override: with its weights unless `pretrained`
+    is false. A missing `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error."""
+    from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-    if pretrained_model_name_or_path is not None:
-        from llmfoundry_lite.export.hf_import import load_hf_model
-        model = load_hf_model(pretrained_model_name_or_path, **keys)
+    device = init_device
+    if device == "mixed":  # as llm-foundry: rank 0 reads the weights, FSDP hands the others their shards
+        device = "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
+        pretrained = pretrained and device == "cpu"
+    overrides = {**keys, **(config_overrides or {})}
+    if use_flash_attention_2:
+        overrides["attn_config"] = {**overrides.get("attn_config", {}), "attn_impl": "flash"}
+    if pretrained_model_name_or_path is None:
+        model = MPTForCausalLM(MPTConfig(**{"vocab_size": len(tokenizer), **keys, "init_device": device}))
+    elif pretrained and device != "meta":
+        model = load_hf_model(pretrained_model_name_or_path, token=token, **overrides)
     else:
-        model = MPTForCausalLM(MPTConfig(**{"vocab_size": len(tokenizer), **keys}))
+        folder, config = load_hf_config(pretrained_model_name_or_path, {**overrides, "init_device": device}, token)
+        model = MPTForCausalLM(config)
+        if pretrained:
+            load_when_materialized(model, folder)
     if model.config.vocab_size < len(tokenizer):
         raise ConfigError([f"model.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
                            f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} "
@@ -56,7 +117,7 @@ def build_mpt_causal_lm(tokenizer, pretrained_model_name_or_path: Optional[str] 
 
 
 models.register("mpt_causal_lm", build_mpt_causal_lm, config=MPTModelSection)
-models.register("hf_causal_lm", build_mpt_causal_lm, config=MPTModelSection)
+models.register("hf_causal_lm", build_mpt_causal_lm, config=HFCausalLMSection)
 
 
 def open_model(source: Union[str, Section], tokenizer=None) -> Tuple[object, object]:

@@ -50,7 +50,7 @@ def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
         warnings.warn("device_train_microbatch_size 'auto' needs a GPU without FSDP2; using the whole device batch "
                       f"({device_batch}); set an int to save memory", stacklevel=2)
         mb = None
-    return device_batch if mb is None else mb
+    return device_batch if mb is None else mb  # one larger than the device batch: one microbatch (Composer)
 
 
 # TrainConfig keys that are Composer Trainer arguments of the same name and meaning.
@@ -120,7 +120,7 @@ def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
     if tc.icl_tasks is not None:
         from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
         add_icl_metrics(model)
-        evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.max_seq_len)
+        evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.icl_seq_len or tc.max_seq_len)
     return evaluators
 
 

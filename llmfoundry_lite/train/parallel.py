@@ -13,7 +13,11 @@ With one process FSDP buys nothing, so it is dropped with a warning; `activation
 still applies there and under NO_SHARD (`checkpoint_blocks`).
 
 `init_device: meta` builds the model without memory; Composer shards it, then `materialize_meta` (in
-place of Composer's CUDA-only one) initialises each rank's shard exactly as an unsharded init would.
+place of Composer's CUDA-only one) initialises each rank's shard exactly as an unsharded init would,
+or, for a pretrained folder, fills it from the folder's tensors (export/hf_import.py). Under
+`init_device: mixed` global rank 0 holds real weights and the others are on meta: Composer sees this,
+shards, and broadcasts rank 0's weights tensor by tensor into the other ranks' shards (its
+`sync_module_states`); without FSDP2, DDP broadcasts them from rank 0 at construction.
 """
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ class TrainConfig:
     global_train_batch_size: BatchSize                  # across all ranks
     eval_loader: Optional[EvalLoaders] = None           # one, or a list with `label`s
     icl_tasks: Optional[ICLTasks] = None                # ICL evaluators (data/icl.py), or a YAML path
+    icl_seq_len: Optional[Positive] = None              # the ICL evaluators' sequence length; None: max_seq_len
     optimizer: Named[registry.optimizers] = field(default_factory=lambda: {"name": "decoupled_adamw"})
     scheduler: Optional[Named[registry.schedulers]] = None
     # {registered name: kwargs}; `{}` or null uses the defaults, `false` disables one (e.g. from an override)
@@ -116,7 +117,8 @@ class TrainConfig:
     @cross("global_train_batch_size", "device_train_microbatch_size")
     def _microbatch_divides(self, path):
         gbs, mb, world_size = self.global_train_batch_size, self.device_train_microbatch_size, WORLD_SIZE.get()
-        if isinstance(mb, int) and not gbs % world_size and (gbs // world_size) % mb:
+        # one larger than the device batch means one microbatch, as in Composer
+        if isinstance(mb, int) and not gbs % world_size and mb < gbs // world_size and (gbs // world_size) % mb:
             return (f"device_train_microbatch_size: {mb} does not divide the per-device batch {gbs // world_size} "
                     f"(= global_train_batch_size {gbs} / {world_size} ranks)")
 
