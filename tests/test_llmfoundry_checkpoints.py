@@ -92,8 +92,8 @@ def test_two_ranks_resume_an_llmfoundry_sharded_checkpoint(tmp_path):
     launch([os.path.join(HERE, "train_driver.py"), out, os.path.join(root, "train.yaml"),
             f"variables.data_local={root}/data", f"tokenizer.name={root}/tokenizer", f"load_path={SHARDED}",
             "fsdp_config.state_dict_type=sharded", "max_duration=4ba"], str(tmp_path / "logs"))
-    from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     from llmfoundry_lite.export.composer_checkpoint import open_composer_checkpoint
+    from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     config = open_composer_checkpoint(FULL)[0]
     model = MPTForCausalLM(MPTConfig(**config.to_dict()))
     model.load_state_dict(torch.load(os.path.join(out, "weights.pt")), strict=False)
