@@ -31,11 +31,13 @@ from llmfoundry_lite.export.state_dict import check_state_dict
 
 MODEL_PREFIX = "model."
 LATEST = "latest-rank0.pt"  # Composer's default `save_latest_filename` for rank 0
+LATEST_SHARDED = "latest-sharded-rank0"  # llm-foundry's, for sharded checkpoints
 
 
 def is_composer_checkpoint(path: str) -> bool:
-    """True for a `.pt` file, a sharded (DCP) folder, or a save_folder with `latest-rank0.pt`."""
-    return os.path.isfile(path) or any(os.path.exists(os.path.join(path, name)) for name in (".metadata", LATEST))
+    """True for a `.pt` file, a sharded (DCP) folder, or a save_folder with a latest-checkpoint link."""
+    return os.path.isfile(path) or any(os.path.exists(os.path.join(path, name))
+                                       for name in (".metadata", LATEST, LATEST_SHARDED))
 
 
 def _safe_globals() -> list:
@@ -198,13 +200,13 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
 
 def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names) of a
-    checkpoint; a Composer save_folder opens its `latest-rank0.pt` (file or folder)."""
+    checkpoint; a Composer save_folder opens the checkpoint its latest link points at (file or folder)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
-    latest = os.path.join(path, LATEST)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")) and os.path.exists(latest):
-        path = os.path.realpath(latest)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")):
+        latest = [os.path.join(path, name) for name in (LATEST, LATEST_SHARDED) if os.path.exists(os.path.join(path, name))]
+        path = os.path.realpath(latest[0]) if latest else path
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise CheckpointError(f"{path} is a folder without .metadata: not a sharded Composer checkpoint")

@@ -28,28 +28,38 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: str) -> torch.dt
     return DTYPES[dtype]
 
 
-def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=None,
-                             tokenizer: Optional[str] = None) -> Tuple[torch.nn.Module, object]:
+def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=None, tokenizer: Optional[str] = None,
+                             max_seq_len: Optional[int] = None) -> Tuple[torch.nn.Module, object]:
     """(MPTForCausalLM in eval mode on `device`/`dtype`, tokenizer) from a model folder or a Composer
-    checkpoint (`.pt` file or sharded folder). `tokenizer` overrides the one stored with the model."""
+    checkpoint (`.pt` file or sharded folder). `tokenizer` overrides the one stored with the model;
+    `max_seq_len` replaces the model's (longer: ALiBi or RoPE extrapolation, as MPT-7B-StoryWriter's card
+    raises it to 83968)."""
     from llmfoundry_lite.export.opening import open_model
     device = resolve_device(device)
     model, tok = open_model(path, tokenizer)
+    if max_seq_len is not None:
+        if model.config.position_scheme == "learned" and max_seq_len > model.config.max_seq_len:
+            raise UserError(f"--max_seq_len {max_seq_len}: this model learned position embeddings for "
+                            f"{model.config.max_seq_len} positions only; longer inputs need an ALiBi or RoPE model")
+        model.config.max_seq_len = max_seq_len
     return model.to(device=device, dtype=resolve_dtype(dtype, device)).eval(), tok
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model to open: positional MODEL (or llm-foundry's --name_or_path), --tokenizer, --device, --dtype."""
+    """The model to open: positional MODEL (or llm-foundry's --name_or_path), --tokenizer, --device, --dtype,
+    --max_seq_len."""
     parser.add_argument("model", nargs="?",
                         help="an HF model folder, a Composer .pt checkpoint, or a sharded checkpoint folder")
     parser.add_argument("--name_or_path", dest="name_or_path", default=None, help="same as MODEL")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the model's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--max_seq_len", type=int, default=None,
+                        help="replace the model's max_seq_len (ALiBi/RoPE models extrapolate to longer inputs)")
 
 
 def open_model(args: argparse.Namespace):
     path = getattr(args, "model", None) or args.name_or_path
     if not path:
         raise UserError("no model given: pass a model folder or checkpoint as MODEL or --name_or_path")
-    return load_model_and_tokenizer(path, args.device, args.dtype, args.tokenizer)
+    return load_model_and_tokenizer(path, args.device, args.dtype, args.tokenizer, args.max_seq_len)

@@ -320,6 +320,14 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         scale = config.logit_scale
         self.logit_scale = 1 / math.sqrt(config.d_model) if scale == "inv_sqrt_d_model" else scale
         self.post_init()
+        self._register_load_state_dict_pre_hook(self._tied_head_from_embedding)
+
+    def _tied_head_from_embedding(self, state_dict, prefix, *args):
+        """A tied model's weights may come without `lm_head.weight`: llm-foundry's MPT has no lm_head
+        module (its Composer checkpoints hold the embedding alone), so it is the embedding here too."""
+        embedding = state_dict.get(prefix + "transformer.wte.weight")
+        if self.config.tie_word_embeddings and embedding is not None:
+            state_dict.setdefault(prefix + "lm_head.weight", embedding)
 
     def get_output_embeddings(self):
         return self.lm_head

@@ -56,7 +56,7 @@ def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
 # TrainConfig keys that are Composer Trainer arguments of the same name and meaning.
 TRAINER_KEYS = ("max_duration", "eval_interval", "eval_subset_num_batches", "seed", "run_name", "save_folder",
                 "save_filename", "save_interval", "save_num_checkpoints_to_keep", "save_overwrite",
-                "save_weights_only", "load_path", "load_weights_only", "load_strict_model_weights", "load_ignore_keys",
+                "save_weights_only", "load_path", "load_weights_only", "load_strict_model_weights",
                 "progress_bar", "log_to_console", "console_log_interval", "python_log_level", "dist_timeout")
 
 
@@ -92,6 +92,7 @@ def fit(tc: TrainConfig):
             device="gpu" if on_gpu else "cpu", precision=resolve_precision(tc.precision, on_gpu),
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
             parallelism_config={"fsdp": fsdp} if fsdp is not None else None, autoresume=tc.autoresume_enabled(),
+            load_ignore_keys=_load_ignore_keys(tc, model),
             **{k: getattr(tc, k) for k in TRAINER_KEYS})
     _log_resume(tc, trainer, save_folder)
     if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
@@ -109,6 +110,17 @@ def fit(tc: TrainConfig):
         raise
     _raise_if_stopped(trainer, save_folder)
     return trainer
+
+
+def _load_ignore_keys(tc: TrainConfig, model):
+    """`load_ignore_keys`, plus what a checkpoint need not hold to resume from: the HF config and
+    tokenizer of the run that saved it (this run's come from its YAML) and a tied output head (it is
+    the embedding, filled in from it when loaded). llm-foundry's checkpoints store another config and
+    no head; a sharded load would refuse them for those keys."""
+    if not tc.load_path:
+        return tc.load_ignore_keys
+    tied_head = ["state/model/model.lm_head.weight"] if model.model.config.tie_word_embeddings else []
+    return [*(tc.load_ignore_keys or []), "state/integrations", *tied_head]
 
 
 def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
