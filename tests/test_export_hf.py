@@ -2,7 +2,6 @@
 folders written by transformers and in MosaicML's original MPT layout."""
 import ast
 import json
-import os
 import sys
 
 import pytest
@@ -13,6 +12,8 @@ from llmfoundry_lite.compat import STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export import load_hf_model, native_blockers, write_hf_folder
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+
+from train_utils import mosaicml_hub_folder
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -154,42 +155,8 @@ def test_import_folder_saved_by_transformers(tmp_path):
     assert longer.config.max_seq_len == 64
 
 
-def _mosaicml_hub_folder(folder, max_seq_len=32):
-    """A stock model saved as on the hub for mosaicml/mpt-7b (custom code, auto_map, triton attn_impl,
-    init_device, verbose) with the weights as sharded pytorch_model-*.bin and their index."""
-    torch.manual_seed(0)
-    stock = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=max_seq_len, vocab_size=96)).eval()
-    config = {
-        "architectures": ["MPTForCausalLM"], "model_type": "mpt",
-        "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
-        "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "triton", "attn_pdrop": 0,
-                        "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
-                        "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
-        "init_config": {"emb_init_std": None, "emb_init_uniform_lim": None, "fan_mode": "fan_in",
-                        "init_div_is_residual": True, "init_gain": 0, "init_nonlinearity": "relu",
-                        "init_std": 0.02, "name": "kaiming_normal_", "verbose": 0},
-        "d_model": 32, "emb_pdrop": 0, "embedding_fraction": 1.0, "expansion_ratio": 4, "init_device": "cpu",
-        "learned_pos_emb": True, "logit_scale": None, "max_seq_len": max_seq_len, "n_heads": 4, "n_layers": 2,
-        "no_bias": True, "norm_type": "low_precision_layernorm", "resid_pdrop": 0,
-        "tokenizer_name": "EleutherAI/gpt-neox-20b", "torch_dtype": "float32", "transformers_version": "4.28.1",
-        "use_cache": False, "verbose": 0, "vocab_size": 96,
-    }
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f)
-    sd = {k: v for k, v in stock.state_dict().items() if k != "lm_head.weight"}
-    names = sorted(sd)
-    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-    for file, keys in halves.items():
-        torch.save({k: sd[k] for k in keys}, os.path.join(folder, file))
-    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}, f)
-    return stock
-
-
 def test_import_original_mosaicml_layout(tmp_path):
-    stock = _mosaicml_hub_folder(str(tmp_path))
+    stock = mosaicml_hub_folder(str(tmp_path))
     ours = load_hf_model(str(tmp_path))
     assert ours.config.attn_config["attn_impl"] == "torch"
     torch.testing.assert_close(_logits(ours, IDS), _logits(stock, IDS), rtol=0, atol=1e-5)
@@ -201,7 +168,7 @@ def test_storywriter_style_max_seq_len_raise_on_the_command_line(tmp_path, tiny_
     from llmfoundry_lite.errors import UserError
     from llmfoundry_lite.inference import load_model_and_tokenizer
     folder = str(tmp_path / "storywriter")
-    _mosaicml_hub_folder(folder, max_seq_len=16)
+    mosaicml_hub_folder(folder, max_seq_len=16)
     longer = torch.randint(0, 96, (1, 40))
     model, _ = load_model_and_tokenizer(folder, tokenizer=tiny_tokenizer_dir, max_seq_len=64)
     stock = MptForCausalLM.from_pretrained(folder, config=MptConfig.from_pretrained(folder, max_seq_len=64)).eval()

@@ -1,15 +1,18 @@
 """Composer checkpoints that llm-foundry's own training wrote (tests/fixtures/llmfoundry_run, made by
 tests/make_llmfoundry_checkpoints.py): they convert into folders stock `transformers` loads with
-llm-foundry's logits, and training continues from them here as it would in llm-foundry."""
+llm-foundry's logits, and training continues from them here as it would in llm-foundry. And a folder
+in MosaicML's hub layout finetunes with llm-foundry's `hf_causal_lm` section."""
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, MptForCausalLM
 
-from train_utils import launch
+from train_utils import launch, mosaicml_hub_folder, read_losses
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN = os.path.join(HERE, "fixtures", "llmfoundry_run")
@@ -99,3 +102,28 @@ def test_two_ranks_resume_an_llmfoundry_sharded_checkpoint(tmp_path):
     model.load_state_dict(torch.load(os.path.join(out, "weights.pt")), strict=False)
     model.tie_weights()
     torch.testing.assert_close(logits(model), EXPECTED["straight4"], rtol=0, atol=1e-5)
+
+
+def test_a_hub_layout_mpt_finetunes_with_a_raised_max_seq_len(tmp_path, monkeypatch):
+    """mosaicml/mpt-7b's layout (triton attn_impl, sharded .bin weights), trained 16 tokens long from a
+    config that says 8, as llm-foundry's finetuning YAMLs raise it with `config_overrides`: the first
+    loss is stock transformers' loss on the first batch at that length."""
+    from llmfoundry_lite.train import train
+    root = _run_copy(tmp_path)
+    hub = os.path.join(root, "mpt-7b")
+    mosaicml_hub_folder(hub, max_seq_len=8, vocab_size=64)
+    monkeypatch.chdir(root)
+    with open("train.yaml") as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"] = {"name": "hf_causal_lm", "pretrained_model_name_or_path": hub,
+                    "config_overrides": {"max_seq_len": "${variables.max_seq_len}"}}
+    metrics = os.path.join(root, "metrics.jsonl")
+    trainer = train(cfg, ["max_duration=1ba", f"loggers.jsonl.path={metrics}"])
+    trainer.close()
+    from streaming import StreamingDataset
+    first = torch.as_tensor(np.stack([StreamingDataset(local="data/train", shuffle=False, batch_size=4)[i]["tokens"]
+                                      for i in range(4)]), dtype=torch.long)
+    stock = MptForCausalLM.from_pretrained(hub, max_seq_len=16)
+    with torch.no_grad():
+        expected = stock(input_ids=first, labels=first).loss.item()
+    assert read_losses(metrics)[0][1] == pytest.approx(expected, abs=1e-5)

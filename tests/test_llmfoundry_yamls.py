@@ -86,3 +86,151 @@ def test_microbatch_larger_than_the_device_batch_is_one_microbatch(paths, tmp_pa
     large, exact, untrained = weights
     assert all(torch.equal(large[k], exact[k]) for k in large)
     assert not torch.equal(large["transformer.blocks.0.attn.Wqkv.weight"], untrained["transformer.blocks.0.attn.Wqkv.weight"])
+
+
+# llm-foundry's scripts/eval/yamls shapes: mpt_eval.yaml (an MPT section and its Composer checkpoint) and
+# hf_eval.yaml (an HF folder), each with init_device mixed, fsdp_config, and the tasks and gauntlet in
+# files shaped like its tasks_v0.3.yaml and eval_gauntlet_v0.3.yaml
+EVAL_COMMON = """
+variables:
+  max_seq_len: 16
+precision: fp32
+max_seq_len: ${variables.max_seq_len}
+device_eval_batch_size: 4
+fsdp_config:
+  sharding_strategy: FULL_SHARD
+  mixed_precision: FULL
+  forward_prefetch: True
+  limit_all_gathers: True
+icl_tasks: "tasks.yaml"
+eval_gauntlet: "eval_gauntlet.yaml"
+"""
+MPT_EVAL = """
+seed: 1
+models:
+-
+  model_name: mpt_test
+  tokenizer:
+    name: {run}/tokenizer
+    kwargs:
+      model_max_length: ${{variables.max_seq_len}}
+  model:
+    name: mpt_causal_lm
+    init_device: mixed
+    d_model: 16
+    n_heads: 2
+    n_layers: 2
+    expansion_ratio: 4
+    no_bias: true
+    max_seq_len: ${{variables.max_seq_len}}
+    vocab_size: 64
+    attn_config:
+      attn_impl: torch
+      alibi: true
+  load_path: {run}/full/ep0-ba2-rank0.pt
+"""
+HF_EVAL = """
+models:
+-
+  model_name: ${{variables.model_name_or_path}}
+  model:
+    name: hf_causal_lm
+    pretrained_model_name_or_path: ${{variables.model_name_or_path}}
+    init_device: mixed
+    pretrained: true
+  tokenizer:
+    name: ${{variables.model_name_or_path}}
+    kwargs:
+      model_max_length: ${{variables.max_seq_len}}
+"""
+TASKS = """
+icl_tasks:
+-
+  label: jeopardy
+  dataset_uri: jeopardy.jsonl
+  num_fewshot: [0, 1]
+  icl_task_type: language_modeling
+  continuation_delimiter: " w2 "
+  has_categories: true
+-
+  label: copa
+  dataset_uri: copa.jsonl
+  num_fewshot: [0]
+  icl_task_type: multiple_choice
+  continuation_delimiter: " "
+"""
+GAUNTLET = """
+eval_gauntlet:
+  weighting: EQUAL
+  subtract_random_baseline: true
+  rescale_accuracy: true
+  averages:
+    core_average:
+    - world_knowledge
+    - commonsense_reasoning
+  categories:
+  - name: world_knowledge
+    benchmarks:
+    - name: jeopardy
+      num_fewshot: 0
+      random_baseline: 0
+  - name: commonsense_reasoning
+    benchmarks:
+    - name: copa
+      num_fewshot: 0
+      random_baseline: 0.5
+"""
+
+
+def test_llmfoundry_eval_yamls_evaluate_its_checkpoint_and_the_converted_folder_alike(tmp_path, monkeypatch):
+    """mpt_eval.yaml's shape evaluates llm-foundry's own checkpoint, hf_eval.yaml's shape the folder
+    `convert` made of it. The tasks are built from stock transformers' greedy choices on that folder,
+    so each score is known in advance: both give them, and the gauntlet llm-foundry computes from them."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer, MptForCausalLM
+
+    from llmfoundry_lite.cli import main
+    from llmfoundry_lite.eval.runner import evaluate
+
+    run = os.path.join(ROOT, "tests", "fixtures", "llmfoundry_run")
+    folder = str(tmp_path / "hf")
+    main(["convert", "--composer_path", os.path.join(run, "full", "ep0-ba2-rank0.pt"), "--hf_output_path", folder])
+    stock, tok = MptForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+    def next_logits(text):
+        with torch.no_grad():
+            return stock(input_ids=tok(text, return_tensors="pt")["input_ids"]).logits[0, -1]
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(3, 62)]
+    jeopardy, copa = [], []
+    right = {"history": [1, 1, 0, 1], "science": [0, 1, 0, 0]}  # 3/4 and 1/4 0-shot: a mean of 1/2
+    for category, marks in right.items():
+        for mark in marks:
+            context = " ".join(rng.sample(words, 4))
+            greedy = tok.convert_ids_to_tokens(int(next_logits(context + " w2").argmax()))
+            wrong = next(w for w in words if w != greedy)
+            jeopardy.append({"context": context, "continuation": " " + (greedy if mark else wrong),
+                             "category": category})
+    for mark in [1, 1, 1, 0, 1, 0]:  # 4/6
+        query, choices = " ".join(rng.sample(words, 3)), rng.sample(words, 2)
+        logits = next_logits(query)[tok.convert_tokens_to_ids(choices)]
+        copa.append({"query": query, "choices": choices, "gold": int(logits.argmax()) if mark else int(logits.argmin())})
+    for name, rows in (("jeopardy", jeopardy), ("copa", copa)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks.yaml").write_text(TASKS)
+    (tmp_path / "eval_gauntlet.yaml").write_text(GAUNTLET)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mpt_eval.yaml").write_text(EVAL_COMMON + MPT_EVAL.format(run=run))
+    (tmp_path / "hf_eval.yaml").write_text(EVAL_COMMON + HF_EVAL.format())
+    checkpoint = evaluate("mpt_eval.yaml")["mpt_test"]
+    converted = evaluate("hf_eval.yaml", [f"variables.model_name_or_path={folder}"])[folder]
+    assert checkpoint == pytest.approx(converted, abs=1e-6)
+    expected = {"jeopardy/0-shot/history": 0.75, "jeopardy/0-shot/science": 0.25, "jeopardy/0-shot": 0.5,
+                "copa/0-shot": 4 / 6}
+    assert {k: checkpoint[k] for k in expected} == pytest.approx(expected)
+    # rescaled above the random baseline, each category weighted equally
+    core = (checkpoint["jeopardy/0-shot"] + (4 / 6 - 0.5) / 0.5) / 2
+    assert checkpoint["eval_gauntlet/core_average"] == pytest.approx(core)

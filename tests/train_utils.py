@@ -80,6 +80,45 @@ def launch(script_args, log_dir, fault=None):
     return proc.stdout + proc.stderr
 
 
+def mosaicml_hub_folder(folder, max_seq_len=32, vocab_size=96):
+    """A stock model saved as on the hub for mosaicml/mpt-7b (custom code, auto_map, triton attn_impl,
+    init_device, verbose) with the weights as sharded pytorch_model-*.bin and their index."""
+    import json
+
+    import torch
+    from transformers import MptConfig, MptForCausalLM
+    torch.manual_seed(0)
+    stock = MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=max_seq_len,
+                                     vocab_size=vocab_size)).eval()
+    config = {
+        "architectures": ["MPTForCausalLM"], "model_type": "mpt",
+        "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
+        "attn_config": {"alibi": True, "alibi_bias_max": 8, "attn_impl": "triton", "attn_pdrop": 0,
+                        "attn_type": "multihead_attention", "attn_uses_sequence_id": False, "clip_qkv": None,
+                        "prefix_lm": False, "qk_ln": False, "softmax_scale": None},
+        "init_config": {"emb_init_std": None, "emb_init_uniform_lim": None, "fan_mode": "fan_in",
+                        "init_div_is_residual": True, "init_gain": 0, "init_nonlinearity": "relu",
+                        "init_std": 0.02, "name": "kaiming_normal_", "verbose": 0},
+        "d_model": 32, "emb_pdrop": 0, "embedding_fraction": 1.0, "expansion_ratio": 4, "init_device": "cpu",
+        "learned_pos_emb": True, "logit_scale": None, "max_seq_len": max_seq_len, "n_heads": 4, "n_layers": 2,
+        "no_bias": True, "norm_type": "low_precision_layernorm", "resid_pdrop": 0,
+        "tokenizer_name": "EleutherAI/gpt-neox-20b", "torch_dtype": "float32", "transformers_version": "4.28.1",
+        "use_cache": False, "verbose": 0, "vocab_size": vocab_size,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    sd = {k: v for k, v in stock.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        torch.save({k: sd[k] for k in keys}, os.path.join(folder, file))
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}, f)
+    return stock
+
+
 # ---- parallel layouts (tests/test_parallel_layouts.py) -------------------------------------------
 # name -> overrides on top of `tiny_overrides`; "single*" run in one process, the others on 2 ranks.
 _AC = {"fsdp_config.activation_checkpointing": "true"}
