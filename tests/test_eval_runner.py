@@ -141,7 +141,7 @@ def test_composer_checkpoint_and_hf_folder_give_the_same_numbers(tmp_path, tiny_
         "name": "text", "dataset": {"local": data, "split": "val", "shuffle": False, "max_seq_len": ROW},
         "drop_last": False, "num_workers": 0})
     cfg["models"] = [{"model_name": "composer", "load_path": str(tmp_path / "ckpt.pt")},
-                     {"model_name": "hf", "model": {"name": "mpt_causal_lm",
+                     {"model_name": "hf", "model": {"name": "hf_causal_lm",
                                                     "pretrained_model_name_or_path": str(tmp_path / "hf")}}]
     # llm-foundry's MPT eval YAML: the model section builds the model, load_path gives its weights
     cfg["models"].append({"model_name": "section", "model": model_section(32), "load_path": str(tmp_path / "ckpt.pt")})

@@ -1,5 +1,6 @@
-"""`model.name: hf_causal_lm` as llm-foundry defines it, and `pretrained` / `init_device` for both
-model names, in one process (tests/test_train_multiprocess.py has `init_device: mixed` on 2 ranks)."""
+"""`model.name: hf_causal_lm` as llm-foundry defines it (the one way to start from an HF folder), and
+`init_device` for both model names, in one process (tests/test_init_device_multiprocess.py has
+`init_device: mixed` and `meta` on 2 ranks)."""
 import pytest
 import torch
 
@@ -56,16 +57,41 @@ def test_pretrained_false_is_a_fresh_init_of_the_folders_config(folder):
     assert not any(torch.equal(saved[k], v) for k, v in model.state_dict().items() if v.dim() > 1)  # matrices
 
 
-@pytest.mark.parametrize("name", ["hf_causal_lm", "mpt_causal_lm"])
-def test_meta_and_mixed_init_with_a_pretrained_folder_equal_a_cpu_load(folder, name):
+def test_meta_and_mixed_init_with_a_pretrained_folder_equal_a_cpu_load(folder):
     """init_device meta: built empty, the weights read tensor by tensor when materialised (in one
     process by prepare_model, under FSDP2 per shard); mixed in one process is rank 0: a cpu load."""
     cpu = MPTForCausalLM.from_pretrained(folder)
-    meta = build({"name": name, "pretrained_model_name_or_path": folder, "init_device": "meta"})
+    meta = build({"name": "hf_causal_lm", "pretrained_model_name_or_path": folder, "init_device": "meta"})
     assert all(p.is_meta for p in meta.parameters())
     materialize_meta(meta)
     assert same_weights(meta, cpu) and meta.lm_head.weight is meta.transformer.wte.weight
-    assert same_weights(build({"name": name, "pretrained_model_name_or_path": folder, "init_device": "mixed"}), cpu)
+    mixed = build({"name": "hf_causal_lm", "pretrained_model_name_or_path": folder, "init_device": "mixed"})
+    assert same_weights(mixed, cpu)
+
+
+def test_mpt_causal_lm_builds_fresh_on_any_init_device(monkeypatch):
+    """meta and mixed (rank 0: cpu; another rank: meta, its weights FSDP's broadcast of rank 0's) also
+    apply to a model built from config keys."""
+    section = {"name": "mpt_causal_lm", **TINY}
+    torch.manual_seed(2)
+    cpu = build(section)
+    torch.manual_seed(2)
+    assert same_weights(build({**section, "init_device": "mixed"}), cpu)
+    monkeypatch.setenv("RANK", "1")
+    assert all(p.is_meta for p in build({**section, "init_device": "mixed"}).parameters())
+    meta = build({**section, "init_device": "meta"})
+    assert all(p.is_meta for p in meta.parameters())
+
+
+@pytest.mark.parametrize("key", ["pretrained_model_name_or_path", "pretrained"])
+def test_mpt_causal_lm_refuses_a_folder_and_names_the_way_to_start_from_one(folder, key):
+    with pytest.raises(ConfigError) as e:
+        parse(Named[registry.models], {"name": "mpt_causal_lm", key: folder if key != "pretrained" else True,
+                                       "max_seq_len": 64}, "model")
+    assert e.value.problems == [
+        f"model.{key}: unknown key: mpt_causal_lm builds a model from config keys; to start from a folder use "
+        "name: hf_causal_lm with pretrained_model_name_or_path, and put the MPT keys to change under "
+        "config_overrides"]
 
 
 def test_meta_init_refuses_weights_that_do_not_match_before_building(folder):

@@ -17,7 +17,8 @@ dataclasses, and these, which is how a schema reaches into the registries:
 A dataclass adds cross-field rules as methods marked `@cross("field", ...)`, each run when the fields
 it needs are valid, so one pass reports them next to every other problem. `EXTRA_KEYS` (a ClassVar)
 names keys another library owns, collected into the dataclass's `extra` field; `ALIASES` maps other
-spellings of a key onto it.
+spellings of a key onto it; `KEY_HINTS` maps a key that is unknown here, but belongs to another
+section, to the fix its "unknown key" problem states in place of a did-you-mean.
 """
 from __future__ import annotations
 
@@ -263,7 +264,8 @@ def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not (extra_keys and f.name == "extra")}
     data = {getattr(cls, "ALIASES", {}).get(k, k): v for k, v in data.items()}
     extra = {k: v for k, v in data.items() if extra_keys and k in extra_keys and k not in fields}
-    problems = [f"{join(path, k)}: unknown key{did_you_mean(k, fields)}"
+    key_hints = getattr(cls, "KEY_HINTS", {})
+    problems = [f"{join(path, k)}: unknown key" + (f": {key_hints[k]}" if k in key_hints else did_you_mean(k, fields))
                 for k in data if k not in fields and k not in extra]
     kwargs, valid = {}, set()
     for name, field in fields.items():

@@ -64,8 +64,8 @@ class ModelEntry:
     @cross("model", "load_path", "tokenizer")
     def _a_source(self, path: str):
         if self.model is None and self.load_path is None:
-            return (f"{path}: give `load_path` (a Composer checkpoint) and/or `model` (a model section, "
-                    "with `pretrained_model_name_or_path` for an HF folder)")
+            return (f"{path}: give `load_path` (a Composer checkpoint) and/or `model` (a model section; "
+                    "for an HF folder `name: hf_causal_lm` with `pretrained_model_name_or_path`)")
         if self.load_path is not None and not os.path.exists(self.load_path):
             return f"{join(path, 'load_path')}: not found: {self.load_path}"
         named_folder = self.model is not None and "pretrained_model_name_or_path" in self.model.kwargs

@@ -2,10 +2,9 @@
 `model:` section of a YAML; inference, eval and training all call it.
 
 The `models` registry's built-in entries are here, as llm-foundry defines them: `mpt_causal_lm` builds
-an `MPTForCausalLM` from the section's MPT keys (or loads the HF MPT folder named by
-`pretrained_model_name_or_path`, the other keys overriding its config); `hf_causal_lm` loads an MPT
-folder with `config_overrides` merged onto its config. Both take `pretrained` (false: the folder's
-config, freshly initialised) and `init_device` (cpu, meta or mixed; see train/parallel.py).
+a fresh `MPTForCausalLM` from the section's MPT keys; `hf_causal_lm` starts from an HF MPT folder (or
+hub name), `config_overrides` merged onto its config, with its weights unless `pretrained` is false.
+Both take `init_device` (cpu, meta or mixed; see train/parallel.py) and `loss_fn`.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Annotated, Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 from llmfoundry_lite.config import Rule, Section, cross, join
 from llmfoundry_lite.data.tokenizer import build_tokenizer
@@ -27,26 +26,23 @@ def _device_or_mixed(name: str) -> Optional[str]:
 
 
 @dataclass(kw_only=True)
-class _Source:
-    """llm-foundry's keys for where a model's weights come from, shared by both model names."""
-    pretrained_model_name_or_path: Optional[str] = None  # an HF MPT folder or hub name
-    pretrained: bool = True  # false: the folder's config only, initialised afresh by its init_config
+class _BuilderKeys:
+    """llm-foundry's builder keys, shared by both model names."""
     # cpu; meta (built without memory, initialised, or loaded, after FSDP sharding); mixed (global rank 0
     # builds or loads on cpu, the others on meta, and FSDP broadcasts rank 0's weights)
     init_device: Annotated[str, Rule(_device_or_mixed)] = "cpu"
     loss_fn: Literal["torch_crossentropy", "fused_crossentropy"] = "torch_crossentropy"  # training's loss
 
-    @cross("pretrained_model_name_or_path")
-    def _folder_exists(self, path: str):
-        source = self.pretrained_model_name_or_path
-        if source and source.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(source)):
-            return f"{join(path, 'pretrained_model_name_or_path')}: model folder not found: {source}"
+
+_FROM_A_FOLDER = ("mpt_causal_lm builds a model from config keys; to start from a folder use name: hf_causal_lm "
+                  "with pretrained_model_name_or_path, and put the MPT keys to change under config_overrides")
 
 
 @dataclass(kw_only=True)
-class MPTModelSection(_Source, MPTSchema):
-    """`model: {name: mpt_causal_lm, ...}`: the MPT keys (which override the config of a named folder)
-    plus llm-foundry's builder keys."""
+class MPTModelSection(_BuilderKeys, MPTSchema):
+    """`model: {name: mpt_causal_lm, ...}`: the MPT keys plus llm-foundry's builder keys."""
+    KEY_HINTS: ClassVar[Dict[str, str]] = dict.fromkeys(("pretrained_model_name_or_path", "pretrained"),
+                                                         _FROM_A_FOLDER)
 
     @cross("loss_fn", "final_logit_softcapping")
     def _fused_loss_without_softcap(self, path: str):
@@ -56,14 +52,21 @@ class MPTModelSection(_Source, MPTSchema):
 
 
 @dataclass(kw_only=True)
-class HFCausalLMSection(_Source):
+class HFCausalLMSection(_BuilderKeys):
     """`model: {name: hf_causal_lm, ...}` as llm-foundry defines it, for an MPT folder or hub name."""
     pretrained_model_name_or_path: str
+    pretrained: bool = True  # false: the folder's config only, initialised afresh by its init_config
     config_overrides: Dict[str, Any] = field(default_factory=dict)  # merged onto the folder's config
     use_flash_attention_2: bool = False  # true: attn_config.attn_impl flash (flash-attn 2, CUDA)
     token: Union[str, bool, None] = None  # for a gated hub model; a local folder needs none
     use_auth_token: Union[str, bool, None] = False  # transformers' old name: use the stored login token
     trust_remote_code: bool = True  # accepted: code in a folder is never run, the model is ours
+
+    @cross("pretrained_model_name_or_path")
+    def _folder_exists(self, path: str):
+        source = self.pretrained_model_name_or_path
+        if source.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(source)):
+            return f"{join(path, 'pretrained_model_name_or_path')}: model folder not found: {source}"
 
     @cross("config_overrides")
     def _known_overrides(self, path: str):
@@ -84,40 +87,55 @@ def _unknown_keys(schema, overrides: Dict[str, Any], path: str) -> List[str]:
     return problems
 
 
-def build_mpt_causal_lm(tokenizer, pretrained_model_name_or_path: Optional[str] = None, pretrained: bool = True,
-                        init_device: str = "cpu", loss_fn=None, config_overrides: Optional[Dict[str, Any]] = None,
-                        use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None,
-                        **keys):
-    """An `MPTForCausalLM` from MPT config keys, or from an HF folder whose config `config_overrides`
-    (or, under `mpt_causal_lm`, the section's MPT keys) override: with its weights unless `pretrained`
-    is false. A missing `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error."""
-    from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
+def _this_rank_device(init_device: str) -> str:
+    """As llm-foundry, `mixed` is cpu on global rank 0 (which builds or reads the weights) and meta on
+    the others (FSDP hands them their shards of rank 0's weights)."""
+    if init_device != "mixed":
+        return init_device
+    return "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
+
+
+def _fits(model, tokenizer, key: str = "model.vocab_size"):
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError([f"{key}: {model.config.vocab_size} is smaller than the tokenizer's "
+                           f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} "
+                           "(a multiple of 64 is fastest)"])
+    return model
+
+
+def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, **keys):
+    """A fresh `MPTForCausalLM` from MPT config keys (`loss_fn` is the training wrapper's). A missing
+    `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error."""
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-    device = init_device
-    if device == "mixed":  # as llm-foundry: rank 0 reads the weights, FSDP hands the others their shards
-        device = "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
-        pretrained = pretrained and device == "cpu"
-    overrides = {**keys, **(config_overrides or {})}
+    config = MPTConfig(**{"vocab_size": len(tokenizer), **keys, "init_device": _this_rank_device(init_device)})
+    return _fits(MPTForCausalLM(config), tokenizer)
+
+
+def build_hf_causal_lm(tokenizer, pretrained_model_name_or_path: str, pretrained: bool = True,
+                       init_device: str = "cpu", loss_fn=None, config_overrides: Optional[Dict[str, Any]] = None,
+                       use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None):
+    """An `MPTForCausalLM` from an HF MPT folder whose config `config_overrides` override: with its
+    weights unless `pretrained` is false (then initialised afresh). On meta the weights are read when
+    the model is materialised (after FSDP sharding); the tokenizer must fit the vocabulary."""
+    from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
+    from llmfoundry_lite.models import MPTForCausalLM
+    device = _this_rank_device(init_device)
+    pretrained = pretrained and not (init_device == "mixed" and device == "meta")  # FSDP brings rank 0's weights
+    overrides = dict(config_overrides or {})
     if use_flash_attention_2:
         overrides["attn_config"] = {**overrides.get("attn_config", {}), "attn_impl": "flash"}
-    if pretrained_model_name_or_path is None:
-        model = MPTForCausalLM(MPTConfig(**{"vocab_size": len(tokenizer), **keys, "init_device": device}))
-    elif pretrained and device != "meta":
+    if pretrained and device != "meta":
         model = load_hf_model(pretrained_model_name_or_path, token=token, **overrides)
     else:
         folder, config = load_hf_config(pretrained_model_name_or_path, {**overrides, "init_device": device}, token)
         model = MPTForCausalLM(config)
         if pretrained:
             load_when_materialized(model, folder)
-    if model.config.vocab_size < len(tokenizer):
-        raise ConfigError([f"model.vocab_size: {model.config.vocab_size} is smaller than the tokenizer's "
-                           f"{len(tokenizer)} tokens; set it to at least {len(tokenizer)} "
-                           "(a multiple of 64 is fastest)"])
-    return model
+    return _fits(model, tokenizer, "model.config_overrides.vocab_size")
 
 
 models.register("mpt_causal_lm", build_mpt_causal_lm, config=MPTModelSection)
-models.register("hf_causal_lm", build_mpt_causal_lm, config=HFCausalLMSection)
+models.register("hf_causal_lm", build_hf_causal_lm, config=HFCausalLMSection)
 
 
 def open_model(source: Union[str, Section], tokenizer=None) -> Tuple[object, object]:
