@@ -67,6 +67,11 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
                                                                         dict(name="reuse")], overrides=dict(
                                                 nope=dict(attn_config=dict(nope=True)),
                                                 reuse=dict(attn_config=dict(reuse_kv_layer_idx=-2))))),
+    # layers 1 and 2 compute their keys and values from layer 0's input (2 -> 1 -> 0), with their own Wk/Wv
+    "block_overrides_reuse_kv_x_gqa": dict(n_layers=3, learned_pos_emb=False, attn_config=dict(
+        rope=True, rope_impl="hf", fused_qkv=False, attn_type="grouped_query_attention", kv_n_heads=2, qk_ln=True),
+        block_overrides=dict(order=[dict(name="default"), dict(name="reuse_x", repeat=2)], overrides=dict(
+            reuse_x=dict(attn_config=dict(reuse_kv_x_layer_idx=-1))))),
     "no_pad_tok_in_ffn": dict(use_pad_tok_in_ffn=False, attn_config=dict(alibi=True)),
     # its dropless MoE in plain PyTorch takes every key below (none has a default there)
     "torch_dmoe_mlp": dict(no_bias=True, attn_config=dict(alibi=True), ffn_config=dict(

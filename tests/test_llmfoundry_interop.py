@@ -40,6 +40,7 @@ def test_padding_tokens_skip_the_ffn_as_in_llmfoundry():
 
 @pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused",
                                   "block_overrides_unfused_gqa_alibi", "block_overrides_dail_nope_reuse",
+                                  "block_overrides_reuse_kv_x_gqa",
                                   "rope_dail_xpos", "no_pad_tok_in_ffn", "torch_dmoe_mlp", "torch_dmoe_glu_silu"])
 def test_its_export_keeps_the_logits(case, tmp_path):
     """Exported again (custom code where stock transformers cannot represent it), the same logits."""
@@ -114,3 +115,25 @@ def test_its_mixture_of_experts_exports_as_custom_code_with_its_logits(case, tmp
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
     assert type(loaded).__module__.endswith("modeling_mpt")
     llmfoundry_logits_match(loaded, folder)
+
+
+def test_reuse_kv_x_layers_export_as_custom_code_with_its_logits_and_cache(tmp_path):
+    """Layers whose keys read an earlier layer's input (llm-foundry's reuse_kv_x_layer_idx): its weight names,
+    the bundled custom code runs them, and a cached decode equals the full forward (as in llm-foundry)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(FIXTURES, "block_overrides_reuse_kv_x_gqa")
+    model = load_hf_model(folder)
+    assert set(model.state_dict()) == set(load_file(os.path.join(folder, "model.safetensors"))) | {"lm_head.weight"}
+    write_hf_folder(model.config, model.state_dict(), str(tmp_path), log=lambda m: None)
+    written = json.loads((tmp_path / "config.json").read_text())["block_overrides"]
+    assert written["overrides"]["reuse_x"]["attn_config"]["reuse_kv_x_layer_idx"] == -1  # relative, as written
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    assert type(loaded).__module__.endswith("modeling_mpt")
+    llmfoundry_logits_match(loaded, folder)
+    ids = load_file(os.path.join(folder, "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        full = loaded(ids).logits[:, -3:]
+        past = loaded(ids[:, :-3], use_cache=True).past_key_values
+        step = loaded(ids[:, -3:], past_key_values=past, use_cache=True).logits
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)

@@ -66,6 +66,13 @@ OPTIONS = {
         block_overrides={"order": [{"name": "default"}, {"name": "reuse"}], "repeat": 2, "overrides": {"reuse": {
             "attn_config": {"reuse_kv_layer_idx": -1, "nope": True,
                             "attn_temperature_tuning": {"floor_scale": 2, "attn_scale": 0.5}}}}}),
+    # layer 1's keys read layer 0's input (nope), layer 2 reuses layer 1's keys, layer 3's read layer 0's input (3 -> 1 -> 0)
+    "block_overrides_reuse_kv_x": dict(n_layers=4, attn_config={
+        "fused_qkv": False, "attn_type": "grouped_query_attention", "kv_n_heads": 2, "qk_ln": True, "clip_qkv": 2.0},
+        block_overrides={"order": [{"name": "default"}, {"name": "x1"}, {"name": "kv"}, {"name": "x2"}], "overrides": {
+            "x1": {"attn_config": {"reuse_kv_x_layer_idx": -1, "nope": True}},
+            "kv": {"attn_config": {"reuse_kv_layer_idx": -1, "sliding_window_size": 3}},
+            "x2": {"attn_config": {"reuse_kv_x_layer_idx": -2}}}}),
     "no_pad_tok_in_ffn": dict(use_pad_tok_in_ffn=False),
     "torch_dmoe": dict(ffn_config={"ffn_type": "torch_dmoe", "moe_num_experts": 4, "moe_top_k": 2}),
     "torch_dmoe_glu_jitter": dict(no_bias=False, ffn_config={
@@ -109,6 +116,30 @@ def test_block_overrides_build_llmfoundrys_layers():
         assert (model(x).logits - plain(x).logits).abs().max() > 1e-3
 
 
+def test_reuse_kv_x_layers_compute_their_keys_from_an_earlier_input():
+    """llm-foundry's reuse_kv_x_layer_idx: the layer keeps all its weights (Wk/Wv/k_ln too), its keys and values
+    read the resolved earlier layer's input normed by its own norm_1; only that input is kept for it."""
+    model = tiny(**OPTIONS["block_overrides_reuse_kv_x"])
+    blocks = model.transformer.blocks
+    assert [(b.attn.reuse_kv_x, b.attn.reuse_kv, b.shares_x) for b in blocks] == [
+        (None, None, True), (0, None, False), (None, 1, False), (0, None, False)]
+    names = set(model.state_dict())
+    assert {f"transformer.blocks.{i}.attn.{w}.weight" for i in (1, 3) for w in ("Wq", "Wk", "Wv", "k_ln")} <= names
+    x = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        out = model(x).logits
+        # by hand: layer 1's keys from norm_1 of layer 0's input is what the model does
+        h = model.transformer.wte(x)
+        calls = []
+        hook = blocks[1].attn.Wk.register_forward_hook(lambda mod, args, res: calls.append(args[0]))
+        model(x)
+        hook.remove()
+        torch.testing.assert_close(calls[0], blocks[1].norm_1(h))
+        plain = tiny(**{**OPTIONS["block_overrides_reuse_kv_x"], "block_overrides": None})
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert (out - plain(x).logits).abs().max() > 1e-3  # not a no-op
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"order": [{"name": "default"}], "overrides": {}}, "block_overrides: order expands to 1 layers ['default'], but "
                                                         "n_layers is 2"),
@@ -119,8 +150,16 @@ def test_block_overrides_build_llmfoundrys_layers():
      "reuse_kv_layer_idx: -1 from layer 0 is before the first layer"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_layer_idx": 0}}}},
      "reuse_kv_layer_idx: a negative (relative) layer index"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": 0}}}},
+     "overrides.r.attn_config.reuse_kv_x_layer_idx: a negative (relative) layer index, -1 for the layer before, got 0"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": -1}}}},
-     "reuse_kv_x_layer_idx: not supported here yet"),
+     "reuse_kv_x_layer_idx: -1 from layer 0 is before the first layer"),
+    ({"order": [{"name": "default"}, {"name": "r"}], "overrides": {"r": {"attn_config": {
+        "reuse_kv_x_layer_idx": -1, "reuse_kv_layer_idx": -1}}}},
+     "overrides.r.attn_config: give one of reuse_kv_layer_idx (an earlier layer's keys and values) and "
+     "reuse_kv_x_layer_idx (an earlier layer's input), not both"),
+    ({"order": [{"name": "default"}, {"name": "r"}], "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": -1}}}},
+     "overrides.r.attn_config.reuse_kv_x_layer_idx needs attn_config.fused_qkv: false (this layer's Wq reads"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"alibi": False}}}},
      "overrides.r.attn_config.alibi: unknown key"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"ffn_config": {}}}}, "overrides.r.ffn_config: unknown key"),

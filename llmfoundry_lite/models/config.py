@@ -185,9 +185,9 @@ class AttnOverride:
     nope: Optional[bool] = None  # no positions in this layer: no RoPE rotation, no ALiBi
     reuse_kv_layer_idx: Optional[Annotated[int, rule(lambda v: v < 0, "a negative (relative) layer index, -1 for "
                                                                       "the layer before")]] = None
-    reuse_kv_x_layer_idx: Optional[Annotated[int, Rule(lambda v: (
-        "not supported here yet (llm-foundry's Wk and Wv of this layer read an earlier layer's input, normed by this "
-        "layer's norm_1, with fused_qkv: false; self-attention, not cross-attention); use reuse_kv_layer_idx"))]] = None
+    # this layer's Wk and Wv read an earlier layer's input (normed by this layer's norm_1); fused_qkv: false
+    reuse_kv_x_layer_idx: Optional[Annotated[int, rule(lambda v: v < 0, "a negative (relative) layer index, -1 for "
+                                                                        "the layer before")]] = None
     attn_temperature_tuning: Optional[TemperatureOverride] = None
 
 

@@ -6,7 +6,8 @@ Architecture choices (each set in `MPTConfig`, see config.py):
   time to extrapolate), or RoPE (`rope`, `rope_theta`; hf scaling, or flash-attn's dail incl. XPos),
   or learned embeddings (`wpe`).
 - per-layer `block_overrides` (llm-foundry's): a layer's own sliding window, no positions (`nope`),
-  or the keys/values of an earlier layer (`reuse_kv_layer_idx`; such a layer has only `Wq`).
+  the keys/values of an earlier layer (`reuse_kv_layer_idx`; such a layer has only `Wq`), or its own
+  keys/values computed from an earlier layer's input (`reuse_kv_x_layer_idx`, normed by its own norm_1).
 - attention: fused `Wqkv`, multi-head / grouped-query / multi-query, optional qk LayerNorm or
   per-head GroupNorm, `clip_qkv`, packed-sequence masking by `sequence_id`, sliding window, KV cache
   (transformers' `Cache`); the kernel (`torch` SDPA or `flash`) comes from a registry.
@@ -56,8 +57,10 @@ IGNORE_INDEX = -100  # a label without a target (transformers' and torch's conve
 
 
 class MPTBlock(nn.Module):
-    def __init__(self, config: MPTConfig, layer_idx: int, attn: dict, shares_kv: bool = False):
+    def __init__(self, config: MPTConfig, layer_idx: int, attn: dict, shares_kv: bool = False,
+                 shares_x: bool = False):
         super().__init__()
+        self.layer_idx, self.shares_x = layer_idx, shares_x  # shares_x: a later layer's keys read this input
         bias = not config.no_bias
         norm = functools.partial(build_norm, config.norm_type, eps=config.layer_norm_epsilon, bias=bias)
         self.norm_1 = norm(config.d_model)
@@ -72,7 +75,10 @@ class MPTBlock(nn.Module):
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values: Optional[Cache] = None):
-        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), ctx, past_key_values))
+        if self.shares_x:
+            ctx.shared_x[self.layer_idx] = x
+        kv_x = None if self.attn.reuse_kv_x is None else self.norm_1(ctx.shared_x[self.attn.reuse_kv_x])
+        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), ctx, past_key_values, kv_x))
         return x + self.resid_ffn_dropout(self._ffn(self.norm_2(x), ctx))
 
     def _ffn(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -131,8 +137,9 @@ class MPTModel(MPTPreTrainedModel):
                 self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
             self.emb_drop = nn.Dropout(config.emb_pdrop)
             attn = block_attn_configs(config.attn_config, config.block_overrides, config.n_layers)
-            sources = {a.get("reuse_kv_layer_idx") for a in attn}
-            self.blocks = nn.ModuleList([MPTBlock(config, i, a, i in sources) for i, a in enumerate(attn)])
+            sources, x_sources = ({a.get(key) for a in attn} for key in ("reuse_kv_layer_idx", "reuse_kv_x_layer_idx"))
+            self.blocks = nn.ModuleList([MPTBlock(config, i, a, i in sources, i in x_sources)
+                                         for i, a in enumerate(attn)])
             self.norm_f = build_norm(config.norm_type, config.d_model, config.layer_norm_epsilon, not config.no_bias)
         self._bias_cache = {}  # the ALiBi/causal bias of the last unpadded shape, reused across steps
         self.post_init()
