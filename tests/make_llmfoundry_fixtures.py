@@ -67,7 +67,20 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
                                                                         dict(name="reuse")], overrides=dict(
                                                 nope=dict(attn_config=dict(nope=True)),
                                                 reuse=dict(attn_config=dict(reuse_kv_layer_idx=-2))))),
+    # layers 1 and 2 compute their keys and values from layer 0's input (2 -> 1 -> 0), with their own Wk/Wv
+    "block_overrides_reuse_kv_x_gqa": dict(n_layers=3, learned_pos_emb=False, attn_config=dict(
+        rope=True, rope_impl="hf", fused_qkv=False, attn_type="grouped_query_attention", kv_n_heads=2, qk_ln=True),
+        block_overrides=dict(order=[dict(name="default"), dict(name="reuse_x", repeat=2)], overrides=dict(
+            reuse_x=dict(attn_config=dict(reuse_kv_x_layer_idx=-1))))),
     "no_pad_tok_in_ffn": dict(use_pad_tok_in_ffn=False, attn_config=dict(alibi=True)),
+    # its dropless MoE in plain PyTorch takes every key below (none has a default there)
+    "torch_dmoe_mlp": dict(no_bias=True, attn_config=dict(alibi=True), ffn_config=dict(
+        ffn_type="torch_dmoe", moe_num_experts=4, moe_top_k=2, mlp_type="mlp", moe_jitter_eps=None,
+        moe_normalize_expert_weights=None, uniform_expert_assignment=False)),
+    "torch_dmoe_glu_silu": dict(ffn_config=dict(
+        ffn_type="torch_dmoe", moe_num_experts=3, moe_top_k=2, mlp_type="glu", moe_jitter_eps=0.1,
+        moe_normalize_expert_weights=1, uniform_expert_assignment=False, ffn_act_fn={"name": "silu"},
+        ffn_hidden_size=24)),
 }
 NEEDS_FLASH_ATTN = {"rope_dail", "rope_dail_xpos", "block_overrides_dail_nope_reuse", "no_pad_tok_in_ffn"}
 LEFT_PADDED = {"rope_dail", "rope_dail_xpos"}  # dail positions count padding too (flash-attn's seqlen_offset)

@@ -40,7 +40,8 @@ def test_padding_tokens_skip_the_ffn_as_in_llmfoundry():
 
 @pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused",
                                   "block_overrides_unfused_gqa_alibi", "block_overrides_dail_nope_reuse",
-                                  "rope_dail_xpos", "no_pad_tok_in_ffn"])
+                                  "block_overrides_reuse_kv_x_gqa",
+                                  "rope_dail_xpos", "no_pad_tok_in_ffn", "torch_dmoe_mlp", "torch_dmoe_glu_silu"])
 def test_its_export_keeps_the_logits(case, tmp_path):
     """Exported again (custom code where stock transformers cannot represent it), the same logits."""
     folder = os.path.join(FIXTURES, case)
@@ -72,7 +73,67 @@ def test_rms_norms_have_no_bias_like_llmfoundrys():
     ("attn_config", {"kv_dim": 16}, "attn_config.kv_dim: 16 != d_model (32): keys of another width are for "
                                     "cross-attention"),
     ("fc_type", {"name": "te"}, "fc_type: only 'torch' linear layers are supported (TransformerEngine's 'te'"),
+    ("ffn_config", {"ffn_type": "te_ln_mlp"}, "ffn_config.ffn_type: 'te_ln_mlp' is not supported: "
+                                              "TransformerEngine's fused LayerNorm-MLP needs NVIDIA's transformer_engine"),
+    ("ffn_config", {"ffn_type": "mb_moe"}, "ffn_config.ffn_type: 'mb_moe' is not supported: MegaBlocks' mixture of "
+                                           "experts needs MegaBlocks' CUDA kernels"),
+    ("ffn_config", {"ffn_type": "mb_dmoe", "moe_world_size": 1}, "ffn_config.ffn_type: 'mb_dmoe' is not supported"),
+    ("ffn_config", {"ffn_type": "torch_dmoe", "moe_world_size": 1, "moe_loss_weight": 0.1},
+     "ffn_config.moe_loss_weight: a MegaBlocks key (ffn_type mb_moe / mb_dmoe, which need MegaBlocks' CUDA kernels"),
 ])
 def test_what_is_not_implemented_yet_is_a_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_hf_model(os.path.join(FIXTURES, "head_dim_unfused"), learned_pos_emb=False, **{key: value})
+
+
+def test_torch_dmoe_has_llmfoundrys_weights_and_no_extra_loss():
+    """Its saved folder holds the router and the stacked experts, no biases (although no_bias is false there);
+    like llm-foundry's torch_dmoe the training loss is the language-model loss alone (no load balancing)."""
+    folder = os.path.join(FIXTURES, "torch_dmoe_glu_silu")
+    model = load_hf_model(folder)
+    names = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".blocks.0.ffn." in k}
+    assert names == {"transformer.blocks.0.ffn.router.layer.weight": (3, 32),
+                     **{f"transformer.blocks.0.ffn.experts.mlp.{w}": (3 * 24, 32) for w in ("w1", "v1", "w2")}}
+    ids = load_file(os.path.join(folder, "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    shifted = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, shifted)
+
+
+@pytest.mark.parametrize("case", ["torch_dmoe_mlp", "torch_dmoe_glu_silu"])
+def test_its_mixture_of_experts_exports_as_custom_code_with_its_logits(case, tmp_path):
+    """Stock transformers' Mpt has no MoE: the export is a custom-code folder, whose bundled source runs it."""
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(FIXTURES, case)
+    model = load_hf_model(folder)
+    assert any(b.startswith("ffn_config.ffn_type = 'torch_dmoe'") for b in native_blockers(model.config))
+    write_hf_folder(model.config, model.state_dict(), str(tmp_path), log=lambda m: None)
+    assert json.loads((tmp_path / "config.json").read_text())["ffn_config"]["moe_num_experts"] == \
+        model.config.ffn_config["moe_num_experts"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    assert type(loaded).__module__.endswith("modeling_mpt")
+    llmfoundry_logits_match(loaded, folder)
+
+
+def test_reuse_kv_x_layers_export_as_custom_code_with_its_logits_and_cache(tmp_path):
+    """Layers whose keys read an earlier layer's input (llm-foundry's reuse_kv_x_layer_idx): its weight names,
+    the bundled custom code runs them, and a cached decode equals the full forward (as in llm-foundry)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(FIXTURES, "block_overrides_reuse_kv_x_gqa")
+    model = load_hf_model(folder)
+    assert set(model.state_dict()) == set(load_file(os.path.join(folder, "model.safetensors"))) | {"lm_head.weight"}
+    write_hf_folder(model.config, model.state_dict(), str(tmp_path), log=lambda m: None)
+    written = json.loads((tmp_path / "config.json").read_text())["block_overrides"]
+    assert written["overrides"]["reuse_x"]["attn_config"]["reuse_kv_x_layer_idx"] == -1  # relative, as written
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    assert type(loaded).__module__.endswith("modeling_mpt")
+    llmfoundry_logits_match(loaded, folder)
+    ids = load_file(os.path.join(folder, "expected.safetensors"))["input_ids"]
+    with torch.no_grad():
+        full = loaded(ids).logits[:, -3:]
+        past = loaded(ids[:, :-3], use_cache=True).past_key_values
+        step = loaded(ids[:, -3:], past_key_values=past, use_cache=True).logits
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)

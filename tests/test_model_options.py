@@ -66,7 +66,20 @@ OPTIONS = {
         block_overrides={"order": [{"name": "default"}, {"name": "reuse"}], "repeat": 2, "overrides": {"reuse": {
             "attn_config": {"reuse_kv_layer_idx": -1, "nope": True,
                             "attn_temperature_tuning": {"floor_scale": 2, "attn_scale": 0.5}}}}}),
+    # layer 1's keys read layer 0's input (nope), layer 2 reuses layer 1's keys, layer 3's read layer 0's input (3 -> 1 -> 0)
+    "block_overrides_reuse_kv_x": dict(n_layers=4, attn_config={
+        "fused_qkv": False, "attn_type": "grouped_query_attention", "kv_n_heads": 2, "qk_ln": True, "clip_qkv": 2.0},
+        block_overrides={"order": [{"name": "default"}, {"name": "x1"}, {"name": "kv"}, {"name": "x2"}], "overrides": {
+            "x1": {"attn_config": {"reuse_kv_x_layer_idx": -1, "nope": True}},
+            "kv": {"attn_config": {"reuse_kv_layer_idx": -1, "sliding_window_size": 3}},
+            "x2": {"attn_config": {"reuse_kv_x_layer_idx": -2}}}}),
     "no_pad_tok_in_ffn": dict(use_pad_tok_in_ffn=False),
+    "torch_dmoe": dict(ffn_config={"ffn_type": "torch_dmoe", "moe_num_experts": 4, "moe_top_k": 2}),
+    "torch_dmoe_glu_jitter": dict(no_bias=False, ffn_config={
+        "ffn_type": "torch_dmoe", "moe_num_experts": 3, "moe_top_k": 2, "mlp_type": "glu", "moe_jitter_eps": 0.2,
+        "moe_normalize_expert_weights": 2, "ffn_act_fn": {"name": "silu"}, "ffn_hidden_size": 24}),
+    "torch_dmoe_top1_no_pad_tok": dict(use_pad_tok_in_ffn=False, ffn_config={"ffn_type": "torch_dmoe",
+                                                                              "moe_num_experts": 3}),
 }
 
 
@@ -103,6 +116,30 @@ def test_block_overrides_build_llmfoundrys_layers():
         assert (model(x).logits - plain(x).logits).abs().max() > 1e-3
 
 
+def test_reuse_kv_x_layers_compute_their_keys_from_an_earlier_input():
+    """llm-foundry's reuse_kv_x_layer_idx: the layer keeps all its weights (Wk/Wv/k_ln too), its keys and values
+    read the resolved earlier layer's input normed by its own norm_1; only that input is kept for it."""
+    model = tiny(**OPTIONS["block_overrides_reuse_kv_x"])
+    blocks = model.transformer.blocks
+    assert [(b.attn.reuse_kv_x, b.attn.reuse_kv, b.shares_x) for b in blocks] == [
+        (None, None, True), (0, None, False), (None, 1, False), (0, None, False)]
+    names = set(model.state_dict())
+    assert {f"transformer.blocks.{i}.attn.{w}.weight" for i in (1, 3) for w in ("Wq", "Wk", "Wv", "k_ln")} <= names
+    x = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        out = model(x).logits
+        # by hand: layer 1's keys from norm_1 of layer 0's input is what the model does
+        h = model.transformer.wte(x)
+        calls = []
+        hook = blocks[1].attn.Wk.register_forward_hook(lambda mod, args, res: calls.append(args[0]))
+        model(x)
+        hook.remove()
+        torch.testing.assert_close(calls[0], blocks[1].norm_1(h))
+        plain = tiny(**{**OPTIONS["block_overrides_reuse_kv_x"], "block_overrides": None})
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert (out - plain(x).logits).abs().max() > 1e-3  # not a no-op
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"order": [{"name": "default"}], "overrides": {}}, "block_overrides: order expands to 1 layers ['default'], but "
                                                         "n_layers is 2"),
@@ -113,8 +150,16 @@ def test_block_overrides_build_llmfoundrys_layers():
      "reuse_kv_layer_idx: -1 from layer 0 is before the first layer"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_layer_idx": 0}}}},
      "reuse_kv_layer_idx: a negative (relative) layer index"),
+    ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": 0}}}},
+     "overrides.r.attn_config.reuse_kv_x_layer_idx: a negative (relative) layer index, -1 for the layer before, got 0"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": -1}}}},
-     "reuse_kv_x_layer_idx: not supported here yet"),
+     "reuse_kv_x_layer_idx: -1 from layer 0 is before the first layer"),
+    ({"order": [{"name": "default"}, {"name": "r"}], "overrides": {"r": {"attn_config": {
+        "reuse_kv_x_layer_idx": -1, "reuse_kv_layer_idx": -1}}}},
+     "overrides.r.attn_config: give one of reuse_kv_layer_idx (an earlier layer's keys and values) and "
+     "reuse_kv_x_layer_idx (an earlier layer's input), not both"),
+    ({"order": [{"name": "default"}, {"name": "r"}], "overrides": {"r": {"attn_config": {"reuse_kv_x_layer_idx": -1}}}},
+     "overrides.r.attn_config.reuse_kv_x_layer_idx needs attn_config.fused_qkv: false (this layer's Wq reads"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"attn_config": {"alibi": False}}}},
      "overrides.r.attn_config.alibi: unknown key"),
     ({"order": [{"name": "r"}] * 2, "overrides": {"r": {"ffn_config": {}}}}, "overrides.r.ffn_config: unknown key"),
@@ -339,3 +384,60 @@ def test_a_registered_attention_impl_is_used_by_name():
     with torch.no_grad():
         assert torch.allclose(custom(x).logits, plain(x).logits)
     assert len(calls) == 2  # once per layer
+
+
+def _dmoe_reference(ffn, x, top_k, normalize_p=None):
+    """Each token alone: softmax router, its top_k experts, their outputs summed by the (normalised) weights."""
+    mlp, size = ffn.experts.mlp, ffn.experts.mlp.hidden_size
+    out = torch.zeros_like(x)
+    for t, token in enumerate(x):
+        weights, experts = ffn.router.layer(token).softmax(-1).topk(top_k)
+        if normalize_p:
+            weights = weights / weights.norm(p=normalize_p)
+        for w, e in zip(weights, experts.tolist(), strict=True):
+            rows = slice(e * size, (e + 1) * size)
+            h = torch.nn.functional.silu(token @ mlp.w1[rows].T) * (token @ mlp.v1[rows].T)
+            out[t] += w * (h @ mlp.w2[rows])
+    return out
+
+
+def test_torch_dmoe_routes_each_token_to_its_top_k_experts():
+    model = tiny(**OPTIONS["torch_dmoe_glu_jitter"])
+    ffn, x = model.transformer.blocks[0].ffn, torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out = ffn(x)
+        torch.testing.assert_close(out.flatten(0, 1), _dmoe_reference(ffn, x.flatten(0, 1), 2, 2), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ffn(x[1:, 2:5]), out[1:, 2:5], rtol=0, atol=1e-5)  # dropless: batch-independent
+        assert not torch.equal(ffn.train()(x), ffn(x))  # router jitter while training only
+        assert torch.equal(ffn.eval()(x), out)
+        # uniform_expert_assignment (llm-foundry's benchmarking mode): slot i of the flattened batch -> expert i mod n
+        ffn.uniform, flat = True, x.flatten(0, 1)
+        weights = ffn.router.layer(flat).softmax(-1).topk(2).values
+        weights = weights / weights.norm(p=2, dim=-1, keepdim=True)
+        expected = torch.stack([sum(w * ffn.experts.mlp(token[None], e)[0] for w, e in zip(
+            weights[t], (2 * t % 3, (2 * t + 1) % 3), strict=True)) for t, token in enumerate(flat)])
+        torch.testing.assert_close(ffn(x).flatten(0, 1), expected, rtol=0, atol=1e-5)
+    assert not any("bias" in n for n, _ in ffn.named_parameters())  # llm-foundry's torch_dmoe has none
+
+
+def test_torch_dmoe_init_flops_and_refusals():
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=100, max_seq_len=16, ffn_config={
+        "ffn_type": "torch_dmoe", "moe_num_experts": 8, "moe_top_k": 2, "ffn_hidden_size": 64})
+    model = MPTForCausalLM(cfg)
+    mlp = model.transformer.blocks[1].ffn.experts.mlp
+    # kaiming_normal_ on each stacked (experts * hidden, d_model) matrix, w2 not divided (as llm-foundry inits it)
+    for w in (mlp.w1, mlp.w2):
+        assert w.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.05)
+    default = MPTForCausalLM(MPTConfig(**{**cfg.to_dict(), "init_config": {"name": "default_"}}))
+    assert default.transformer.blocks[0].ffn.experts.mlp.w2.abs().max() <= 1 / math.sqrt(64)
+    attention, ffn_active = 4 * 64 * 64, 64 * 8 + 2 * (2 * 64 * 64)  # the router and two experts per token
+    assert flops_per_token(cfg, 16) == 6 * (2 * (attention + ffn_active) + 64 * 100) + 12 * 2 * 64 * 16
+    with pytest.raises(ConfigError) as e:
+        MPTConfig(ffn_config={"ffn_type": "mptglu", "moe_num_experts": 4, "moe_world_size": 2})
+    assert "ffn_config.moe_num_experts: a mixture-of-experts key, taken by ffn_type torch_dmoe only" in str(e.value)
+    assert "ffn_config.moe_world_size: a MegaBlocks key" in str(e.value)
+    with pytest.raises(ConfigError, match="moe_top_k: 3 experts per token, but moe_num_experts is 2"):
+        MPTConfig(ffn_config={"ffn_type": "torch_dmoe", "moe_num_experts": 2, "moe_top_k": 3})
+    # every torch_dmoe key is written out (llm-foundry needs each), none for the other FFNs
+    assert MPTConfig(ffn_config={"ffn_type": "torch_dmoe"}).ffn_config["uniform_expert_assignment"] is False
+    assert "moe_top_k" not in MPTConfig().ffn_config

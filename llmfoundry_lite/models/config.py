@@ -100,13 +100,49 @@ def _torch_linear(fc_type) -> Optional[str]:
                                          f"needs NVIDIA's transformer_engine, not a dependency here), got {name!r}")
 
 
+# ffn types llm-foundry has that need CUDA-only libraries this project does not use
+REFUSED_FFNS = {
+    "te_ln_mlp": "TransformerEngine's fused LayerNorm-MLP needs NVIDIA's transformer_engine (CUDA kernels), not a "
+                 "dependency here; use mptmlp or mptglu",
+    **dict.fromkeys(("mb_moe", "mb_dmoe"), "MegaBlocks' mixture of experts needs MegaBlocks' CUDA kernels, not a "
+                                           "dependency here; use torch_dmoe, llm-foundry's dropless MoE in PyTorch"),
+}
+# torch_dmoe's keys and their values when not written (llm-foundry's dMoE defaults)
+MOE_DEFAULTS = {"moe_num_experts": 1, "moe_top_k": 1, "mlp_type": "mlp", "moe_jitter_eps": None,
+                "moe_normalize_expert_weights": None, "uniform_expert_assignment": False}
+# MegaBlocks' `Arguments` and llm-foundry's MegaBlocks keys that torch_dmoe does not take
+MEGABLOCKS_KEYS = frozenset({
+    "moe_world_size", "moe_weight_parallelism", "moe_expert_model_parallelism", "expert_parallel_group",
+    "weight_parallel_group", "device_mesh", "lbl_process_group", "moe_loss_weight", "moe_lbl_in_fp32",
+    "moe_zloss_weight", "moe_zloss_in_fp32", "moe_capacity_factor", "return_bias", "mlp_impl",
+    "memory_optimized_mlp", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+    "quantize_inputs_num_bits", "quantize_rematerialize_num_bits", "quantize_scatter_num_bits", "fp16", "bf16",
+    "shared_expert", "shared_expert_hidden_size", "shared_expert_weighted_sum", "fc_cls", "fc_kwargs",
+    "remat_act_fn", "num_layers", "init_method", "output_layer_init_method", "activation_fn", "args"})
+
+
+def _ffn_type(name) -> Optional[str]:
+    if name in REFUSED_FFNS:
+        return f"{name!r} is not supported: {REFUSED_FFNS[name]}"
+    return None if name in registry.ffns else registry.ffns.unknown_message(name)
+
+
 @dataclass
 class FFNConfig:
-    ffn_type: Name[registry.ffns] = "mptmlp"  # 'mptmlp' or 'mptglu'
+    ffn_type: Annotated[str, Rule(_ffn_type)] = "mptmlp"  # 'mptmlp', 'mptglu' or 'torch_dmoe'
     ffn_act_fn: Optional[Dict[str, Any]] = None  # {name: <torch.nn.functional name>, **kwargs}; default exact gelu
-    ffn_hidden_size: Optional[Positive] = None  # default d_model * expansion_ratio
+    ffn_hidden_size: Optional[Positive] = None  # default d_model * expansion_ratio (of each expert, for an MoE)
     # llm-foundry copies the top-level fc_type here
     fc_type: Optional[Annotated[Union[str, Dict[str, Any]], Rule(_torch_linear)]] = None
+    # torch_dmoe only (None: not written; see MOE_DEFAULTS and TorchDMoE in layers/ffn.py)
+    moe_num_experts: Optional[Positive] = None
+    moe_top_k: Optional[Positive] = None
+    mlp_type: Optional[Literal["mlp", "glu"]] = None
+    moe_jitter_eps: Optional[Annotated[float, rule(lambda v: 0 <= v < 1, "in [0, 1)")]] = None
+    moe_normalize_expert_weights: Optional[Annotated[float, rule(lambda v: v >= 0, "a p-norm's p (0: off)")]] = None
+    uniform_expert_assignment: Optional[bool] = None
+    EXTRA_KEYS: ClassVar[frozenset] = MEGABLOCKS_KEYS  # collected to be refused with their reason
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     @cross("ffn_act_fn")
     def _known_activation(self, path):
@@ -115,6 +151,22 @@ class FFNConfig:
         if not isinstance(name, str) or not callable(getattr(F, name, None)):
             return (f"{join(path, 'ffn_act_fn.name')}: {name!r} is not a torch.nn.functional activation "
                     "(e.g. gelu, silu, relu)")
+
+    @cross()  # `extra` is not a key of its own; with a refused or unknown ffn_type, that is the problem
+    def _no_megablocks_keys(self, path):
+        return [] if self.ffn_type is None else [f"{join(path, key)}: a MegaBlocks key (ffn_type mb_moe / mb_dmoe, which need MegaBlocks' CUDA "
+                "kernels, not a dependency here); torch_dmoe keeps every expert on each device and takes none "
+                "(llm-foundry refuses them for it too); remove it" for key in self.extra]
+
+    @cross("ffn_type", *MOE_DEFAULTS)
+    def _moe_keys(self, path):
+        written = [key for key in MOE_DEFAULTS if getattr(self, key) is not None]
+        if self.ffn_type != "torch_dmoe":
+            return [f"{join(path, key)}: a mixture-of-experts key, taken by ffn_type torch_dmoe only "
+                    f"(ffn_type is {self.ffn_type!r})" for key in written]
+        experts = self.moe_num_experts or MOE_DEFAULTS["moe_num_experts"]
+        if (self.moe_top_k or 1) > experts:
+            return f"{join(path, 'moe_top_k')}: {self.moe_top_k} experts per token, but moe_num_experts is {experts}"
 
 
 _WINDOW = rule(lambda v: v == -1 or v > 0, "-1 (off) or a positive window")
@@ -133,8 +185,9 @@ class AttnOverride:
     nope: Optional[bool] = None  # no positions in this layer: no RoPE rotation, no ALiBi
     reuse_kv_layer_idx: Optional[Annotated[int, rule(lambda v: v < 0, "a negative (relative) layer index, -1 for "
                                                                       "the layer before")]] = None
-    reuse_kv_x_layer_idx: Optional[Annotated[int, Rule(lambda v: (
-        "not supported here yet (keys and values from an earlier layer's input); use reuse_kv_layer_idx"))]] = None
+    # this layer's Wk and Wv read an earlier layer's input (normed by this layer's norm_1); fused_qkv: false
+    reuse_kv_x_layer_idx: Optional[Annotated[int, rule(lambda v: v < 0, "a negative (relative) layer index, -1 for "
+                                                                        "the layer before")]] = None
     attn_temperature_tuning: Optional[TemperatureOverride] = None
 
 
@@ -340,6 +393,13 @@ class MPTConfig(PretrainedConfig):
         values["init_config"].pop("verbose")
         if values.pop("norm_eps") is not None:
             values["layer_norm_epsilon"] = schema.norm_eps
+        ffn = values["ffn_config"]
+        ffn.pop("extra")  # MegaBlocks keys: refused above
+        for key in MOE_DEFAULTS:  # stored for torch_dmoe only, all of them (llm-foundry needs each one)
+            if ffn[key] is None and ffn["ffn_type"] != "torch_dmoe":
+                ffn.pop(key)
+            elif ffn[key] is None:
+                ffn[key] = MOE_DEFAULTS[key]
         if values["ffn_config"]["ffn_act_fn"] is None:
             values["ffn_config"]["ffn_act_fn"] = {"name": "gelu", "approximate": "none"}
         tie = values.pop("tie_word_embeddings")

@@ -6,11 +6,13 @@ Architecture choices (each set in `MPTConfig`, see config.py):
   time to extrapolate), or RoPE (`rope`, `rope_theta`; hf scaling, or flash-attn's dail incl. XPos),
   or learned embeddings (`wpe`).
 - per-layer `block_overrides` (llm-foundry's): a layer's own sliding window, no positions (`nope`),
-  or the keys/values of an earlier layer (`reuse_kv_layer_idx`; such a layer has only `Wq`).
+  the keys/values of an earlier layer (`reuse_kv_layer_idx`; such a layer has only `Wq`), or its own
+  keys/values computed from an earlier layer's input (`reuse_kv_x_layer_idx`, normed by its own norm_1).
 - attention: fused `Wqkv`, multi-head / grouped-query / multi-query, optional qk LayerNorm or
   per-head GroupNorm, `clip_qkv`, packed-sequence masking by `sequence_id`, sliding window, KV cache
   (transformers' `Cache`); the kernel (`torch` SDPA or `flash`) comes from a registry.
-- no biases and low-precision LayerNorm by default; `mptmlp` (GELU) or `mptglu` FFNs.
+- no biases and low-precision LayerNorm by default; `mptmlp` (GELU) or `mptglu` FFNs, or llm-foundry's
+  dropless mixture of experts `torch_dmoe` (no load-balancing loss, as there).
 - weight-tied unembedding by default, optional `logit_scale` and final logit soft-capping.
 Parameter names equal transformers' Mpt state-dict keys, so HF folders load in both directions.
 Padding is given by `attention_mask` (left or right); RoPE / learned positions count only real
@@ -50,25 +52,33 @@ from llmfoundry_lite.models.layers.attention import (
 from llmfoundry_lite.models.layers.norms import build_norm
 from llmfoundry_lite.registry import ffns, param_inits
 
+FFN_COMMON_KEYS = ("ffn_type", "ffn_act_fn", "ffn_hidden_size", "fc_type")  # the rest go to the FFN
 IGNORE_INDEX = -100  # a label without a target (transformers' and torch's convention); data and eval use it too
 
 
 class MPTBlock(nn.Module):
-    def __init__(self, config: MPTConfig, layer_idx: int, attn: dict, shares_kv: bool = False):
+    def __init__(self, config: MPTConfig, layer_idx: int, attn: dict, shares_kv: bool = False,
+                 shares_x: bool = False):
         super().__init__()
+        self.layer_idx, self.shares_x = layer_idx, shares_x  # shares_x: a later layer's keys read this input
         bias = not config.no_bias
         norm = functools.partial(build_norm, config.norm_type, eps=config.layer_norm_epsilon, bias=bias)
         self.norm_1 = norm(config.d_model)
         self.attn = MPTAttention(config, layer_idx, norm, attn, shares_kv)
         self.norm_2 = norm(config.d_model)
-        ffn_cls = ffns.get(config.ffn_config["ffn_type"], "model.ffn_config.ffn_type")
-        self.ffn = ffn_cls(config.d_model, config.ffn_hidden_size, config.ffn_config["ffn_act_fn"], bias)
+        ffn = config.ffn_config
+        ffn_cls = ffns.get(ffn["ffn_type"], "model.ffn_config.ffn_type")
+        own_keys = {k: v for k, v in ffn.items() if k not in FFN_COMMON_KEYS}  # e.g. torch_dmoe's moe_* keys
+        self.ffn = ffn_cls(config.d_model, config.ffn_hidden_size, ffn["ffn_act_fn"], bias, **own_keys)
         self.ffn_skips_padding = not config.use_pad_tok_in_ffn
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_ffn_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values: Optional[Cache] = None):
-        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), ctx, past_key_values))
+        if self.shares_x:
+            ctx.shared_x[self.layer_idx] = x
+        kv_x = None if self.attn.reuse_kv_x is None else self.norm_1(ctx.shared_x[self.attn.reuse_kv_x])
+        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), ctx, past_key_values, kv_x))
         return x + self.resid_ffn_dropout(self._ffn(self.norm_2(x), ctx))
 
     def _ffn(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -127,8 +137,9 @@ class MPTModel(MPTPreTrainedModel):
                 self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
             self.emb_drop = nn.Dropout(config.emb_pdrop)
             attn = block_attn_configs(config.attn_config, config.block_overrides, config.n_layers)
-            sources = {a.get("reuse_kv_layer_idx") for a in attn}
-            self.blocks = nn.ModuleList([MPTBlock(config, i, a, i in sources) for i, a in enumerate(attn)])
+            sources, x_sources = ({a.get(key) for a in attn} for key in ("reuse_kv_layer_idx", "reuse_kv_x_layer_idx"))
+            self.blocks = nn.ModuleList([MPTBlock(config, i, a, i in sources, i in x_sources)
+                                         for i, a in enumerate(attn)])
             self.norm_f = build_norm(config.norm_type, config.d_model, config.layer_norm_epsilon, not config.no_bias)
         self._bias_cache = {}  # the ALiBi/causal bias of the last unpadded shape, reused across steps
         self.post_init()
@@ -461,7 +472,11 @@ def flops_per_token(config: MPTConfig, seq_len: int, recompute: bool = False) ->
     `recompute=True` counts the hardware FLOPs of activation checkpointing, which runs every block's
     forward (2 * block matmul parameters + 4 * n_layers * d_model * seq_len) a second time (for HFU)."""
     d, q, kv = config.d_model, config.n_heads * config.head_dim, config.kv_n_heads * config.head_dim
-    n_ffn_mats = 3 if config.ffn_config["ffn_type"] == "mptglu" else 2
-    blocks = config.n_layers * (d * (q + 2 * kv) + q * d + n_ffn_mats * d * config.ffn_hidden_size)
+    ffn = config.ffn_config
+    n_ffn_mats = 3 if "glu" in (ffn["ffn_type"], ffn.get("mlp_type")) else 2
+    ffn_params = n_ffn_mats * d * config.ffn_hidden_size
+    if ffn["ffn_type"] == "torch_dmoe":  # a token runs the router and its top_k experts
+        ffn_params = d * ffn["moe_num_experts"] + ffn["moe_top_k"] * ffn_params
+    blocks = config.n_layers * (d * (q + 2 * kv) + q * d + ffn_params)
     model_flops = 6.0 * (blocks + d * config.vocab_size) + 12.0 * config.n_layers * q * seq_len
     return model_flops + (2.0 * blocks + 4.0 * config.n_layers * q * seq_len if recompute else 0.0)

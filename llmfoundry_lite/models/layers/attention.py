@@ -100,6 +100,7 @@ class AttentionContext:
     sequence_id: (B, S) ids of packed sequences (no cache), or None.
     rope: (queries' (cos, sin), keys' (cos, sin)), the same pair unless XPos; None without RoPE.
     shared_kv: layer index -> its keys and values, for the layers that reuse them (block_overrides).
+    shared_x: layer index -> its block's input, for the layers whose keys and values read it (block_overrides).
     """
     q_len: int
     past_len: int
@@ -110,6 +111,7 @@ class AttentionContext:
     rope: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None
     cache: Dict = field(default_factory=dict)  # per-forward (or shared) store for the built bias
     shared_kv: Dict = field(default_factory=dict)
+    shared_x: Dict = field(default_factory=dict)
 
     def for_layer(self, sliding_window: int, nope: bool) -> "AttentionContext":
         """This context for a block with its own window, or without positions (`nope`): its bias is
@@ -280,15 +282,17 @@ def block_attn_configs(attn_config: Dict, block_overrides: Optional[Dict], n_lay
     """Each block's attn_config: `attn_config` with that block's `block_overrides` applied, expanded as
     llm-foundry expands them. `order` lists `{name, repeat}` items or nested `{order, repeat}` lists
     (`default`: no override), the whole order repeated `repeat` times: one name per layer.
-    `reuse_kv_layer_idx` is relative (-1: the layer before) and becomes the absolute index of the
-    layer that computes those keys (reusing a reusing layer reuses its source). Raises ValueError."""
+    `reuse_kv_layer_idx` (and `reuse_kv_x_layer_idx`) is relative (-1: the layer before) and becomes the
+    absolute index of the layer that computes those keys (whose input those keys are computed from);
+    pointing at a layer that reuses the same way reuses its source, as llm-foundry resolves them. Raises
+    ValueError."""
     if block_overrides is None:
         return [attn_config] * n_layers
     names = _expand_order(block_overrides["order"]) * (block_overrides.get("repeat") or 1)
     if len(names) != n_layers:
         raise ValueError(f"order expands to {len(names)} layers {names}, but n_layers is {n_layers}; "
                          "make them agree (repeat multiplies the order)")
-    overrides, configs, sources = block_overrides["overrides"], [], {}
+    overrides, configs, sources = block_overrides["overrides"], [], {"reuse_kv_layer_idx": {}, "reuse_kv_x_layer_idx": {}}
     for i, name in enumerate(names):
         if name != "default" and name not in overrides:
             raise ValueError(f"order names {name!r}, which is not in overrides ({sorted(overrides)}); "
@@ -298,11 +302,19 @@ def block_attn_configs(attn_config: Dict, block_overrides: Optional[Dict], n_lay
         if given.get("attn_temperature_tuning"):  # its keys are overridden one by one
             layer["attn_temperature_tuning"] = {**attn_config["attn_temperature_tuning"], **{
                 k: v for k, v in given["attn_temperature_tuning"].items() if v is not None}}
-        if (step := given.get("reuse_kv_layer_idx")) is not None:
+        reuses = [key for key in sources if given.get(key) is not None]
+        if len(reuses) == 2:
+            raise ValueError(f"overrides.{name}.attn_config: give one of reuse_kv_layer_idx (an earlier layer's keys "
+                             "and values) and reuse_kv_x_layer_idx (an earlier layer's input), not both")
+        for key in reuses:
+            step, resolved = given[key], sources[key]
             if i + step < 0:
-                raise ValueError(f"overrides.{name}.attn_config.reuse_kv_layer_idx: {step} from layer {i} "
+                raise ValueError(f"overrides.{name}.attn_config.{key}: {step} from layer {i} "
                                  "is before the first layer; point at an earlier layer that exists")
-            layer["reuse_kv_layer_idx"] = sources[i] = sources.get(i + step, i + step)
+            layer[key] = resolved[i] = resolved.get(i + step, i + step)
+        if reuses == ["reuse_kv_x_layer_idx"] and attn_config["fused_qkv"]:
+            raise ValueError(f"overrides.{name}.attn_config.reuse_kv_x_layer_idx needs attn_config.fused_qkv: false "
+                             "(this layer's Wq reads its own input, its Wk and Wv an earlier layer's)")
         configs.append(layer)
     return configs
 
@@ -321,6 +333,8 @@ class MPTAttention(nn.Module):
     `attn` is this layer's attn_config (see `block_attn_configs`). A layer with `reuse_kv_layer_idx`
     has only `Wq` (and `q_ln`): it attends over the keys and values that layer computed (its cache
     included), as llm-foundry's does; `shares_kv` marks a layer whose keys another layer reuses.
+    A layer with `reuse_kv_x_layer_idx` has all its weights, its keys and values computed from `kv_x`
+    (the block normalises that earlier layer's input with its own norm_1); it caches them as its own.
     """
 
     def __init__(self, config, layer_idx: int, norm_factory, attn: Dict, shares_kv: bool = False):
@@ -334,7 +348,7 @@ class MPTAttention(nn.Module):
         self.attn_pdrop, self.clip_qkv = attn["attn_pdrop"], attn["clip_qkv"]
         self.softcap = attn["attn_logit_softcapping"]
         self.sliding_window, self.nope = attn["sliding_window_size"], attn.get("nope", False)
-        self.reuse_kv = attn.get("reuse_kv_layer_idx")
+        self.reuse_kv, self.reuse_kv_x = attn.get("reuse_kv_layer_idx"), attn.get("reuse_kv_x_layer_idx")
         tuning = attn["attn_temperature_tuning"]
         self.temperature = (tuning["floor_scale"], tuning["attn_scale"]) if tuning["attn_scale"] else None
         self.impl = attention_impls.get(attn["attn_impl"], "model.attn_config.attn_impl")
@@ -357,14 +371,17 @@ class MPTAttention(nn.Module):
         self.out_proj = nn.Linear(self.q_dim, self.d_model, bias=bias)
         self.out_proj._is_residual = True  # see init.py
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, past_key_values=None,
+                kv_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`kv_x`: the keys' and values' input when not `x` (reuse_kv_x_layer_idx; unfused only)."""
         B, S, _ = x.shape
         ctx = ctx.for_layer(self.sliding_window, self.nope)
         own_kv = self.reuse_kv is None
         if self.fused:
             q, k, v = self.Wqkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         else:
-            q, k, v = self.Wq(x), *((self.Wk(x), self.Wv(x)) if own_kv else (None, None))
+            kv_x = x if kv_x is None else kv_x
+            q, k, v = self.Wq(x), *((self.Wk(kv_x), self.Wv(kv_x)) if own_kv else (None, None))
         if self.clip_qkv:
             q, k, v = [t if t is None else t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v)]
         if hasattr(self, "q_ln"):  # qk_gn: each head on its own

@@ -9,6 +9,9 @@ parameters, so it works module by module after a `meta`-device build (what FSDP 
   stream, so its weight is divided by `init_div_is_residual` (True = sqrt(2 * n_layers));
   `_fused = (dim, split_points)` (attention `Wqkv`): q, k and v stacked along `dim`, each part
   initialised as a matrix of its own.
+- A mixture of experts' stacked expert matrices (`ExpertWeights`): the initializer on each whole
+  (experts * hidden, d_model) matrix, not divided as residual (as llm-foundry inits torch_dmoe);
+  its router is a Linear.
 - Embeddings: `emb_init_std` (normal) or `emb_init_uniform_lim` when set, else the initializer.
 - Norms: weight 1, bias 0.
 """
@@ -20,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from llmfoundry_lite.models.layers.ffn import ExpertWeights
 from llmfoundry_lite.models.layers.norms import NORM_CLASSES
 from llmfoundry_lite.registry import param_inits
 
@@ -37,6 +41,10 @@ def generic_init_(module: nn.Module, init_fn_, *, n_layers: int, init_div_is_res
         div = init_div_is_residual  # True: sqrt(2 * n_layers); False: none
         if getattr(module, "_is_residual", False) and div is not False:
             module.weight.div_(math.sqrt(2 * n_layers) if div is True else float(div))
+    elif isinstance(module, ExpertWeights):
+        for weight in (module.w1, module.v1, module.w2):
+            if weight is not None:
+                init_fn_(weight)
     elif isinstance(module, nn.Embedding):
         if emb_init_std is not None:
             module.weight.normal_(0.0, emb_init_std)
