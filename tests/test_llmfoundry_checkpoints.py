@@ -127,3 +127,17 @@ def test_a_hub_layout_mpt_finetunes_with_a_raised_max_seq_len(tmp_path, monkeypa
     with torch.no_grad():
         expected = stock(input_ids=first, labels=first).loss.item()
     assert read_losses(metrics)[0][1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_checkpoint_that_cannot_resume_this_run_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    """Another model's weights, or a full resume with another optimizer (Composer would start it afresh
+    silently): exit 2 naming the problem and the fix, before anything is built."""
+    from llmfoundry_lite.cli import main
+    monkeypatch.chdir(_run_copy(tmp_path))
+    assert main(["train", "train.yaml", f"load_path={FULL}", "model.d_model=32"]) == 2
+    err = capsys.readouterr().err
+    assert "the weights do not match the model config (size mismatch" in err and "Traceback" not in err, err
+    assert main(["train", "train.yaml", f"load_path={SHARDED}", "optimizer.name=adamw"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the state of optimizer ['DecoupledAdamW'], this run uses AdamW" in err, err
+    assert "load_weights_only: true" in err

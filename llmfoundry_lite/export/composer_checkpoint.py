@@ -22,7 +22,7 @@ import pickle
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 
@@ -183,9 +183,11 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     metadata = _read_metadata(path)
     reader = FileSystemReader(path)
     paths = metadata.planner_data or {}
-    fqns, hf_paths = {}, {}
+    fqns, hf_paths, optimizers = {}, {}, set()
     for fqn, entry in metadata.state_dict_metadata.items():
         p = tuple(paths.get(fqn, fqn.split(".")))
+        if "optimizers" in p[:2] and len(p) > p.index("optimizers") + 1:  # under state (or at the root)
+            optimizers.add(p[p.index("optimizers") + 1])
         if p[:2] == ("state", "model") and isinstance(entry, TensorStorageMetadata):
             name = _strip(".".join(p[2:]))
             if name is not None:
@@ -195,12 +197,14 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     holder = dict.fromkeys(hf_paths)
     if holder:
         _dcp_load(holder, reader)
-    return _nest({hf_paths[fqn]: value for fqn, value in holder.items()}), _DCPWeights(reader, fqns, metadata)
+    hf_state = _nest({hf_paths[fqn]: value for fqn, value in holder.items()})
+    return hf_state, _DCPWeights(reader, fqns, metadata), optimizers
 
 
-def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
-    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names) of a
-    checkpoint; a Composer save_folder opens the checkpoint its latest link points at (file or folder)."""
+def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor], Set[str]]:
+    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names, the
+    class names of the optimizers whose state it holds) of a checkpoint; a Composer save_folder opens
+    the checkpoint its latest link points at (file or folder)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -217,7 +221,7 @@ def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
         raise CheckpointError(f"{path} is not a Composer checkpoint (no state.model); "
                               "give a file written by `llmfoundry-lite train` (save_folder)")
     weights = {_strip(key): tensor for key, tensor in state["model"].items() if _strip(key) is not None}
-    return state.get("integrations", {}).get("huggingface", {}), weights
+    return state.get("integrations", {}).get("huggingface", {}), weights, set(state.get("optimizers") or {})
 
 
 def _restore_template_special_tokens(node):
@@ -260,7 +264,7 @@ def open_composer_checkpoint(path: str):
     """(MPTConfig, tokenizer or None, lazy mapping HF name -> tensor) of a full or sharded checkpoint."""
     from llmfoundry_lite.models import MPTConfig
 
-    hf_state, weights = _open(path)
+    hf_state, weights, _ = _open(path)
     try:
         content = dict(hf_state["model"]["config"]["content"])
     except (KeyError, TypeError):
@@ -287,3 +291,16 @@ def load_composer_checkpoint(path: str):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval(), tokenizer
+
+
+def check_resumable(path: str, model, optimizer, weights_only: bool) -> None:
+    """Before a run loads `path` (`load_path`): the checkpoint holds this model's weights and, for a
+    full resume, state of this run's optimizer. Composer would otherwise fail deep inside loading, or
+    silently start the optimizer afresh."""
+    _, weights, optimizers = _open(path)
+    check_state_dict(model, weights, path, "set the model keys to those of the run that saved it")
+    name = type(optimizer).__name__
+    if not weights_only and name not in optimizers:
+        raise CheckpointError(f"{path} holds the state of optimizer {sorted(optimizers) or 'none'}, this run uses "
+                              f"{name}: a full resume needs the optimizer it was saved with; use that one, or set "
+                              "load_weights_only: true to start the optimizer and schedule afresh")

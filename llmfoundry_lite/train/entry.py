@@ -19,6 +19,7 @@ import torch
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.composer_checkpoint import check_resumable
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
@@ -81,11 +82,14 @@ def fit(tc: TrainConfig):
     device_batch = tc.global_train_batch_size // world_size
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder = _prepare_save_folder(tc, model)
+    optimizer = tc.optimizer.build(model.parameters())
+    if tc.load_path and os.path.exists(tc.load_path):  # a local checkpoint: refuse another model's up front
+        check_resumable(tc.load_path, model.model, optimizer, tc.load_weights_only)
     meta_under_fsdp = fsdp is not None and on_meta(model)
     with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
         trainer = Trainer(
             model=model, train_dataloader=build_dataloader(tc.train_loader, tokenizer, device_batch),
-            eval_dataloader=evaluators or None, optimizers=tc.optimizer.build(model.parameters()),
+            eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],
             callbacks=[s.build() for s in tc.callbacks.values()], loggers=[s.build() for s in tc.loggers.values()],
