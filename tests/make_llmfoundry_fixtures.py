@@ -62,6 +62,11 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
     "rope_dail": dict(learned_pos_emb=False, attn_config=dict(rope=True, rope_impl="dail", rope_theta=500)),
     "rope_dail_xpos": dict(learned_pos_emb=False, attn_config=dict(rope=True, rope_impl="dail", rope_dail_config=dict(
         type="xpos", xpos_scale_base=8, pos_idx_in_fp32=False))),
+    # dail rotates d_model // n_heads = 8 of each head's 16 features (flash-attn's rotary_dim < headdim)
+    "head_dim_dail": dict(head_dim=16, learned_pos_emb=False, attn_config=dict(fused_qkv=False, rope=True)),
+    "head_dim_dail_xpos_gqa": dict(head_dim=12, learned_pos_emb=False, attn_config=dict(
+        fused_qkv=False, attn_type="grouped_query_attention", kv_n_heads=2, rope=True,
+        rope_dail_config=dict(type="xpos", xpos_scale_base=8))),
     "block_overrides_dail_nope_reuse": dict(n_layers=3, learned_pos_emb=False, attn_config=dict(rope=True),
                                             block_overrides=dict(order=[dict(name="default"), dict(name="nope"),
                                                                         dict(name="reuse")], overrides=dict(
@@ -82,8 +87,9 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
         moe_normalize_expert_weights=1, uniform_expert_assignment=False, ffn_act_fn={"name": "silu"},
         ffn_hidden_size=24)),
 }
-NEEDS_FLASH_ATTN = {"rope_dail", "rope_dail_xpos", "block_overrides_dail_nope_reuse", "no_pad_tok_in_ffn"}
-LEFT_PADDED = {"rope_dail", "rope_dail_xpos"}  # dail positions count padding too (flash-attn's seqlen_offset)
+NEEDS_FLASH_ATTN = {"rope_dail", "rope_dail_xpos", "head_dim_dail", "head_dim_dail_xpos_gqa",
+                    "block_overrides_dail_nope_reuse", "no_pad_tok_in_ffn"}
+LEFT_PADDED = {"rope_dail", "rope_dail_xpos", "head_dim_dail_xpos_gqa"}  # dail positions count padding too (flash-attn's seqlen_offset)
 FLASH_ATTN_REPO, FLASH_ATTN_TAG = os.environ.get("FLASH_ATTN_REPO"), os.environ.get("FLASH_ATTN_TAG", "v2.7.4")
 ROTARY_KERNEL = """
 def apply_rotary(x, cos, sin, seqlen_offsets=0, cu_seqlens=None, max_seqlen=None, interleaved=False,

@@ -41,7 +41,7 @@ def test_padding_tokens_skip_the_ffn_as_in_llmfoundry():
 @pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused",
                                   "block_overrides_unfused_gqa_alibi", "block_overrides_dail_nope_reuse",
                                   "block_overrides_reuse_kv_x_gqa",
-                                  "rope_dail_xpos", "no_pad_tok_in_ffn", "torch_dmoe_mlp", "torch_dmoe_glu_silu"])
+                                  "rope_dail_xpos", "head_dim_dail", "head_dim_dail_xpos_gqa", "no_pad_tok_in_ffn", "torch_dmoe_mlp", "torch_dmoe_glu_silu"])
 def test_its_export_keeps_the_logits(case, tmp_path):
     """Exported again (custom code where stock transformers cannot represent it), the same logits."""
     folder = os.path.join(FIXTURES, case)
@@ -66,8 +66,6 @@ def test_rms_norms_have_no_bias_like_llmfoundrys():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("attn_config", {"rope": True, "alibi": False, "rope_impl": "dail"},
-     "head_dim: with rope_impl 'dail', a head size other than d_model // n_heads (8) is not supported yet"),
     ("attn_config", {"nope": True}, "attn_config.nope: a model without positions is not an option (as in "
                                     "llm-foundry): make single layers nope in block_overrides"),
     ("attn_config", {"kv_dim": 16}, "attn_config.kv_dim: 16 != d_model (32): keys of another width are for "

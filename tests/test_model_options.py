@@ -53,6 +53,9 @@ OPTIONS = {
                                                            "kv_n_heads": 2, "qk_gn": True}),
     "temperature_tuning": dict(attn_config={"attn_temperature_tuning": {"floor_scale": 3, "attn_scale": 0.7},
                                             "qk_gn": True}),
+    # dail rotates d_model // n_heads = 8 of the 16 features of each head (llm-foundry's), the rest pass through
+    "wide_heads_dail_fused_gqa": dict(head_dim=16, attn_config={"alibi": False, "rope": True, "qk_gn": True,
+                                                                "attn_type": "grouped_query_attention", "kv_n_heads": 2}),
     "rope_dail_fp16_positions": dict(attn_config={"alibi": False, "rope": True, "rope_dail_config": {
         "pos_idx_in_fp32": False}}),
     # layer 1: window 3 without RoPE, layers 2 and 3 reuse layer 1's keys (3 -> 2 -> 1)
@@ -203,6 +206,27 @@ def test_dail_rope_is_flash_attns_rotary_with_xpos():
     ctx = AttentionContext(q_len=S, past_len=0, rope=dail_rope_cos_sin(0, S, d, 100, dail, torch.float32, "cpu"))
     with torch.no_grad():
         torch.testing.assert_close(attn(x, ctx), expected, rtol=0, atol=1e-5)
+
+
+def test_dail_rope_rotates_d_model_over_n_heads_features_of_wider_heads():
+    """flash-attn's rotary with rotary_dim < headdim: the first rotary_dim features rotate as a head of that
+    size would, the others pass through unchanged; llm-foundry's rotary_dim is d_model // n_heads."""
+    dail = {"type": "xpos", "xpos_scale_base": 4, "pos_idx_in_fp32": True}
+    (cos, sin), _ = dail_rope_cos_sin(0, 5, 8, 100, dail, torch.float32, "cpu")
+    x = torch.randn(2, 3, 5, 12)
+    out = apply_rope(x, cos, sin)
+    torch.testing.assert_close(out[..., :8], apply_rope(x[..., :8], cos, sin), rtol=0, atol=0)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    model = tiny(n_layers=1, head_dim=16, attn_config={"alibi": False, "rope": True})
+    cos, sin = model.transformer._rope(torch.zeros(1, 5, 32), None, 0)[0]
+    assert cos.shape[-1] == 8
+
+
+def test_dail_rope_refuses_heads_narrower_than_it_rotates():
+    with pytest.raises(ConfigError, match=r"head_dim: 4 is narrower than the 8 features \(d_model // n_heads\) "
+                                          "that rope_impl 'dail' rotates"):
+        tiny(head_dim=4, attn_config={"alibi": False, "rope": True, "rope_impl": "dail"})
+    tiny(head_dim=4, attn_config={"alibi": False, "rope": True, "rope_impl": "hf"})  # hf rotates head_dim features
 
 
 def test_padding_tokens_skip_the_ffn_without_use_pad_tok_in_ffn():

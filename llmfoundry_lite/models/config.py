@@ -319,11 +319,13 @@ class MPTSchema:
 
     @cross("d_model", "n_heads", "head_dim", "attn_config")
     def _head_size_with_dail_rope(self, path):
-        # llm-foundry's dail RoPE rotates d_model // n_heads features of each head whatever head_dim is
-        attn = self.attn_config
-        if self.head_dim not in (None, self.d_model // self.n_heads) and attn.rope and attn.rope_impl == "dail":
-            return (f"{join(path, 'head_dim')}: with rope_impl 'dail', a head size other than d_model // n_heads "
-                    f"({self.d_model // self.n_heads}) is not supported yet; use rope_impl: hf or remove head_dim")
+        # llm-foundry's dail RoPE rotates d_model // n_heads features of each head whatever head_dim is;
+        # flash-attn's rotary asserts "rotary_dim must be <= headdim", so narrower heads fail there
+        attn, rotary_dim = self.attn_config, self.d_model // self.n_heads
+        if self.head_dim is not None and self.head_dim < rotary_dim and attn.rope and attn.rope_impl == "dail":
+            return (f"{join(path, 'head_dim')}: {self.head_dim} is narrower than the {rotary_dim} features "
+                    f"(d_model // n_heads) that rope_impl 'dail' rotates in each head, which llm-foundry's flash-attn "
+                    f"rotary refuses too; use rope_impl: hf (it rotates head_dim features) or head_dim >= {rotary_dim}")
 
     @cross("n_layers", "block_overrides", "attn_config", "learned_pos_emb")
     def _block_overrides_expand(self, path):

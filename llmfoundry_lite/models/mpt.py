@@ -240,7 +240,8 @@ class MPTModel(MPTPreTrainedModel):
         whatever the padding or packing (flash-attn's `seqlen_offset`); its hf RoPE counts real tokens."""
         attn, S = self.config.attn_config, x.shape[1]
         if attn["rope_impl"] == "dail":
-            return dail_rope_cos_sin(past_len, S, self.config.head_dim, attn["rope_theta"], attn["rope_dail_config"],
+            rotary_dim = self.config.d_model // self.config.n_heads  # llm-foundry's, whatever head_dim is
+            return dail_rope_cos_sin(past_len, S, rotary_dim, attn["rope_theta"], attn["rope_dail_config"],
                                      x.dtype, x.device)
         cos_sin = rope_cos_sin(positions, self.config.head_dim, attn["rope_theta"], attn["rope_hf_config"],
                                self.config.max_seq_len, x.dtype)

@@ -61,10 +61,13 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def dail_rope_cos_sin(past_len: int, seq: int, head_dim: int, theta: float, dail: Dict, dtype: torch.dtype,
+def dail_rope_cos_sin(past_len: int, seq: int, rotary_dim: int, theta: float, dail: Dict, dtype: torch.dtype,
                       device) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    """(queries' cos/sin, keys' cos/sin), each (1, 1, seq, head_dim), as flash-attn's `RotaryEmbedding`
+    """(queries' cos/sin, keys' cos/sin), each (seq, rotary_dim), as flash-attn's `RotaryEmbedding`
     computes them for llm-foundry's `rope_impl: dail` (positions past_len.. whatever the padding).
+
+    llm-foundry's rotary_dim is d_model // n_heads even when head_dim is wider: the features past it
+    pass through unrotated (see `apply_rope`).
 
     flash-attn builds its table for positions 0..L-1 with L = past_len + seq (the length llm-foundry
     passes); `pos_idx_in_fp32: false` takes positions and frequencies in the model's dtype. XPos
@@ -73,21 +76,28 @@ def dail_rope_cos_sin(past_len: int, seq: int, head_dim: int, theta: float, dail
     """
     length = past_len + seq
     idx_dtype = torch.float32 if dail["pos_idx_in_fp32"] else dtype
-    inv_freq = (1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)))
+    inv_freq = (1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim)))
     pos = torch.arange(past_len, length, device=device, dtype=idx_dtype)
     freqs = torch.outer(pos, inv_freq.to(idx_dtype)).float()
     cos, sin = torch.cat([freqs.cos()] * 2, dim=-1), torch.cat([freqs.sin()] * 2, dim=-1)
     if dail["type"] != "xpos":
         return (cos.to(dtype), sin.to(dtype)), (cos.to(dtype), sin.to(dtype))
     power = (torch.arange(past_len, length, device=device, dtype=torch.float32) - length // 2) / dail["xpos_scale_base"]
-    base = (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) + 0.4 * head_dim) / (1.4 * head_dim)
+    base = (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) + 0.4 * rotary_dim) / (1.4 * rotary_dim)
     scale = torch.cat([base ** power[:, None]] * 2, dim=-1)
     return ((cos * scale).to(dtype), (sin * scale).to(dtype)), ((cos / scale).to(dtype), (sin / scale).to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, S, D) by the non-interleaved (GPT-NeoX) rotary embedding."""
-    half = x.shape[-1] // 2
+    """Rotate (B, H, S, D) by the non-interleaved (GPT-NeoX) rotary embedding.
+
+    Only the first cos.shape[-1] features of each head rotate when that is less than D (dail RoPE with a
+    wider head_dim); the rest pass through, as in flash-attn's `apply_rotary_emb`.
+    """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
+    half = rotary_dim // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
