@@ -117,14 +117,11 @@ def fit(tc: TrainConfig):
 
 
 def _load_ignore_keys(tc: TrainConfig, model):
-    """`load_ignore_keys`, plus what a checkpoint need not hold to resume from: the HF config and
-    tokenizer of the run that saved it (this run's come from its YAML) and a tied output head (it is
-    the embedding, filled in from it when loaded). llm-foundry's checkpoints store another config and
-    no head; a sharded load would refuse them for those keys."""
-    if not tc.load_path:
+    """`load_ignore_keys`, plus a tied output head: it is the embedding (filled in from it when loaded),
+    and llm-foundry's checkpoints have no such key."""
+    if not (tc.load_path and model.model.config.tie_word_embeddings):
         return tc.load_ignore_keys
-    tied_head = ["state/model/model.lm_head.weight"] if model.model.config.tie_word_embeddings else []
-    return [*(tc.load_ignore_keys or []), "state/integrations", *tied_head]
+    return [*(tc.load_ignore_keys or []), "state/model/model.lm_head.weight"]
 
 
 def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:

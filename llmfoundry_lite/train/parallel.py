@@ -44,6 +44,14 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return precision
 
 
+def _resume_planner():
+    """Sharded checkpoints load without the entries this run has and the checkpoint lacks: newer torch
+    adds state (e.g. LambdaLR's `_is_initial`), llm-foundry saves another HF config. The model's weights
+    and the optimizer's state are checked up front instead (`check_resumable`)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    return DefaultLoadPlanner(allow_partial_load=True)
+
+
 @dataclasses.dataclass
 class MeshFSDP2Config(FSDP2Config):
     """Composer 0.32 builds the FSDP2 device mesh from these two degrees, which its FSDP2Config fixes at
@@ -51,6 +59,10 @@ class MeshFSDP2Config(FSDP2Config):
     silently be FULL_SHARD. These fields shadow the properties."""
     data_parallel_replicate_degree: Optional[int] = None
     data_parallel_shard_degree: int = -1
+
+    @property
+    def load_planner(self):  # Composer's is None: DCP's strict default
+        return _resume_planner()
 
 
 def fsdp2_config(section: Optional[FSDPSection], world_size: int):
