@@ -86,6 +86,13 @@ CASES = {  # llm-foundry's defaults: no_bias false, alibi false (learned positio
         ffn_type="torch_dmoe", moe_num_experts=3, moe_top_k=2, mlp_type="glu", moe_jitter_eps=0.1,
         moe_normalize_expert_weights=1, uniform_expert_assignment=False, ffn_act_fn={"name": "silu"},
         ffn_hidden_size=24)),
+    # rope_hf_config types: linear; llama3 with theta 100, whose wavelengths (6.3, 20, 63, 200) fall in each of
+    # its three bands (kept below 32 / 4, blended, divided by factor above 32 / 1)
+    "rope_hf_linear": dict(learned_pos_emb=False, attn_config=dict(rope=True, rope_impl="hf", rope_hf_config=dict(
+        type="linear", factor=3.0))),
+    "rope_hf_llama3": dict(max_seq_len=64, learned_pos_emb=False, attn_config=dict(
+        rope=True, rope_impl="hf", rope_theta=100, rope_hf_config=dict(
+            type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
 }
 NEEDS_FLASH_ATTN = {"rope_dail", "rope_dail_xpos", "head_dim_dail", "head_dim_dail_xpos_gqa",
                     "block_overrides_dail_nope_reuse", "no_pad_tok_in_ffn"}

@@ -41,7 +41,7 @@ def test_padding_tokens_skip_the_ffn_as_in_llmfoundry():
 @pytest.mark.parametrize("case", ["defaults", "rmsnorm_with_biases", "attention_bias_only", "head_dim_unfused",
                                   "block_overrides_unfused_gqa_alibi", "block_overrides_dail_nope_reuse",
                                   "block_overrides_reuse_kv_x_gqa",
-                                  "rope_dail_xpos", "head_dim_dail", "head_dim_dail_xpos_gqa", "no_pad_tok_in_ffn", "torch_dmoe_mlp", "torch_dmoe_glu_silu"])
+                                  "rope_dail_xpos", "rope_hf_linear", "rope_hf_llama3", "head_dim_dail", "head_dim_dail_xpos_gqa", "no_pad_tok_in_ffn", "torch_dmoe_mlp", "torch_dmoe_glu_silu"])
 def test_its_export_keeps_the_logits(case, tmp_path):
     """Exported again (custom code where stock transformers cannot represent it), the same logits."""
     folder = os.path.join(FIXTURES, case)
@@ -115,18 +115,14 @@ def test_its_mixture_of_experts_exports_as_custom_code_with_its_logits(case, tmp
     llmfoundry_logits_match(loaded, folder)
 
 
-def test_reuse_kv_x_layers_export_as_custom_code_with_its_logits_and_cache(tmp_path):
-    """Layers whose keys read an earlier layer's input (llm-foundry's reuse_kv_x_layer_idx): its weight names,
-    the bundled custom code runs them, and a cached decode equals the full forward (as in llm-foundry)."""
+def custom_code_runs_like_llmfoundry(folder, out):
+    """The model's export to `out` (custom code), loaded by transformers with trust_remote_code: llm-foundry's
+    logits, and a cached decode equal to the full forward (as in llm-foundry). Returns the written config."""
     from transformers import AutoModelForCausalLM
 
-    folder = os.path.join(FIXTURES, "block_overrides_reuse_kv_x_gqa")
     model = load_hf_model(folder)
-    assert set(model.state_dict()) == set(load_file(os.path.join(folder, "model.safetensors"))) | {"lm_head.weight"}
-    write_hf_folder(model.config, model.state_dict(), str(tmp_path), log=lambda m: None)
-    written = json.loads((tmp_path / "config.json").read_text())["block_overrides"]
-    assert written["overrides"]["reuse_x"]["attn_config"]["reuse_kv_x_layer_idx"] == -1  # relative, as written
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    write_hf_folder(model.config, model.state_dict(), str(out), log=lambda m: None)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     assert type(loaded).__module__.endswith("modeling_mpt")
     llmfoundry_logits_match(loaded, folder)
     ids = load_file(os.path.join(folder, "expected.safetensors"))["input_ids"]
@@ -135,3 +131,23 @@ def test_reuse_kv_x_layers_export_as_custom_code_with_its_logits_and_cache(tmp_p
         past = loaded(ids[:, :-3], use_cache=True).past_key_values
         step = loaded(ids[:, -3:], past_key_values=past, use_cache=True).logits
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+    return json.loads((out / "config.json").read_text())
+
+
+def test_reuse_kv_x_layers_export_as_custom_code_with_its_logits_and_cache(tmp_path):
+    """Layers whose keys read an earlier layer's input (llm-foundry's reuse_kv_x_layer_idx): its weight names,
+    the bundled custom code runs them, and a cached decode equals the full forward (as in llm-foundry)."""
+    folder = os.path.join(FIXTURES, "block_overrides_reuse_kv_x_gqa")
+    names = set(load_hf_model(folder).state_dict())
+    assert names == set(load_file(os.path.join(folder, "model.safetensors"))) | {"lm_head.weight"}
+    written = custom_code_runs_like_llmfoundry(folder, tmp_path)["block_overrides"]
+    assert written["overrides"]["reuse_x"]["attn_config"]["reuse_kv_x_layer_idx"] == -1  # relative, as written
+
+
+def test_llama3_rope_exports_as_custom_code_with_its_logits_and_cache(tmp_path):
+    """Stock transformers' Mpt has no RoPE: the bundled custom code carries rope_hf_config's llama3 scaling."""
+    folder = os.path.join(FIXTURES, "rope_hf_llama3")
+    assert "attn_config.rope = True: stock Mpt has no RoPE" in native_blockers(load_hf_model(folder).config)
+    written = custom_code_runs_like_llmfoundry(folder, tmp_path)["attn_config"]["rope_hf_config"]
+    with open(os.path.join(folder, "config.json")) as f:
+        assert written == json.load(f)["attn_config"]["rope_hf_config"]  # as llm-foundry wrote it

@@ -10,7 +10,7 @@ from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.export.opening import MPTModelSection
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token
 from llmfoundry_lite.models.config import MPTSchema
-from llmfoundry_lite.models.layers.attention import apply_rope, dail_rope_cos_sin, rope_cos_sin
+from llmfoundry_lite.models.layers.attention import apply_rope, dail_rope_cos_sin, rope_cos_sin, rope_inv_freq
 
 V = 64
 # hf RoPE counts real tokens of each sequence; dail RoPE counts from the first token (llm-foundry's)
@@ -36,6 +36,10 @@ OPTIONS = {
                                      "rope_hf_config": {"type": "linear", "factor": 2.0}}),
     "rope_dynamic": dict(attn_config={"alibi": False, "rope": True, "rope_hf_config": {"type": "dynamic",
                                                                                         "factor": 2.0}}),
+    "rope_llama3_gqa": dict(attn_config={"alibi": False, "rope": True, "rope_impl": "hf", "rope_theta": 100,
+                                         "attn_type": "grouped_query_attention", "kv_n_heads": 2, "rope_hf_config": {
+                                             "type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8}}),
     "learned_pos": dict(attn_config={"alibi": False}),
     "no_positions": dict(learned_pos_emb=False, attn_config={"alibi": False}),
     "dropouts": dict(attn_config={"attn_pdrop": 0.1}, resid_pdrop=0.1, emb_pdrop=0.1),
@@ -320,6 +324,55 @@ def test_rope_rotation_matches_transformers_llama():
     ours_cos, ours_sin = rope_cos_sin(pos, 16, 500.0, {}, 32, torch.float32)
     assert torch.allclose(apply_rope(q, ours_cos, ours_sin), ref_q, atol=1e-6)
     assert torch.allclose(apply_rope(k, ours_cos, ours_sin), ref_k, atol=1e-6)
+
+
+def test_rope_hf_scaling_has_llmfoundrys_frequencies():
+    """dynamic past max_seq_len: llm-foundry 0.22's LlamaRotaryEmbedding inv_freq (head size 8, theta 1e4,
+    max_seq_len 32, factor 2) after positions 0..39; llama3 keeps, blends or divides each frequency by its
+    wavelength (the fixture rope_hf_llama3 pins its logits)."""
+    dynamic = {"type": "dynamic", "factor": 2.0}
+    assert torch.equal(rope_inv_freq(8, 10000.0, dynamic, 32, 40), torch.tensor(
+        [1.0, 0.08735804259777069, 0.007631427608430386, 0.000666666601318866]))
+    plain = rope_inv_freq(8, 10000.0, {}, 32, 40)
+    assert torch.equal(rope_inv_freq(8, 10000.0, dynamic, 32, 32), plain)  # not longer than max_seq_len
+    assert torch.equal(rope_inv_freq(8, 10000.0, {"type": "linear", "factor": 2.0}, 32, 40), plain / 2)
+    llama3 = {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    base, scaled = rope_inv_freq(8, 100.0, {}, 64, 12), rope_inv_freq(8, 100.0, llama3, 64, 12)
+    assert scaled[0] == base[0] and torch.equal(scaled[2:], base[2:] / 4) and base[1] / 4 < scaled[1] < base[1]
+
+
+LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("rope_hf_config, messages", [
+    ({"type": "llama3", "factor": 8.0}, [f"rope_hf_config.{k}: missing required key for type 'llama3'" for k in (
+        "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")]),
+    ({**LLAMA3, "high_freq_factor": 1.0}, ["rope_hf_config.high_freq_factor: must be greater than low_freq_factor "
+                                           "(1.0), got 1.0"]),
+    ({"type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, [
+        "rope_hf_config.low_freq_factor: type 'linear' does not read it (only llama3 does); remove it"]),
+    ({"type": "yarn", "factor": 4.0}, ["rope_hf_config.type: 'yarn' is a transformers rope_type that llm-foundry's "
+                                       "MPTConfig refuses (it accepts no_scaling, linear, dynamic, llama3)"]),
+    ({"type": "default"}, ["rope_hf_config.type: write 'no_scaling', llm-foundry's name for transformers' 'default'"]),
+    ({"type": "linar", "factor": 0}, ["rope_hf_config.type: 'linar' is not allowed; expected one of ['no_scaling', "
+                                      "'linear', 'dynamic', 'llama3'] (did you mean 'linear'?)",
+                                      "rope_hf_config.factor: must be positive, got 0.0"]),
+    ({"type": "dynamic", "beta_fast": 32.0}, ["rope_hf_config.beta_fast: unknown key: a key of transformers' yarn"]),
+])
+def test_rope_hf_config_checks_the_keys_of_its_type(rope_hf_config, messages):
+    with pytest.raises(ConfigError) as e:
+        MPTConfig(attn_config={"alibi": False, "rope": True, "rope_impl": "hf", "rope_hf_config": rope_hf_config})
+    for message in messages:
+        assert f"model.attn_config.{message}" in str(e.value), str(e.value)
+
+
+def test_rope_hf_config_is_stored_with_its_types_keys():
+    """Unset keys are not stored: llm-foundry hands every key to transformers (a null one would break it)."""
+    assert MPTConfig().attn_config["rope_hf_config"] == {"type": "no_scaling", "factor": 1.0}
+    stored = MPTConfig(attn_config={"alibi": False, "rope": True, "rope_hf_config": LLAMA3}).attn_config
+    assert stored["rope_hf_config"] == LLAMA3
 
 
 def test_invalid_configs_list_every_problem_with_paths():

@@ -32,10 +32,48 @@ class RopeDailConfig:
     xpos_scale_base: float = 512
 
 
+# llm-foundry's rope_hf_config types (what its MPTConfig accepts) -> the keys each one reads besides `factor`
+ROPE_HF_KEYS = {"no_scaling": (), "linear": (), "dynamic": (),
+                "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_hf_type(kind) -> Optional[str]:
+    if kind in ROPE_HF_KEYS:
+        return None
+    if kind == "default":
+        return "write 'no_scaling', llm-foundry's name for transformers' 'default' rope_type (it refuses 'default')"
+    if kind in ("yarn", "longrope"):
+        return (f"{kind!r} is a transformers rope_type that llm-foundry's MPTConfig refuses (it accepts "
+                f"{', '.join(ROPE_HF_KEYS)}); use one of those")
+    return f"{kind!r} is not allowed; expected one of {list(ROPE_HF_KEYS)}{registry.did_you_mean(kind, ROPE_HF_KEYS)}"
+
+
 @dataclass
 class RopeHFConfig:
-    type: Literal["no_scaling", "linear", "dynamic"] = "no_scaling"
-    factor: float = 1.0
+    """llm-foundry's `rope_hf_config` (with `rope_impl: hf`): transformers' `rope_scaling`, `type` being its
+    rope_type; see `rope_inv_freq`. Keys a type does not read are refused (transformers warns and ignores them);
+    stored without the unset ones, as llm-foundry would pass them on."""
+    type: Annotated[str, Rule(_rope_hf_type)] = "no_scaling"
+    factor: Annotated[float, rule(lambda v: v > 0, "must be positive")] = 1.0
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+    original_max_position_embeddings: Optional[Positive] = None
+    KEY_HINTS: ClassVar[Dict[str, str]] = dict.fromkeys(
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "short_factor", "long_factor",
+         "truncate"), "a key of transformers' yarn / longrope rope types, which llm-foundry's MPTConfig refuses")
+
+    @cross("type", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    def _keys_of_its_type(self, path):
+        reads = ROPE_HF_KEYS.get(self.type, ())
+        problems = [f"{join(path, key)}: missing required key for type {self.type!r}" for key in reads
+                    if getattr(self, key) is None]
+        problems += [f"{join(path, key)}: type {self.type!r} does not read it (only "
+                     f"{', '.join(t for t, keys in ROPE_HF_KEYS.items() if key in keys)} does); remove it"
+                     for key in ROPE_HF_KEYS["llama3"] if key not in reads and getattr(self, key) is not None]
+        if self.type == "llama3" and not problems and self.high_freq_factor <= self.low_freq_factor:
+            problems.append(f"{join(path, 'high_freq_factor')}: must be greater than low_freq_factor "
+                            f"({self.low_freq_factor}), got {self.high_freq_factor}")
+        return problems
 
 
 @dataclass
@@ -392,6 +430,8 @@ class MPTConfig(PretrainedConfig):
         values["head_dim"] = schema.head_dim or schema.d_model // schema.n_heads
         for off in ("extra", "nope"):  # checked to be off: nothing to store
             values["attn_config"].pop(off)
+        rope_hf = values["attn_config"]["rope_hf_config"]  # its type's keys only: llm-foundry passes on every key
+        values["attn_config"]["rope_hf_config"] = {k: v for k, v in rope_hf.items() if v is not None}
         values["init_config"].pop("verbose")
         if values.pop("norm_eps") is not None:
             values["layer_norm_epsilon"] = schema.norm_eps

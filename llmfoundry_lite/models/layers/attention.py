@@ -39,24 +39,53 @@ def alibi_slopes(n_heads: int, alibi_bias_max: float = 8, device=None) -> torch.
     return slopes
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: Dict, max_seq_len: int, seq_len: int,
+                  device=None) -> torch.Tensor:
+    """RoPE's fp32 inverse frequencies (head_dim / 2) for llm-foundry's `rope_hf_config`, whose `type`
+    (`no_scaling` = transformers' 'default') and keys are what it hands transformers' LlamaRotaryEmbedding
+    as `rope_scaling`, with `max_position_embeddings = max_seq_len`; numbers as transformers 4.51 (its pin):
+
+    - `linear`: frequencies divided by `factor` (positions interpolated).
+    - `dynamic` (NTK): once the sequence (`seq_len`: the largest position + 1) is longer than `max_seq_len`,
+      theta * (factor * seq_len / max_seq_len - (factor - 1)) ** (head_dim / (head_dim - 2)) as the base.
+      llm-foundry's module keeps the longest length seen until a call shorter than max_seq_len; here each
+      call uses its own length (equal within one generation, whose length only grows).
+    - `llama3` (Llama 3.1): wavelengths 2 pi / f longer than original_max_position_embeddings /
+      low_freq_factor are divided by `factor`, those shorter than .. / high_freq_factor kept, and the ones
+      between blended by s = (original_max_position_embeddings / wavelength - low) / (high - low).
+    Their cos/sin need no attention scaling (1.0 for these types in transformers).
+    """
+    kind = scaling.get("type", "no_scaling")
+    if kind == "dynamic" and seq_len > max_seq_len:
+        # in fp32, as there: transformers gets the length as a tensor (max(position_ids) + 1)
+        factor, length = scaling["factor"], torch.tensor(seq_len, device=device)
+        theta = theta * ((factor * length / max_seq_len) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    # the exponents as int64 turned float, as transformers computes them
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind != "llama3":
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    long_waves = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)
+    blended = (1 - blend) * long_waves / factor + blend * long_waves
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, blended, long_waves)
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: Dict, max_seq_len: int,
                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape (B, 1, S, head_dim) for integer positions (B, S); computed in fp32.
 
-    `scaling` is llm-foundry's `rope_hf_config`: `linear` divides positions by `factor`; `dynamic`
-    (NTK) raises the base once the sequence is longer than `max_seq_len`.
+    `scaling` is llm-foundry's `rope_hf_config` (see `rope_inv_freq`).
     """
-    kind, factor = scaling.get("type", "no_scaling"), float(scaling.get("factor", 1.0))
-    pos = positions.float()
-    if kind == "linear":
-        pos = pos / factor
-    elif kind == "dynamic":
-        seq_len = int(positions.max()) + 1
-        if seq_len > max_seq_len:
-            theta = theta * ((factor * seq_len / max_seq_len) - (factor - 1)) ** (head_dim / (head_dim - 2))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                                / head_dim))
-    freqs = pos[..., None] * inv_freq  # (B, S, head_dim/2)
+    dynamic = scaling.get("type") == "dynamic"  # the only type that needs the length (a device sync)
+    seq_len = int(positions.max()) + 1 if dynamic else 0
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, max_seq_len, seq_len, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (B, S, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
