@@ -2,12 +2,11 @@
 bit-exactly, eval metrics, the HF checkpointer and the offline wandb logger write what they promise."""
 import glob
 import os
-import shutil
 
 import pytest
 import torch
 
-from train_utils import HALF, ROW, read_losses, tiny_overrides, write_copy_task
+from train_utils import HALF, ROW, fresh_copy, read_losses, run, tiny_overrides, write_copy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "yamls", "pretrain", "mpt-tiny-cpu.yaml")
@@ -18,20 +17,6 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 @pytest.fixture(scope="module")
 def copy_data(tmp_path_factory):
     return write_copy_task(str(tmp_path_factory.mktemp("copy_task")))
-
-
-def fresh_copy(data: str, tmp_path, name: str) -> str:
-    """Each run reads its own copy: streaming refuses two live datasets on one local folder."""
-    dst = str(tmp_path / name)
-    shutil.copytree(data, dst)
-    return dst
-
-
-def run(*overrides):
-    from llmfoundry_lite.train import train
-    trainer = train(TINY_YAML, list(overrides))
-    trainer.close()
-    return trainer
 
 
 def copy_accuracy(model, rows) -> float:

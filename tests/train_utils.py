@@ -51,6 +51,22 @@ def tiny_overrides(data: str, tokenizer: str, **extra) -> list:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def fresh_copy(data: str, tmp_path, name: str) -> str:
+    """Each run reads its own copy: streaming refuses two live datasets on one local folder."""
+    import shutil
+    dst = str(tmp_path / name)
+    shutil.copytree(data, dst)
+    return dst
+
+
+def run(*overrides):
+    """`train(TINY_YAML, overrides)`, closed; returns the Trainer."""
+    from llmfoundry_lite.train import train
+    trainer = train(TINY_YAML, list(overrides))
+    trainer.close()
+    return trainer
+
+
 def read_losses(jsonl: str) -> list:
     import json
     with open(jsonl) as f:

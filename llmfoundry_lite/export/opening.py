@@ -4,7 +4,8 @@
 The `models` registry's built-in entries are here, as llm-foundry defines them: `mpt_causal_lm` builds
 a fresh `MPTForCausalLM` from the section's MPT keys; `hf_causal_lm` starts from an HF MPT folder (or
 hub name), `config_overrides` merged onto its config, with its weights unless `pretrained` is false.
-Both take `init_device` (cpu, meta or mixed; see train/parallel.py) and `loss_fn`.
+Both take `init_device` (cpu, meta or mixed; see train/parallel.py) and `loss_fn`, and `peft_config`
+/ `pretrained_lora_id_or_path`, which wrap the model in a LoRA `peft.PeftModel` (export/lora.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Dict, List, Literal, Mapping, Optio
 from llmfoundry_lite.config import Rule, Section, cross, join
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, UserError
+from llmfoundry_lite.export.lora import LoraSection, adapter_folder_problem, apply_lora, meta_model, target_problems
 from llmfoundry_lite.models.config import MPTSchema, _torch_device
 from llmfoundry_lite.registry import did_you_mean, models
 
@@ -32,6 +34,48 @@ class _BuilderKeys:
     # builds or loads on cpu, the others on meta, and FSDP broadcasts rank 0's weights)
     init_device: Annotated[str, Rule(_device_or_mixed)] = "cpu"
     loss_fn: Literal["torch_crossentropy", "fused_crossentropy"] = "torch_crossentropy"  # training's loss
+    peft_config: Optional[LoraSection] = None  # LoRA adapters (peft): only they train
+    pretrained_lora_id_or_path: Optional[str] = None  # continue from this saved adapter (peft_config unused)
+    KEY_HINTS: ClassVar[Dict[str, str]] = {
+        "should_save_peft_only": "not needed: checkpoints hold the base weights and the adapters, so a run "
+                                 "resumes from them alone (bit-exactly); remove it"}
+
+    @cross("pretrained_lora_id_or_path")
+    def _adapter_exists(self, path: str):
+        found = self.pretrained_lora_id_or_path and adapter_folder_problem(self.pretrained_lora_id_or_path)
+        return found and f"{join(path, 'pretrained_lora_id_or_path')}: {found}"
+
+    @cross("peft_config", "pretrained_lora_id_or_path", "init_device", "loss_fn")
+    def _lora_on_this_device(self, path: str):
+        """LoRA weights are initialised (or loaded) when the adapters are made, except on meta, where
+        only the plain initialisations can be redone when the model is materialised."""
+        lora = self.peft_config
+        problems = []
+        if self.init_device in ("meta", "mixed"):
+            if self.pretrained_lora_id_or_path:
+                problems.append(f"{join(path, 'pretrained_lora_id_or_path')}: needs init_device: cpu (a saved "
+                                f"adapter cannot be loaded into a model built on meta)")
+            if lora and (lora.use_dora or lora.modules_to_save or lora.init_lora_weights not in (True, False, "gaussian")):
+                problems.append(f"{join(path, 'peft_config')}: use_dora, modules_to_save and init_lora_weights "
+                                f"other than true/false/gaussian need the base weights when the adapters are made: "
+                                "use init_device: cpu")
+        return problems
+
+    def lora_problems(self, config, path: str) -> List[str]:
+        """The target modules (and modules_to_save) checked against the model `config` describes."""
+        if self.peft_config is None or self.pretrained_lora_id_or_path:
+            return []
+        from llmfoundry_lite.export.lora import default_targets
+        model = meta_model(config)
+        keys = self.peft_config.as_kwargs()
+        keys["target_modules"] = keys["target_modules"] or default_targets(model)
+        where = join(path, "peft_config")
+        problems = target_problems(model, keys, where)
+        if not problems and self.loss_fn == "fused_crossentropy" and any(
+                t == "lm_head" for t in keys["target_modules"] if isinstance(keys["target_modules"], list)):
+            problems.append(f"{join(where, 'target_modules')}: loss_fn fused_crossentropy reads lm_head's weight "
+                            "directly, without its adapter; use torch_crossentropy or leave lm_head out")
+        return problems
 
 
 _FROM_A_FOLDER = ("mpt_causal_lm builds a model from config keys; to start from a folder use name: hf_causal_lm "
@@ -41,8 +85,20 @@ _FROM_A_FOLDER = ("mpt_causal_lm builds a model from config keys; to start from 
 @dataclass(kw_only=True)
 class MPTModelSection(_BuilderKeys, MPTSchema):
     """`model: {name: mpt_causal_lm, ...}`: the MPT keys plus llm-foundry's builder keys."""
-    KEY_HINTS: ClassVar[Dict[str, str]] = dict.fromkeys(("pretrained_model_name_or_path", "pretrained"),
-                                                         _FROM_A_FOLDER)
+    KEY_HINTS: ClassVar[Dict[str, str]] = {**_BuilderKeys.KEY_HINTS, **dict.fromkeys(
+        ("pretrained_model_name_or_path", "pretrained"), _FROM_A_FOLDER)}
+
+    @cross("peft_config", "pretrained_lora_id_or_path", "loss_fn")
+    def _lora_targets(self, path: str):
+        if self.peft_config is None:
+            return None
+        from llmfoundry_lite.models import MPTConfig
+        mpt_keys = {f.name for f in dataclasses.fields(MPTSchema)} - {"extra", "init_device"}
+        try:
+            config = MPTConfig(**_plain({k: getattr(self, k) for k in mpt_keys}), **self.extra)
+        except UserError:  # reported by the MPT keys' own rules
+            return None
+        return self.lora_problems(config, path)
 
     @cross("loss_fn", "final_logit_softcapping")
     def _fused_loss_without_softcap(self, path: str):
@@ -71,6 +127,31 @@ class HFCausalLMSection(_BuilderKeys):
     @cross("config_overrides")
     def _known_overrides(self, path: str):
         return _unknown_keys(MPTSchema, self.config_overrides, join(path, "config_overrides"))
+
+    @cross("peft_config", "pretrained_lora_id_or_path", "loss_fn", "pretrained_model_name_or_path",
+           "config_overrides")
+    def _lora_targets(self, path: str):
+        if self.peft_config is None:
+            return None
+        from llmfoundry_lite.export.hf_import import load_hf_config
+        try:  # a hub name offline, or a folder without a config: peft checks the names when the model is built
+            _, config = load_hf_config(self.pretrained_model_name_or_path, self.config_overrides, self.token)
+        except (UserError, OSError):
+            return None
+        return self.lora_problems(config, path)
+
+
+def _plain(value):
+    """A checked (nested) dataclass as the mapping it was read from: keys that another library owns
+    (`extra`) merged back in, unset optional keys left out."""
+    if dataclasses.is_dataclass(value):
+        keys = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "extra"}
+        return {**{k: v for k, v in keys.items() if v is not None}, **getattr(value, "extra", {})}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _unknown_keys(schema, overrides: Dict[str, Any], path: str) -> List[str]:
@@ -103,20 +184,24 @@ def _fits(model, tokenizer, key: str = "model.vocab_size"):
     return model
 
 
-def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, **keys):
+def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, peft_config=None,
+                        pretrained_lora_id_or_path=None, **keys):
     """A fresh `MPTForCausalLM` from MPT config keys (`loss_fn` is the training wrapper's). A missing
-    `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error."""
+    `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error. With LoRA keys, the
+    model wrapped in a `peft.PeftModel`."""
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     config = MPTConfig(**{"vocab_size": len(tokenizer), **keys, "init_device": _this_rank_device(init_device)})
-    return _fits(MPTForCausalLM(config), tokenizer)
+    return apply_lora(_fits(MPTForCausalLM(config), tokenizer), peft_config, pretrained_lora_id_or_path)
 
 
 def build_hf_causal_lm(tokenizer, pretrained_model_name_or_path: str, pretrained: bool = True,
                        init_device: str = "cpu", loss_fn=None, config_overrides: Optional[Dict[str, Any]] = None,
-                       use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None):
+                       use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None,
+                       peft_config=None, pretrained_lora_id_or_path=None):
     """An `MPTForCausalLM` from an HF MPT folder whose config `config_overrides` override: with its
     weights unless `pretrained` is false (then initialised afresh). On meta the weights are read when
-    the model is materialised (after FSDP sharding); the tokenizer must fit the vocabulary."""
+    the model is materialised (after FSDP sharding); the tokenizer must fit the vocabulary. With LoRA
+    keys, the model wrapped in a `peft.PeftModel`."""
     from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
     from llmfoundry_lite.models import MPTForCausalLM
     device = _this_rank_device(init_device)
@@ -131,7 +216,8 @@ def build_hf_causal_lm(tokenizer, pretrained_model_name_or_path: str, pretrained
         model = MPTForCausalLM(config)
         if pretrained:
             load_when_materialized(model, folder)
-    return _fits(model, tokenizer, "model.config_overrides.vocab_size")
+    return apply_lora(_fits(model, tokenizer, "model.config_overrides.vocab_size"), peft_config,
+                      pretrained_lora_id_or_path)
 
 
 models.register("mpt_causal_lm", build_mpt_causal_lm, config=MPTModelSection)

@@ -11,7 +11,8 @@ def check_state_dict(model, weights: Mapping[str, Any], source: str, fix: str) -
     CheckpointError naming the weights missing, those `model` lacks, and those of another shape, then
     `fix`: a partly loaded model would keep random weights. `weights` maps names to tensors or shapes
     (None: not the model's); a lazy mapping may offer `shape_of(name)` so that no tensor is read."""
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    # (a LoRA model's names start with peft's base_model.model.)
+    tied = {"lm_head.weight", "base_model.model.lm_head.weight"} if model.config.tie_word_embeddings else set()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     names = set(weights) - tied
     shape_of = getattr(weights, "shape_of", lambda k: getattr(weights[k], "shape", weights[k]))

@@ -24,6 +24,7 @@ from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist
 
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.lora import is_peft
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class HFCheckpointer(Callback):
         self.last_saved = -1
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT and is_peft(unwrap(state).model):
+            raise UserError("hf_checkpointer does not export LoRA models yet; remove it and keep the run's "
+                            "checkpoints (save_folder)")
         unit = {Event.BATCH_END: TimeUnit.BATCH, Event.EPOCH_END: TimeUnit.EPOCH}.get(event)
         due = unit == self.interval.unit and state.timestamp.get(unit).value % self.interval.value == 0
         if due or event == Event.FIT_END:

@@ -5,6 +5,11 @@ weights under `state['model']` as `model.<HF MPT name>` and the HF config and to
 `state['integrations']['huggingface']`, which the export code reads back. The loss is the model's own
 (labels aligned with input_ids, shifted inside, -100 ignored); metrics: cross-entropy, perplexity and
 token accuracy over the positions that have a label.
+
+A LoRA model (a `peft.PeftModel` around the MPT, see export/lora.py) is wrapped the same way; its
+checkpoints hold every weight (peft's names: `model.base_model.model.<MPT name>`, a targeted layer's
+frozen weight under `.base_layer.`), not Composer's adapter-only default, so full and sharded
+checkpoints resume like full finetuning's without the base model at hand.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from unittest import mock
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import HuggingFaceModel, huggingface
 
+from llmfoundry_lite.export.lora import base_model
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
 
@@ -26,8 +32,8 @@ class ComposerMPTCausalLM(HuggingFaceModel):
     """
 
     def __init__(self, model, tokenizer=None, loss_fn: str = "torch_crossentropy"):
-        model.fused_loss = loss_fn == "fused_crossentropy"
-        train_metrics = [] if model.fused_loss else [MaskedAccuracy(ignore_index=IGNORE_INDEX)]
+        base_model(model).fused_loss = fused = loss_fn == "fused_crossentropy"
+        train_metrics = [] if fused else [MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         eval_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), LanguagePerplexity(ignore_index=IGNORE_INDEX),
                         MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
@@ -36,7 +42,7 @@ class ComposerMPTCausalLM(HuggingFaceModel):
         # tens under load); ours is one, so answer directly.
         with mock.patch.object(huggingface, "_is_registered_causal_lm", lambda model: True):
             super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
-                             shift_labels=True)
+                             shift_labels=True, should_save_peft_only=False)
         if train_metrics:  # logged under the usual name
             self.train_metrics["LanguageCrossEntropy"] = LossCrossEntropy(ignore_index=IGNORE_INDEX)
         self._train_loss = None

@@ -20,6 +20,7 @@ from llmfoundry_lite.config import load_config
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.composer_checkpoint import check_resumable
+from llmfoundry_lite.export.lora import is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
@@ -82,7 +83,9 @@ def fit(tc: TrainConfig):
     device_batch = tc.global_train_batch_size // world_size
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder = _prepare_save_folder(tc, model)
-    optimizer = tc.optimizer.build(model.parameters())
+    _log_parameters(model)
+    # only what trains (all of it, or LoRA's adapters): frozen weights get no optimizer state
+    optimizer = tc.optimizer.build([p for p in model.parameters() if p.requires_grad])
     if tc.load_path and os.path.exists(tc.load_path):  # a local checkpoint: refuse another model's up front
         check_resumable(tc.load_path, model.model, optimizer, tc.load_weights_only)
     meta_under_fsdp = fsdp is not None and on_meta(model)
@@ -116,12 +119,21 @@ def fit(tc: TrainConfig):
     return trainer
 
 
+def _log_parameters(model) -> None:
+    from composer.utils import dist
+    counts = param_counts(model)
+    if dist.get_global_rank() == 0:
+        log.info("trainable parameters: %s of %s (%.2f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
+                 100 * counts["trainable"] / max(counts["total"], 1))
+
+
 def _load_ignore_keys(tc: TrainConfig, model):
     """`load_ignore_keys`, plus a tied output head: it is the embedding (filled in from it when loaded),
     and llm-foundry's checkpoints have no such key."""
     if not (tc.load_path and model.model.config.tie_word_embeddings):
         return tc.load_ignore_keys
-    return [*(tc.load_ignore_keys or []), "state/model/model.lm_head.weight"]
+    head = "base_model.model.lm_head.weight" if is_peft(model.model) else "lm_head.weight"  # LoRA: peft's names
+    return [*(tc.load_ignore_keys or []), f"state/model/model.{head}"]
 
 
 def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
@@ -163,7 +175,8 @@ def _prepare_save_folder(tc: TrainConfig, model):
     folder = format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
     if dist.get_global_rank() == 0 and "{" not in folder:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        check_save_folder(folder, weights if tc.save_weights_only else 3 * weights)  # weights + 2 Adam moments
+        trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        check_save_folder(folder, weights if tc.save_weights_only else weights + 2 * trained)  # + 2 Adam moments
         if tc.autoresume_enabled():
             prepare_autoresume(folder)
     dist.barrier()

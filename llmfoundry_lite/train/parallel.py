@@ -106,9 +106,11 @@ def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
     initialised on full-size plain stand-ins and every rank keeps its shard, as if initialised
     unsharded (Composer seeds ranks alike here). `to_empty` may replace a plain parameter object,
     untying tied weights (wte / lm_head): modules that shared one are pointed back at the first owner's.
+    LoRA's adapter matrices (peft makes them on the base layer's device) are initialised as peft does.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
     init_owner = next((m for m in module.modules() if hasattr(m, "param_init_fn")), None)
+    lora_parts = _lora_parts(module)
     owners = {}
     for sub in module.modules():
         for name, p in sub.named_parameters(recurse=False):
@@ -122,7 +124,10 @@ def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
         sharded = {n: p for n, p in sub.named_parameters(recurse=False) if isinstance(p, DTensor)}
         for name, p in sharded.items():
             setattr(sub, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device)))
-        init_owner.param_init_fn(sub)
+        if id(sub) in lora_parts:
+            _init_lora_part(sub, *lora_parts[id(sub)])
+        else:
+            init_owner.param_init_fn(sub)
         with torch.no_grad():
             for name, p in sharded.items():
                 full = getattr(sub, name).detach()
@@ -131,6 +136,38 @@ def materialize_meta(module: torch.nn.Module, device: str = "cpu") -> None:
     for (first, first_name), *others in owners.values():
         for sub, name in others:
             setattr(sub, name, getattr(first, first_name))
+
+
+def _lora_parts(module: torch.nn.Module) -> dict:
+    """id(LoRA A or B module of a peft layer) -> ('A' or 'B', the LoraConfig's init_lora_weights, r)."""
+    configs = next((m.peft_config for m in module.modules() if isinstance(getattr(m, "peft_config", None), dict)), {})
+    parts = {}
+    for layer in module.modules():
+        for kind in ("A", "B"):
+            for adapter, part in (getattr(layer, f"lora_{kind}", None) or {}).items():
+                parts[id(part)] = (kind, configs[adapter].init_lora_weights, layer.r[adapter])
+            table = getattr(layer, f"lora_embedding_{kind}", None)  # a ParameterDict: one tensor per adapter
+            for adapter in table or {}:
+                parts[id(table)] = ("embedding_" + kind, configs[adapter].init_lora_weights, layer.r[adapter])
+    return parts
+
+
+@torch.no_grad()
+def _init_lora_part(part: torch.nn.Module, kind: str, init, r: int) -> None:
+    """peft's `reset_lora_parameters` for one matrix (init_lora_weights true, false or 'gaussian'; the
+    config check refuses the data-dependent ones on meta): a Linear's A random, B zero (the adapter
+    starts as a no-op); an Embedding's A zero, B random; false: both random."""
+    import math
+    for name, p in part.named_parameters(recurse=False):
+        zero = init is not False and (kind == "B" or kind == "embedding_A" or name == "bias")
+        if zero:
+            torch.nn.init.zeros_(p)
+        elif kind.startswith("embedding"):
+            torch.nn.init.normal_(p)
+        elif init == "gaussian":
+            torch.nn.init.normal_(p, std=1 / r)
+        else:
+            torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
 
 def own_meta_init(device: str):
