@@ -42,9 +42,11 @@ from llmfoundry_lite.config.parallel import WORLD_SIZE, FSDPSection, hybrid_degr
 from llmfoundry_lite.data.icl import ICLTasks, icl_tasks, load_task_file
 from llmfoundry_lite.data.loaders import EvalLoaders, build_dataloader, eval_loader_problems, labelled_loaders
 from llmfoundry_lite.data.tokenizer import TokenizerSection
+from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.eval.gauntlet import GauntletConfig, gauntlet_scores
 from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.export.composer_checkpoint import open_composer_checkpoint
+from llmfoundry_lite.export.lora import load_adapter, merged
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import atomic_write
@@ -285,17 +287,22 @@ def _setup(ec: EvalConfig) -> torch.device:
     return device
 
 
-def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, float]]:
+def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[str] = (),
+             adapter: Optional[str] = None) -> Dict[str, Dict[str, float]]:
     """Evaluate every model of an eval YAML (path or dict); returns {model_name: {metric: value}}.
-    With several ranks every rank returns the results; rank 0 prints, writes and logs them."""
+    With several ranks every rank returns the results; rank 0 prints, writes and logs them. `adapter`
+    (`--adapter`): a PEFT adapter folder applied to the YAML's one model."""
     raw = load_config(cfg, overrides)
     ec = check_eval_config(raw, int(os.environ.get("WORLD_SIZE", "1")))
+    if adapter is not None and len(ec.models) != 1:
+        raise UserError(f"--adapter: the config names {len(ec.models)} models; --adapter applies to one. Give "
+                        "each its adapter as model.pretrained_lora_id_or_path (an hf_causal_lm section) instead")
     device = _setup(ec)
     leader = not dist.is_initialized() or dist.get_rank() == 0
     results, model = {}, None
     for entry in ec.models:
         torch.manual_seed(ec.seed)  # a model built from a config gets the same weights every run (and rank)
-        model, tokenizer = _open(entry)
+        model, tokenizer = _open(entry, adapter)
         if ec.fsdp_config is not None and dist.is_initialized():
             shard_model(model, ec.fsdp_config, device)
         model.to(device)
@@ -310,15 +317,18 @@ def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[s
     return results
 
 
-def _open(entry: ModelEntry):
-    """(model, tokenizer) of one `models:` entry; `model` with `load_path`: the section builds the model
-    and the checkpoint's weights go into it (its tokenizer too, unless the entry names one)."""
+def _open(entry: ModelEntry, adapter: Optional[str] = None):
+    """(model, tokenizer) of one `models:` entry, LoRA adapters (a LoRA checkpoint's, the section's
+    pretrained_lora_id_or_path, or `adapter`) merged into the weights; `model` with `load_path`: the
+    section builds the model and the checkpoint's weights go into it (its tokenizer too, unless the
+    entry names one)."""
     tokenizer = entry.tokenizer.build() if entry.tokenizer else None
     if entry.model is None or entry.load_path is None:
-        return open_model(entry.load_path or entry.model, tokenizer)
+        model, tokenizer = open_model(entry.load_path or entry.model, tokenizer, adapter)
+        return merged(model), tokenizer
     _, saved_tokenizer, weights = open_composer_checkpoint(entry.load_path)
     model, tokenizer = open_model(entry.model, tokenizer or saved_tokenizer)
     names = check_state_dict(model, weights, entry.load_path, "make `model` describe the checkpoint's model, or "
                              "drop `model` (load_path alone builds the model the checkpoint holds)")
     model.load_state_dict({name: weights[name] for name in names}, strict=False)
-    return model, tokenizer
+    return merged(load_adapter(model, adapter)), tokenizer

@@ -22,7 +22,7 @@ import pickle
 import tempfile
 import warnings
 import zipfile
-from typing import Any, Dict, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Set, Tuple
 
 import torch
 
@@ -260,8 +260,16 @@ def _read_tokenizer(hf_state: Dict[str, Any]):
         return build_tokenizer(tmp)
 
 
-def open_composer_checkpoint(path: str):
-    """(MPTConfig, tokenizer or None, lazy mapping HF name -> tensor) of a full or sharded checkpoint."""
+class Checkpoint(NamedTuple):
+    config: Any                               # MPTConfig
+    tokenizer: Any                            # the run's tokenizer, or None
+    weights: Mapping[str, torch.Tensor]       # lazy: HF name (peft's names in a LoRA run) -> tensor
+    lora: Optional[Dict[str, Any]]            # a LoRA run's adapter config (peft's adapter_config.json), else None
+
+
+def read_composer_checkpoint(path: str) -> Checkpoint:
+    """What a full or sharded checkpoint holds; `lora` is set for a LoRA run's (its weights then have
+    peft's names, `base_model.model.<MPT name>`, a targeted layer's weight under `.base_layer.`)."""
     from llmfoundry_lite.models import MPTConfig
 
     hf_state, weights, _ = _open(path)
@@ -275,14 +283,24 @@ def open_composer_checkpoint(path: str):
     if not weights:
         raise CheckpointError(f"{path} holds no model weights under state.model")
     content["init_device"] = "cpu"
-    return MPTConfig(**content), _read_tokenizer(hf_state), weights
+    lora = (hf_state["model"].get("peft_config") or {}).get("content")  # Composer stores it for a PeftModel
+    return Checkpoint(MPTConfig(**content), _read_tokenizer(hf_state), weights, dict(lora) if lora else None)
+
+
+def open_composer_checkpoint(path: str):
+    """(MPTConfig, tokenizer or None, lazy mapping HF name -> tensor) of a full or sharded checkpoint."""
+    return read_composer_checkpoint(path)[:3]
 
 
 def load_composer_checkpoint(path: str):
-    """(MPTForCausalLM in eval mode on CPU, tokenizer or None) from a full `.pt` or a sharded folder."""
+    """(model in eval mode on CPU, tokenizer or None) from a full `.pt` or a sharded folder: an
+    MPTForCausalLM, or for a LoRA run's checkpoint the `peft.PeftModel` around it (adapters unmerged)."""
+    from llmfoundry_lite.export.lora import lora_model_from_weights
     from llmfoundry_lite.models import MPTForCausalLM
 
-    config, tokenizer, weights = open_composer_checkpoint(path)
+    config, tokenizer, weights, lora = read_composer_checkpoint(path)
+    if lora is not None:
+        return lora_model_from_weights(config, lora, weights, path), tokenizer
     with torch.device("meta"):
         model = MPTForCausalLM(config)
     names = check_state_dict(model, weights, path, "it holds another model's weights or was changed after "

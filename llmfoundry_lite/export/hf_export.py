@@ -231,3 +231,32 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
     log(f"{out_dir}: {len(shards)} safetensors shard(s), dtype {str(dtype).replace('torch.', '')}"
         + (", tokenizer" if tokenizer is not None else ", no tokenizer"))
     return out_dir
+
+
+def write_lora_folder(model, out_dir: Union[str, os.PathLike], tokenizer=None, dtype: torch.dtype = torch.float32,
+                      adapter_only: bool = False, max_shard_size: Union[int, str] = "5GB", log=print) -> str:
+    """Export a LoRA `peft.PeftModel` around our MPT (it is consumed): by default the adapters merged
+    into the base weights (peft's `merge_and_unload`) and written by `write_hf_folder` (a native folder
+    when stock transformers can represent the model); with `adapter_only`, peft's adapter folder
+    (`save_pretrained`: adapter_config.json, adapter_model.safetensors) plus the tokenizer, which
+    `peft.PeftModel.from_pretrained` applies to the base model (module names are transformers' Mpt names)."""
+    out_dir = os.fspath(out_dir)
+    config = model.get_base_model().config
+    if not adapter_only:
+        log("merging the LoRA adapters into the base weights")
+        return write_hf_folder(config, model.merge_and_unload(safe_merge=True).state_dict(), out_dir, tokenizer, dtype,
+                               max_shard_size, log)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, param in model.named_parameters():
+        if "lora_" in name or "modules_to_save" in name:  # the adapter's own weights only
+            param.data = param.data.to(dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    base = model.peft_config[model.active_adapter].base_model_name_or_path
+    where = ("stock transformers' MptForCausalLM" if not native_blockers(config) else
+             "this model's custom-code folder (trust_remote_code=True; stock Mpt cannot represent it)")
+    log(f"wrote a PEFT adapter folder {out_dir} (adapter_config.json, adapter_model.safetensors, dtype "
+        f"{str(dtype).replace('torch.', '')}): peft.PeftModel.from_pretrained applies it to {where}"
+        + (f"; base model: {base}" if base else ""))
+    return out_dir

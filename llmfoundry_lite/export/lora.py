@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from llmfoundry_lite.config import Positive, Rule, cross, join, rule
-from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.errors import CheckpointError, ConfigError, UserError
 
 ATTENTION_TARGETS = ("Wqkv", "Wq", "Wk", "Wv", "out_proj")
 FFN_TARGETS = ("up_proj", "gate_proj", "down_proj")
@@ -137,19 +137,25 @@ def meta_model(config):
 
 
 def apply_lora(model, peft_config: Optional[Dict[str, Any]], pretrained_lora_id_or_path: Optional[str] = None,
-               key: str = "model"):
-    """`model` wrapped in a trainable `peft.PeftModel`: `pretrained_lora_id_or_path`'s adapter (a folder
-    written by `save_pretrained`, or a hub name), or else a fresh one from `peft_config`. `model` itself
-    when neither is given."""
+               key: str = "model", trainable: bool = True, adapter_key: Optional[str] = None):
+    """`model` wrapped in a `peft.PeftModel` (trainable unless `trainable` is false):
+    `pretrained_lora_id_or_path`'s adapter (a folder written by `save_pretrained`, or a hub name), or
+    else a fresh one from `peft_config`. `model` itself when neither is given. `adapter_key` names the
+    setting in errors (default `<key>.pretrained_lora_id_or_path`)."""
     if peft_config is None and pretrained_lora_id_or_path is None:
         return model
     from peft import PeftModel, get_peft_model
     if pretrained_lora_id_or_path is not None:
+        where = adapter_key or f"{key}.pretrained_lora_id_or_path"
+        if is_peft(model):
+            raise UserError(f"{where}: the model already has LoRA adapters (a LoRA run's checkpoint, or "
+                            "pretrained_lora_id_or_path); give a base model to apply an adapter to")
         try:
-            return PeftModel.from_pretrained(model, pretrained_lora_id_or_path, is_trainable=True)
-        except (OSError, ValueError) as e:
-            raise ConfigError([f"{key}.pretrained_lora_id_or_path: cannot load the adapter "
-                               f"{pretrained_lora_id_or_path} ({str(e).splitlines()[0][:300]})"]) from None
+            return PeftModel.from_pretrained(model, pretrained_lora_id_or_path, is_trainable=trainable)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            reason = " ".join(str(e).split())[:400]
+            raise ConfigError([f"{where}: cannot apply the adapter {pretrained_lora_id_or_path} to this model "
+                               f"({reason}); is it an adapter trained on this base model?"]) from None
     keys = dict(peft_config)
     if keys.get("target_modules") is None:
         keys["target_modules"] = default_targets(model)
@@ -157,6 +163,53 @@ def apply_lora(model, peft_config: Optional[Dict[str, Any]], pretrained_lora_id_
     if problems:
         raise ConfigError(problems)
     return get_peft_model(model, lora_config(keys))
+
+
+def load_adapter(model, adapter: Optional[str], flag: str = "--adapter"):
+    """`model` with the PEFT adapter folder `adapter` applied for inference (peft's
+    `PeftModel.from_pretrained`), or `model` itself when `adapter` is None."""
+    if adapter is None:
+        return model
+    found = adapter_folder_problem(adapter, local=os.path.exists(adapter) or None)
+    if found:
+        raise UserError(f"{flag}: {found}")
+    return apply_lora(model, None, adapter, trainable=False, adapter_key=flag)
+
+
+def merged(model):
+    """A plain MPT model computing what `model` computes: a PeftModel's adapters merged into its base
+    weights (peft's `merge_and_unload`), any other model unchanged."""
+    return model.merge_and_unload(safe_merge=True) if is_peft(model) else model
+
+
+def lora_model_from_weights(config, peft_config, weights, source: str):
+    """A `PeftModel` (eval mode, on CPU) around `MPTForCausalLM(config)` with adapters as `peft_config`
+    (a `peft.LoraConfig` or its dict) and every weight from `weights` (peft names: `base_model.model.
+    <MPT name>`; a lazy mapping is read tensor by tensor)."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+
+    from llmfoundry_lite.export.state_dict import check_state_dict
+    from llmfoundry_lite.models import MPTForCausalLM
+    try:
+        lora = peft.get_peft_config(dict(peft_config)) if isinstance(peft_config, dict) else copy.deepcopy(peft_config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{source}: unreadable LoRA config ({str(e).splitlines()[0][:300]})") from None
+    lora.inference_mode = True
+    base = lora.base_model_name_or_path  # the model the run started from; peft would reset it to the config's
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed")
+        model = peft.get_peft_model(MPTForCausalLM(config), lora)
+    model.peft_config[model.active_adapter].base_model_name_or_path = base or config.name_or_path or None
+    names = check_state_dict(model, weights, source, "it holds another model's weights or was changed after "
+                             "training; use a checkpoint as `llmfoundry-lite train` wrote it")
+    model.load_state_dict({name: weights[name] for name in names}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.get_base_model().tie_weights()
+    return model.eval()
 
 
 def is_peft(model) -> bool:
@@ -173,10 +226,11 @@ def param_counts(model) -> Dict[str, int]:
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
 
 
-def adapter_folder_problem(path: str) -> Optional[str]:
-    """A local `pretrained_lora_id_or_path` must be a folder holding adapter_config.json."""
-    if path.startswith((".", "/", "~")) and not os.path.isfile(os.path.join(os.path.expanduser(path),
-                                                                          "adapter_config.json")):
+def adapter_folder_problem(path: str, local: Optional[bool] = None) -> Optional[str]:
+    """A local adapter (a path starting with `.`, `/` or `~`, or any path when `local`) must be a folder
+    holding adapter_config.json; None when it is (or names a hub repository)."""
+    local = path.startswith((".", "/", "~")) if local is None else local
+    if local and not os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json")):
         return (f"adapter folder not found: {path} (a folder written by peft's save_pretrained, "
                 "with adapter_config.json)")
     return None

@@ -224,19 +224,21 @@ models.register("mpt_causal_lm", build_mpt_causal_lm, config=MPTModelSection)
 models.register("hf_causal_lm", build_hf_causal_lm, config=HFCausalLMSection)
 
 
-def open_model(source: Union[str, Section], tokenizer=None) -> Tuple[object, object]:
+def open_model(source: Union[str, Section], tokenizer=None, adapter: Optional[str] = None) -> Tuple[object, object]:
     """(model, tokenizer) from a model folder or hub name, a Composer checkpoint (`.pt` file or sharded
-    folder), or a checked `model:` section. `tokenizer` (an object, or a folder/name) replaces the one
-    stored with the model; a section needs one unless it names a pretrained folder."""
+    folder; a LoRA run's opens as its `peft.PeftModel`), or a checked `model:` section. `tokenizer` (an
+    object, or a folder/name) replaces the one stored with the model; a section needs one unless it
+    names a pretrained folder. `adapter`: a PEFT adapter folder applied to the model (`--adapter`)."""
     from llmfoundry_lite.export.composer_checkpoint import is_composer_checkpoint, load_composer_checkpoint
     from llmfoundry_lite.export.hf_import import load_hf_model
+    from llmfoundry_lite.export.lora import load_adapter
     if isinstance(source, Section):
         folder = source.kwargs.get("pretrained_model_name_or_path")
         if tokenizer is None and folder is None:
             raise ConfigError(["tokenizer: missing; a model built from a config needs a tokenizer "
                                "(e.g. tokenizer: {name: path/to/tokenizer_folder})"])
         tokenizer = _tokenizer(tokenizer or folder)
-        return source.build(tokenizer), tokenizer
+        return load_adapter(source.build(tokenizer), adapter), tokenizer
     if is_composer_checkpoint(source):  # the model first: its problems are the likelier ones to report
         model, saved = load_composer_checkpoint(source)
     else:
@@ -245,7 +247,7 @@ def open_model(source: Union[str, Section], tokenizer=None) -> Tuple[object, obj
     tokenizer = _tokenizer(tokenizer) or saved
     if tokenizer is None:
         raise UserError(f"{source} holds no tokenizer; give one (--tokenizer, or tokenizer: {{name: <folder>}})")
-    return model, tokenizer
+    return load_adapter(model, adapter), tokenizer
 
 
 def _tokenizer(tokenizer):

@@ -29,14 +29,19 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: str) -> torch.dt
 
 
 def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=None, tokenizer: Optional[str] = None,
-                             max_seq_len: Optional[int] = None) -> Tuple[torch.nn.Module, object]:
+                             max_seq_len: Optional[int] = None, adapter: Optional[str] = None
+                             ) -> Tuple[torch.nn.Module, object]:
     """(MPTForCausalLM in eval mode on `device`/`dtype`, tokenizer) from a model folder or a Composer
-    checkpoint (`.pt` file or sharded folder). `tokenizer` overrides the one stored with the model;
+    checkpoint (`.pt` file or sharded folder), with the PEFT adapter folder `adapter` applied; LoRA
+    adapters (`adapter`'s or a LoRA run's checkpoint's) are merged into the weights, so inference runs
+    the plain model. `tokenizer` overrides the one stored with the model;
     `max_seq_len` replaces the model's (longer: ALiBi or RoPE extrapolation, as MPT-7B-StoryWriter's card
     raises it to 83968)."""
+    from llmfoundry_lite.export.lora import merged
     from llmfoundry_lite.export.opening import open_model
     device = resolve_device(device)
-    model, tok = open_model(path, tokenizer)
+    model, tok = open_model(path, tokenizer, adapter)
+    model = merged(model)
     if max_seq_len is not None:
         if model.config.position_scheme == "learned" and max_seq_len > model.config.max_seq_len:
             raise UserError(f"--max_seq_len {max_seq_len}: this model learned position embeddings for "
@@ -47,7 +52,7 @@ def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=Non
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model to open: positional MODEL (or llm-foundry's --name_or_path), --tokenizer, --device, --dtype,
-    --max_seq_len."""
+    --max_seq_len, --adapter."""
     parser.add_argument("model", nargs="?",
                         help="an HF model folder, a Composer .pt checkpoint, or a sharded checkpoint folder")
     parser.add_argument("--name_or_path", dest="name_or_path", default=None, help="same as MODEL")
@@ -56,10 +61,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto = bf16 on GPU, fp32 on CPU")
     parser.add_argument("--max_seq_len", type=int, default=None,
                         help="replace the model's max_seq_len (ALiBi/RoPE models extrapolate to longer inputs)")
+    parser.add_argument("--adapter", default=None,
+                        help="a PEFT (LoRA) adapter folder to apply to MODEL, e.g. from convert --adapter_only")
 
 
 def open_model(args: argparse.Namespace):
     path = getattr(args, "model", None) or args.name_or_path
     if not path:
         raise UserError("no model given: pass a model folder or checkpoint as MODEL or --name_or_path")
-    return load_model_and_tokenizer(path, args.device, args.dtype, args.tokenizer, args.max_seq_len)
+    return load_model_and_tokenizer(path, args.device, args.dtype, args.tokenizer, args.max_seq_len,
+                                    args.adapter)

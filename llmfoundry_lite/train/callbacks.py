@@ -118,9 +118,12 @@ def full_state_dict(module: torch.nn.Module) -> dict:
 
 class HFCheckpointer(Callback):
     """Writes `save_folder/ba{batch}` as a Hugging Face folder every `save_interval` (batches, '500ba', or
-    epochs, '1ep') and at fit end, with weights in `precision` (float32 | bfloat16 | float16)."""
+    epochs, '1ep') and at fit end, with weights in `precision` (float32 | bfloat16 | float16). A LoRA
+    run writes the model with its adapters merged, or with `adapter_only: true` peft's adapter folder
+    (see export/hf_export.py write_lora_folder)."""
 
-    def __init__(self, save_folder: str, save_interval: str = "1ep", precision: str = "float32"):
+    def __init__(self, save_folder: str, save_interval: str = "1ep", precision: str = "float32",
+                 adapter_only: bool = False):
         self.save_folder = save_folder
         self.interval = Time.from_timestring(save_interval)
         if self.interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or self.interval.value <= 0:
@@ -129,12 +132,13 @@ class HFCheckpointer(Callback):
         if precision not in ("float32", "bfloat16", "float16"):
             raise UserError(f"hf_checkpointer.precision: one of float32, bfloat16, float16; got {precision!r}")
         self.dtype = getattr(torch, precision)
+        self.adapter_only = adapter_only
         self.last_saved = -1
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.INIT and is_peft(unwrap(state).model):
-            raise UserError("hf_checkpointer does not export LoRA models yet; remove it and keep the run's "
-                            "checkpoints (save_folder)")
+        if event == Event.INIT and self.adapter_only and not is_peft(unwrap(state).model):
+            raise UserError("hf_checkpointer.adapter_only: this run has no LoRA adapters (model.peft_config); "
+                            "remove adapter_only")
         unit = {Event.BATCH_END: TimeUnit.BATCH, Event.EPOCH_END: TimeUnit.EPOCH}.get(event)
         due = unit == self.interval.unit and state.timestamp.get(unit).value % self.interval.value == 0
         if due or event == Event.FIT_END:
@@ -149,10 +153,17 @@ class HFCheckpointer(Callback):
         weights = full_state_dict(composer_model.model)
         if dist.get_global_rank() == 0:
             from llmfoundry_lite.export import write_hf_folder
-            config = composer_model.model.config.__class__.from_dict(composer_model.model.config.to_dict())
+            from llmfoundry_lite.export.hf_export import write_lora_folder
+            from llmfoundry_lite.export.lora import base_model, lora_model_from_weights
+            model = composer_model.model
+            config = base_model(model).config.__class__.from_dict(base_model(model).config.to_dict())
             config.init_device = "cpu"  # the folder must load without FSDP
-            out = write_hf_folder(config, weights, os.path.join(self.save_folder, f"ba{batch}"),
-                                  tokenizer=composer_model.tokenizer, dtype=self.dtype)
+            out = os.path.join(self.save_folder, f"ba{batch}")
+            if is_peft(model):  # a CPU copy of the LoRA model from the gathered weights, exported as convert does
+                copy = lora_model_from_weights(config, model.peft_config[model.active_adapter], weights, "hf_checkpointer")
+                write_lora_folder(copy, out, composer_model.tokenizer, self.dtype, self.adapter_only)
+            else:
+                write_hf_folder(config, weights, out, tokenizer=composer_model.tokenizer, dtype=self.dtype)
             log.info("hf_checkpointer: wrote %s", out)
         dist.barrier()
 
