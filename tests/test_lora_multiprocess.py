@@ -1,10 +1,10 @@
 """LoRA on two ranks through the composer launcher (gloo on CPU): DDP (NO_SHARD), FSDP2 FULL_SHARD
-(init_device meta, activation checkpointing) and SHARD_GRAD_OP train the same adapters as one process
-with the same global batch — frozen base weights and trainable adapters share each FSDP2 unit (mixed
+(init_device meta with activation checkpointing; init_device mixed) and SHARD_GRAD_OP train the same
+adapters as one process with the same global batch — frozen base weights and trainable adapters share each FSDP2 unit (mixed
 requires_grad) — and a sharded-checkpoint LoRA run SIGKILLed while writing a checkpoint resumes on
 relaunch to the weights and losses of a straight run, bit for bit.
 
-Launches: one for the three 2-rank layouts (tests/layouts_driver.py, LORA_LAYOUTS in train_utils), three
+Launches: one for the four 2-rank layouts (tests/layouts_driver.py, LORA_LAYOUTS in train_utils), three
 for the kill test (straight, killed, relaunched). Tolerance of the layout comparison as in
 test_parallel_layouts.py (1e-5: the same arithmetic in another order)."""
 import json

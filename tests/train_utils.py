@@ -158,6 +158,7 @@ LORA_LAYOUTS = {
     "lora-ddp": {**_LORA, "fsdp_config.sharding_strategy": "NO_SHARD"},
     "lora-full_shard-meta-ac": {**_LORA, **_META, **_AC},
     "lora-shard_grad_op": {**_LORA, "fsdp_config.sharding_strategy": "SHARD_GRAD_OP"},
+    "lora-full_shard-mixed": {**_LORA, "model.init_device": "mixed"},  # rank 0's weights, broadcast
 }
 
 
