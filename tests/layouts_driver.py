@@ -22,7 +22,7 @@ from llmfoundry_lite import registry
 from llmfoundry_lite.train import train
 from llmfoundry_lite.train.callbacks import full_state_dict, unwrap
 
-from train_utils import LAYOUT_STEPS, LAYOUTS, TINY_YAML, tiny_overrides
+from train_utils import LAYOUT_STEPS, LAYOUTS, LORA_LAYOUTS, TINY_YAML, tiny_overrides
 
 
 class LayoutRecorder(Callback):
@@ -46,11 +46,13 @@ os.makedirs(out, exist_ok=True)
 for name in names:
     overrides = tiny_overrides(os.path.join(data_root, name), tokenizer, **{
         "max_duration": f"{LAYOUT_STEPS}ba", "global_train_batch_size": 8, "callbacks.layout_recorder.name": name,
-        **LAYOUTS[name]})
+        **{**LAYOUTS, **LORA_LAYOUTS}[name]})
     trainer = train(TINY_YAML, overrides)
     model = unwrap(trainer.state).model
     record = LayoutRecorder.runs[name]
     record["checkpointed_blocks"] = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+    record["trainable"] = sorted(n.replace("._checkpoint_wrapped_module", "")  # state-dict names
+                                 for n, p in model.named_parameters() if p.requires_grad)
     record["sharded"] = any(isinstance(p, DTensor) and p.to_local().shape != p.shape for p in model.parameters())
     weights = full_state_dict(model)  # every rank takes part in the gather
     with open(os.path.join(out, f"{name}.rank{rank}.json"), "w") as f:

@@ -9,21 +9,15 @@ sums; sharded optimizer steps), so they agree to a few fp32 ulps, not bit for bi
 on losses of ~7 and ~1e-7 on weights after 8 Adam steps. A layout that drops, repeats or misweights a
 sample, or averages gradients wrongly, is off by 1e-2 or more."""
 import collections
-import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
 
-from train_utils import LAYOUT_STEPS, LAYOUTS, ROOT, launch, write_copy_task
+from train_utils import LAYOUT_STEPS, LAYOUTS, run_layouts
 
 pytestmark = pytest.mark.multiprocess
-DRIVER = os.path.join(ROOT, "tests", "layouts_driver.py")
 # HYBRID_SHARD runs on CPU with today's torch only (the compatibility run of `make test`); the pinned
 # torch 2.7 refuses it clearly (test_train_config.py).
 HYBRID_HERE = FSDP2_HSDP_ON_CPU or torch.cuda.is_available()
@@ -35,22 +29,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_tokenizer_dir):
-    root = tmp_path_factory.mktemp("layouts")
-    base = write_copy_task(str(root / "base"))
-    for name in NAMES:
-        shutil.copytree(base, root / "data" / name)
-    out = str(root / "out")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, DRIVER, out, str(root / "data"), tiny_tokenizer_dir, *SINGLE], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    launch([DRIVER, out, str(root / "data"), tiny_tokenizer_dir, *RANKED], str(root / "logs"))
-
-    def load(name):
-        ranks = [json.load(open(os.path.join(out, f"{name}.rank{r}.json"))) for r in range(1 if name in SINGLE else 2)]
-        return ranks, torch.load(os.path.join(out, f"{name}.pt"))
-    return {name: load(name) for name in NAMES}
+    return run_layouts(tmp_path_factory.mktemp("layouts"), tiny_tokenizer_dir, SINGLE, RANKED)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "single"])

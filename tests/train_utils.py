@@ -150,6 +150,41 @@ LAYOUTS = {
     "hybrid_2x1": _HYBRID_2X1, "hybrid_2x1-ac": {**_HYBRID_2X1, **_AC},
 }
 LAYOUT_STEPS = 8
+# LoRA (tests/test_lora_multiprocess.py): frozen base weights and trainable adapters in one FSDP2 unit
+_LORA = {"model.peft_config.r": 4, "model.peft_config.lora_alpha": 8}
+_META = {"model.init_device": "meta"}
+LORA_LAYOUTS = {
+    "lora-single": _LORA, "lora-single-meta": {**_LORA, **_META},
+    "lora-ddp": {**_LORA, "fsdp_config.sharding_strategy": "NO_SHARD"},
+    "lora-full_shard-meta-ac": {**_LORA, **_META, **_AC},
+    "lora-shard_grad_op": {**_LORA, "fsdp_config.sharding_strategy": "SHARD_GRAD_OP"},
+    "lora-full_shard-mixed": {**_LORA, "model.init_device": "mixed"},  # rank 0's weights, broadcast
+}
+
+
+def run_layouts(root, tokenizer: str, single: list, ranked: list) -> dict:
+    """tests/layouts_driver.py over `single` layouts in one process and `ranked` ones in one `composer
+    -n 2` launch, each on its own copy of the copy task; name -> (each rank's record, final weights)."""
+    import json
+    import shutil
+
+    import torch
+    driver = os.path.join(ROOT, "tests", "layouts_driver.py")
+    base = write_copy_task(str(root / "base"))
+    for name in [*single, *ranked]:
+        shutil.copytree(base, root / "data" / name)
+    out = str(root / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, driver, out, str(root / "data"), tokenizer, *single], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch([driver, out, str(root / "data"), tokenizer, *ranked], str(root / "logs"))
+
+    def load(name):
+        ranks = [json.load(open(os.path.join(out, f"{name}.rank{r}.json"))) for r in range(1 if name in single else 2)]
+        return ranks, torch.load(os.path.join(out, f"{name}.pt"))
+    return {name: load(name) for name in [*single, *ranked]}
 
 
 def stand_in_folders(root: str, splits=(), folders=()) -> str:

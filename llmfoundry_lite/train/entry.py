@@ -79,7 +79,7 @@ def fit(tc: TrainConfig):
     model = ComposerMPTCausalLM(open_model(tc.model, tokenizer)[0], tokenizer,
                                 tc.model.kwargs.get("loss_fn", "torch_crossentropy"))
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
-    prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None)
+    prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None, seed=tc.seed)
     device_batch = tc.global_train_batch_size // world_size
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder = _prepare_save_folder(tc, model)
