@@ -204,3 +204,33 @@ def test_tiny_cpu_lora_yaml_finetunes(tiny_tokenizer_dir, tmp_path):
     assert is_peft(trainer.state.model.model)
     losses = [loss for _, loss in read_losses(jsonl)]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_chat_data_packing_and_loss_masks_are_unchanged_by_lora(tiny_tokenizer_dir, tmp_path):
+    """Multi-turn ChatML data, packed, with every assistant turn as a target: the first step of a LoRA run
+    (its adapters start as no-ops) has exactly the loss of the same full finetuning step, so the batches
+    and loss masks LoRA trains on are full finetuning's."""
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
+    from llmfoundry_lite.train import train
+    tokenizer = build_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    MPTForCausalLM(MPTConfig(**{**TINY, "max_seq_len": 64, "vocab_size": 448})).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    (tmp_path / "chat").mkdir()
+    with open(tmp_path / "chat" / "train.jsonl", "w") as f:
+        for i in range(32):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i % 5}"},
+                                             {"role": "assistant", "content": " ".join(map(str, range(i % 5)))},
+                                             {"role": "user", "content": "again"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    common = [f"variables.model_name_or_path={tmp_path / 'hf'}", f"variables.sft_data={tmp_path / 'chat'}",
+              "max_seq_len=64", "max_duration=1ba", "save_folder=null", "console_log_interval=100ba",
+              "train_loader.dataset.packing_ratio=3.0", "train_loader.dataset.target_responses=all"]
+    first = {}
+    for kind in ("sft", "lora"):
+        jsonl = str(tmp_path / f"{kind}.jsonl")
+        run_yaml = os.path.join(ROOT, "yamls", "finetune", f"mpt-tiny-cpu-{kind}.yaml")
+        trainer = train(run_yaml, [*common, f"loggers.jsonl.path={jsonl}"])
+        trainer.close()
+        first[kind] = read_losses(jsonl)[0][1]
+    assert first["lora"] == pytest.approx(first["sft"], abs=1e-6), first
