@@ -28,7 +28,8 @@ def runner():
 # name -> (precision, d_model, max_seq_len) the figure must train with: what results/throughput.md reports
 SHAPES = {"cpu-mpt-tiny": ("fp32", 128, 128), "cpu-d256-seq256": ("fp32", 256, 256),
           "cpu-d256-seq1024": ("fp32", 256, 1024), "gpu-mpt-125m": ("amp_bf16", 768, 2048),
-          "gpu-mpt-350m": ("amp_bf16", 1024, 2048), "gpu-mpt-1b": ("amp_bf16", 2048, 2048)}
+          "gpu-mpt-350m": ("amp_bf16", 1024, 2048), "gpu-mpt-1b": ("amp_bf16", 2048, 2048),
+          "gpu-mpt-7b-lora": ("amp_bf16", 4096, 2048)}
 
 
 @pytest.mark.parametrize("name", SHAPES)
