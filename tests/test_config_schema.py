@@ -120,3 +120,26 @@ def test_a_broken_task_list_file_is_one_problem_among_the_others(tmp_path):
     bad.write_text("tasks: [1, 2\n")
     _, problems = check(Suite, {"tasks": str(bad), "size": 0}, "cfg")
     assert len(problems) == 2 and problems[0].startswith(f"cfg.tasks: {bad}: ") and "must be positive" in problems[1]
+
+
+def test_public_train_is_callable_before_and_after_its_package_loads():
+    """`from llmfoundry_lite import train` calls training whether or not a `llmfoundry_lite.train.*`
+    module was imported first (which binds the package to that name): each call here reaches the config
+    check, which refuses the missing file."""
+    import subprocess
+    import sys
+    code = ("import llmfoundry_lite\n"
+            "from llmfoundry_lite.errors import UserError\n"
+            "for _ in range(2):\n"
+            "    from llmfoundry_lite import train\n"
+            "    try:\n"
+            "        train('no_such.yaml')\n"
+            "    except UserError as e:\n"
+            "        print('refused', 'no_such.yaml' in str(e))\n"
+            "import llmfoundry_lite.train.schema\n"
+            "try:\n"
+            "    llmfoundry_lite.train('no_such.yaml')\n"
+            "except UserError as e:\n"
+            "    print('refused', 'no_such.yaml' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:3] == ["refused True"] * 3, out

@@ -3,6 +3,8 @@
 `train` is imported lazily so that `import llmfoundry_lite.train.schema` (YAML validation) does not
 pay for the Trainer import until training starts.
 """
+import sys
+import types
 
 
 def train(cfg, overrides=()):
@@ -11,4 +13,14 @@ def train(cfg, overrides=()):
     return _train(cfg, overrides)
 
 
+class _CallablePackage(types.ModuleType):
+    """`from llmfoundry_lite import train` is the function (DESIGN's public name), but once any
+    `llmfoundry_lite.train.*` module is imported, Python binds that name to this package instead:
+    so the package calls the function too."""
+
+    def __call__(self, cfg, overrides=()):
+        return train(cfg, overrides)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
 __all__ = ["train"]
