@@ -183,21 +183,25 @@ def test_bad_peft_configs_are_config_errors_with_key_paths(tmp_path):
     assert "model.peft_config.target_modules[0]: no module of this model is named 'Wqkv'" in found
 
 
-def test_tiny_cpu_lora_yaml_finetunes(tiny_tokenizer_dir, tmp_path):
-    """yamls/finetune/mpt-tiny-cpu-lora.yaml from an HF folder on prompt/response pairs: the loss falls."""
+def finetune_inputs(tokenizer_dir, tmp_path, rows) -> tuple:
+    """(HF base folder with the tokenizer, data folder with train.jsonl of `rows`) for the finetune YAMLs."""
     from llmfoundry_lite.data.tokenizer import build_tokenizer
-    from llmfoundry_lite.train import train
-    tokenizer = build_tokenizer(tiny_tokenizer_dir)
     torch.manual_seed(0)
     MPTForCausalLM(MPTConfig(**{**TINY, "max_seq_len": 64, "vocab_size": 448})).save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    (tmp_path / "sft").mkdir()
-    with open(tmp_path / "sft" / "train.jsonl", "w") as f:
-        for i in range(64):
-            f.write(json.dumps({"prompt": f"Repeat {i % 8} twice:", "response": f" {i % 8} {i % 8}"}) + "\n")
+    build_tokenizer(tokenizer_dir).save_pretrained(tmp_path / "hf")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "hf", tmp_path / "data"
+
+
+def test_tiny_cpu_lora_yaml_finetunes(tiny_tokenizer_dir, tmp_path):
+    """yamls/finetune/mpt-tiny-cpu-lora.yaml from an HF folder on prompt/response pairs: the loss falls."""
+    from llmfoundry_lite.train import train
+    hf, data = finetune_inputs(tiny_tokenizer_dir, tmp_path, [
+        {"prompt": f"Repeat {i % 8} twice:", "response": f" {i % 8} {i % 8}"} for i in range(64)])
     yaml = os.path.join(ROOT, "yamls", "finetune", "mpt-tiny-cpu-lora.yaml")
     jsonl = str(tmp_path / "m.jsonl")
-    trainer = train(yaml, [f"variables.model_name_or_path={tmp_path / 'hf'}", f"variables.sft_data={tmp_path / 'sft'}",
+    trainer = train(yaml, [f"variables.model_name_or_path={hf}", f"variables.sft_data={data}",
                            "max_seq_len=32", "max_duration=12ba", "save_folder=null", "scheduler.t_warmup=2ba",
                            "console_log_interval=100ba", f"loggers.jsonl.path={jsonl}"])
     trainer.close()
@@ -210,20 +214,13 @@ def test_chat_data_packing_and_loss_masks_are_unchanged_by_lora(tiny_tokenizer_d
     """Multi-turn ChatML data, packed, with every assistant turn as a target: the first step of a LoRA run
     (its adapters start as no-ops) has exactly the loss of the same full finetuning step, so the batches
     and loss masks LoRA trains on are full finetuning's."""
-    from llmfoundry_lite.data.tokenizer import build_tokenizer
     from llmfoundry_lite.train import train
-    tokenizer = build_tokenizer(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    MPTForCausalLM(MPTConfig(**{**TINY, "max_seq_len": 64, "vocab_size": 448})).save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    (tmp_path / "chat").mkdir()
-    with open(tmp_path / "chat" / "train.jsonl", "w") as f:
-        for i in range(32):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i % 5}"},
-                                             {"role": "assistant", "content": " ".join(map(str, range(i % 5)))},
-                                             {"role": "user", "content": "again"},
-                                             {"role": "assistant", "content": "ok"}]}) + "\n")
-    common = [f"variables.model_name_or_path={tmp_path / 'hf'}", f"variables.sft_data={tmp_path / 'chat'}",
+    hf, data = finetune_inputs(tiny_tokenizer_dir, tmp_path, [
+        {"messages": [{"role": "user", "content": f"count to {i % 5}"},
+                      {"role": "assistant", "content": " ".join(map(str, range(i % 5)))},
+                      {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]}
+        for i in range(32)])
+    common = [f"variables.model_name_or_path={hf}", f"variables.sft_data={data}",
               "max_seq_len=64", "max_duration=1ba", "save_folder=null", "console_log_interval=100ba",
               "train_loader.dataset.packing_ratio=3.0", "train_loader.dataset.target_responses=all"]
     first = {}
