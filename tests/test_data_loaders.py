@@ -54,7 +54,7 @@ def test_config_problems_are_all_listed_with_suggestions(tmp_path):
     assert any("max_seq_len: missing required key" in p for p in problems)
     assert dataloader_config_problems({"name": "txt", "dataset": {}}, "eval_loader") == [
         "eval_loader.name: unknown dataloader 'txt' (did you mean 'text'?); choose one of "
-        "['finetuning', 'text'] or register one with a plug-in"]
+        "['finetuning', 'preference', 'text'] or register one with a plug-in"]
     problems = dataloader_config_problems({"name": "finetuning", "prefetch_factor": 2, "dataset": {
         "hf_name": "x.jsonl", "max_seq_len": 8, "target_prompts": "some", "packing_ratio": 0.5}})
     assert len(problems) == 3 and any("num_workers > 0" in p for p in problems)

@@ -8,6 +8,9 @@ by token id (the pad token is often EOS, which is a real target).
   `sequence_id` numbering the documents inside a concatenated row (EOS ends a document), so a model
   with `attn_uses_sequence_id` does not attend across documents.
 - `FinetuningCollator`: `{input_ids, labels}` examples, padded to `max_seq_len` or to the longest.
+- `PreferenceCollator`: preference pairs (data/preference.py) as `[B, 2, L]` tensors, side 0 the
+  chosen sequence and side 1 the rejected one, labels on the replies only; padded as `FinetuningCollator`.
+  A pair is one sample, so Composer's microbatching (which splits dim 0) never separates its sides.
 - `PackingCollator`: bin-packs `packing_ratio` times more examples than rows into rows of
   `max_seq_len` (first-fit decreasing), with `sequence_id` per example (-1 on padding). Examples that
   do not fit wait for the next batch (up to `max_leftover_bins_to_keep` bins); those dropped beyond
@@ -57,6 +60,16 @@ class FinetuningCollator:
         return {"input_ids": _pad(ids, length, self.pad_token_id),
                 "attention_mask": _pad([[1] * len(r) for r in ids], length, 0),
                 "labels": _pad([e["labels"] for e in examples], length, IGNORE_INDEX)}
+
+
+class PreferenceCollator:
+    def __init__(self, pad_token_id: int, max_seq_len: int, pad_to_longest: bool = False):
+        self.rows = FinetuningCollator(pad_token_id, max_seq_len, pad_to_longest)
+
+    def __call__(self, pairs: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
+        from llmfoundry_lite.data.preference import SIDES, side_example
+        batch = self.rows([side_example(p, side) for side in SIDES for p in pairs])  # chosen rows, then rejected
+        return {k: v.view(2, len(pairs), -1).transpose(0, 1).contiguous() for k, v in batch.items()}
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:

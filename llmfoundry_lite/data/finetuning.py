@@ -59,6 +59,27 @@ def alpaca(ex: Dict) -> Dict:
     return {"prompt": f"### Instruction:\n{ex['instruction']}{extra}\n### Response:\n", "response": ex["output"]}
 
 
+@preprocessors.register("hh_rlhf")
+def hh_rlhf(ex: Dict) -> Dict:
+    """Anthropic/hh-rlhf: `chosen` and `rejected` conversations as text ("\n\nHuman: ...\n\nAssistant:
+    ..."), identical up to the last "\n\nAssistant:" -> a preference pair: that shared prompt (ending with
+    it) and the two replies after it."""
+    chosen, rejected = ex["chosen"], ex["rejected"]
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise DataError(f"hh_rlhf: chosen and rejected must be strings, got {type(chosen).__name__} and "
+                        f"{type(rejected).__name__}")
+    end = chosen.rfind(HH_ASSISTANT)
+    if end < 0:
+        raise DataError(f"hh_rlhf: chosen has no {HH_ASSISTANT!r} turn: {chosen[:80]!r}")
+    prompt = chosen[: end + len(HH_ASSISTANT)]
+    if not rejected.startswith(prompt):
+        raise DataError(f"hh_rlhf: rejected does not share chosen's conversation up to its last {HH_ASSISTANT!r}")
+    return {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
 def get_preprocessor(name: Optional[str]) -> Optional[Callable[[Dict], Dict]]:
     """A registered preprocessor, or `module:function`, or None."""
     if not name:
@@ -123,10 +144,11 @@ def numbered(examples: Iterable[Dict]) -> Iterator[Tuple[str, Dict]]:
 
 
 def example_turns(where: str, raw: Dict, pre: Optional[Callable], tokenizer=None,
-                  chat_template: Optional[str] = None) -> List[Turn]:
-    """`to_turns` of a raw example after its preprocessor; errors start with `where`."""
+                  chat_template: Optional[str] = None, parse: Callable = to_turns):
+    """`parse` (`to_turns`, or data/preference.py's `pair_turns`) of a raw example after its preprocessor;
+    errors start with `where`."""
     try:
-        return to_turns(pre(raw) if pre else raw, tokenizer, chat_template)
+        return parse(pre(raw) if pre else raw, tokenizer, chat_template)
     except KeyError as e:
         raise DataError(f"{where}: missing field {e}; choose the right preprocessor "
                         "(preprocessing_fn, or --preprocessor)") from None

@@ -2,7 +2,7 @@
 
 A loader section is `{name, dataset: {...}, drop_last, num_workers, pin_memory, prefetch_factor,
 persistent_workers, timeout}`; `name` picks an entry of the `dataloaders` registry (`text`,
-`finetuning`, or a plug-in's), registered with its config dataclass (the `LoaderOptions` plus its
+`finetuning`, `preference`, or a plug-in's), registered with its config dataclass (the `LoaderOptions` plus its
 own `dataset` schema) and a function `build(config, tokenizer, batch_size)` returning
 `(dataset, collate_fn, examples_per_batch, sampler_or_None)`.
 """
@@ -128,6 +128,21 @@ class FinetuningDatasetConfig(StreamingOptions):
 
 
 @dataclass(kw_only=True)
+class PreferenceDatasetConfig:
+    """Preference pairs (data/preference.py) from a local JSON/JSONL/CSV/Parquet file or folder or a hub name."""
+    max_seq_len: Positive
+    hf_name: str
+    split: str = "train"
+    hf_kwargs: Dict[str, Any] = field(default_factory=dict)
+    preprocessing_fn: Optional[str] = None  # e.g. hh_rlhf
+    chat_template: Optional[str] = None
+    shuffle: bool = False
+    shuffle_seed: int = 9176
+    allow_pad_trimming: bool = False  # pad to the longest sequence of the batch instead of max_seq_len
+    decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models; set it to true")] = True
+
+
+@dataclass(kw_only=True)
 class LoaderOptions:
     """The keys every loader section has besides `name` and `dataset` (torch DataLoader arguments)."""
     label: Optional[str] = None  # names an eval loader's metrics in an `eval_loader` list
@@ -152,6 +167,11 @@ class TextLoader(LoaderOptions):
 @dataclass(kw_only=True)
 class FinetuningLoader(LoaderOptions):
     dataset: FinetuningDatasetConfig
+
+
+@dataclass(kw_only=True)
+class PreferenceLoader(LoaderOptions):
+    dataset: PreferenceDatasetConfig
 
 
 # `eval_loader`: one loader, or a list of them each with a distinct `label`.
@@ -226,6 +246,17 @@ def _build_finetuning(loader: FinetuningLoader, tokenizer, batch_size: int):
     collate = collators.PackingCollator(tokenizer.pad_token_id, cfg.max_seq_len, batch_size,
                                         cfg.max_leftover_bins_to_keep)
     return dataset, collate, max(batch_size, int(batch_size * ratio)), sampler
+
+
+@dataloaders.register("preference", config=PreferenceLoader)
+def _build_preference(loader: PreferenceLoader, tokenizer, batch_size: int):
+    """Batches of `batch_size` pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`); not packed yet."""
+    cfg = loader.dataset
+    from llmfoundry_lite.data import collators, finetuning, preference
+    raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split, cfg.hf_kwargs)
+    dataset = preference.PreferenceDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn, cfg.chat_template)
+    collate = collators.PreferenceCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.allow_pad_trimming)
+    return dataset, collate, batch_size, map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
 
 
 def map_sampler(dataset, shuffle: bool, seed: int):

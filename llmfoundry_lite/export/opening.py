@@ -4,7 +4,8 @@
 The `models` registry's built-in entries are here, as llm-foundry defines them: `mpt_causal_lm` builds
 a fresh `MPTForCausalLM` from the section's MPT keys; `hf_causal_lm` starts from an HF MPT folder (or
 hub name), `config_overrides` merged onto its config, with its weights unless `pretrained` is false.
-Both take `init_device` (cpu, meta or mixed; see train/parallel.py) and `loss_fn`, and `peft_config`
+Both take `init_device` (cpu, meta or mixed; see train/parallel.py), `loss_fn` and `dpo` (the
+training wrapper's), and `peft_config`
 / `pretrained_lora_id_or_path`, which wrap the model in a LoRA `peft.PeftModel` (export/lora.py).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
-from llmfoundry_lite.config import Rule, Section, cross, join
+from llmfoundry_lite.config import Rule, Section, cross, join, rule
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.export.lora import LoraSection, adapter_folder_problem, apply_lora, meta_model, target_problems
@@ -28,12 +29,28 @@ def _device_or_mixed(name: str) -> Optional[str]:
 
 
 @dataclass(kw_only=True)
+class DPOSection:
+    """`model.dpo`: the loss of `loss_fn: dpo` (train/dpo.py), Direct Preference Optimization."""
+    beta: Annotated[float, rule(lambda v: v > 0, "must be positive")] = 0.1  # how far from the reference to go
+    # conservative DPO: the probability that a pair's preference label is flipped
+    label_smoothing: Annotated[float, rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")] = 0.0
+    variant: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's logistic loss, or IPO's squared one
+
+    @cross("label_smoothing", "variant")
+    def _smoothing_is_dpos(self, path: str):
+        if self.variant == "ipo" and self.label_smoothing:
+            return f"{join(path, 'label_smoothing')}: applies to variant sigmoid only; remove it for ipo"
+
+
+@dataclass(kw_only=True)
 class _BuilderKeys:
     """llm-foundry's builder keys, shared by both model names."""
     # cpu; meta (built without memory, initialised, or loaded, after FSDP sharding); mixed (global rank 0
     # builds or loads on cpu, the others on meta, and FSDP broadcasts rank 0's weights)
     init_device: Annotated[str, Rule(_device_or_mixed)] = "cpu"
-    loss_fn: Literal["torch_crossentropy", "fused_crossentropy"] = "torch_crossentropy"  # training's loss
+    # training's loss; dpo: preference pairs (train_loader name preference), with `dpo`'s keys
+    loss_fn: Literal["torch_crossentropy", "fused_crossentropy", "dpo"] = "torch_crossentropy"
+    dpo: Optional[DPOSection] = None
     peft_config: Optional[LoraSection] = None  # LoRA adapters (peft): only they train
     pretrained_lora_id_or_path: Optional[str] = None  # continue from this saved adapter (peft_config unused)
     KEY_HINTS: ClassVar[Dict[str, str]] = {
@@ -60,6 +77,24 @@ class _BuilderKeys:
                                 f"other than true/false/gaussian need the base weights when the adapters are made: "
                                 "use init_device: cpu")
         return problems
+
+    @cross("loss_fn", "dpo", "init_device", "peft_config", "pretrained_lora_id_or_path")
+    def _dpo_reference(self, path: str):
+        """The reference model is the starting weights: the base model with LoRA's fresh (no-op)
+        adapters disabled, or a frozen copy of the model built on cpu."""
+        if self.loss_fn != "dpo":
+            return self.dpo and f"{join(path, 'dpo')}: only used with loss_fn: dpo; set it or remove dpo"
+        lora = self.peft_config
+        if self.pretrained_lora_id_or_path:
+            return (f"{join(path, 'pretrained_lora_id_or_path')}: loss_fn dpo takes the base model without adapters as "
+                    "the reference; merge the saved adapter into a folder first (llmfoundry-lite convert) and start "
+                    "from it with a fresh peft_config")
+        if lora and lora.init_lora_weights is False:
+            return (f"{join(path, 'peft_config.init_lora_weights')}: loss_fn dpo needs adapters that start as no-ops "
+                    "(the reference is the base model without them); remove it")
+        if not lora and self.init_device != "cpu":
+            return (f"{join(path, 'init_device')}: loss_fn dpo without LoRA copies the starting model as its frozen "
+                    "reference, which needs init_device: cpu for now")
 
     def lora_problems(self, config, path: str) -> List[str]:
         """The target modules (and modules_to_save) checked against the model `config` describes."""
@@ -184,7 +219,7 @@ def _fits(model, tokenizer, key: str = "model.vocab_size"):
     return model
 
 
-def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, peft_config=None,
+def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, dpo=None, peft_config=None,
                         pretrained_lora_id_or_path=None, **keys):
     """A fresh `MPTForCausalLM` from MPT config keys (`loss_fn` is the training wrapper's). A missing
     `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error. With LoRA keys, the
@@ -195,7 +230,7 @@ def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, peft_
 
 
 def build_hf_causal_lm(tokenizer, pretrained_model_name_or_path: str, pretrained: bool = True,
-                       init_device: str = "cpu", loss_fn=None, config_overrides: Optional[Dict[str, Any]] = None,
+                       init_device: str = "cpu", loss_fn=None, dpo=None, config_overrides: Optional[Dict[str, Any]] = None,
                        use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None,
                        peft_config=None, pretrained_lora_id_or_path=None):
     """An `MPTForCausalLM` from an HF MPT folder whose config `config_overrides` override: with its

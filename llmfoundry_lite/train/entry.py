@@ -24,6 +24,7 @@ from llmfoundry_lite.export.lora import is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+from llmfoundry_lite.train.dpo import ComposerMPTDPO
 from llmfoundry_lite.train.parallel import on_meta
 from llmfoundry_lite.train.schema import TrainConfig, check_train_config
 
@@ -76,8 +77,10 @@ def fit(tc: TrainConfig):
         dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = tc.tokenizer.build()
-    model = ComposerMPTCausalLM(open_model(tc.model, tokenizer)[0], tokenizer,
-                                tc.model.kwargs.get("loss_fn", "torch_crossentropy"))
+    loss_fn = tc.model.kwargs.get("loss_fn", "torch_crossentropy")
+    inner = open_model(tc.model, tokenizer)[0]
+    model = (ComposerMPTDPO(inner, tokenizer, getattr(tc.model.config, "dpo", None)) if loss_fn == "dpo"
+             else ComposerMPTCausalLM(inner, tokenizer, loss_fn))
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
     prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None, seed=tc.seed)
     device_batch = tc.global_train_batch_size // world_size

@@ -96,6 +96,29 @@ class TrainConfig:
         if self.train_loader.config.label is not None:
             return "train_loader.label: only eval loaders take a label; remove it"
 
+    @cross("model", "train_loader", "eval_loader", "icl_tasks", "fsdp_config")
+    def _dpo_data(self, path):
+        """`loss_fn: dpo` and the `preference` loader go together (train/dpo.py)."""
+        dpo = self.model.kwargs.get("loss_fn") == "dpo"
+        problems = []
+        loaders = [("train_loader", self.train_loader)]
+        if isinstance(self.eval_loader, list):
+            loaders += [(f"eval_loader[{i}]", s) for i, s in enumerate(self.eval_loader)]
+        elif self.eval_loader is not None:
+            loaders.append(("eval_loader", self.eval_loader))
+        for where, section in loaders:
+            if dpo and section.name != "preference":
+                problems.append(f"{where}.name: model.loss_fn dpo trains and evaluates on preference pairs; "
+                                f"use name: preference (got {section.name})")
+            elif not dpo and section.name == "preference":
+                problems.append(f"{where}.name: preference pairs need model.loss_fn: dpo (got "
+                                f"{self.model.kwargs.get('loss_fn', 'torch_crossentropy')})")
+        if dpo and self.icl_tasks is not None:
+            problems.append("icl_tasks: not supported with model.loss_fn dpo yet; evaluate the exported model instead")
+        if dpo and self.fsdp_config is not None:
+            problems.append("fsdp_config: model.loss_fn dpo does not support FSDP yet; remove fsdp_config")
+        return problems
+
     @cross("compile_config")
     def _compile_kwargs(self, path):
         if self.compile_config:

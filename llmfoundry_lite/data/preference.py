@@ -1,0 +1,111 @@
+"""Preference pairs (for DPO): formats, tokenized pairs, the map-style dataset.
+
+A pair is `{"prompt": str, "chosen": str, "rejected": str}`, or chat form: `chosen` and `rejected`
+message lists (see data/chat.py) that share every message but the last, the assistant reply compared
+(an optional `prompt` message list is put in front of both). A preprocessor (`preprocessing_fn`:
+`hh_rlhf`, or `module:function`) maps other layouts to one of these. Each side is read as a
+finetuning example is (data/finetuning.py: chat rendered by the chat template, ChatML by default; EOS
+closes the reply), and its labels are the last reply's tokens only.
+
+A pair longer than `max_seq_len` keeps the end of its prompt (cut from the left) so that the longer
+reply fits whole. Pairs that cannot (not one prompt token left), pairs whose replies are equal and
+pairs with an empty prompt or reply are dropped; each is counted in `stats`, and so are truncations.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+from llmfoundry_lite.data.convert import Counts
+from llmfoundry_lite.data.finetuning import Turn, example_turns, get_preprocessor, numbered, to_turns, tokenize_turns
+from llmfoundry_lite.errors import DataError
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+SIDES = ("chosen", "rejected")
+COUNTED = ("prompt truncated", "dropped too long", "dropped chosen equals rejected", "dropped empty")
+
+
+def pair_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> Tuple[List[Turn], List[Turn]]:
+    """The (prompt, response) turns of the chosen and of the rejected side of a pair."""
+    if not isinstance(example, dict):
+        raise DataError(f"a preference pair is a JSON object (prompt, chosen, rejected), got a {type(example).__name__}")
+    example = {k: v for k, v in example.items() if v is not None}  # `datasets` fills missing columns with None
+    if not all(s in example for s in SIDES):
+        raise DataError(f"pair has keys {sorted(example)}; expected prompt, chosen and rejected (strings), or chosen "
+                        "and rejected message lists (set preprocessing_fn to map other layouts, e.g. hh_rlhf)")
+    chosen, rejected, prompt = example["chosen"], example["rejected"], example.get("prompt")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if not isinstance(prompt, str):
+            raise DataError(f"chosen and rejected are strings, so prompt must be one too, got {type(prompt).__name__}")
+        return tuple(to_turns({"prompt": prompt, "response": r}, tokenizer, chat_template) for r in (chosen, rejected))
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise DataError(f"chosen and rejected must both be strings or both message lists, got "
+                        f"{type(chosen).__name__} and {type(rejected).__name__}")
+    if prompt is not None and not isinstance(prompt, list):
+        raise DataError(f"with chosen and rejected as message lists, prompt is a message list too (or absent), "
+                        f"got a {type(prompt).__name__}")
+    prompt = prompt or []
+    if prompt + chosen[:-1] != prompt + rejected[:-1] or not chosen or not rejected:
+        raise DataError("chosen and rejected must share every message but the last (the assistant reply compared)")
+    sides = []
+    for name, messages in zip(SIDES, (prompt + chosen, prompt + rejected), strict=True):
+        try:
+            sides.append(to_turns({"messages": messages}, tokenizer, chat_template))
+        except DataError as e:
+            raise DataError(f"{name}: {e}") from None
+    return tuple(sides)
+
+
+def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int
+               ) -> Tuple[Optional[Dict[str, List[int]]], str]:
+    """(pair, status): pair is `{prompt, chosen, rejected}` token ids (the replies closed by EOS), status
+    ok or one of COUNTED (pair None when dropped)."""
+    (*_, (_, chosen_text)), (*_, (_, rejected_text)) = turns
+    if chosen_text == rejected_text:
+        return None, "dropped chosen equals rejected"
+    if any(not p or not r for side in turns for p, r in side):
+        return None, "dropped empty"
+    prompts, replies = [], []
+    for side in turns:
+        tok = tokenize_turns(side, tokenizer)
+        prompts.append([t for p, r in tok[:-1] for t in p + r] + tok[-1][0])
+        replies.append(tok[-1][1])
+    if prompts[0] != prompts[1]:
+        raise DataError("chosen and rejected tokenize to different prompts; the chat template must render the "
+                        "shared messages the same way on both sides")
+    prompt, status = prompts[0], "ok"
+    room = max_seq_len - max(map(len, replies))
+    if room < 1:
+        return None, "dropped too long"
+    if len(prompt) > room:
+        prompt, status = prompt[-room:], "prompt truncated"
+    return {"prompt": prompt, "chosen": replies[0], "rejected": replies[1]}, status
+
+
+def side_example(pair: Dict[str, List[int]], side: str) -> Dict[str, List[int]]:
+    """One side of a pair as a finetuning example: labels on the reply only."""
+    return {"input_ids": pair["prompt"] + pair[side], "labels": [IGNORE_INDEX] * len(pair["prompt"]) + pair[side]}
+
+
+class PreferenceDataset(list):
+    """Map-style dataset of tokenized pairs (see `build_pair`), built eagerly from raw rows, and `stats`."""
+
+    def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
+                 chat_template: Optional[str] = None):
+        pre = get_preprocessor(preprocessing_fn)
+        self.stats = Counts(dict.fromkeys(("pairs", *COUNTED), 0))
+        for where, raw in numbered(examples):
+            self.stats["pairs"] += 1
+            turns = example_turns(where, raw, pre, tokenizer, chat_template, parse=pair_turns)
+            try:
+                pair, status = build_pair(turns, tokenizer, max_seq_len)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+            if status != "ok":
+                self.stats[status] += 1
+            if pair is not None:
+                self.append(pair)
+        if not self:
+            raise DataError(f"no usable preference pairs ({self.stats})")
+        log.warning("preference data: %s", self.stats)

@@ -1,0 +1,133 @@
+"""`loss_fn: dpo`: Direct Preference Optimization as a loss of the Composer model (no separate trainer).
+
+Batches are preference pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`: side 0 chosen, side
+1 rejected, labels on the reply only). A sequence's log-probability is the sum over its reply tokens.
+With the policy's (pi) and the reference model's (ref) log-probabilities of chosen (c) and rejected (r),
+h = (pi_c - pi_r) - (ref_c - ref_r), and `model.dpo`'s beta and label_smoothing (eps):
+
+    sigmoid (DPO, Rafailov et al. 2023; eps > 0: conservative DPO)
+        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+    ipo (Azar et al. 2023)
+        loss = (h - 1 / (2 * beta)) ** 2
+
+averaged over the pairs. Rewards are beta * (pi - ref) of each side; reward accuracy is the fraction of
+pairs whose chosen reward is the larger; the margin is chosen's minus rejected's.
+
+The reference model is the starting weights, frozen and in eval mode: for a LoRA model, the same model
+with its adapters disabled (peft's `disable_adapter()`; no second copy); otherwise a deep copy made
+here, kept outside the module tree (so it is neither trained, nor checkpointed, nor seen by the
+optimizer) and moved to the batch's device when needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from llmfoundry_lite.export.lora import is_peft
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
+from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+
+# metric name -> key of the outputs it averages over pairs
+METRICS = {"DPOLoss": "losses", "RewardsChosen": "rewards_chosen", "RewardsRejected": "rewards_rejected",
+           "RewardAccuracy": "reward_accuracy", "RewardMargin": "reward_margin",
+           "LogpsChosen": "logps_chosen", "LogpsRejected": "logps_rejected"}
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of log p(label at t+1 | tokens up to t) over the labelled positions (labels are
+    aligned with the input ids, -100 ignored)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(targets.shape).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+             label_smoothing: float = 0.0, variant: str = "sigmoid"):
+    """The loss and the per-pair quantities the metrics average (see the module docstring)."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if variant == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    chosen, rejected = beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+    return {"loss": losses.mean(), "losses": losses.detach(), "rewards_chosen": chosen, "rewards_rejected": rejected,
+            "reward_accuracy": (chosen > rejected).float(), "reward_margin": chosen - rejected,
+            "logps_chosen": policy_chosen.detach(), "logps_rejected": policy_rejected.detach()}
+
+
+class PairMean(Metric):
+    """The mean over pairs of one key of the DPO outputs."""
+    full_state_update = False
+
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, outputs) -> None:
+        values = outputs[self.key].detach()
+        self.total += values.double().sum().to(self.total.device)
+        self.count += values.numel()
+
+    def compute(self):
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+def pair_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, 2, L] -> [2B, L]: the B chosen rows, then the B rejected rows."""
+    return x.transpose(0, 1).reshape(-1, x.shape[-1])
+
+
+class ComposerMPTDPO(ComposerMPTCausalLM):
+    """The Composer model of `loss_fn: dpo`; `dpo` is the checked `model.dpo` section (or None: defaults)."""
+
+    def __init__(self, model, tokenizer=None, dpo=None):
+        super().__init__(model, tokenizer)
+        self.beta = getattr(dpo, "beta", 0.1)
+        self.label_smoothing = getattr(dpo, "label_smoothing", 0.0)
+        self.variant = getattr(dpo, "variant", "sigmoid")
+        self.train_metrics = {name: PairMean(key) for name, key in METRICS.items()}
+        self.val_metrics = {name: PairMean(key) for name, key in METRICS.items()}
+        # a list hides the copy from the module tree (parameters, state dict, optimizer, FSDP)
+        self._frozen = [] if is_peft(model) else [copy.deepcopy(model).eval().requires_grad_(False)]
+
+    @contextlib.contextmanager
+    def reference(self, device):
+        """The reference model (see the module docstring), in eval mode, for a no-grad forward."""
+        if self._frozen:
+            ref = self._frozen[0]
+            if next(ref.parameters()).device != device:
+                ref.to(device)
+            yield ref
+            return
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                yield self.model
+        finally:
+            self.model.train(training)
+
+    def forward(self, batch):
+        ids, mask, labels = (pair_rows(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
+        policy = sequence_logps(self.model(input_ids=ids, attention_mask=mask).logits, labels)
+        with torch.no_grad(), self.reference(ids.device) as ref:
+            reference = sequence_logps(ref(input_ids=ids, attention_mask=mask).logits, labels)
+        n = ids.shape[0] // 2
+        return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.label_smoothing,
+                        self.variant)
+
+    def loss(self, outputs, batch):
+        return outputs["loss"]
+
+    def eval_forward(self, batch, outputs=None):
+        return outputs if outputs is not None else self.forward(batch)
+
+    def update_metric(self, batch, outputs, metric):
+        metric.update(outputs)
+        return {}
