@@ -256,3 +256,5 @@ def test_dpo_config_errors_name_their_keys(tmp_path):
                      fsdp_config={})
     assert "eval_loader[0].name: model.loss_fn dpo trains and evaluates on preference pairs" in found
     assert "fsdp_config: model.loss_fn dpo does not support FSDP yet" in found
+    assert "load_path: model.loss_fn dpo without LoRA takes its reference model from the model section" in problems(
+        load_path=str(tmp_path / "ckpt.pt"))
