@@ -12,12 +12,12 @@ import torch
 
 from llmfoundry_lite.data.collators import PreferenceCollator
 from llmfoundry_lite.data.finetuning import hh_rlhf
-from llmfoundry_lite.data.preference import PreferenceDataset
+from llmfoundry_lite.data.preference import PreferenceDataset, sequence_logps
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, DataError
 from llmfoundry_lite.export.lora import apply_lora
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-from llmfoundry_lite.train.dpo import ComposerMPTDPO, dpo_loss, sequence_logps
+from llmfoundry_lite.train.dpo import ComposerMPTDPO, dpo_loss
 from llmfoundry_lite.train.schema import check_train_config
 
 from train_utils import ROOT

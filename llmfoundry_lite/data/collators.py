@@ -11,6 +11,7 @@ by token id (the pad token is often EOS, which is a real target).
 - `PreferenceCollator`: preference pairs (data/preference.py) as `[B, 2, L]` tensors, side 0 the
   chosen sequence and side 1 the rejected one, labels on the replies only; padded as `FinetuningCollator`.
   A pair is one sample, so Composer's microbatching (which splits dim 0) never separates its sides.
+  Pairs with precomputed reference log-probabilities add `reference_logps`, `[B, 2]` float32.
 - `PackingCollator`: bin-packs `packing_ratio` times more examples than rows into rows of
   `max_seq_len` (first-fit decreasing), with `sequence_id` per example (-1 on padding). Examples that
   do not fit wait for the next batch (up to `max_leftover_bins_to_keep` bins); those dropped beyond
@@ -69,7 +70,10 @@ class PreferenceCollator:
     def __call__(self, pairs: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
         from llmfoundry_lite.data.preference import SIDES, side_example
         batch = self.rows([side_example(p, side) for side in SIDES for p in pairs])  # chosen rows, then rejected
-        return {k: v.view(2, len(pairs), -1).transpose(0, 1).contiguous() for k, v in batch.items()}
+        batch = {k: v.view(2, len(pairs), -1).transpose(0, 1).contiguous() for k, v in batch.items()}
+        if "reference_logps" in pairs[0]:  # precomputed by data-prep preference --reference_model
+            batch["reference_logps"] = torch.tensor([p["reference_logps"] for p in pairs], dtype=torch.float32)
+        return batch
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:

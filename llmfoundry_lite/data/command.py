@@ -6,6 +6,8 @@
     data-prep text       --input_folder DIR --output_folder DIR [tokens] [--processes N] [--reprocess]
     data-prep finetuning --dataset NAME_OR_FILE [--data_files ...] --splits train --out_root DIR
                          [--preprocessor dolly|alpaca|module:function] [--tokenizer T --max_seq_len N]
+    data-prep preference --dataset NAME_OR_FILE [--data_files ...] --splits train --out_root DIR
+                         --tokenizer T --max_seq_len N [--preprocessor hh_rlhf] [--reference_model HF_FOLDER]
 
 [tokens] is `--concat_tokens N --tokenizer T [--bos_text ...] [--eos_text ...] [--no_wrap]`; without
 it the shards hold raw `text`. `data_prep/*.py` are the same commands under llm-foundry's script names.
@@ -98,12 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _token_args(p)
 
     p = sub.add_parser("finetuning", help="prompt/response or chat examples -> MDS (convert_finetuning_dataset.py)")
-    p.add_argument("--dataset", required=True,
-                   help="a local .json/.jsonl file or folder, a hub name, or a builder (json, csv, parquet) with --data_files")
-    p.add_argument("--data_subset", default=None)
-    p.add_argument("--data_files", nargs="+", help="files for a builder: paths, or split=path per split")
-    p.add_argument("--splits", nargs="+", default=["train"])
-    p.add_argument("--out_root", required=True, help="one sub-folder per split is written here")
+    _source_args(p)
     p.add_argument("--preprocessor", default=None, help="dolly, alpaca, or module:function")
     p.add_argument("--tokenizer", default=None, help="pre-tokenize (then over-long examples are counted here)")
     p.add_argument("--tokenizer_kwargs", help="JSON object for AutoTokenizer.from_pretrained")
@@ -114,6 +111,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--skip_bad_lines", action="store_true",
                    help="skip and count malformed JSONL lines (local files) and invalid examples (e.g. bad chats)")
     p.add_argument("--compression", default=None)
+
+    p = sub.add_parser("preference", help="preference pairs (prompt, chosen, rejected) -> tokenized MDS for DPO")
+    _source_args(p)
+    p.add_argument("--preprocessor", default=None, help="hh_rlhf, or module:function")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer of the model to be trained")
+    p.add_argument("--tokenizer_kwargs", help="JSON object for AutoTokenizer.from_pretrained")
+    p.add_argument("--max_seq_len", type=int, required=True,
+                   help="a longer pair keeps the end of its prompt; one whose reply alone is longer is dropped")
+    p.add_argument("--chat_template", default=None, help="chatml | mpt-7b-chat | a Jinja string (default: the tokenizer's)")
+    p.add_argument("--reference_model", default=None,
+                   help="HF folder of the model DPO starts from: store its log-probabilities of each reply "
+                        "(training then runs without a reference model)")
+    p.add_argument("--batch_size", type=int, default=8, help="pairs per reference-model forward")
+    p.add_argument("--skip_bad_lines", action="store_true",
+                   help="skip and count malformed JSONL lines (local files) and invalid pairs")
+    p.add_argument("--compression", default=None)
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """Where finetuning examples or preference pairs come from, and the splits written."""
+    p.add_argument("--dataset", required=True,
+                   help="a local .json/.jsonl file or folder, a hub name, or a builder (json, csv, parquet) with --data_files")
+    p.add_argument("--data_subset", default=None)
+    p.add_argument("--data_files", nargs="+", help="files for a builder: paths, or split=path per split")
+    p.add_argument("--splits", nargs="+", default=["train"])
+    p.add_argument("--out_root", required=True, help="one sub-folder per split is written here")
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -146,19 +169,17 @@ def run(args: argparse.Namespace) -> int:
         summary = convert.convert_text(args.input_folder, args.output_folder, _spec(args), args.compression,
                                        args.processes, args.files_per_group, args.reprocess)
         print(f"{args.output_folder}: {summary}")
-    else:
+    elif args.what == "finetuning":
         _finetuning(args)
+    else:
+        _preference(args)
     return 0
 
 
-def _finetuning(args: argparse.Namespace) -> None:
-    from llmfoundry_lite.data.convert import Counts, iter_json_records
-    from llmfoundry_lite.data.finetuning import convert_finetuning, load_raw_examples, numbered
+def _split_sources(args: argparse.Namespace):
+    """[(out folder, `(where, row)` iterator, Counts of lines skipped by it)] per split of --dataset, after
+    checking the flags and that every output folder is new or empty; the rows are read when iterated."""
     from llmfoundry_lite.data.mds import check_output_folder
-    from llmfoundry_lite.data.tokenizer import build_tokenizer
-    if args.max_seq_len is not None and args.tokenizer is None:
-        raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
-    tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs)) if args.tokenizer else None
     local = os.path.exists(args.dataset)
     if local and args.data_files:
         raise UserError(f"--data_files goes with a builder or hub name; {args.dataset} is already a local path")
@@ -166,14 +187,44 @@ def _finetuning(args: argparse.Namespace) -> None:
         raise UserError(f"--dataset {args.dataset} is one local file or folder: name one split with --splits")
     for split in args.splits:
         check_output_folder(os.path.join(args.out_root, split))
-    for split in args.splits:
-        out = os.path.join(args.out_root, split)
-        skipped = Counts()  # by the local reader
-        if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
-            examples = iter_json_records(args.dataset, skipped, args.skip_bad_lines)
-        else:
-            kwargs = {"name": args.data_subset, "data_files": parse_data_files(args.data_files)}
-            examples = numbered(load_raw_examples(args.dataset, split, kwargs))
+    return [(os.path.join(args.out_root, split), *_rows(args, split, local)) for split in args.splits]
+
+
+def _rows(args: argparse.Namespace, split: str, local: bool):
+    from llmfoundry_lite.data.convert import Counts, iter_json_records
+    from llmfoundry_lite.data.finetuning import load_raw_examples, numbered
+    skipped = Counts()
+    if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
+        return iter_json_records(args.dataset, skipped, args.skip_bad_lines), skipped
+    kwargs = {"name": args.data_subset, "data_files": parse_data_files(args.data_files)}
+
+    def rows():  # opened when the split's turn comes
+        yield from numbered(load_raw_examples(args.dataset, split, kwargs))
+    return rows(), skipped
+
+
+def _finetuning(args: argparse.Namespace) -> None:
+    from llmfoundry_lite.data.convert import Counts
+    from llmfoundry_lite.data.finetuning import convert_finetuning
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
+    if args.max_seq_len is not None and args.tokenizer is None:
+        raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
+    sources = _split_sources(args)
+    tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs)) if args.tokenizer else None
+    for out, examples, skipped in sources:
         stats = convert_finetuning(examples, out, tokenizer, args.max_seq_len, args.preprocessor, args.target_prompts,
                                    args.target_responses, args.chat_template, args.compression, args.skip_bad_lines)
+        print(f"{out}: {Counts({**stats, **skipped})}")
+
+
+def _preference(args: argparse.Namespace) -> None:
+    from llmfoundry_lite.data.convert import Counts
+    from llmfoundry_lite.data.preference import convert_preference, open_reference_model
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
+    sources = _split_sources(args)
+    tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs))
+    reference = open_reference_model(args.reference_model) if args.reference_model else None
+    for out, pairs, skipped in sources:
+        stats = convert_preference(pairs, out, tokenizer, args.max_seq_len, args.preprocessor, args.chat_template,
+                                   args.compression, args.skip_bad_lines, reference, args.batch_size)
         print(f"{out}: {Counts({**stats, **skipped})}")

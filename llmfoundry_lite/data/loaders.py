@@ -95,18 +95,16 @@ class TextDatasetConfig(StreamingOptions):
 
 
 @dataclass(kw_only=True)
-class FinetuningDatasetConfig(StreamingOptions):
+class ExamplesConfig(StreamingOptions):
+    """What the finetuning and preference datasets share: raw rows from `hf_name` (a hub name or a local
+    file or folder, read and tokenized when the run starts) or MDS shards written by data-prep
+    (`local`/`remote`/`streams`)."""
     max_seq_len: Positive
-    hf_name: Optional[str] = None  # hub name or local file/folder; else MDS via local/remote/streams
+    hf_name: Optional[str] = None
     hf_kwargs: Dict[str, Any] = field(default_factory=dict)
     preprocessing_fn: Optional[str] = None
-    target_prompts: str = "none"
-    target_responses: Literal["last", "all"] = "last"
     chat_template: Optional[str] = None
-    packing_ratio: Optional[Union[Annotated[float, rule(lambda v: v >= 1, "must be >= 1 (or 'auto')")],
-                                  Literal["auto"]]] = None
-    max_leftover_bins_to_keep: Optional[int] = None
-    allow_pad_trimming: bool = False  # pad to the longest example of the batch instead of max_seq_len
+    allow_pad_trimming: bool = False  # pad to the longest sequence of the batch instead of max_seq_len
     # only decoder-only (MPT) models are supported
     decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models; set it to true")] = True
 
@@ -118,6 +116,15 @@ class FinetuningDatasetConfig(StreamingOptions):
             return [f"{path}: give either `hf_name` or MDS `local`/`remote`/`streams`, not both"]
         return []
 
+
+@dataclass(kw_only=True)
+class FinetuningDatasetConfig(ExamplesConfig):
+    target_prompts: str = "none"
+    target_responses: Literal["last", "all"] = "last"
+    packing_ratio: Optional[Union[Annotated[float, rule(lambda v: v >= 1, "must be >= 1 (or 'auto')")],
+                                  Literal["auto"]]] = None
+    max_leftover_bins_to_keep: Optional[int] = None
+
     @cross("target_prompts")
     def _known_target_prompts(self, path: str):
         from llmfoundry_lite.data.finetuning import parse_target_prompts
@@ -128,18 +135,15 @@ class FinetuningDatasetConfig(StreamingOptions):
 
 
 @dataclass(kw_only=True)
-class PreferenceDatasetConfig:
-    """Preference pairs (data/preference.py) from a local JSON/JSONL/CSV/Parquet file or folder or a hub name."""
-    max_seq_len: Positive
-    hf_name: str
-    split: str = "train"
-    hf_kwargs: Dict[str, Any] = field(default_factory=dict)
-    preprocessing_fn: Optional[str] = None  # e.g. hh_rlhf
-    chat_template: Optional[str] = None
-    shuffle: bool = False
-    shuffle_seed: int = 9176
-    allow_pad_trimming: bool = False  # pad to the longest sequence of the batch instead of max_seq_len
-    decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models; set it to true")] = True
+class PreferenceDatasetConfig(ExamplesConfig):
+    """Preference pairs (data/preference.py): raw rows (JSON/JSONL/CSV/Parquet, a hub name; e.g.
+    preprocessing_fn hh_rlhf) or MDS written by `data-prep preference` (with reference_logps or not)."""
+
+    @cross("hf_name", "preprocessing_fn", "chat_template")
+    def _read_from_rows(self, path: str):
+        if not self.hf_name and (self.preprocessing_fn or self.chat_template):
+            return (f"{path}: preprocessing_fn and chat_template apply to rows read from hf_name; MDS pairs were "
+                    "rendered and tokenized by data-prep preference (pass --preprocessor / --chat_template there)")
 
 
 @dataclass(kw_only=True)
@@ -253,10 +257,15 @@ def _build_preference(loader: PreferenceLoader, tokenizer, batch_size: int):
     """Batches of `batch_size` pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`); not packed yet."""
     cfg = loader.dataset
     from llmfoundry_lite.data import collators, finetuning, preference
-    raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split, cfg.hf_kwargs)
-    dataset = preference.PreferenceDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn, cfg.chat_template)
+    if cfg.hf_name:
+        raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
+        dataset = preference.PreferenceDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn, cfg.chat_template)
+        sampler = map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
+    else:
+        dataset = preference.streaming_preference_dataset(cfg.max_seq_len, **cfg.streaming_kwargs(batch_size))
+        sampler = None
     collate = collators.PreferenceCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.allow_pad_trimming)
-    return dataset, collate, batch_size, map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
+    return dataset, collate, batch_size, sampler
 
 
 def map_sampler(dataset, shuffle: bool, seed: int):

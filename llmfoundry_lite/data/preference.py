@@ -10,14 +10,26 @@ closes the reply), and its labels are the last reply's tokens only.
 A pair longer than `max_seq_len` keeps the end of its prompt (cut from the left) so that the longer
 reply fits whole. Pairs that cannot (not one prompt token left), pairs whose replies are equal and
 pairs with an empty prompt or reply are dropped; each is counted in `stats`, and so are truncations.
+
+`data-prep preference` (`convert_preference`) writes the tokenized pairs as MDS: columns `prompt`,
+`chosen`, `rejected` (int32 ids), and, with `--reference_model`, `reference_logps` (float32
+`[chosen, rejected]`: the reference model's log-probabilities of the two replies, `sequence_logps`),
+so that DPO needs no reference model in training. `streaming_preference_dataset` reads them back.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from llmfoundry_lite.data.convert import Counts
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llmfoundry_lite.data.convert import SHARD_HASHES, Counts
 from llmfoundry_lite.data.finetuning import Turn, example_turns, get_preprocessor, numbered, to_turns, tokenize_turns
+from llmfoundry_lite.data.mds import publish_split, streaming_init
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
@@ -74,13 +86,44 @@ def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int
     if prompts[0] != prompts[1]:
         raise DataError("chosen and rejected tokenize to different prompts; the chat template must render the "
                         "shared messages the same way on both sides")
-    prompt, status = prompts[0], "ok"
-    room = max_seq_len - max(map(len, replies))
+    return fit_pair({"prompt": prompts[0], "chosen": replies[0], "rejected": replies[1]}, max_seq_len)
+
+
+def fit_pair(pair: Dict[str, Any], max_seq_len: int) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(pair, status) with the prompt cut from the left so that the longer reply fits whole in max_seq_len."""
+    room = max_seq_len - max(len(pair["chosen"]), len(pair["rejected"]))
     if room < 1:
         return None, "dropped too long"
-    if len(prompt) > room:
-        prompt, status = prompt[-room:], "prompt truncated"
-    return {"prompt": prompt, "chosen": replies[0], "rejected": replies[1]}, status
+    if len(pair["prompt"]) > room:
+        return {**pair, "prompt": pair["prompt"][-room:]}, "prompt truncated"
+    return pair, "ok"
+
+
+def iter_pairs(examples: Iterable[Tuple[str, Dict]], tokenizer, max_seq_len: int, stats: Counts,
+               preprocessing_fn: Optional[str] = None, chat_template: Optional[str] = None,
+               skip_bad_examples: bool = False) -> Iterator[Dict[str, List[int]]]:
+    """The tokenized pairs of raw `(where, example)` rows, counting in `stats` what is read, cut or dropped
+    (an invalid row is a DataError naming it, or skipped and counted with `skip_bad_examples`)."""
+    pre = get_preprocessor(preprocessing_fn)
+    for key in ("pairs", *COUNTED):
+        stats.setdefault(key, 0)
+    for where, raw in examples:
+        stats["pairs"] += 1
+        try:
+            turns = example_turns(where, raw, pre, tokenizer, chat_template, parse=pair_turns)
+            try:
+                pair, status = build_pair(turns, tokenizer, max_seq_len)
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+        except DataError:
+            if not skip_bad_examples:
+                raise
+            stats.add("skipped invalid")
+            continue
+        if status != "ok":
+            stats[status] += 1
+        if pair is not None:
+            yield pair
 
 
 def side_example(pair: Dict[str, List[int]], side: str) -> Dict[str, List[int]]:
@@ -90,22 +133,123 @@ def side_example(pair: Dict[str, List[int]], side: str) -> Dict[str, List[int]]:
 
 class PreferenceDataset(list):
     """Map-style dataset of tokenized pairs (see `build_pair`), built eagerly from raw rows, and `stats`."""
+    reference_logps = False  # pairs carry no precomputed reference log-probabilities
 
     def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
                  chat_template: Optional[str] = None):
-        pre = get_preprocessor(preprocessing_fn)
-        self.stats = Counts(dict.fromkeys(("pairs", *COUNTED), 0))
-        for where, raw in numbered(examples):
-            self.stats["pairs"] += 1
-            turns = example_turns(where, raw, pre, tokenizer, chat_template, parse=pair_turns)
-            try:
-                pair, status = build_pair(turns, tokenizer, max_seq_len)
-            except DataError as e:
-                raise DataError(f"{where}: {e}") from None
-            if status != "ok":
-                self.stats[status] += 1
-            if pair is not None:
-                self.append(pair)
+        self.stats = Counts()
+        self.extend(iter_pairs(numbered(examples), tokenizer, max_seq_len, self.stats, preprocessing_fn, chat_template))
         if not self:
             raise DataError(f"no usable preference pairs ({self.stats})")
         log.warning("preference data: %s", self.stats)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of log p(label at t+1 | tokens up to t) over the labelled positions (labels are
+    aligned with the input ids, -100 ignored)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(targets.shape).sum(-1)
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: List[Dict[str, List[int]]], pad_token_id: int) -> torch.Tensor:
+    """[len(pairs), 2]: the model's log-probabilities of each pair's chosen and rejected reply, in eval mode."""
+    from llmfoundry_lite.data.collators import PreferenceCollator
+    batch = PreferenceCollator(pad_token_id, max(len(p["prompt"]) + len(p[s]) for p in pairs for s in SIDES),
+                               pad_to_longest=True)(pairs)
+    device = next(model.parameters()).device
+    ids, mask, labels = (batch[k].flatten(0, 1).to(device) for k in ("input_ids", "attention_mask", "labels"))
+    training = model.training
+    logits = model.eval()(input_ids=ids, attention_mask=mask).logits
+    model.train(training)
+    return sequence_logps(logits, labels).view(len(pairs), 2).cpu()
+
+
+def convert_preference(examples: Iterable[Tuple[str, Dict]], out_dir: str, tokenizer, max_seq_len: int,
+                       preprocessing_fn: Optional[str] = None, chat_template: Optional[str] = None,
+                       compression: Optional[str] = None, skip_bad_examples: bool = False,
+                       reference_model=None, batch_size: int = 8) -> Counts:
+    """Write the pairs of raw `(where, example)` rows as MDS (see the module docstring), with the
+    reference model's log-probabilities when `reference_model` is given; returns what was read, written
+    and dropped. The split appears only when all succeeded."""
+    from streaming import MDSWriter
+    stats = Counts()
+    columns = {side: "ndarray:int32" for side in ("prompt", *SIDES)}
+    if reference_model is not None:
+        columns["reference_logps"] = "ndarray:float32"
+    pairs = iter_pairs(examples, tokenizer, max_seq_len, stats, preprocessing_fn, chat_template, skip_bad_examples)
+    with publish_split(out_dir) as tmp, \
+            MDSWriter(out=tmp, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
+        batch: List[Dict[str, List[int]]] = []
+        for pair in tqdm(pairs, desc=os.path.basename(out_dir), unit=" pairs"):
+            batch.append(pair)
+            if len(batch) == batch_size:
+                _write_pairs(writer, batch, reference_model, tokenizer.pad_token_id)
+                stats.add("written", len(batch))
+                batch = []
+        if batch:
+            _write_pairs(writer, batch, reference_model, tokenizer.pad_token_id)
+            stats.add("written", len(batch))
+        if not stats.get("pairs"):
+            raise DataError(f"no preference pairs to convert for {out_dir}: the input is empty")
+        if not stats.get("written"):
+            raise DataError(f"no usable preference pairs for {out_dir}: {stats}")
+    return stats
+
+
+def _write_pairs(writer, pairs, reference_model, pad_token_id: int) -> None:
+    logps = pair_logps(reference_model, pairs, pad_token_id) if reference_model is not None else None
+    for i, pair in enumerate(pairs):
+        sample = {k: np.asarray(v, dtype=np.int32) for k, v in pair.items()}
+        if logps is not None:
+            sample["reference_logps"] = logps[i].numpy().astype(np.float32)
+        writer.write(sample)
+
+
+def streaming_preference_dataset(max_seq_len: int, **streaming_kwargs: Any):
+    """A `StreamingDataset` over MDS written by `data-prep preference`. Its `reference_logps` says whether
+    the shards carry the reference model's log-probabilities (all of them must, or none)."""
+    from streaming import StreamingDataset
+
+    class StreamingPreferenceDataset(StreamingDataset):
+        def __init__(self):
+            streaming_init(self, **streaming_kwargs)
+            kinds = {"reference_logps" in shard.column_names for shard in self.shards}
+            if len(kinds) > 1:
+                raise DataError("some preference shards carry reference_logps and others do not: prepare every "
+                                "stream with the same data-prep preference --reference_model (or none)")
+            self.reference_logps = kinds.pop()
+            missing = {"prompt", *SIDES} - set(self.shards[0].column_names)
+            if missing:
+                raise DataError(f"MDS shards of {self.shards[0].dirname} lack the columns {sorted(missing)} of "
+                                "preference pairs; write them with `llmfoundry-lite data-prep preference`")
+
+        def __getitem__(self, idx):
+            sample = super().__getitem__(idx)
+            pair = {k: sample[k].tolist() for k in ("prompt", *SIDES)}
+            fitted, status = fit_pair(pair, max_seq_len)
+            # a pair prepared for a longer max_seq_len: a reply that no longer fits, or stored
+            # log-probabilities of a prompt the loader would cut
+            if fitted is None or (self.reference_logps and status != "ok"):
+                raise DataError(f"a preference pair of {len(pair['prompt'])} prompt and up to "
+                                f"{max(len(pair[s]) for s in SIDES)} reply tokens does not fit the loader's "
+                                f"max_seq_len {max_seq_len}{' whole, as its reference_logps need' * self.reference_logps}"
+                                f": prepare the data with data-prep preference --max_seq_len {max_seq_len} (or raise "
+                                "the loader's max_seq_len)")
+            if self.reference_logps:
+                fitted["reference_logps"] = sample["reference_logps"].tolist()
+            return fitted
+
+    return StreamingPreferenceDataset()
+
+
+def open_reference_model(path: str):
+    """The model of an HF folder (ours, or one `convert` wrote) for `--reference_model`, in eval mode, in
+    fp32 on the GPU when there is one."""
+    from llmfoundry_lite.models import MPTForCausalLM
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise DataError(f"--reference_model {path}: not an HF model folder (no config.json); give the folder "
+                        "DPO starts from, e.g. an SFT run's hf_checkpointer folder or `llmfoundry-lite convert` output")
+    model = MPTForCausalLM.from_pretrained(path).float()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -16,7 +16,9 @@ pairs whose chosen reward is the larger; the margin is chosen's minus rejected's
 The reference model is the starting weights, frozen and in eval mode: for a LoRA model, the same model
 with its adapters disabled (peft's `disable_adapter()`; no second copy); otherwise a deep copy made
 here, kept outside the module tree (so it is neither trained, nor checkpointed, nor seen by the
-optimizer) and moved to the batch's device when needed.
+optimizer) and moved to the batch's device when needed. Pairs prepared with `data-prep preference
+--reference_model` carry the reference log-probabilities (`reference_logps`, [B, 2]); they are used as
+they are, and a run whose training pairs all carry them (`precomputed_reference`) keeps no frozen copy.
 """
 from __future__ import annotations
 
@@ -27,22 +29,15 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from llmfoundry_lite.data.preference import sequence_logps
+from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.export.lora import is_peft
-from llmfoundry_lite.models.mpt import IGNORE_INDEX
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
 
 # metric name -> key of the outputs it averages over pairs
 METRICS = {"DPOLoss": "losses", "RewardsChosen": "rewards_chosen", "RewardsRejected": "rewards_rejected",
            "RewardAccuracy": "reward_accuracy", "RewardMargin": "reward_margin",
            "LogpsChosen": "logps_chosen", "LogpsRejected": "logps_rejected"}
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the sum of log p(label at t+1 | tokens up to t) over the labelled positions (labels are
-    aligned with the input ids, -100 ignored)."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(targets.shape).sum(-1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
@@ -86,7 +81,7 @@ def pair_rows(x: torch.Tensor) -> torch.Tensor:
 class ComposerMPTDPO(ComposerMPTCausalLM):
     """The Composer model of `loss_fn: dpo`; `dpo` is the checked `model.dpo` section (or None: defaults)."""
 
-    def __init__(self, model, tokenizer=None, dpo=None):
+    def __init__(self, model, tokenizer=None, dpo=None, precomputed_reference: bool = False):
         super().__init__(model, tokenizer)
         self.beta = getattr(dpo, "beta", 0.1)
         self.label_smoothing = getattr(dpo, "label_smoothing", 0.0)
@@ -94,7 +89,8 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
         self.train_metrics = {name: PairMean(key) for name, key in METRICS.items()}
         self.val_metrics = {name: PairMean(key) for name, key in METRICS.items()}
         # a list hides the copy from the module tree (parameters, state dict, optimizer, FSDP)
-        self._frozen = [] if is_peft(model) else [copy.deepcopy(model).eval().requires_grad_(False)]
+        self._frozen = [] if is_peft(model) or precomputed_reference else [copy.deepcopy(model).eval().requires_grad_(False)]
+        self.live_reference = is_peft(model) or not precomputed_reference
 
     @contextlib.contextmanager
     def reference(self, device):
@@ -116,9 +112,16 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
     def forward(self, batch):
         ids, mask, labels = (pair_rows(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
         policy = sequence_logps(self.model(input_ids=ids, attention_mask=mask).logits, labels)
-        with torch.no_grad(), self.reference(ids.device) as ref:
-            reference = sequence_logps(ref(input_ids=ids, attention_mask=mask).logits, labels)
         n = ids.shape[0] // 2
+        if "reference_logps" in batch:
+            reference = batch["reference_logps"].to(policy.dtype).transpose(0, 1).reshape(-1)  # as pair_rows
+        elif self.live_reference:
+            with torch.no_grad(), self.reference(ids.device) as ref:
+                reference = sequence_logps(ref(input_ids=ids, attention_mask=mask).logits, labels)
+        else:
+            raise DataError("these preference pairs carry no reference_logps, and this run keeps no reference model "
+                            "(its training pairs carry them): prepare every loader's pairs with data-prep preference "
+                            "--reference_model")
         return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.label_smoothing,
                         self.variant)
 

@@ -18,7 +18,7 @@ import torch
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
-from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.export.composer_checkpoint import check_resumable
 from llmfoundry_lite.export.lora import is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
@@ -78,12 +78,14 @@ def fit(tc: TrainConfig):
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = tc.tokenizer.build()
     loss_fn = tc.model.kwargs.get("loss_fn", "torch_crossentropy")
+    device_batch = tc.global_train_batch_size // world_size
+    train_dataloader = build_dataloader(tc.train_loader, tokenizer, device_batch)
     inner = open_model(tc.model, tokenizer)[0]
-    model = (ComposerMPTDPO(inner, tokenizer, getattr(tc.model.config, "dpo", None)) if loss_fn == "dpo"
-             else ComposerMPTCausalLM(inner, tokenizer, loss_fn))
+    model = (ComposerMPTDPO(inner, tokenizer, getattr(tc.model.config, "dpo", None),
+                            precomputed_reference=getattr(train_dataloader.dataset, "reference_logps", False))
+             if loss_fn == "dpo" else ComposerMPTCausalLM(inner, tokenizer, loss_fn))
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
     prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None, seed=tc.seed)
-    device_batch = tc.global_train_batch_size // world_size
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder = _prepare_save_folder(tc, model)
     _log_parameters(model)
@@ -94,7 +96,7 @@ def fit(tc: TrainConfig):
     meta_under_fsdp = fsdp is not None and on_meta(model)
     with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
         trainer = Trainer(
-            model=model, train_dataloader=build_dataloader(tc.train_loader, tokenizer, device_batch),
+            model=model, train_dataloader=train_dataloader,
             eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],
@@ -145,6 +147,11 @@ def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
     evaluators = [Evaluator(label=label, dataloader=build_dataloader(section, tokenizer, eval_batch),
                             metric_names=list(model.val_metrics))
                   for label, section in labelled_loaders(tc.eval_loader)]
+    for e in evaluators:
+        if not (getattr(model, "live_reference", True) or getattr(e.dataloader.dataloader.dataset, "reference_logps", False)):
+            raise DataError(f"eval_loader {e.label}: its preference pairs carry no reference_logps, and this run "
+                              "keeps no reference model (its training pairs carry them): prepare the eval pairs with "
+                              "data-prep preference --reference_model too")
     if tc.icl_tasks is not None:
         from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
         add_icl_metrics(model)

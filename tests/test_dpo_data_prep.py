@@ -1,0 +1,120 @@
+"""`data-prep preference`: preference pairs -> tokenized MDS, counting what it read, wrote and dropped;
+with `--reference_model`, the reference model's log-probabilities stored in the shards. Training from
+those shards keeps no reference model, and its losses equal those of a run with the live reference;
+pairs that no longer fit, a folder that is no model and loaders that mix the two kinds are named."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from streaming import StreamingDataset
+from test_dpo import YAML, dpo_inputs, string_pairs, tok  # noqa: F401  (tok: the tokenizer fixture)
+
+from llmfoundry_lite.cli import main
+from llmfoundry_lite.data.preference import PreferenceDataset, pair_logps
+from llmfoundry_lite.errors import DataError
+from llmfoundry_lite.models import MPTForCausalLM
+
+from train_utils import read_losses
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def prep(*argv):
+    return main(["data-prep", "preference", *argv])
+
+
+def read_mds(folder):
+    ds = StreamingDataset(local=str(folder), batch_size=1)
+    return [ds[i] for i in range(ds.num_samples)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tok):  # noqa: F811
+    """A start model, JSONL pairs, and their MDS (train with reference log-probabilities, test without)."""
+    root = tmp_path_factory.mktemp("dpo_prep")
+    hf, data = dpo_inputs(tok, root, string_pairs(48), string_pairs(16, seed=1))
+    with open(data / "train.jsonl", "a") as f:  # three pairs to drop, one prompt to cut
+        f.write(json.dumps({"prompt": "Repeat red", "chosen": " red", "rejected": " red"}) + "\n")
+        f.write(json.dumps({"prompt": "", "chosen": " red", "rejected": " blue"}) + "\n")
+        f.write(json.dumps({"prompt": "Repeat red", "chosen": " red" * 40, "rejected": " blue"}) + "\n")
+        f.write(json.dumps({"prompt": "Say it again: " * 8 + "red", "chosen": " red", "rejected": " blue"}) + "\n")
+    tokenizer = os.fspath(hf)
+    for split, extra in (("train", ["--reference_model", os.fspath(hf), "--batch_size", "5"]), ("test", [])):
+        assert prep("--dataset", os.fspath(data / f"{split}.jsonl"), "--splits", split, "--out_root",
+                    os.fspath(root / "mds"), "--tokenizer", tokenizer, "--max_seq_len", "32", *extra) == 0
+    return hf, data, root / "mds"
+
+
+def test_shards_hold_the_tokenized_pairs_and_the_counts_are_printed(prepared, tok, capsys):  # noqa: F811
+    hf, data, mds = prepared
+    rows = [json.loads(line) for line in open(data / "train.jsonl")]
+    expected = PreferenceDataset(rows, tok, 32)
+    stored = read_mds(mds / "train")
+    assert len(stored) == len(expected) == 49   # 48 + the cut one
+    for s, e in zip(stored, expected, strict=True):
+        assert {k: s[k].tolist() for k in ("prompt", "chosen", "rejected")} == e
+    assert expected.stats == {"pairs": 52, "prompt truncated": 1, "dropped too long": 1,
+                              "dropped chosen equals rejected": 1, "dropped empty": 1}
+    assert "reference_logps" not in read_mds(mds / "test")[0]
+
+    prep("--dataset", os.fspath(data / "train.jsonl"), "--splits", "train", "--out_root", os.fspath(mds.parent / "again"),
+         "--tokenizer", os.fspath(hf), "--max_seq_len", "32")
+    out = capsys.readouterr().out
+    assert ("52 pairs, 1 prompt truncated, 1 dropped too long, 1 dropped chosen equals rejected, 1 dropped empty, "
+            "49 written") in out
+
+
+def test_stored_reference_logps_are_the_reference_models(prepared, tok):  # noqa: F811
+    hf, _, mds = prepared
+    stored = read_mds(mds / "train")
+    pairs = [{k: s[k].tolist() for k in ("prompt", "chosen", "rejected")} for s in stored]
+    live = torch.cat([pair_logps(MPTForCausalLM.from_pretrained(hf), [p], tok.pad_token_id) for p in pairs])
+    saved = torch.from_numpy(np.stack([s["reference_logps"] for s in stored]))
+    assert saved.dtype == torch.float32 and saved.shape == (49, 2)
+    assert torch.allclose(saved, live, atol=1e-5), (saved - live).abs().max()
+
+
+def test_precomputed_reference_trains_like_the_live_reference_without_a_copy(prepared, tmp_path):
+    """Full finetuning, 6 steps in the shards' order: the same losses within 1e-5, and no frozen copy."""
+    from llmfoundry_lite.train import train
+    hf, data, mds = prepared
+    rows = [json.loads(line) for line in open(data / "train.jsonl")]
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"variables.model_name_or_path={hf}", "model.peft_config=null", "max_seq_len=32", "max_duration=6ba",
+              "global_train_batch_size=8", "save_folder=null", "console_log_interval=100ba", "python_log_level=warning",
+              "train_loader.dataset.shuffle=false", "callbacks={}"]
+    runs = {}
+    for name, source in (("live", [f"variables.dpo_data={tmp_path / 'live'}"]),
+                         ("precomputed", ["train_loader.dataset.hf_name=null", f"train_loader.dataset.local={mds}",
+                                          "train_loader.dataset.split=train"])):
+        trainer = train(YAML, [*common, *source, f"loggers={{jsonl: {{path: {tmp_path / name}.jsonl}}}}"])
+        trainer.close()
+        runs[name] = trainer.state.model
+    live, pre = runs.values()
+    assert live._frozen and not pre._frozen and not pre.live_reference
+    a, b = ([loss for _, loss in read_losses(f"{tmp_path / name}.jsonl")] for name in runs)
+    assert len(a) == len(b) == 6 and a[0] == pytest.approx(np.log(2), abs=1e-5)
+    assert np.allclose(a, b, atol=1e-5), (a, b)
+
+
+def test_pairs_that_no_longer_fit_and_mixed_loaders_are_named(prepared, tmp_path, capsys):
+    from llmfoundry_lite.train import train
+    hf, data, mds = prepared
+    base = [f"variables.model_name_or_path={hf}", "model.peft_config=null", "max_duration=1ba", "save_folder=null",
+            "global_train_batch_size=8", "train_loader.dataset.hf_name=null", f"train_loader.dataset.local={mds}",
+            "train_loader.dataset.split=train", "python_log_level=warning", "callbacks={}"]
+    with pytest.raises(DataError, match="does not fit the loader's max_seq_len 8 whole, as its reference_logps need"):
+        train(YAML, [*base, "max_seq_len=8"]).close()
+    eval_loader = {"name": "preference", "dataset": {"hf_name": str(data), "split": "test", "max_seq_len": 32}}
+    with pytest.raises(DataError, match="eval_loader eval: its preference pairs carry no reference_logps"):
+        train(YAML, [*base, "max_seq_len=32", f"eval_loader={json.dumps(eval_loader)}"]).close()
+
+    assert main(["data-prep", "preference", "--dataset", os.fspath(data / "test.jsonl"), "--out_root",
+                 os.fspath(tmp_path / "x"), "--tokenizer", os.fspath(hf), "--max_seq_len", "32",
+                 "--reference_model", os.fspath(data)]) == 2
+    err = capsys.readouterr().err
+    assert "--reference_model" in err and "not an HF model folder" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x" / "train")
