@@ -118,3 +118,20 @@ def test_pairs_that_no_longer_fit_and_mixed_loaders_are_named(prepared, tmp_path
     err = capsys.readouterr().err
     assert "--reference_model" in err and "not an HF model folder" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x" / "train")
+
+
+def test_bad_rows_are_named_or_skipped_and_counted(prepared, tmp_path, capsys):
+    hf, _, _ = prepared
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Repeat red", "chosen": " red", "rejected": " blue"}) + "\n"
+                   + '{"prompt": "Repeat red", "chosen": \n'
+                   + json.dumps({"prompt": "Repeat red", "chosen": " red", "rejected": [{"role": "user"}]}) + "\n")
+    args = ["--dataset", os.fspath(bad), "--splits", "train", "--tokenizer", os.fspath(hf), "--max_seq_len", "32"]
+    assert prep(*args, "--out_root", os.fspath(tmp_path / "strict")) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "strict" / "train")       # nothing half-written
+    assert prep(*args, "--out_root", os.fspath(tmp_path / "lenient"), "--skip_bad_lines") == 0
+    out = capsys.readouterr().out
+    assert "2 pairs" in out and "1 skipped invalid" in out and "1 written" in out and "1 malformed" in out, out
+    assert len(read_mds(tmp_path / "lenient" / "train")) == 1
