@@ -8,8 +8,10 @@ finetuning example is (data/finetuning.py: chat rendered by the chat template, C
 closes the reply), and its labels are the last reply's tokens only.
 
 A pair longer than `max_seq_len` keeps the end of its prompt (cut from the left) so that the longer
-reply fits whole. Pairs that cannot (not one prompt token left), pairs whose replies are equal and
-pairs with an empty prompt or reply are dropped; each is counted in `stats`, and so are truncations.
+reply fits whole; a pair to be packed (`packed`: both sides in one row of `max_seq_len`, see
+data/collators.py) so that both sides fit together (`pair_length`). Pairs that cannot (not one prompt
+token left), pairs whose replies are equal and pairs with an empty prompt or reply are dropped; each
+is counted in `stats`, and so are truncations.
 """
 from __future__ import annotations
 
@@ -57,10 +59,10 @@ def pair_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = Non
     return tuple(sides)
 
 
-def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int
+def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int, packed: bool = False
                ) -> Tuple[Optional[Dict[str, List[int]]], str]:
     """(pair, status): pair is `{prompt, chosen, rejected}` token ids (the replies closed by EOS), status
-    ok or one of COUNTED (pair None when dropped)."""
+    ok or one of COUNTED (pair None when dropped). `packed`: fit both sides into `max_seq_len` together."""
     (*_, (_, chosen_text)), (*_, (_, rejected_text)) = turns
     if chosen_text == rejected_text:
         return None, "dropped chosen equals rejected"
@@ -75,12 +77,18 @@ def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int
         raise DataError("chosen and rejected tokenize to different prompts; the chat template must render the "
                         "shared messages the same way on both sides")
     prompt, status = prompts[0], "ok"
-    room = max_seq_len - max(map(len, replies))
+    # the prompt comes once per side: packed, both sides share the row
+    room = (max_seq_len - sum(map(len, replies))) // 2 if packed else max_seq_len - max(map(len, replies))
     if room < 1:
         return None, "dropped too long"
     if len(prompt) > room:
         prompt, status = prompt[-room:], "prompt truncated"
     return {"prompt": prompt, "chosen": replies[0], "rejected": replies[1]}, status
+
+
+def pair_length(pair: Dict[str, List[int]]) -> int:
+    """The tokens of both sides of a pair, what it takes in a packed row."""
+    return 2 * len(pair["prompt"]) + len(pair["chosen"]) + len(pair["rejected"])
 
 
 def side_example(pair: Dict[str, List[int]], side: str) -> Dict[str, List[int]]:
@@ -92,14 +100,14 @@ class PreferenceDataset(list):
     """Map-style dataset of tokenized pairs (see `build_pair`), built eagerly from raw rows, and `stats`."""
 
     def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, packed: bool = False):
         pre = get_preprocessor(preprocessing_fn)
         self.stats = Counts(dict.fromkeys(("pairs", *COUNTED), 0))
         for where, raw in numbered(examples):
             self.stats["pairs"] += 1
             turns = example_turns(where, raw, pre, tokenizer, chat_template, parse=pair_turns)
             try:
-                pair, status = build_pair(turns, tokenizer, max_seq_len)
+                pair, status = build_pair(turns, tokenizer, max_seq_len, packed)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
             if status != "ok":
