@@ -12,7 +12,7 @@ from streaming import StreamingDataset
 from test_dpo import YAML, dpo_inputs, string_pairs, tok  # noqa: F401  (tok: the tokenizer fixture)
 
 from llmfoundry_lite.cli import main
-from llmfoundry_lite.data.preference import PreferenceDataset, pair_logps
+from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.models import MPTForCausalLM
 
@@ -70,14 +70,16 @@ def test_stored_reference_logps_are_the_reference_models(prepared, tok):  # noqa
     hf, _, mds = prepared
     stored = read_mds(mds / "train")
     pairs = [{k: s[k].tolist() for k in ("prompt", "chosen", "rejected")} for s in stored]
-    live = torch.cat([pair_logps(MPTForCausalLM.from_pretrained(hf), [p], tok.pad_token_id) for p in pairs])
+    live = torch.cat([score_pairs(MPTForCausalLM.from_pretrained(hf), [p], tok.pad_token_id) for p in pairs])
     saved = torch.from_numpy(np.stack([s["reference_logps"] for s in stored]))
     assert saved.dtype == torch.float32 and saved.shape == (49, 2)
     assert torch.allclose(saved, live, atol=1e-5), (saved - live).abs().max()
 
 
-def test_precomputed_reference_trains_like_the_live_reference_without_a_copy(prepared, tmp_path):
-    """Full finetuning, 6 steps in the shards' order: the same losses within 1e-5, and no frozen copy."""
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_precomputed_reference_trains_like_the_live_reference_without_a_copy(prepared, tmp_path, packed):
+    """Full finetuning, 6 steps in the shards' order: the same losses within 1e-5, and no frozen copy.
+    Packed: 4 rows of 8 pairs per batch, from shards prepared with --packed (prompts cut to fit a row)."""
     from llmfoundry_lite.train import train
     hf, data, mds = prepared
     rows = [json.loads(line) for line in open(data / "train.jsonl")]
@@ -86,6 +88,13 @@ def test_precomputed_reference_trains_like_the_live_reference_without_a_copy(pre
     common = [f"variables.model_name_or_path={hf}", "model.peft_config=null", "max_seq_len=32", "max_duration=6ba",
               "global_train_batch_size=8", "save_folder=null", "console_log_interval=100ba", "python_log_level=warning",
               "train_loader.dataset.shuffle=false", "callbacks={}"]
+    if packed:
+        mds = tmp_path / "mds"
+        assert prep("--dataset", os.fspath(data / "train.jsonl"), "--splits", "train", "--out_root", os.fspath(mds),
+                    "--tokenizer", os.fspath(hf), "--max_seq_len", "32", "--reference_model", os.fspath(hf),
+                    "--packed") == 0
+        common += ["train_loader.dataset.packing_ratio=2", "global_train_batch_size=4",
+                   "model.config_overrides={attn_config: {attn_uses_sequence_id: true}}"]
     runs = {}
     for name, source in (("live", [f"variables.dpo_data={tmp_path / 'live'}"]),
                          ("precomputed", ["train_loader.dataset.hf_name=null", f"train_loader.dataset.local={mds}",
@@ -106,7 +115,7 @@ def test_pairs_that_no_longer_fit_and_mixed_loaders_are_named(prepared, tmp_path
     base = [f"variables.model_name_or_path={hf}", "model.peft_config=null", "max_duration=1ba", "save_folder=null",
             "global_train_batch_size=8", "train_loader.dataset.hf_name=null", f"train_loader.dataset.local={mds}",
             "train_loader.dataset.split=train", "python_log_level=warning", "callbacks={}"]
-    with pytest.raises(DataError, match="does not fit the loader's max_seq_len 8 whole, as its reference_logps need"):
+    with pytest.raises(DataError, match="does not fit the loader.s max_seq_len 8 whole, as its reference_logps need"):
         train(YAML, [*base, "max_seq_len=8"]).close()
     eval_loader = {"name": "preference", "dataset": {"hf_name": str(data), "split": "test", "max_seq_len": 32}}
     with pytest.raises(DataError, match="eval_loader eval: its preference pairs carry no reference_logps"):

@@ -8,6 +8,7 @@
                          [--preprocessor dolly|alpaca|module:function] [--tokenizer T --max_seq_len N]
     data-prep preference --dataset NAME_OR_FILE [--data_files ...] --splits train --out_root DIR
                          --tokenizer T --max_seq_len N [--preprocessor hh_rlhf] [--reference_model HF_FOLDER]
+                         [--packed]
 
 [tokens] is `--concat_tokens N --tokenizer T [--bos_text ...] [--eos_text ...] [--no_wrap]`; without
 it the shards hold raw `text`. `data_prep/*.py` are the same commands under llm-foundry's script names.
@@ -123,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--reference_model", default=None,
                    help="HF folder of the model DPO starts from: store its log-probabilities of each reply "
                         "(training then runs without a reference model)")
+    p.add_argument("--packed", action="store_true",
+                   help="cut prompts so that both sides of a pair fit one row together (for packing_ratio)")
     p.add_argument("--batch_size", type=int, default=8, help="pairs per reference-model forward")
     p.add_argument("--skip_bad_lines", action="store_true",
                    help="skip and count malformed JSONL lines (local files) and invalid pairs")
@@ -226,5 +229,5 @@ def _preference(args: argparse.Namespace) -> None:
     reference = open_reference_model(args.reference_model) if args.reference_model else None
     for out, pairs, skipped in sources:
         stats = convert_preference(pairs, out, tokenizer, args.max_seq_len, args.preprocessor, args.chat_template,
-                                   args.compression, args.skip_bad_lines, reference, args.batch_size)
+                                   args.compression, args.skip_bad_lines, reference, args.batch_size, args.packed)
         print(f"{out}: {Counts({**stats, **skipped})}")

@@ -94,6 +94,10 @@ class TextDatasetConfig(StreamingOptions):
     eos_token_id: Optional[int] = None  # emit `sequence_id`: EOS ends a document inside a row
 
 
+# examples (pairs) drawn per packed row: a number, or `auto` (the most that packs without dropping any)
+PackingRatio = Union[Annotated[float, rule(lambda v: v >= 1, "must be >= 1 (or 'auto')")], Literal["auto"]]
+
+
 @dataclass(kw_only=True)
 class ExamplesConfig(StreamingOptions):
     """What the finetuning and preference datasets share: raw rows from `hf_name` (a hub name or a local
@@ -104,7 +108,9 @@ class ExamplesConfig(StreamingOptions):
     hf_kwargs: Dict[str, Any] = field(default_factory=dict)
     preprocessing_fn: Optional[str] = None
     chat_template: Optional[str] = None
-    allow_pad_trimming: bool = False  # pad to the longest sequence of the batch instead of max_seq_len
+    packing_ratio: Optional[PackingRatio] = None  # pack several examples (pairs) per row
+    max_leftover_bins_to_keep: Optional[int] = None
+    allow_pad_trimming: bool = False  # unpacked: pad to the longest sequence of the batch, not max_seq_len
     # only decoder-only (MPT) models are supported
     decoder_only_format: Annotated[bool, rule(bool, "only decoder-only (MPT) models; set it to true")] = True
 
@@ -121,9 +127,6 @@ class ExamplesConfig(StreamingOptions):
 class FinetuningDatasetConfig(ExamplesConfig):
     target_prompts: str = "none"
     target_responses: Literal["last", "all"] = "last"
-    packing_ratio: Optional[Union[Annotated[float, rule(lambda v: v >= 1, "must be >= 1 (or 'auto')")],
-                                  Literal["auto"]]] = None
-    max_leftover_bins_to_keep: Optional[int] = None
 
     @cross("target_prompts")
     def _known_target_prompts(self, path: str):
@@ -243,29 +246,43 @@ def _build_finetuning(loader: FinetuningLoader, tokenizer, batch_size: int):
     if cfg.packing_ratio is None:
         collate = collators.FinetuningCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.allow_pad_trimming)
         return dataset, collate, batch_size, sampler
-    ratio = cfg.packing_ratio
-    if ratio == "auto":
-        lengths = [len(dataset[i]["input_ids"]) for i in range(min(len(dataset), 4096))]
-        ratio = collators.auto_packing_ratio(lengths, cfg.max_seq_len, batch_size, cfg.shuffle_seed)
     collate = collators.PackingCollator(tokenizer.pad_token_id, cfg.max_seq_len, batch_size,
                                         cfg.max_leftover_bins_to_keep)
-    return dataset, collate, max(batch_size, int(batch_size * ratio)), sampler
+    return dataset, collate, _packed_batch(cfg, dataset, collate, batch_size), sampler
 
 
 @dataloaders.register("preference", config=PreferenceLoader)
 def _build_preference(loader: PreferenceLoader, tokenizer, batch_size: int):
-    """Batches of `batch_size` pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`); not packed yet."""
+    """Batches of `batch_size` pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`), or with
+    `packing_ratio`, `batch_size` rows of packed pairs (`PreferencePackingCollator`)."""
     cfg = loader.dataset
     from llmfoundry_lite.data import collators, finetuning, preference
+    packed = cfg.packing_ratio is not None
     if cfg.hf_name:
         raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
-        dataset = preference.PreferenceDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn, cfg.chat_template)
+        dataset = preference.PreferenceDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn, cfg.chat_template,
+                                               packed)
         sampler = map_sampler(dataset, cfg.shuffle, cfg.shuffle_seed)
     else:
-        dataset = preference.streaming_preference_dataset(cfg.max_seq_len, **cfg.streaming_kwargs(batch_size))
+        dataset = preference.streaming_preference_dataset(cfg.max_seq_len, packed, **cfg.streaming_kwargs(batch_size))
         sampler = None
-    collate = collators.PreferenceCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.allow_pad_trimming)
-    return dataset, collate, batch_size, sampler
+    if not packed:
+        return dataset, collators.PreferenceCollator(tokenizer.pad_token_id, cfg.max_seq_len,
+                                                     cfg.allow_pad_trimming), batch_size, sampler
+    collate = collators.PreferencePackingCollator(tokenizer.pad_token_id, cfg.max_seq_len, batch_size,
+                                                  cfg.max_leftover_bins_to_keep)
+    return dataset, collate, _packed_batch(cfg, dataset, collate, batch_size), sampler
+
+
+def _packed_batch(cfg, dataset, collate, rows: int) -> int:
+    """How many examples (pairs) a batch of `rows` packed rows draws: `packing_ratio` times the rows; `auto`:
+    the largest ratio at which the first 4096 examples' packed lengths pack without piling up leftovers."""
+    from llmfoundry_lite.data.collators import auto_packing_ratio
+    ratio = cfg.packing_ratio
+    if ratio == "auto":
+        lengths = [collate.length(collate.item(dataset[i])) for i in range(min(len(dataset), 4096))]
+        ratio = auto_packing_ratio(lengths, cfg.max_seq_len, rows, cfg.shuffle_seed)
+    return max(rows, int(rows * ratio))
 
 
 def map_sampler(dataset, shuffle: bool, seed: int):

@@ -8,12 +8,14 @@ finetuning example is (data/finetuning.py: chat rendered by the chat template, C
 closes the reply), and its labels are the last reply's tokens only.
 
 A pair longer than `max_seq_len` keeps the end of its prompt (cut from the left) so that the longer
-reply fits whole. Pairs that cannot (not one prompt token left), pairs whose replies are equal and
-pairs with an empty prompt or reply are dropped; each is counted in `stats`, and so are truncations.
+reply fits whole; a pair to be packed (`packed`: both sides in one row of `max_seq_len`, see
+data/collators.py) so that both sides fit together (`pair_length`). Pairs that cannot (not one prompt
+token left), pairs whose replies are equal and pairs with an empty prompt or reply are dropped; each
+is counted in `stats`, and so are truncations.
 
 `data-prep preference` (`convert_preference`) writes the tokenized pairs as MDS: columns `prompt`,
 `chosen`, `rejected` (int32 ids), and, with `--reference_model`, `reference_logps` (float32
-`[chosen, rejected]`: the reference model's log-probabilities of the two replies, `sequence_logps`),
+`[chosen, rejected]`: the reference model's log-probabilities of the two replies, `score_pairs`),
 so that DPO needs no reference model in training. `streaming_preference_dataset` reads them back.
 """
 from __future__ import annotations
@@ -69,10 +71,10 @@ def pair_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = Non
     return tuple(sides)
 
 
-def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int
+def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int, packed: bool = False
                ) -> Tuple[Optional[Dict[str, List[int]]], str]:
     """(pair, status): pair is `{prompt, chosen, rejected}` token ids (the replies closed by EOS), status
-    ok or one of COUNTED (pair None when dropped)."""
+    ok or one of COUNTED (pair None when dropped). `packed`: fit both sides into `max_seq_len` together."""
     (*_, (_, chosen_text)), (*_, (_, rejected_text)) = turns
     if chosen_text == rejected_text:
         return None, "dropped chosen equals rejected"
@@ -86,12 +88,15 @@ def build_pair(turns: Tuple[List[Turn], List[Turn]], tokenizer, max_seq_len: int
     if prompts[0] != prompts[1]:
         raise DataError("chosen and rejected tokenize to different prompts; the chat template must render the "
                         "shared messages the same way on both sides")
-    return fit_pair({"prompt": prompts[0], "chosen": replies[0], "rejected": replies[1]}, max_seq_len)
+    return fit_pair({"prompt": prompts[0], "chosen": replies[0], "rejected": replies[1]}, max_seq_len, packed)
 
 
-def fit_pair(pair: Dict[str, Any], max_seq_len: int) -> Tuple[Optional[Dict[str, Any]], str]:
-    """(pair, status) with the prompt cut from the left so that the longer reply fits whole in max_seq_len."""
-    room = max_seq_len - max(len(pair["chosen"]), len(pair["rejected"]))
+def fit_pair(pair: Dict[str, Any], max_seq_len: int, packed: bool = False) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(pair, status) with the prompt cut from the left so that the longer reply fits whole in max_seq_len,
+    or (`packed`) both sides fit one row together."""
+    # the prompt comes once per side: packed, both sides share the row
+    replies = [len(pair[s]) for s in SIDES]
+    room = (max_seq_len - sum(replies)) // 2 if packed else max_seq_len - max(replies)
     if room < 1:
         return None, "dropped too long"
     if len(pair["prompt"]) > room:
@@ -101,9 +106,10 @@ def fit_pair(pair: Dict[str, Any], max_seq_len: int) -> Tuple[Optional[Dict[str,
 
 def iter_pairs(examples: Iterable[Tuple[str, Dict]], tokenizer, max_seq_len: int, stats: Counts,
                preprocessing_fn: Optional[str] = None, chat_template: Optional[str] = None,
-               skip_bad_examples: bool = False) -> Iterator[Dict[str, List[int]]]:
-    """The tokenized pairs of raw `(where, example)` rows, counting in `stats` what is read, cut or dropped
-    (an invalid row is a DataError naming it, or skipped and counted with `skip_bad_examples`)."""
+               skip_bad_examples: bool = False, packed: bool = False) -> Iterator[Dict[str, List[int]]]:
+    """The tokenized pairs of raw `(where, example)` rows (see `build_pair`), counting in `stats` what is
+    read, cut or dropped (an invalid row is a DataError naming it, or skipped and counted with
+    `skip_bad_examples`)."""
     pre = get_preprocessor(preprocessing_fn)
     for key in ("pairs", *COUNTED):
         stats.setdefault(key, 0)
@@ -112,7 +118,7 @@ def iter_pairs(examples: Iterable[Tuple[str, Dict]], tokenizer, max_seq_len: int
         try:
             turns = example_turns(where, raw, pre, tokenizer, chat_template, parse=pair_turns)
             try:
-                pair, status = build_pair(turns, tokenizer, max_seq_len)
+                pair, status = build_pair(turns, tokenizer, max_seq_len, packed)
             except DataError as e:
                 raise DataError(f"{where}: {e}") from None
         except DataError:
@@ -126,6 +132,11 @@ def iter_pairs(examples: Iterable[Tuple[str, Dict]], tokenizer, max_seq_len: int
             yield pair
 
 
+def pair_length(pair: Dict[str, List[int]]) -> int:
+    """The tokens of both sides of a pair, what it takes in a packed row."""
+    return 2 * len(pair["prompt"]) + len(pair["chosen"]) + len(pair["rejected"])
+
+
 def side_example(pair: Dict[str, List[int]], side: str) -> Dict[str, List[int]]:
     """One side of a pair as a finetuning example: labels on the reply only."""
     return {"input_ids": pair["prompt"] + pair[side], "labels": [IGNORE_INDEX] * len(pair["prompt"]) + pair[side]}
@@ -136,24 +147,30 @@ class PreferenceDataset(list):
     reference_logps = False  # pairs carry no precomputed reference log-probabilities
 
     def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, packed: bool = False):
         self.stats = Counts()
-        self.extend(iter_pairs(numbered(examples), tokenizer, max_seq_len, self.stats, preprocessing_fn, chat_template))
+        self.extend(iter_pairs(numbered(examples), tokenizer, max_seq_len, self.stats, preprocessing_fn, chat_template,
+                               packed=packed))
         if not self:
             raise DataError(f"no usable preference pairs ({self.stats})")
         log.warning("preference data: %s", self.stats)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the sum of log p(label at t+1 | tokens up to t) over the labelled positions (labels are
-    aligned with the input ids, -100 ignored)."""
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N, L]: log p(label at t+1 | tokens up to t) at position t, 0 where that label is -100 (labels are
+    aligned with the input ids)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(targets.shape).sum(-1)
+    return -nll.view(targets.shape)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of the labelled positions' log-probs (`token_logps`)."""
+    return token_logps(logits, labels).sum(-1)
 
 
 @torch.no_grad()
-def pair_logps(model, pairs: List[Dict[str, List[int]]], pad_token_id: int) -> torch.Tensor:
+def score_pairs(model, pairs: List[Dict[str, List[int]]], pad_token_id: int) -> torch.Tensor:
     """[len(pairs), 2]: the model's log-probabilities of each pair's chosen and rejected reply, in eval mode."""
     from llmfoundry_lite.data.collators import PreferenceCollator
     batch = PreferenceCollator(pad_token_id, max(len(p["prompt"]) + len(p[s]) for p in pairs for s in SIDES),
@@ -169,16 +186,18 @@ def pair_logps(model, pairs: List[Dict[str, List[int]]], pad_token_id: int) -> t
 def convert_preference(examples: Iterable[Tuple[str, Dict]], out_dir: str, tokenizer, max_seq_len: int,
                        preprocessing_fn: Optional[str] = None, chat_template: Optional[str] = None,
                        compression: Optional[str] = None, skip_bad_examples: bool = False,
-                       reference_model=None, batch_size: int = 8) -> Counts:
+                       reference_model=None, batch_size: int = 8, packed: bool = False) -> Counts:
     """Write the pairs of raw `(where, example)` rows as MDS (see the module docstring), with the
     reference model's log-probabilities when `reference_model` is given; returns what was read, written
-    and dropped. The split appears only when all succeeded."""
+    and dropped (`packed`: prompts cut so that both sides fit one row). The split appears only when all
+    succeeded."""
     from streaming import MDSWriter
     stats = Counts()
     columns = {side: "ndarray:int32" for side in ("prompt", *SIDES)}
     if reference_model is not None:
         columns["reference_logps"] = "ndarray:float32"
-    pairs = iter_pairs(examples, tokenizer, max_seq_len, stats, preprocessing_fn, chat_template, skip_bad_examples)
+    pairs = iter_pairs(examples, tokenizer, max_seq_len, stats, preprocessing_fn, chat_template, skip_bad_examples,
+                       packed)
     with publish_split(out_dir) as tmp, \
             MDSWriter(out=tmp, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
         batch: List[Dict[str, List[int]]] = []
@@ -199,7 +218,7 @@ def convert_preference(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
 
 
 def _write_pairs(writer, pairs, reference_model, pad_token_id: int) -> None:
-    logps = pair_logps(reference_model, pairs, pad_token_id) if reference_model is not None else None
+    logps = score_pairs(reference_model, pairs, pad_token_id) if reference_model is not None else None
     for i, pair in enumerate(pairs):
         sample = {k: np.asarray(v, dtype=np.int32) for k, v in pair.items()}
         if logps is not None:
@@ -207,7 +226,7 @@ def _write_pairs(writer, pairs, reference_model, pad_token_id: int) -> None:
         writer.write(sample)
 
 
-def streaming_preference_dataset(max_seq_len: int, **streaming_kwargs: Any):
+def streaming_preference_dataset(max_seq_len: int, packed: bool = False, **streaming_kwargs: Any):
     """A `StreamingDataset` over MDS written by `data-prep preference`. Its `reference_logps` says whether
     the shards carry the reference model's log-probabilities (all of them must, or none)."""
     from streaming import StreamingDataset
@@ -228,15 +247,16 @@ def streaming_preference_dataset(max_seq_len: int, **streaming_kwargs: Any):
         def __getitem__(self, idx):
             sample = super().__getitem__(idx)
             pair = {k: sample[k].tolist() for k in ("prompt", *SIDES)}
-            fitted, status = fit_pair(pair, max_seq_len)
+            fitted, status = fit_pair(pair, max_seq_len, packed)
             # a pair prepared for a longer max_seq_len: a reply that no longer fits, or stored
             # log-probabilities of a prompt the loader would cut
             if fitted is None or (self.reference_logps and status != "ok"):
-                raise DataError(f"a preference pair of {len(pair['prompt'])} prompt and up to "
-                                f"{max(len(pair[s]) for s in SIDES)} reply tokens does not fit the loader's "
-                                f"max_seq_len {max_seq_len}{' whole, as its reference_logps need' * self.reference_logps}"
-                                f": prepare the data with data-prep preference --max_seq_len {max_seq_len} (or raise "
-                                "the loader's max_seq_len)")
+                raise DataError(f"a preference pair of {len(pair['prompt'])} prompt and "
+                                f"{'+'.join(str(len(pair[s])) for s in SIDES)} reply tokens does not fit the loader's "
+                                f"max_seq_len {max_seq_len}{' packed' * packed}"
+                                f"{' whole, as its reference_logps need' * self.reference_logps}: prepare the data "
+                                f"with data-prep preference --max_seq_len {max_seq_len}{' --packed' * packed} (or "
+                                "raise the loader's max_seq_len)")
             if self.reference_logps:
                 fitted["reference_logps"] = sample["reference_logps"].tolist()
             return fitted

@@ -1,7 +1,14 @@
 """`loss_fn: dpo`: Direct Preference Optimization as a loss of the Composer model (no separate trainer).
 
 Batches are preference pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`: side 0 chosen, side
-1 rejected, labels on the reply only). A sequence's log-probability is the sum over its reply tokens.
+1 rejected, labels on the reply only), or packed (`PreferencePackingCollator`, `packing_ratio`): rows
+`[R, L]` of several pairs, both sides of a pair in one row as sequences 2j (chosen) and 2j+1 (rejected)
+of `sequence_id`, and `pair_mask` `[R, P]`. A packed batch needs a model that attends by sequence_id
+(`attn_config.attn_uses_sequence_id`, checked with the config) so that no sequence sees another.
+A sequence's log-probability is the sum over its reply tokens (a packed row's per-token log-probs
+summed per sequence_id). Composer weights a microbatch's loss (its mean over its pairs) by its share
+of the rows, so with several microbatches of packed rows, a pair of a microbatch with more pairs per
+row counts for less than in the mean over the whole batch.
 With the policy's (pi) and the reference model's (ref) log-probabilities of chosen (c) and rejected (r),
 h = (pi_c - pi_r) - (ref_c - ref_r), and `model.dpo`'s beta and label_smoothing (eps):
 
@@ -17,7 +24,7 @@ The reference model is the starting weights, frozen and in eval mode: for a LoRA
 with its adapters disabled (peft's `disable_adapter()`; no second copy); otherwise a deep copy made
 here, kept outside the module tree (so it is neither trained, nor checkpointed, nor seen by the
 optimizer) and moved to the batch's device when needed. Pairs prepared with `data-prep preference
---reference_model` carry the reference log-probabilities (`reference_logps`, [B, 2]); they are used as
+--reference_model` carry the reference log-probabilities (`reference_logps`: [B, 2], packed [R, P, 2]); they are used as
 they are, and a run whose training pairs all carry them (`precomputed_reference`) keeps no frozen copy.
 """
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from llmfoundry_lite.data.preference import sequence_logps
+from llmfoundry_lite.data.preference import sequence_logps, token_logps
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.export.lora import is_peft
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
@@ -38,6 +45,36 @@ from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
 METRICS = {"DPOLoss": "losses", "RewardsChosen": "rewards_chosen", "RewardsRejected": "rewards_rejected",
            "RewardAccuracy": "reward_accuracy", "RewardMargin": "reward_margin",
            "LogpsChosen": "logps_chosen", "LogpsRejected": "logps_rejected"}
+
+
+def segment_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_id: torch.Tensor, segments: int
+                  ) -> torch.Tensor:
+    """[N, segments]: per row, the sum of the labelled positions' log-probs of each sequence_id 0..segments-1
+    (a position counts for the sequence of the label it predicts; padding, -1, for none)."""
+    logps = token_logps(logits, labels)
+    seq = F.pad(sequence_id[:, 1:], (0, 1), value=-1)
+    out = torch.zeros(logps.shape[0], segments, dtype=logps.dtype, device=logps.device)
+    return out.scatter_add(1, seq.clamp(min=0), logps.masked_fill(seq < 0, 0))
+
+
+def pair_logps(logits: torch.Tensor, batch) -> tuple:
+    """(chosen, rejected): one log-probability per pair of the batch whose model inputs (`model_inputs`) gave
+    `logits`; packed pairs in row order."""
+    if "pair_mask" in batch:
+        mask = batch["pair_mask"]
+        per_sequence = segment_logps(logits, batch["labels"], batch["sequence_id"], 2 * mask.shape[1])
+        return per_sequence[:, 0::2][mask], per_sequence[:, 1::2][mask]
+    logps = sequence_logps(logits, pair_rows(batch["labels"]))
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+def model_inputs(batch) -> dict:
+    """The model's keyword inputs for a batch of pairs: packed rows as they are (with sequence_id), or the
+    `[B, 2, L]` layout as 2B rows (`pair_rows`)."""
+    if "pair_mask" in batch:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "sequence_id")}
+    return {k: pair_rows(batch[k]) for k in ("input_ids", "attention_mask")}
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
@@ -110,20 +147,20 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
             self.model.train(training)
 
     def forward(self, batch):
-        ids, mask, labels = (pair_rows(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
-        policy = sequence_logps(self.model(input_ids=ids, attention_mask=mask).logits, labels)
-        n = ids.shape[0] // 2
-        if "reference_logps" in batch:
-            reference = batch["reference_logps"].to(policy.dtype).transpose(0, 1).reshape(-1)  # as pair_rows
+        inputs = model_inputs(batch)
+        policy = pair_logps(self.model(**inputs).logits, batch)
+        if "reference_logps" in batch:  # [B, 2], or packed [R, P, 2]
+            stored = batch["reference_logps"]
+            stored = stored[batch["pair_mask"]] if "pair_mask" in batch else stored
+            reference = stored[:, 0], stored[:, 1]
         elif self.live_reference:
-            with torch.no_grad(), self.reference(ids.device) as ref:
-                reference = sequence_logps(ref(input_ids=ids, attention_mask=mask).logits, labels)
+            with torch.no_grad(), self.reference(inputs["input_ids"].device) as ref:
+                reference = pair_logps(ref(**inputs).logits, batch)
         else:
             raise DataError("these preference pairs carry no reference_logps, and this run keeps no reference model "
                             "(its training pairs carry them): prepare every loader's pairs with data-prep preference "
                             "--reference_model")
-        return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.label_smoothing,
-                        self.variant)
+        return dpo_loss(*policy, *reference, self.beta, self.label_smoothing, self.variant)
 
     def loss(self, outputs, batch):
         return outputs["loss"]

@@ -18,15 +18,15 @@ import torch
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
-from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.errors import ConfigError, DataError, UserError
 from llmfoundry_lite.export.composer_checkpoint import check_resumable
-from llmfoundry_lite.export.lora import is_peft, param_counts
+from llmfoundry_lite.export.lora import base_model, is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
 from llmfoundry_lite.train.dpo import ComposerMPTDPO
 from llmfoundry_lite.train.parallel import on_meta
-from llmfoundry_lite.train.schema import TrainConfig, check_train_config
+from llmfoundry_lite.train.schema import TrainConfig, check_train_config, sequence_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ def fit(tc: TrainConfig):
     tokenizer = tc.tokenizer.build()
     loss_fn = tc.model.kwargs.get("loss_fn", "torch_crossentropy")
     device_batch = tc.global_train_batch_size // world_size
-    train_dataloader = build_dataloader(tc.train_loader, tokenizer, device_batch)
     inner = open_model(tc.model, tokenizer)[0]
+    _check_packed_pairs(tc, inner)
+    train_dataloader = build_dataloader(tc.train_loader, tokenizer, device_batch)
     model = (ComposerMPTDPO(inner, tokenizer, getattr(tc.model.config, "dpo", None),
                             precomputed_reference=getattr(train_dataloader.dataset, "reference_logps", False))
              if loss_fn == "dpo" else ComposerMPTCausalLM(inner, tokenizer, loss_fn))
@@ -122,6 +123,17 @@ def fit(tc: TrainConfig):
         raise
     _raise_if_stopped(trainer, save_folder)
     return trainer
+
+
+def _check_packed_pairs(tc: TrainConfig, model) -> None:
+    """Packed preference pairs need a model that attends by sequence_id: the config check saw what the YAML
+    says; here the model's own config (an HF folder's) decides."""
+    packed = tc.packed_pair_loaders()
+    config = base_model(model).config
+    if packed and not getattr(config, "attn_config", {}).get("attn_uses_sequence_id"):
+        folder = tc.model.kwargs.get("pretrained_model_name_or_path")
+        source = f" (the config of {folder} has it false)" if folder else ""
+        raise ConfigError([sequence_id_problem(tc.model.name, packed[0], source)], "invalid training config")
 
 
 def _log_parameters(model) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join, parse
@@ -96,17 +96,26 @@ class TrainConfig:
         if self.train_loader.config.label is not None:
             return "train_loader.label: only eval loaders take a label; remove it"
 
-    @cross("model", "train_loader", "eval_loader", "icl_tasks", "fsdp_config", "load_path")
-    def _dpo_data(self, path):
-        """`loss_fn: dpo` and the `preference` loader go together (train/dpo.py)."""
-        dpo = self.model.kwargs.get("loss_fn") == "dpo"
-        problems = []
+    def loaders(self) -> List[Tuple[str, Any]]:
+        """[(key path, loader section)] of the train loader and every eval loader."""
         loaders = [("train_loader", self.train_loader)]
         if isinstance(self.eval_loader, list):
             loaders += [(f"eval_loader[{i}]", s) for i, s in enumerate(self.eval_loader)]
         elif self.eval_loader is not None:
             loaders.append(("eval_loader", self.eval_loader))
-        for where, section in loaders:
+        return loaders
+
+    def packed_pair_loaders(self) -> List[str]:
+        """The key paths of the loaders that pack preference pairs (`dataset.packing_ratio`)."""
+        return [where for where, s in self.loaders()
+                if s.name == "preference" and s.config.dataset.packing_ratio is not None]
+
+    @cross("model", "train_loader", "eval_loader", "icl_tasks", "fsdp_config", "load_path")
+    def _dpo_data(self, path):
+        """`loss_fn: dpo` and the `preference` loader go together (train/dpo.py)."""
+        dpo = self.model.kwargs.get("loss_fn") == "dpo"
+        problems = []
+        for where, section in self.loaders():
             if dpo and section.name != "preference":
                 problems.append(f"{where}.name: model.loss_fn dpo trains and evaluates on preference pairs; "
                                 f"use name: preference (got {section.name})")
@@ -123,6 +132,24 @@ class TrainConfig:
                             "section's weights, not from load_path; convert the checkpoint to an HF folder and "
                             "start from it (model.name: hf_causal_lm)")
         return problems
+
+    @cross("model", "train_loader", "eval_loader")
+    def _packed_pairs_attend_by_sequence_id(self, path):
+        """Packed pairs share rows: the model must keep each sequence to itself. Checked here when the YAML
+        says (mpt_causal_lm's attn_config, or hf_causal_lm's config_overrides); else the folder's config
+        is checked when the model is built (train/entry.py)."""
+        packed = self.packed_pair_loaders()
+        if not packed:
+            return None
+        if self.model.name == "mpt_causal_lm":
+            uses = self.model.config.attn_config.attn_uses_sequence_id
+        elif self.model.name == "hf_causal_lm":
+            attn = self.model.config.config_overrides.get("attn_config")
+            uses = attn.get("attn_uses_sequence_id") if isinstance(attn, dict) else None
+        else:
+            uses = None
+        if uses is not None and not uses:
+            return sequence_id_problem(self.model.name, packed[0])
 
     @cross("compile_config")
     def _compile_kwargs(self, path):
@@ -152,6 +179,16 @@ class TrainConfig:
 
     def autoresume_enabled(self) -> bool:
         return bool(self.run_name and self.save_folder) if self.autoresume is None else self.autoresume
+
+
+def sequence_id_problem(model_name: str, packed_loader: str, source: str = "") -> str:
+    """The problem of packed preference pairs (in `packed_loader`) with a model that does not attend by
+    sequence_id; `source`: where the setting comes from, when not from the YAML."""
+    key = ("model.attn_config.attn_uses_sequence_id" if model_name == "mpt_causal_lm"
+           else "model.config_overrides.attn_config.attn_uses_sequence_id")
+    return (f"{key}: must be true to pack preference pairs ({packed_loader}.dataset.packing_ratio): the two sides of "
+            f"a pair and the other pairs of a row must not attend to each other{source}; set {key}: true, or "
+            f"remove {packed_loader}.dataset.packing_ratio")
 
 
 def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
