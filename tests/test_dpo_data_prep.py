@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from streaming import StreamingDataset
-from test_dpo import YAML, dpo_inputs, string_pairs, tok  # noqa: F401  (tok: the tokenizer fixture)
+from test_dpo import TINY, YAML, dpo_inputs, string_pairs, tok  # noqa: F401  (tok: the tokenizer fixture)
 
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs
 from llmfoundry_lite.errors import DataError
-from llmfoundry_lite.models import MPTForCausalLM
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 from train_utils import read_losses
 
@@ -144,3 +144,21 @@ def test_bad_rows_are_named_or_skipped_and_counted(prepared, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 pairs" in out and "1 skipped invalid" in out and "1 written" in out and "1 malformed" in out, out
     assert len(read_mds(tmp_path / "lenient" / "train")) == 1
+
+
+def test_reference_logps_of_another_model_are_named_on_the_first_batch(prepared, tok, tmp_path, caplog):  # noqa: F811
+    from llmfoundry_lite.train import train
+    hf, data, mds = prepared
+    torch.manual_seed(1)
+    MPTForCausalLM(MPTConfig(**TINY)).save_pretrained(tmp_path / "other")
+    assert prep("--dataset", os.fspath(data / "train.jsonl"), "--splits", "train", "--out_root", os.fspath(tmp_path / "mds"),
+                "--tokenizer", os.fspath(hf), "--max_seq_len", "32", "--reference_model", os.fspath(tmp_path / "other")) == 0
+    base = [f"variables.model_name_or_path={hf}", "max_seq_len=32", "max_duration=2ba", "save_folder=null",
+            "global_train_batch_size=8", "train_loader.dataset.hf_name=null", "train_loader.dataset.split=train",
+            "python_log_level=warning", "callbacks={}"]
+    for shards in (mds, tmp_path / "mds"):  # this run's start (LoRA: the base model), then another model
+        caplog.clear()
+        train(YAML, [*base, f"train_loader.dataset.local={shards}"]).close()
+        warned = [r.getMessage() for r in caplog.records if "stored reference_logps differ" in r.getMessage()]
+        assert len(warned) == (shards != mds), warned
+    assert "--reference_model set to the folder this run starts from" in warned[0]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,10 @@ from torchmetrics import Metric
 from llmfoundry_lite.data.preference import sequence_logps, token_logps
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.export.lora import is_peft
+from llmfoundry_lite.models.mpt import IGNORE_INDEX
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+
+log = logging.getLogger(__name__)
 
 # metric name -> key of the outputs it averages over pairs
 METRICS = {"DPOLoss": "losses", "RewardsChosen": "rewards_chosen", "RewardsRejected": "rewards_rejected",
@@ -115,6 +119,23 @@ def pair_rows(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(-1, x.shape[-1])
 
 
+# Mean |policy - stored reference| log-probability per reply token on a fresh run's first batch above
+# which the stored values cannot be the starting model's: bf16 rounding gives about 0.01, another
+# model (base vs SFT) tenths or more.
+STORED_REFERENCE_TOLERANCE = 0.05
+
+
+def warn_if_not_the_start(policy, reference, labels: torch.Tensor) -> None:
+    """Warn when the reference log-probabilities stored by `data-prep preference --reference_model` are
+    not those of the model a run starts from (where the policy equals the reference)."""
+    gap = sum((p.detach() - r).abs().sum() for p, r in zip(policy, reference, strict=True))
+    per_token = (gap / (labels != IGNORE_INDEX).sum().clamp(min=1)).item()
+    if per_token > STORED_REFERENCE_TOLERANCE:
+        log.warning("the pairs' stored reference_logps differ from the starting model's log-probabilities by %.3f per "
+                    "reply token on the first batch (expected about 0): prepare them with data-prep preference "
+                    "--reference_model set to the folder this run starts from", per_token)
+
+
 class ComposerMPTDPO(ComposerMPTCausalLM):
     """The Composer model of `loss_fn: dpo`; `dpo` is the checked `model.dpo` section (or None: defaults)."""
 
@@ -128,6 +149,9 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
         # a list hides the copy from the module tree (parameters, state dict, optimizer, FSDP)
         self._frozen = [] if is_peft(model) or precomputed_reference else [copy.deepcopy(model).eval().requires_grad_(False)]
         self.live_reference = is_peft(model) or not precomputed_reference
+        # a fresh run's first training batch tells whether stored reference log-probabilities are the
+        # starting model's (entry.py clears it for a run that loads weights or resumes)
+        self.check_stored_reference = True
 
     @contextlib.contextmanager
     def reference(self, device):
@@ -153,6 +177,9 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
             stored = batch["reference_logps"]
             stored = stored[batch["pair_mask"]] if "pair_mask" in batch else stored
             reference = stored[:, 0], stored[:, 1]
+            if self.check_stored_reference and self.training:
+                self.check_stored_reference = False
+                warn_if_not_the_start(policy, reference, batch["labels"])
         elif self.live_reference:
             with torch.no_grad(), self.reference(inputs["input_ids"].device) as ref:
                 reference = pair_logps(ref(**inputs).logits, batch)

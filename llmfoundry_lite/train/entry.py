@@ -108,6 +108,8 @@ def fit(tc: TrainConfig):
             load_ignore_keys=_load_ignore_keys(tc, model),
             **{k: getattr(tc, k) for k in TRAINER_KEYS})
     _log_resume(tc, trainer, save_folder)
+    if loss_fn == "dpo" and (tc.load_path or trainer.state.timestamp.batch.value):  # not at the start
+        model.check_stored_reference = False
     if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
         trainer.eval()
     try:
