@@ -18,7 +18,7 @@ copy of the start is the reference, beta 0.1) and yamls/finetune/mpt-tiny-cpu-sf
 {prompt, response: chosen} (`sft`), whose optimizer, scheduler, gradient clipping and callbacks are
 replaced by the DPO run's. Both use lr 1e-3 (the SFT YAML's; the DPO YAML's 5e-3 suits its LoRA
 adapters, and in full finetuning of this model it learned the rule less reliably). Measured on the
-held-out pairs with `train.dpo.preference_logps` (a reply's log-probability is the sum over its
+held-out pairs with `data.preference.score_pairs` (a reply's log-probability is the sum over its
 tokens, EOS included): `accuracy` (chosen more likely than rejected), `logp_gap` (mean chosen -
 rejected, nats), `logp_chosen` (mean), `reward_margin` (DPO's implicit reward margin against the start
 model, beta * (gap after - gap before), mean) and `train_s` (seconds in `train`, one thread); per
@@ -79,7 +79,7 @@ def configs(hf: str, dpo_data: str, sft_data: str, seed: int, steps: int, batch:
     from llmfoundry_lite.config import load_config
     common = [f"variables.model_name_or_path={hf}", f"max_seq_len={SEQ}", f"max_duration={steps}ba",
               f"global_train_batch_size={batch}", f"seed={seed}", f"optimizer.lr={LR}", "save_folder=null",
-              "log_to_console=false"]
+              "log_to_console=false", "python_log_level=warning"]
     dpo = load_config(DPO_YAML, common + [f"variables.dpo_data={dpo_data}", "model.peft_config=null"])
     sft = load_config(SFT_YAML, common + [f"variables.sft_data={sft_data}"])
     del dpo["callbacks"]["speed_monitor"]  # it prints a table of peak FLOP/s per run
@@ -87,12 +87,15 @@ def configs(hf: str, dpo_data: str, sft_data: str, seed: int, steps: int, batch:
     return {"dpo": dpo, "sft": sft}
 
 
-def figures(chosen: torch.Tensor, rejected: torch.Tensor, start=None, beta: float = 0.0) -> dict:
-    """Held-out figures from a model's (chosen, rejected) log-probabilities; `start`: the start model's."""
-    out = {"accuracy": (chosen > rejected).float().mean().item(), "logp_gap": (chosen - rejected).mean().item(),
+def figures(logps: torch.Tensor, start=None, beta: float = 0.0) -> dict:
+    """Held-out figures from a model's [pairs, (chosen, rejected)] log-probabilities; `start`: the start
+    model's."""
+    chosen, rejected = logps.unbind(1)
+    gap = chosen - rejected
+    out = {"accuracy": (gap > 0).float().mean().item(), "logp_gap": gap.mean().item(),
            "logp_chosen": chosen.mean().item()}
     if start is not None:
-        out["reward_margin"] = beta * ((chosen - rejected) - (start[0] - start[1])).mean().item()
+        out["reward_margin"] = beta * (gap - (start[:, 0] - start[:, 1])).mean().item()
     return out
 
 
@@ -100,9 +103,9 @@ def run_seed(seed: int, steps: int, batch: int) -> dict:
     """The start model's held-out figures and each method's after training (with its seconds)."""
     from transformers import AutoTokenizer
 
+    from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs
     from llmfoundry_lite.models import MPTForCausalLM
     from llmfoundry_lite.train import train
-    from llmfoundry_lite.train.dpo import preference_logps
     train_pairs, test_pairs = task(seed)
     with tempfile.TemporaryDirectory() as tmp:
         hf = save_start(tmp, seed, train_pairs)
@@ -110,8 +113,9 @@ def run_seed(seed: int, steps: int, batch: int) -> dict:
         sft_data = write_jsonl(os.path.join(tmp, "sft"), [{"prompt": p["prompt"], "response": p["chosen"]}
                                                           for p in train_pairs])
         tok = AutoTokenizer.from_pretrained(hf)
-        start = preference_logps(MPTForCausalLM.from_pretrained(hf), tok, test_pairs, SEQ)
-        result = {"start": figures(*start)}
+        held_out = PreferenceDataset(test_pairs, tok, SEQ)
+        start = score_pairs(MPTForCausalLM.from_pretrained(hf), held_out, tok.pad_token_id)
+        result = {"start": figures(start)}
         cfgs = configs(hf, dpo_data, sft_data, seed, steps, batch)
         beta = cfgs["dpo"]["model"]["dpo"]["beta"]
         for method, cfg in cfgs.items():
@@ -119,8 +123,8 @@ def run_seed(seed: int, steps: int, batch: int) -> dict:
             trainer = train(cfg)
             seconds = time.perf_counter() - began
             trainer.close()
-            after = preference_logps(trainer.state.model.model, tok, test_pairs, SEQ)
-            result[method] = {**figures(*after, start, beta), "train_s": seconds}
+            after = score_pairs(trainer.state.model.model, held_out, tok.pad_token_id)
+            result[method] = {**figures(after, start, beta), "train_s": seconds}
     return result
 
 

@@ -12,7 +12,7 @@ import torch
 
 from llmfoundry_lite.data.collators import PreferenceCollator
 from llmfoundry_lite.data.finetuning import hh_rlhf
-from llmfoundry_lite.data.preference import PreferenceDataset, sequence_logps
+from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs, sequence_logps
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, DataError
 from llmfoundry_lite.export.lora import apply_lora
@@ -188,13 +188,8 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tok):
 
 def preference_accuracy(model, tok, pairs):
     """How often the model gives the chosen reply a higher log-probability than the rejected one."""
-    batch = PreferenceCollator(tok.pad_token_id, 32, pad_to_longest=True)(PreferenceDataset(pairs, tok, 32))
-    n = len(pairs)
-    with torch.no_grad():
-        logps = sequence_logps(model.eval()(input_ids=batch["input_ids"].transpose(0, 1).flatten(0, 1),
-                                            attention_mask=batch["attention_mask"].transpose(0, 1).flatten(0, 1)).logits,
-                               batch["labels"].transpose(0, 1).flatten(0, 1))
-    return (logps[:n] > logps[n:]).float().mean().item()
+    logps = score_pairs(model, PreferenceDataset(pairs, tok, 32), tok.pad_token_id)
+    return (logps[:, 0] > logps[:, 1]).float().mean().item()
 
 
 def dpo_inputs(tok, tmp_path, train_rows, test_rows):
