@@ -177,7 +177,7 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tok):
             if "lora_B" in name:
                 p.normal_()  # adapters that changed the model
         model.model.train()
-        with model.reference(ids.device) as ref:
+        with model.reference() as ref:
             assert not ref.training
             assert torch.equal(ref(input_ids=ids).logits, base_logits)
         assert model.model.training  # restored
@@ -245,11 +245,17 @@ def test_dpo_config_errors_name_their_keys(tmp_path):
     assert "model.dpo.label_smoothing: applies to variant sigmoid only" in problems(
         model={"loss_fn": "dpo", "dpo": {"variant": "ipo", "label_smoothing": 0.1}})
     assert "model.dpo: only used with loss_fn: dpo" in problems(model={"dpo": {"beta": 0.2}}, loader="finetuning")
-    assert "model.init_device: loss_fn dpo without LoRA copies" in problems(model={"loss_fn": "dpo",
-                                                                                   "init_device": "meta"})
     found = problems(eval_loader=[{"name": "finetuning", "label": "a", "dataset": {"hf_name": "x", "max_seq_len": 8}}],
-                     fsdp_config={})
+                     icl_tasks=[])
     assert "eval_loader[0].name: model.loss_fn dpo trains and evaluates on preference pairs" in found
-    assert "fsdp_config: model.loss_fn dpo does not support FSDP yet" in found
-    assert "load_path: model.loss_fn dpo without LoRA takes its reference model from the model section" in problems(
-        load_path=str(tmp_path / "ckpt.pt"))
+    assert "icl_tasks: not supported with model.loss_fn dpo" in found
+    (tmp_path / "ckpt.pt").touch()
+    # a frozen copy's reference comes from the model section: right to resume this run, wrong for another's weights
+    assert "load_weights_only: model.loss_fn dpo without LoRA takes its reference model from the model section" in (
+        problems(load_path=str(tmp_path / "ckpt.pt"), load_weights_only=True))
+    for ok in ({"load_path": str(tmp_path / "ckpt.pt")}, {"fsdp_config": {}}):  # resuming, sharding: fine
+        check_train_config({"model": {"name": "mpt_causal_lm", **TINY, "loss_fn": "dpo", "init_device": "meta"},
+                            "tokenizer": {"name": "t"}, "max_duration": "4ba", "max_seq_len": 16,
+                            "train_loader": {"name": "preference", "dataset": {"hf_name": str(tmp_path),
+                                                                               "max_seq_len": 16}},
+                            "global_train_batch_size": 4, **ok}, world_size=2)

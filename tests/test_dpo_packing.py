@@ -82,6 +82,7 @@ def test_packed_batch_equals_unpacked(tok, positions):
     torch.manual_seed(0)
     config = MPTConfig(**TINY, attn_config={"attn_uses_sequence_id": True, **positions})
     model = ComposerMPTDPO(MPTForCausalLM(config), tok).eval()
+    model.make_reference()  # the frozen copy of the start (train() makes it before a checkpoint is read)
     with torch.no_grad():
         for p in model.model.parameters():  # a policy away from the (frozen) reference: a loss other than log 2
             p.add_(0.05 * torch.randn_like(p))

@@ -78,10 +78,10 @@ class _BuilderKeys:
                                 "use init_device: cpu")
         return problems
 
-    @cross("loss_fn", "dpo", "init_device", "peft_config", "pretrained_lora_id_or_path")
+    @cross("loss_fn", "dpo", "peft_config", "pretrained_lora_id_or_path")
     def _dpo_reference(self, path: str):
         """The reference model is the starting weights: the base model with LoRA's fresh (no-op)
-        adapters disabled, or a frozen copy of the model built on cpu."""
+        adapters disabled, or a frozen copy of the model (train/dpo.py)."""
         if self.loss_fn != "dpo":
             return self.dpo and f"{join(path, 'dpo')}: only used with loss_fn: dpo; set it or remove dpo"
         lora = self.peft_config
@@ -92,9 +92,6 @@ class _BuilderKeys:
         if lora and lora.init_lora_weights is False:
             return (f"{join(path, 'peft_config.init_lora_weights')}: loss_fn dpo needs adapters that start as no-ops "
                     "(the reference is the base model without them); remove it")
-        if not lora and self.init_device != "cpu":
-            return (f"{join(path, 'init_device')}: loss_fn dpo without LoRA copies the starting model as its frozen "
-                    "reference, which needs init_device: cpu for now")
 
     def lora_problems(self, config, path: str) -> List[str]:
         """The target modules (and modules_to_save) checked against the model `config` describes."""

@@ -21,11 +21,26 @@ averaged over the pairs. Rewards are beta * (pi - ref) of each side; reward accu
 pairs whose chosen reward is the larger; the margin is chosen's minus rejected's.
 
 The reference model is the starting weights, frozen and in eval mode: for a LoRA model, the same model
-with its adapters disabled (peft's `disable_adapter()`; no second copy); otherwise a deep copy made
-here, kept outside the module tree (so it is neither trained, nor checkpointed, nor seen by the
-optimizer) and moved to the batch's device when needed. Pairs prepared with `data-prep preference
---reference_model` carry the reference log-probabilities (`reference_logps`: [B, 2], packed [R, P, 2]); they are used as
-they are, and a run whose training pairs all carry them (`precomputed_reference`) keeps no frozen copy.
+with its adapters disabled (peft's `disable_adapter()`; no second copy); otherwise a frozen copy, kept
+outside the module tree (so it is neither trained, nor checkpointed, nor seen by the optimizer or by
+Composer's FSDP2). The copy is made in two steps, because the starting weights may not exist yet when
+the model is built (`init_device` meta: initialised or loaded after sharding; mixed: only global rank 0
+has them until Composer broadcasts them):
+
+1. here, a skeleton on meta: the model's structure and ties, no memory;
+2. `make_reference`, called by the `FrozenReference` callback at Composer's `BEFORE_LOAD` event: the
+   policy's weights are real (sharded and initialised, or broadcast) and no checkpoint has been read,
+   so a resumed run's reference is again the model section's starting weights. Under FSDP2 the
+   skeleton is sharded like the policy (`fully_shard` on its mesh, per block then the whole) and each
+   rank copies its own shard; its forward gathers the weights as the policy's does. Without FSDP2
+   (one process, or DDP) it holds full weights, rank 0's on every rank (mixed: the others' are not
+   the starting weights yet, as DDP broadcasts rank 0's only after the checkpoint load).
+
+A model used outside `train()` makes its reference from the policy at its first forward.
+
+Pairs prepared with `data-prep preference --reference_model` carry the reference log-probabilities
+(`reference_logps`: [B, 2], packed [R, P, 2]); they are used as they are, and a run whose training
+pairs all carry them (`precomputed_reference`) keeps no frozen copy.
 """
 from __future__ import annotations
 
@@ -35,6 +50,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from composer.core import Callback
 from torchmetrics import Metric
 
 from llmfoundry_lite.data.preference import sequence_logps, token_logps
@@ -146,21 +162,63 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
         self.variant = getattr(dpo, "variant", "sigmoid")
         self.train_metrics = {name: PairMean(key) for name, key in METRICS.items()}
         self.val_metrics = {name: PairMean(key) for name, key in METRICS.items()}
-        # a list hides the copy from the module tree (parameters, state dict, optimizer, FSDP)
-        self._frozen = [] if is_peft(model) or precomputed_reference else [copy.deepcopy(model).eval().requires_grad_(False)]
+        # the frozen copy's skeleton (see the module docstring); a list hides it from the module tree
         self.live_reference = is_peft(model) or not precomputed_reference
+        self._frozen = [] if is_peft(model) or precomputed_reference else [_meta_copy(model).eval()]
+        self._reference_made = False
         # a fresh run's first training batch tells whether stored reference log-probabilities are the
         # starting model's (entry.py clears it for a run that loads weights or resumes)
         self.check_stored_reference = True
 
+    def make_reference(self, mp_policy=None) -> None:
+        """Give the frozen copy the policy's current weights (once; a LoRA model has no copy). Under
+        FSDP2, `mp_policy` is the policy's mixed precision, so that both compute alike."""
+        if not self._frozen or self._reference_made:
+            return
+        from composer.utils import dist
+        from torch.distributed.tensor import DTensor
+        ref, first = self._frozen[0], next(self.model.parameters())
+        sharded = isinstance(first, DTensor)
+        if sharded:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            # resharded after every forward: no backward follows that would free the gathered weights
+            kwargs = {"mesh": first.device_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+            for module in list(ref.modules()):
+                if ref.fsdp_wrap_fn(module):
+                    fully_shard(module, reshard_after_forward=True, **kwargs)
+            fully_shard(ref, **kwargs)
+        owners = [(m, n, id(p)) for m in ref.modules() for n, p in m.named_parameters(recurse=False)]
+        ref.to_empty(device=first.device)
+        first_owner = {}
+        for module, name, key in owners:  # to_empty gives each module a new parameter: tie shared ones again
+            if key in first_owner:
+                setattr(module, name, getattr(*first_owner[key]))
+            first_owner.setdefault(key, (module, name))
+        policy = dict(_named_tensors(self.model))
+        with torch.no_grad():
+            for name, tensor in _named_tensors(ref):
+                source = policy[name]
+                if sharded:
+                    assert tensor.placements == source.placements, name  # the same shard of the same tensor
+                    tensor, source = tensor.to_local(), source.to_local()
+                tensor.copy_(source)
+                if not sharded and dist.get_world_size() > 1:
+                    dist.broadcast(tensor, src=0)
+        ref.requires_grad_(False)
+        self._reference_made = True
+
     @contextlib.contextmanager
-    def reference(self, device):
+    def reference(self):
         """The reference model (see the module docstring), in eval mode, for a no-grad forward."""
         if self._frozen:
+            from torch.distributed.fsdp import FSDPModule
+            self.make_reference()
             ref = self._frozen[0]
-            if next(ref.parameters()).device != device:
-                ref.to(device)
-            yield ref
+            try:
+                yield ref
+            finally:
+                if isinstance(ref, FSDPModule):  # FSDP2 keeps the root's gathered weights after its forward
+                    ref.reshard()
             return
         training = self.model.training
         self.model.eval()
@@ -181,7 +239,7 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
                 self.check_stored_reference = False
                 warn_if_not_the_start(policy, reference, batch["labels"])
         elif self.live_reference:
-            with torch.no_grad(), self.reference(inputs["input_ids"].device) as ref:
+            with torch.no_grad(), self.reference() as ref:
                 reference = pair_logps(ref(**inputs).logits, batch)
         else:
             raise DataError("these preference pairs carry no reference_logps, and this run keeps no reference model "
@@ -198,3 +256,31 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
     def update_metric(self, batch, outputs, metric):
         metric.update(outputs)
         return {}
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` whose parameters and buffers are on meta: the structure and ties, no memory."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _named_tensors(model: torch.nn.Module):
+    """(name, parameter or buffer), with activation checkpointing's wrapper left out of the names."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        yield name.replace("_checkpoint_wrapped_module.", ""), t
+
+
+class FrozenReference(Callback):
+    """Makes a DPO model's frozen reference (`ComposerMPTDPO.make_reference`) at `BEFORE_LOAD`: after
+    Composer's FSDP2 sharded and initialised the policy (or broadcast rank 0's weights), before any
+    checkpoint is read."""
+
+    def before_load(self, state, logger) -> None:
+        mp_policy = None
+        if state.fsdp_config is not None:
+            from composer.distributed.fsdp2 import create_mixed_precision_policy
+            mp_policy = create_mixed_precision_policy(state.precision, state.fsdp_config.mixed_precision)
+        state.model.make_reference(mp_policy)

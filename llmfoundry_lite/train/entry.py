@@ -24,7 +24,7 @@ from llmfoundry_lite.export.lora import base_model, is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
-from llmfoundry_lite.train.dpo import ComposerMPTDPO
+from llmfoundry_lite.train.dpo import ComposerMPTDPO, FrozenReference
 from llmfoundry_lite.train.parallel import on_meta
 from llmfoundry_lite.train.schema import TrainConfig, check_train_config, sequence_id_problem
 
@@ -101,7 +101,8 @@ def fit(tc: TrainConfig):
             eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],
-            callbacks=[s.build() for s in tc.callbacks.values()], loggers=[s.build() for s in tc.loggers.values()],
+            callbacks=[*(s.build() for s in tc.callbacks.values()), *([FrozenReference()] if loss_fn == "dpo" else [])],
+            loggers=[s.build() for s in tc.loggers.values()],
             device="gpu" if on_gpu else "cpu", precision=resolve_precision(tc.precision, on_gpu),
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
             parallelism_config={"fsdp": fsdp} if fsdp is not None else None, autoresume=tc.autoresume_enabled(),

@@ -208,12 +208,13 @@ def prepare_model(model: torch.nn.Module, compile_config: Optional[dict], fsdp: 
     """What the model needs before the Trainer: per-block compile; without FSDP2 (which does both
     itself), real weights for a meta-device init and activation checkpointing. A meta init draws its
     weights from `seed` as Composer's FSDP2 path does (`seed_context(rank_zero_seed)`), so every layout
-    starts from the same weights."""
-    from composer.utils import reproducibility
+    starts from the same weights; not with `seed_context` itself, a collective, which under DDP with
+    `init_device: mixed` only the ranks on meta would enter."""
     if compile_config is not None:
         compile_blocks(model, compile_config)
     if not sharded and on_meta(model):
-        with reproducibility.seed_context(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             materialize_meta(model)
     if not sharded and fsdp is not None and fsdp.activation_checkpointing:
         checkpoint_blocks(model)

@@ -110,7 +110,7 @@ class TrainConfig:
         return [where for where, s in self.loaders()
                 if s.name == "preference" and s.config.dataset.packing_ratio is not None]
 
-    @cross("model", "train_loader", "eval_loader", "icl_tasks", "fsdp_config", "load_path")
+    @cross("model", "train_loader", "eval_loader", "icl_tasks", "load_path", "load_weights_only")
     def _dpo_data(self, path):
         """`loss_fn: dpo` and the `preference` loader go together (train/dpo.py)."""
         dpo = self.model.kwargs.get("loss_fn") == "dpo"
@@ -124,13 +124,13 @@ class TrainConfig:
                                 f"{self.model.kwargs.get('loss_fn', 'torch_crossentropy')})")
         if dpo and self.icl_tasks is not None:
             problems.append("icl_tasks: not supported with model.loss_fn dpo yet; evaluate the exported model instead")
-        if dpo and self.fsdp_config is not None:
-            problems.append("fsdp_config: model.loss_fn dpo does not support FSDP yet; remove fsdp_config")
-        if dpo and self.load_path and not self.model.kwargs.get("peft_config"):
-            # the frozen reference is a copy of the model section's weights, made before load_path is read
-            problems.append("load_path: model.loss_fn dpo without LoRA takes its reference model from the model "
-                            "section's weights, not from load_path; convert the checkpoint to an HF folder and "
-                            "start from it (model.name: hf_causal_lm)")
+        if dpo and self.load_path and self.load_weights_only and not self.model.kwargs.get("peft_config"):
+            # the frozen reference is a copy of the model section's weights, made before load_path is read:
+            # right when resuming this run, wrong when starting from another checkpoint's weights
+            problems.append("load_weights_only: model.loss_fn dpo without LoRA takes its reference model from the "
+                            "model section's weights, not from load_path; export that checkpoint to an HF folder "
+                            "(llmfoundry-lite convert --composer_path CHECKPOINT --hf_output_path FOLDER) and start "
+                            "from it (model.name: hf_causal_lm, pretrained_model_name_or_path: FOLDER)")
         return problems
 
     @cross("model", "train_loader", "eval_loader")
