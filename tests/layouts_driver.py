@@ -1,6 +1,6 @@
 """Trains the tiny model once per named layout in one process group, recording for each: the loss
-logged at every step (Composer's, over the global batch), the token rows each rank took
-per step, how many blocks are activation-checkpointed, whether parameters are split across ranks, and
+logged at every step (Composer's, over the global batch) and the gradient's norm (before clipping), the
+token rows each rank took per step, how many blocks are activation-checkpointed, whether parameters are split across ranks, and
 (rank 0) the final full weights. One launch serves every 2-rank layout.
 
     composer -n 2 tests/layouts_driver.py OUT DATA_ROOT TOKENIZER LAYOUT [LAYOUT ...]
@@ -34,8 +34,14 @@ class LayoutRecorder(Callback):
     def after_dataloader(self, state, logger):
         self.record["rows"].append(state.batch["input_ids"].tolist())
 
+    def after_backward(self, state, logger):  # after the last microbatch: the step's whole gradient
+        norms = [g.full_tensor() if isinstance(g, DTensor) else g
+                 for g in (p.grad.norm() for p in state.model.parameters() if p.grad is not None)]
+        self.grad_norm = torch.stack(norms).norm().item()
+
     def batch_end(self, state, logger):  # the logged loss: the microbatches' sum, averaged over the ranks
         self.record["losses"].append(state.total_loss_dict["loss/train/total"])
+        self.record.setdefault("grad_norms", []).append(self.grad_norm)
 
 
 registry.callbacks.register("layout_recorder", LayoutRecorder)

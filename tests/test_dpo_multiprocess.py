@@ -50,11 +50,7 @@ def overrides(inputs, **extra):
               "max_seq_len": 32, "max_duration": f"{STEPS}ba", "global_train_batch_size": 8,
               # the 1-process and 2-rank samplers shuffle differently; in order, each global batch is the same
               "train_loader.dataset.shuffle": "false", "save_folder": "null", "console_log_interval": "1000ba",
-              "python_log_level": "warning",
-              # every step clipped: on CPU, FSDP2's gradients are the ranks' sum where DDP's and one process's
-              # are the mean (torch 2.7's gloo reduce_scatter_tensor sums for ReduceOp.AVG); clipped to one norm
-              # (and Adam), the updates are the same
-              "algorithms.gradient_clipping.clipping_threshold": 0.05}
+              "python_log_level": "warning"}
     if any(k.startswith("model.peft_config.") for k in extra):
         del values["model.peft_config"]
     values.update(extra)

@@ -68,7 +68,13 @@ def fit(tc: TrainConfig):
     from composer import Trainer
     from composer.utils import dist, reproducibility
 
-    from llmfoundry_lite.train.parallel import fsdp2_config, own_meta_init, prepare_model, resolve_precision
+    from llmfoundry_lite.train.parallel import (
+        average_gradients_on_gloo,
+        fsdp2_config,
+        own_meta_init,
+        prepare_model,
+        resolve_precision,
+    )
 
     _setup_logging(tc.python_log_level)
     on_gpu = torch.cuda.is_available()
@@ -108,6 +114,8 @@ def fit(tc: TrainConfig):
             parallelism_config={"fsdp": fsdp} if fsdp is not None else None, autoresume=tc.autoresume_enabled(),
             load_ignore_keys=_load_ignore_keys(tc, model),
             **{k: getattr(tc, k) for k in TRAINER_KEYS})
+    if fsdp is not None:
+        average_gradients_on_gloo(trainer.state.model)
     _log_resume(tc, trainer, save_folder)
     if loss_fn == "dpo" and (tc.load_path or trainer.state.timestamp.batch.value):  # not at the start
         model.check_stored_reference = False

@@ -218,3 +218,28 @@ def prepare_model(model: torch.nn.Module, compile_config: Optional[dict], fsdp: 
             materialize_meta(model)
     if not sharded and fsdp is not None and fsdp.activation_checkpointing:
         checkpoint_blocks(model)
+
+
+def average_gradients_on_gloo(model: torch.nn.Module) -> None:
+    """FSDP2 averages gradients across its shards with a reduce-scatter of `ReduceOp.AVG`, which gloo
+    (CPU) in torch 2.7 silently computes as a sum: every gradient would be the number of shards times
+    too large (Adam hides it, gradient clipping and SGD do not). One probe of the shard group tells;
+    where it sums, FSDP2's all-reduce hook divides each reduce-scatter output, before it is accumulated
+    into the sharded gradient."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    if not sharded:
+        return
+    mesh = sharded[0].device_mesh
+    group = mesh.get_group(mesh.ndim - 1)  # the shard dimension (HYBRID_SHARD: the last of two)
+    size = torch.distributed.get_world_size(group)
+    if size == 1 or torch.distributed.get_backend(group) != "gloo":
+        return
+    probe, out = torch.full((size,), float(torch.distributed.get_rank(group) + 1)), torch.empty(1)
+    torch.distributed.reduce_scatter_tensor(out, probe, op=torch.distributed.ReduceOp.AVG, group=group)
+    if out.item() == (size + 1) / 2:  # a true average: nothing to mend
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(lambda reduced: reduced.div_(size))
