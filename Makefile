@@ -16,7 +16,7 @@ CURRENT_TESTS := tests/test_model_parity.py tests/test_model_options.py tests/te
 	tests/test_eval_model.py tests/test_eval_runner.py tests/test_gpu_check.py tests/test_parallel_layouts.py \
 	tests/test_multinode.py tests/test_llmfoundry_interop.py tests/test_hf_causal_lm.py \
 	tests/test_init_device_multiprocess.py tests/test_llmfoundry_yamls.py tests/test_llmfoundry_checkpoints.py tests/test_lora.py \
-	tests/test_lora_export.py
+	tests/test_lora_export.py tests/test_dpo.py tests/test_dpo_packing.py tests/test_dpo_data_prep.py
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 # Wheels for a lent GPU machine (Python 3.12, manylinux x86_64): see requirements/gpu-carry.txt.
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
