@@ -249,6 +249,10 @@ def test_dpo_config_errors_name_their_keys(tmp_path):
                      icl_tasks=[])
     assert "eval_loader[0].name: model.loss_fn dpo trains and evaluates on preference pairs" in found
     assert "icl_tasks: not supported with model.loss_fn dpo" in found
+    packed_eval = {"name": "preference", "dataset": {"hf_name": str(tmp_path), "max_seq_len": 16, "packing_ratio": 2}}
+    assert "eval_loader.dataset.packing_ratio: packing is for training" in problems(eval_loader=packed_eval)
+    assert "MDS pairs were rendered and tokenized by data-prep preference" in problems(train_loader={
+        "name": "preference", "dataset": {"local": str(tmp_path), "max_seq_len": 16, "preprocessing_fn": "hh_rlhf"}})
     (tmp_path / "ckpt.pt").touch()
     # a frozen copy's reference comes from the model section: right to resume this run, wrong for another's weights
     assert "load_weights_only: model.loss_fn dpo without LoRA takes its reference model from the model section" in (

@@ -125,7 +125,7 @@ def test_pairs_that_no_longer_fit_and_mixed_loaders_are_named(prepared, tmp_path
                  os.fspath(tmp_path / "x"), "--tokenizer", os.fspath(hf), "--max_seq_len", "32",
                  "--reference_model", os.fspath(data)]) == 2
     err = capsys.readouterr().err
-    assert "--reference_model" in err and "not an HF model folder" in err and "Traceback" not in err
+    assert "has no config.json: not a Hugging Face model folder" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x" / "train")
 
 

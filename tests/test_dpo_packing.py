@@ -123,14 +123,15 @@ def test_packed_pairs_fit_a_row(tok):
 
 def test_packed_run_has_the_unpacked_runs_losses(tok, tmp_path):
     """16 pairs, no shuffling: 8 pairs a step either way (the packed run: 4 rows, packing_ratio 2, every
-    step's 8 pairs fit), so both runs train on the same pairs and log the same losses."""
+    step's 8 pairs fit), so both runs train on the same pairs and log the same losses; the packed run in
+    microbatches of 2 rows, which hold unequal numbers of pairs (a step's loss is still its pairs' mean)."""
     pairs = varied_pairs(16)
     hf, data = dpo_inputs(tok, tmp_path, pairs)
     common = [f"variables.model_name_or_path={hf}", f"variables.dpo_data={data}", "model.peft_config=null",
               "max_seq_len=64", "max_duration=3ba", "save_folder=null", "optimizer.lr=3e-3",
               "train_loader.dataset.shuffle=false", "python_log_level=warning", "scheduler=null",
               "model.config_overrides.attn_config.attn_uses_sequence_id=true"]
-    packing = ["global_train_batch_size=4", "train_loader.dataset.packing_ratio=2"]
+    packing = ["global_train_batch_size=4", "train_loader.dataset.packing_ratio=2", "device_train_microbatch_size=2"]
     loader = {"name": "preference", "dataset": {"hf_name": str(data), "max_seq_len": 64, "packing_ratio": 2}}
     for batch in build_dataloader(loader, tok, 4):
         assert batch["pair_mask"].sum() == 8 and batch["input_ids"].shape[0] <= 4  # fewer rows than pairs

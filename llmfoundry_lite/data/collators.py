@@ -179,7 +179,7 @@ class PreferencePackingCollator(PackingCollator):
         if pair_length(pair) > self.max_seq_len:
             raise DataError(f"a preference pair of {pair_length(pair)} tokens (both sides) does not fit a packed "
                             f"row of max_seq_len {self.max_seq_len}; pairs to pack need their prompts cut so that "
-                            "both sides fit one row (data/preference.py build_pair with packed=True)")
+                            "both sides fit one row (for MDS pairs: data-prep preference --packed)")
         return pair
 
     def length(self, pair: Dict) -> int:

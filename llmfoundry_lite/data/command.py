@@ -222,12 +222,27 @@ def _finetuning(args: argparse.Namespace) -> None:
 
 def _preference(args: argparse.Namespace) -> None:
     from llmfoundry_lite.data.convert import Counts
-    from llmfoundry_lite.data.preference import convert_preference, open_reference_model
+    from llmfoundry_lite.data.preference import convert_preference
     from llmfoundry_lite.data.tokenizer import build_tokenizer
     sources = _split_sources(args)
     tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs))
-    reference = open_reference_model(args.reference_model) if args.reference_model else None
+    reference = _reference_model(args.reference_model, tokenizer) if args.reference_model else None
     for out, pairs, skipped in sources:
         stats = convert_preference(pairs, out, tokenizer, args.max_seq_len, args.preprocessor, args.chat_template,
                                    args.compression, args.skip_bad_lines, reference, args.batch_size, args.packed)
         print(f"{out}: {Counts({**stats, **skipped})}")
+
+
+def _reference_model(path: str, tokenizer):
+    """`--reference_model`: an HF MPT folder (or hub name while online), fp32, on the GPU when there is
+    one. The one command of data/ that opens a model, so it reaches up to export/'s loader (weights
+    checked, MosaicML kernels mapped) rather than opening it a second way; `convert_preference` itself
+    takes the model."""
+    import torch
+
+    from llmfoundry_lite.export.hf_import import load_hf_model
+    model = load_hf_model(path).float().to("cuda" if torch.cuda.is_available() else "cpu")
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"--tokenizer has {len(tokenizer)} tokens but --reference_model {path} only "
+                        f"{model.config.vocab_size}: give the tokenizer of the model DPO starts from")
+    return model.eval()

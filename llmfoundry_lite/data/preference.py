@@ -211,7 +211,7 @@ def convert_preference(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
             _write_pairs(writer, batch, reference_model, tokenizer.pad_token_id)
             stats.add("written", len(batch))
         if not stats.get("pairs"):
-            raise DataError(f"no preference pairs to convert for {out_dir}: the input is empty")
+            raise DataError(f"no preference pairs read for {out_dir}: the input is empty (or every line was skipped)")
         if not stats.get("written"):
             raise DataError(f"no usable preference pairs for {out_dir}: {stats}")
     return stats
@@ -263,13 +263,3 @@ def streaming_preference_dataset(max_seq_len: int, packed: bool = False, **strea
 
     return StreamingPreferenceDataset()
 
-
-def open_reference_model(path: str):
-    """The model of an HF folder (ours, or one `convert` wrote) for `--reference_model`, in eval mode, in
-    fp32 on the GPU when there is one."""
-    from llmfoundry_lite.models import MPTForCausalLM
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise DataError(f"--reference_model {path}: not an HF model folder (no config.json); give the folder "
-                        "DPO starts from, e.g. an SFT run's hf_checkpointer folder or `llmfoundry-lite convert` output")
-    model = MPTForCausalLM.from_pretrained(path).float()
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -7,8 +7,7 @@ of `sequence_id`, and `pair_mask` `[R, P]`. A packed batch needs a model that at
 (`attn_config.attn_uses_sequence_id`, checked with the config) so that no sequence sees another.
 A sequence's log-probability is the sum over its reply tokens (a packed row's per-token log-probs
 summed per sequence_id). Composer weights a microbatch's loss (its mean over its pairs) by its share
-of the rows, so with several microbatches of packed rows, a pair of a microbatch with more pairs per
-row counts for less than in the mean over the whole batch.
+of the step's pairs (`pairs_in_batch`), so a step's loss is the mean over all its pairs, packed or not.
 With the policy's (pi) and the reference model's (ref) log-probabilities of chosen (c) and rejected (r),
 h = (pi_c - pi_r) - (ref_c - ref_r), and `model.dpo`'s beta and label_smoothing (eps):
 
@@ -111,6 +110,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
             "logps_chosen": policy_chosen.detach(), "logps_rejected": policy_rejected.detach()}
 
 
+def pairs_in_batch(batch) -> int:
+    """Composer's sample count of a batch of pairs: `[B, 2, L]` holds B, packed rows `pair_mask`'s count.
+    Microbatches are weighted by it (so a step's loss is the mean over its pairs) and the sample counter
+    (a resumed StreamingDataset's position) counts pairs, not rows."""
+    return int(batch["pair_mask"].sum()) if "pair_mask" in batch else batch["input_ids"].shape[0]
+
+
 class PairMean(Metric):
     """The mean over pairs of one key of the DPO outputs."""
     full_state_update = False
@@ -198,8 +204,10 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
         with torch.no_grad():
             for name, tensor in _named_tensors(ref):
                 source = policy[name]
-                if sharded:
-                    assert tensor.placements == source.placements, name  # the same shard of the same tensor
+                if isinstance(tensor, DTensor):  # sharded parameters: the same shard of the same tensor
+                    if tensor.placements != source.placements:
+                        raise RuntimeError(f"the frozen reference's {name} is sharded as {tensor.placements}, the "
+                                           f"policy's as {source.placements}")
                     tensor, source = tensor.to_local(), source.to_local()
                 tensor.copy_(source)
                 if not sharded and dist.get_world_size() > 1:

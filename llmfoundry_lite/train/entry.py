@@ -24,7 +24,7 @@ from llmfoundry_lite.export.lora import base_model, is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
-from llmfoundry_lite.train.dpo import ComposerMPTDPO, FrozenReference
+from llmfoundry_lite.train.dpo import ComposerMPTDPO, FrozenReference, pairs_in_batch
 from llmfoundry_lite.train.parallel import on_meta
 from llmfoundry_lite.train.schema import TrainConfig, check_train_config, sequence_id_problem
 
@@ -65,7 +65,7 @@ TRAINER_KEYS = ("max_duration", "eval_interval", "eval_subset_num_batches", "see
 
 def fit(tc: TrainConfig):
     """Build everything for a checked TrainConfig and run `Trainer.fit()`."""
-    from composer import Trainer
+    from composer import DataSpec, Trainer
     from composer.utils import dist, reproducibility
 
     from llmfoundry_lite.train.parallel import (
@@ -103,7 +103,8 @@ def fit(tc: TrainConfig):
     meta_under_fsdp = fsdp is not None and on_meta(model)
     with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
         trainer = Trainer(
-            model=model, train_dataloader=train_dataloader,
+            model=model, train_dataloader=(DataSpec(train_dataloader, get_num_samples_in_batch=pairs_in_batch)
+                                           if loss_fn == "dpo" else train_dataloader),
             eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],

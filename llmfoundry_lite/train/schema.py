@@ -122,6 +122,10 @@ class TrainConfig:
             elif not dpo and section.name == "preference":
                 problems.append(f"{where}.name: preference pairs need model.loss_fn: dpo (got "
                                 f"{self.model.kwargs.get('loss_fn', 'torch_crossentropy')})")
+            elif dpo and where != "train_loader" and section.config.dataset.packing_ratio is not None:
+                # a packer holds pairs back for the next batch: an eval pass would miss some, and shift others
+                problems.append(f"{where}.dataset.packing_ratio: packing is for training; an eval loader scores every "
+                                "pair once, unpacked (remove packing_ratio)")
         if dpo and self.icl_tasks is not None:
             problems.append("icl_tasks: not supported with model.loss_fn dpo yet; evaluate the exported model instead")
         if dpo and self.load_path and self.load_weights_only and not self.model.kwargs.get("peft_config"):
