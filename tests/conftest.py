@@ -42,6 +42,13 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tok(tiny_tokenizer_dir):
+    """The tiny tokenizer, loaded as training loads it (`build_tokenizer`)."""
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
+    return build_tokenizer(tiny_tokenizer_dir)
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """torch on one thread for a test module: tiny models gain nothing from more, and on a busy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llmfoundry_lite.config import Named, parse
-from llmfoundry_lite.data import build_dataloader, build_tokenizer
+from llmfoundry_lite.data import build_dataloader
 from llmfoundry_lite.data.collators import PackingCollator, auto_packing_ratio
 from llmfoundry_lite.data.finetuning import MPT_SYSTEM_PROMPT, convert_finetuning, numbered, to_turns
 from llmfoundry_lite.data.mds import clean_stale_shared_memory
@@ -17,11 +17,6 @@ from llmfoundry_lite.errors import ConfigError, DataError, UserError
 from llmfoundry_lite.registry import dataloaders
 
 IGNORE = -100
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return build_tokenizer(tiny_tokenizer_dir)
 
 
 def write_rows(folder, n_rows, seq=8):

@@ -13,7 +13,6 @@ import torch
 from llmfoundry_lite.data.collators import PreferenceCollator
 from llmfoundry_lite.data.finetuning import hh_rlhf
 from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs, sequence_logps
-from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, DataError
 from llmfoundry_lite.export.lora import apply_lora
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
@@ -25,11 +24,6 @@ from train_utils import ROOT
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 YAML = os.path.join(ROOT, "yamls", "finetune", "mpt-tiny-cpu-dpo.yaml")
 TINY = dict(d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=448)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return build_tokenizer(tiny_tokenizer_dir)
 
 
 def hand_logps(logits, labels):
@@ -192,13 +186,16 @@ def preference_accuracy(model, tok, pairs):
     return (logps[:, 0] > logps[:, 1]).float().mean().item()
 
 
-def dpo_inputs(tok, tmp_path, train_rows, test_rows):
+def dpo_inputs(tok, tmp_path, train_rows, test_rows=()):
+    """A tiny MPT folder (attn_uses_sequence_id false, as saved by default) and a folder of train.jsonl
+    (and test.jsonl) pairs."""
     torch.manual_seed(0)
     MPTForCausalLM(MPTConfig(**TINY)).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     (tmp_path / "data").mkdir()
     for split, rows in (("train", train_rows), ("test", test_rows)):
-        (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if rows:
+            (tmp_path / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp_path / "hf", tmp_path / "data"
 
 

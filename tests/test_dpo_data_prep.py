@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from streaming import StreamingDataset
-from test_dpo import TINY, YAML, dpo_inputs, string_pairs, tok  # noqa: F401  (tok: the tokenizer fixture)
+from test_dpo import TINY, YAML, dpo_inputs, string_pairs
 
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs
@@ -31,7 +31,7 @@ def read_mds(folder):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tok):  # noqa: F811
+def prepared(tmp_path_factory, tok):
     """A start model, JSONL pairs, and their MDS (train with reference log-probabilities, test without)."""
     root = tmp_path_factory.mktemp("dpo_prep")
     hf, data = dpo_inputs(tok, root, string_pairs(48), string_pairs(16, seed=1))
@@ -47,7 +47,7 @@ def prepared(tmp_path_factory, tok):  # noqa: F811
     return hf, data, root / "mds"
 
 
-def test_shards_hold_the_tokenized_pairs_and_the_counts_are_printed(prepared, tok, capsys):  # noqa: F811
+def test_shards_hold_the_tokenized_pairs_and_the_counts_are_printed(prepared, tok, capsys):
     hf, data, mds = prepared
     rows = [json.loads(line) for line in open(data / "train.jsonl")]
     expected = PreferenceDataset(rows, tok, 32)
@@ -66,7 +66,7 @@ def test_shards_hold_the_tokenized_pairs_and_the_counts_are_printed(prepared, to
             "49 written") in out
 
 
-def test_stored_reference_logps_are_the_reference_models(prepared, tok):  # noqa: F811
+def test_stored_reference_logps_are_the_reference_models(prepared, tok):
     hf, _, mds = prepared
     stored = read_mds(mds / "train")
     pairs = [{k: s[k].tolist() for k in ("prompt", "chosen", "rejected")} for s in stored]
@@ -146,7 +146,7 @@ def test_bad_rows_are_named_or_skipped_and_counted(prepared, tmp_path, capsys):
     assert len(read_mds(tmp_path / "lenient" / "train")) == 1
 
 
-def test_reference_logps_of_another_model_are_named_on_the_first_batch(prepared, tok, tmp_path, caplog):  # noqa: F811
+def test_reference_logps_of_another_model_are_named_on_the_first_batch(prepared, tok, tmp_path, caplog):
     from llmfoundry_lite.train import train
     hf, data, mds = prepared
     torch.manual_seed(1)

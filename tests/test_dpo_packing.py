@@ -3,47 +3,28 @@ layout the DPO loss reads (both sides of a pair in one row, sequence ids 2j / 2j
 pair once; its per-pair log-probabilities, loss and metrics outputs equal those of the same pairs
 unpacked (ALiBi and learned positions); a short packed run has fewer rows than pairs and the losses of
 the unpacked run on the same pairs; packing is refused unless the model attends by sequence_id."""
-import json
-import os
 
 import pytest
 import torch
+from test_dpo import TINY, YAML, dpo_inputs
 
 from llmfoundry_lite.data.collators import PreferenceCollator, PreferencePackingCollator
 from llmfoundry_lite.data.loaders import build_dataloader
 from llmfoundry_lite.data.preference import PreferenceDataset, pair_length
-from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 from llmfoundry_lite.train.dpo import ComposerMPTDPO
 
-from train_utils import ROOT, read_losses
+from train_utils import read_losses
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-YAML = os.path.join(ROOT, "yamls", "finetune", "mpt-tiny-cpu-dpo.yaml")
-TINY = dict(d_model=32, n_heads=2, n_layers=2, max_seq_len=64, vocab_size=448)
 WORDS = ["red", "blue", "green", "black", "white", "brown", "pink", "gold"]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return build_tokenizer(tiny_tokenizer_dir)
 
 
 def varied_pairs(n):
     """Distinct string pairs (for n <= 24) of varied lengths: prompts of 1-3 words, rejected replies of 1-2."""
     return [{"prompt": " ".join(WORDS[(i + j) % 8] for j in range(1 + i % 3)), "chosen": f" {WORDS[i % 8]}",
              "rejected": f" {WORDS[(i + 3) % 8]}" + f" {WORDS[(i + 5) % 8]}" * (i % 2)} for i in range(n)]
-
-
-def dpo_inputs(tok, tmp_path, rows):
-    """A tiny MPT folder (attn_uses_sequence_id false, as saved by default) and a folder of train.jsonl pairs."""
-    torch.manual_seed(0)
-    MPTForCausalLM(MPTConfig(**TINY)).save_pretrained(tmp_path / "hf")
-    tok.save_pretrained(tmp_path / "hf")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return tmp_path / "hf", tmp_path / "data"
 
 
 def packed_pairs_in_order(batch, pairs):

@@ -6,16 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from llmfoundry_lite.data import build_dataloader, build_tokenizer
+from llmfoundry_lite.data import build_dataloader
 from llmfoundry_lite.data.convert import TokenizeSpec, convert_hf, convert_json
 from llmfoundry_lite.errors import DataError
 
 EOS = "<|endoftext|>"
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_tokenizer_dir):
-    return build_tokenizer(tiny_tokenizer_dir)
 
 
 def _spec(tokenizer_dir):
