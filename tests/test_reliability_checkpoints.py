@@ -214,3 +214,131 @@ def test_malicious_pytorch_bin_and_remote_code_never_run(hf_folder, marker):
     with pytest.raises(CheckpointError):
         load_hf_model(hf_folder)
     assert not os.path.exists(code_marker)
+
+
+def _evil_checkpoint(tmp_path, layout, marker):
+    """A real checkpoint of tiny_model with a code-running object where Composer keeps callback state
+    (no reader needs that entry: it must be refused all the same)."""
+    model, extra = tiny_model(), {"callbacks": {"Evil": Payload(marker)}}
+    if layout == "sharded":
+        return str(sharded_checkpoint(tmp_path, model, extra_state=extra))
+    path = tmp_path / "evil.pt"
+    torch.save(composer_state(model, extra=extra), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("layout", ["full", "sharded"])
+def test_every_command_refuses_a_code_running_checkpoint(tmp_path, marker, capsys, layout, tiny_tokenizer_dir):
+    """convert, generate (and so chat and serve, which open models the same way), eval and a LoRA adapter
+    on it: exit 2 naming the file, no traceback, nothing executed, nothing written."""
+    import yaml
+    path = _evil_checkpoint(tmp_path, layout, marker)
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text(yaml.safe_dump({
+        "max_seq_len": 32, "device": "cpu", "models": [{"model_name": "m", "load_path": path}],
+        "icl_tasks": [{"label": "lm", "dataset_uri": str(tmp_path / "task.jsonl"), "icl_task_type": "language_modeling"}]}))
+    (tmp_path / "task.jsonl").write_text(json.dumps({"context": "a", "continuation": "b"}) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (["convert", "--composer_path", path, "--hf_output_path", str(tmp_path / "hf")],
+                 ["generate", path, "--prompts", "hi", "--tokenizer", tiny_tokenizer_dir],
+                 ["eval", str(eval_yaml)]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "could run arbitrary code" in err and "Traceback" not in err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_composer_loads_checkpoints_only_through_the_gate(tmp_path, marker, monkeypatch):
+    """What training resumes from is opened by Composer itself (autoresume, load_path, also after a
+    download): with the gate installed, its full-checkpoint loader and its DCP reader refuse a
+    code-running object in a `.pt`, in a shard file's entries and in `.metadata`."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from composer.utils.checkpoint import FileSystemReaderWithValidation, safe_torch_load
+
+    from llmfoundry_lite.export import safe_load
+    from llmfoundry_lite.train.checkpoints import gate_composer_loading
+    monkeypatch.delenv(safe_load.COMPOSER_HOOK, raising=False)
+    monkeypatch.delenv(safe_load.NEXT_VALIDATOR, raising=False)
+    gate_composer_loading()
+    with pytest.raises(CheckpointError, match="could run arbitrary code"):
+        safe_torch_load(_evil_checkpoint(tmp_path, "full", marker))
+    folder = _evil_checkpoint(tmp_path, "sharded", marker)
+    with pytest.raises(dcp.api.CheckpointException) as wrapped:  # as DCP raises it on every rank
+        dcp.load({"state": {"callbacks": {"Evil": None}}}, storage_reader=FileSystemReaderWithValidation(folder),
+                 no_dist=True)
+    assert "could run arbitrary code" in str(safe_load.refusal_inside(wrapped.value))
+    with open(os.path.join(folder, ".metadata"), "wb") as f:
+        pickle.dump(Payload(marker), f)
+    with pytest.raises(CheckpointError, match="refused"):
+        FileSystemReaderWithValidation(folder).read_metadata()
+
+
+def test_a_validator_the_user_set_still_runs_after_ours(tmp_path, monkeypatch):
+    from composer.utils.checkpoint import safe_torch_load
+
+    from llmfoundry_lite.export import safe_load
+    from llmfoundry_lite.train.checkpoints import gate_composer_loading
+    monkeypatch.setenv(safe_load.COMPOSER_HOOK, f"{__name__}.refuse_everything")
+    monkeypatch.delenv(safe_load.NEXT_VALIDATOR, raising=False)
+    gate_composer_loading()
+    path = tmp_path / "ok.pt"
+    torch.save(composer_state(tiny_model()), path)
+    with pytest.raises(ValueError, match="is invalid"):  # Composer's words when a validator says no
+        safe_torch_load(str(path))
+
+
+def refuse_everything(path, specs):
+    return False
+
+
+@pytest.mark.parametrize("layout", ["full", "sharded"])
+def test_corrupt_bytes_are_found_by_the_manifest(tmp_path, capsys, layout):
+    """A checkpoint whose tensor bytes changed after its manifest was written is refused by convert,
+    naming the file; without damage it converts."""
+    from llmfoundry_lite.export import checksums
+    model = tiny_model()
+    if layout == "sharded":
+        path = sharded_checkpoint(tmp_path, model)
+        checksums.write_manifest(str(path), 0)
+        victim = next(path.glob("*.distcp"))
+    else:
+        path = victim = tmp_path / "ckpt.pt"
+        torch.save(composer_state(model), path)
+        checksums.write_manifest(str(path), 0)
+    assert cli.main(["convert", "--composer_path", str(path), "--hf_output_path", str(tmp_path / "ok")]) == 0
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                   # one flipped byte
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(["convert", "--composer_path", str(path), "--hf_output_path", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"{victim.name} holds other bytes than were written" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_code_running_lora_adapter_and_reference_model_are_refused(tmp_path, marker, capsys, tiny_tokenizer_dir,
+                                                                   hf_folder):
+    """A LoRA adapter folder (`--adapter`) and DPO's `--reference_model` whose `.bin` is a code-running
+    pickle: exit 2, nothing executed."""
+    from peft import LoraConfig, get_peft_model
+    adapter = tmp_path / "adapter"
+    get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["Wqkv"])).save_pretrained(
+        str(adapter), safe_serialization=False)
+    torch.save({"base_model.model.transformer.blocks.0.attn.Wqkv.lora_A.weight": Payload(marker)},
+               adapter / "adapter_model.bin")
+    os.remove(os.path.join(hf_folder, "model.safetensors"))
+    torch.save({"transformer.wte.weight": Payload(marker)}, os.path.join(hf_folder, "pytorch_model.bin"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    clean = str(tmp_path / "clean")
+    write_hf_folder(tiny_model().config, tiny_model().state_dict(), clean, log=lambda *_: None)
+    for argv in (["generate", clean, "--adapter", str(adapter), "--prompts", "hi", "--tokenizer", tiny_tokenizer_dir],
+                 ["data-prep", "preference", "--dataset", str(pairs), "--splits", "train", "--out_root",
+                  str(tmp_path / "out"), "--tokenizer", tiny_tokenizer_dir, "--max_seq_len", "16",
+                  "--reference_model", hf_folder]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "could run arbitrary code" in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "out").exists()

@@ -1,15 +1,20 @@
 """Faults in training lose nothing: non-finite steps are skipped and a failing run stops with its last
-good weights saved; partial checkpoints are never resumed from; a save_folder that cannot take a
-checkpoint is refused before training; a full disk is a clear error."""
-import errno
+good weights saved; partial and corrupt checkpoints are never resumed from; a planted checkpoint runs
+no code; another model's checkpoint is named; a save_folder that cannot take a checkpoint is refused
+before training; a really full disk is a clear error that keeps the previous checkpoint."""
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from llmfoundry_lite import cli
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.train.checkpoints import INCOMPLETE, LATEST, is_complete, prepare_autoresume
+from llmfoundry_lite.export import checksums
+from llmfoundry_lite.train.checkpoints import CORRUPT, INCOMPLETE, LATEST, is_complete, prepare_autoresume
 
 import fault_injection  # noqa: F401  (registers the `fault_injection` callback)
 from train_utils import tiny_overrides, write_copy_task
@@ -96,15 +101,31 @@ def test_repeated_nonfinite_steps_stop_with_last_good_weights_saved(copy_data, t
     assert _train(args).state.timestamp.batch.value == 8
 
 
-def test_partial_checkpoints_are_set_aside_and_never_resumed(copy_data, tiny_tokenizer_dir, tmp_path, caplog):
-    """A full run to 6 batches vs one that stopped at 4 (checkpoints 2 and 4), whose newest checkpoint
-    is then cut in half and whose symlink is gone (a kill at the worst moment), relaunched to 6."""
-    straight = _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "straight", max_duration="6ba",
-                                 save_interval="2ba"))
-    args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "crashed", max_duration="6ba", save_interval="2ba",
+@pytest.fixture(scope="module")
+def straight_weights(copy_data, tiny_tokenizer_dir, tmp_path_factory):
+    """The weights of an uninterrupted 6-batch run (checkpoints every 2 batches)."""
+    trainer = _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path_factory.mktemp("straight"), "straight",
+                                max_duration="6ba", save_interval="2ba"))
+    return trainer.state.model.model.state_dict()
+
+
+def _stopped_at_4(copy_data, tokenizer, tmp_path, name):
+    """A run to 6 batches (checkpoints every 2) that stopped after batch 4: (its overrides, its save_folder)."""
+    args = _overrides(copy_data, tokenizer, tmp_path, name, max_duration="6ba", save_interval="2ba",
                       python_log_level="info", save_num_checkpoints_to_keep=-1)
     _train(args + ["max_duration=4ba"])  # the last override wins
-    folder = tmp_path / "crashed"
+    return args, tmp_path / name
+
+
+def _checkpoint_names(folder):
+    return sorted(n for n in os.listdir(folder) if not n.endswith(checksums.SUFFIX))
+
+
+def test_partial_checkpoints_are_set_aside_and_never_resumed(copy_data, tiny_tokenizer_dir, tmp_path, caplog,
+                                                             straight_weights):
+    """A run that stopped at 4 (checkpoints 2 and 4), whose newest checkpoint is then cut in half and
+    whose symlink is gone (a kill at the worst moment), relaunched to 6, equals the straight run."""
+    args, folder = _stopped_at_4(copy_data, tiny_tokenizer_dir, tmp_path, "crashed")
     newest = folder / "ep0-ba4-rank0.pt"
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 2)
@@ -113,8 +134,85 @@ def test_partial_checkpoints_are_set_aside_and_never_resumed(copy_data, tiny_tok
     with caplog.at_level("INFO", logger="llmfoundry_lite"):
         resumed = _train(args)
     assert "not written to the end" in caplog.text and "ep0-ba2-rank0.pt at batch 2" in caplog.text
-    assert len(os.listdir(folder / INCOMPLETE)) == 1      # kept, not deleted
-    assert _equal(straight.state.model.model.state_dict(), resumed.state.model.model.state_dict())
+    assert len(_checkpoint_names(folder / INCOMPLETE)) == 1      # kept, not deleted
+    assert _equal(straight_weights, resumed.state.model.model.state_dict())
+
+
+def _damage_tensor_bytes(path):
+    """Overwrite bytes in the middle of the largest tensor of a `.pt` (torch stores zip records
+    uncompressed, each after a 30-byte local header, its name and extra field): the zip index stays intact."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf:
+        record = max(zf.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(record.header_offset + 30 + name_len + extra_len + record.file_size // 2)
+        f.write(b"\xff" * 64)                               # NaNs in the middle of a tensor
+    assert is_complete(str(path))                           # what the completeness check alone accepts
+
+
+def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_resumed(copy_data, tiny_tokenizer_dir, tmp_path,
+                                                                      caplog, straight_weights):
+    """Damaged tensor bytes in the newest checkpoint (its zip index intact): the relaunch finds them by
+    the checksum manifest written at save time, sets the checkpoint aside, resumes from the one before
+    and ends with the straight run's weights."""
+    args, folder = _stopped_at_4(copy_data, tiny_tokenizer_dir, tmp_path, "damaged")
+    for name in ("ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt"):   # each checkpoint's manifest holds its real hash
+        import xxhash
+        manifest = json.loads((folder / (name + checksums.SUFFIX)).read_text())
+        assert manifest["files"][name]["xxh3_128"] == xxhash.xxh3_128((folder / name).read_bytes()).hexdigest()
+    _damage_tensor_bytes(folder / "ep0-ba4-rank0.pt")
+    with caplog.at_level("INFO", logger="llmfoundry_lite"):
+        resumed = _train(args)
+    assert "ep0-ba4-rank0.pt is corrupt" in caplog.text and "other bytes than were written" in caplog.text
+    assert "ep0-ba2-rank0.pt at batch 2" in caplog.text
+    assert [n.split(".pt")[0] for n in _checkpoint_names(folder / CORRUPT)] == ["ep0-ba4-rank0"]
+    assert _equal(straight_weights, resumed.state.model.model.state_dict())
+
+
+def test_manifests_follow_checkpoint_rotation(copy_data, tiny_tokenizer_dir, tmp_path):
+    _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "keep1", max_duration="4ba", save_interval="1ba",
+                      save_num_checkpoints_to_keep=1))
+    assert sorted(os.listdir(tmp_path / "keep1")) == ["ep0-ba4-rank0.pt", "ep0-ba4-rank0.pt" + checksums.SUFFIX,
+                                                     LATEST]
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_planted_checkpoint_runs_no_code_on_autoresume_or_load_path(copy_data, tiny_tokenizer_dir, tmp_path,
+                                                                    capsys):
+    """A newer `.pt` planted in save_folder (a real checkpoint with a code-running object added) is the
+    one autoresume picks: exit 2 naming it, nothing executed; the same file as load_path, too."""
+    args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "planted", max_duration="2ba", save_interval="2ba")
+    _train(args)
+    folder, marker = tmp_path / "planted", tmp_path / "PWNED"
+    ckpt = torch.load(folder / "ep0-ba2-rank0.pt", weights_only=False)
+    ckpt["state"]["callbacks"]["Payload"] = Payload(marker)
+    torch.save(ckpt, folder / "ep0-ba9-rank0.pt")
+    before = {n: (folder / n).read_bytes() for n in os.listdir(folder) if not (folder / n).is_symlink()}
+    for extra in ([], ["save_folder=null", f"load_path={folder / 'ep0-ba9-rank0.pt'}"]):
+        assert cli.main(["train", TINY_YAML, *args, "max_duration=4ba", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "ep0-ba9-rank0.pt holds pickled objects" in err and "could run arbitrary code" in err
+        assert "Traceback" not in err and not marker.exists()
+    assert {n: (folder / n).read_bytes() for n in before} == before
+
+
+def test_checkpoint_of_another_model_in_save_folder_is_named(copy_data, tiny_tokenizer_dir, tmp_path, capsys):
+    args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "other", max_duration="2ba", save_interval="2ba")
+    _train(args)
+    assert cli.main(["train", TINY_YAML, *args, "max_duration=4ba", "model.d_model=64"]) == 2
+    err = capsys.readouterr().err
+    assert "size mismatch" in err and "a run of another model wrote" in err and "Traceback" not in err
 
 
 def test_prepare_autoresume_on_sharded_folders(tmp_path):
@@ -143,16 +241,45 @@ def test_unwritable_or_full_save_folder_is_refused_before_training(copy_data, ti
         _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "y"))
 
 
-def test_disk_full_while_saving_is_a_clear_error(copy_data, tiny_tokenizer_dir, tmp_path, monkeypatch):
-    from composer.utils import checkpoint
+def _can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1M tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
 
-    from llmfoundry_lite.errors import CheckpointError
 
-    def full(state_dict, filename):
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
-    monkeypatch.setattr(checkpoint, "_write_checkpoint_file", full)
-    with pytest.raises(CheckpointError, match="filled up while writing a checkpoint"):
-        _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "full", max_duration="2ba", save_interval="1ba"))
+def on_a_small_disk(size_bytes: int, folder, command):
+    """`command` in a private mount namespace where `folder` is a fresh tmpfs of `size_bytes`."""
+    if not _can_mount_tmpfs():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the full-disk tests: `unshare --mount` + tmpfs needs root")
+        pytest.skip("`unshare --mount` with a tmpfs is not permitted here (needs root)")
+    os.makedirs(folder, exist_ok=True)
+    script = f'mount -t tmpfs -o size={size_bytes} tmpfs "$1" && shift && exec "$@"'
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(folder), *command],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_full_disk_while_saving_is_a_clear_error(copy_data, tiny_tokenizer_dir, tmp_path):
+    """A real full filesystem: room for one full checkpoint, not two. The second save fails: exit 2,
+    'disk full', no traceback; the first checkpoint is intact (its manifest still matches), and the
+    relaunch on a disk with room again resumes from it."""
+    folder = tmp_path / "small"
+    args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "full", max_duration="4ba", save_interval="2ba",
+                      save_folder=str(folder), python_log_level="info")
+    probe = tmp_path / "probe"
+    _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "probe", max_duration="2ba", save_interval="2ba",
+                      save_folder=str(probe)))
+    one = sum(os.path.getsize(probe / n) for n in os.listdir(probe) if not (probe / n).is_symlink())
+    write_at_end = tmp_path / "copy"
+    # tmpfs keeps the folder only inside the namespace: copy what the run left to look at it afterwards
+    proc = on_a_small_disk(int(one * 1.5), folder, [
+        "sh", "-c", f'"$@"; rc=$?; cp -a {folder} {write_at_end}; exit $rc', "sh",
+        sys.executable, "-m", "llmfoundry_lite.cli", "train", TINY_YAML, *args])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "disk full" in proc.stderr and str(folder) in proc.stderr and "Traceback" not in proc.stderr
+    assert checksums.verify(str(write_at_end / "ep0-ba2-rank0.pt")) == ([], [])
+    assert not is_complete(str(write_at_end / "ep0-ba4-rank0.pt"))
+    assert _train(args + [f"save_folder={write_at_end}"]).state.timestamp.batch.value == 4
 
 
 def test_loss_spikes_are_logged_and_stop_the_run(copy_data, tiny_tokenizer_dir, tmp_path, caplog):

@@ -5,28 +5,26 @@ A checkpoint of `ComposerMPTCausalLM` (a Composer `HuggingFaceModel`) holds the 
 `state.integrations.huggingface` (`{'model': {'config': {'content': {...}}}, 'tokenizer': {file:
 {'file_extension', 'content'}}}`). Two layouts:
 - full: one `.pt` file, opened with `mmap=True` (a tensor is read from disk only when used: the
-  optimizer state never is, and a converter needs memory for one tensor at a time) and
-  `weights_only=True` (plus the few plain types Composer pickles): other objects could run code, so are refused.
+  optimizer state never is, and a converter needs memory for one tensor at a time);
 - sharded: a torch.distributed.checkpoint (DCP) folder (`.metadata` + `__R_N.distcp`); tensors are
   loaded one by one with `no_dist=True`, and only `state.model.*` and `state.integrations.huggingface.*`
-  are read. DCP itself unpickles `.metadata` and non-tensor entries unrestricted; here `.metadata` goes
-  through an allow-list of DCP's own classes and entries through `weights_only=True`: no checkpoint runs code.
+  are read.
+Every pickle in them is read through export/safe_load.py (no checkpoint runs code), and a checkpoint
+with a checksum manifest (export/checksums.py) is verified before it is read.
 """
 from __future__ import annotations
 
-import datetime
-import importlib
 import json
 import os
-import pickle
 import tempfile
 import warnings
-import zipfile
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Set, Tuple
 
 import torch
 
 from llmfoundry_lite.errors import CheckpointError
+from llmfoundry_lite.export import checksums
+from llmfoundry_lite.export.safe_load import check_sharded, load_entry, load_pt, read_metadata, refusal_inside
 from llmfoundry_lite.export.state_dict import check_state_dict
 
 MODEL_PREFIX = "model."
@@ -38,30 +36,6 @@ def is_composer_checkpoint(path: str) -> bool:
     """True for a `.pt` file, a sharded (DCP) folder, or a save_folder with a latest-checkpoint link."""
     return os.path.isfile(path) or any(os.path.exists(os.path.join(path, name))
                                        for name in (".metadata", LATEST, LATEST_SHARDED))
-
-
-def _safe_globals() -> list:
-    """The non-tensor types a Composer checkpoint pickles (timestamps, versions, numpy RNG state)."""
-    import numpy as np
-    multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
-    return [datetime.timedelta, torch.torch_version.TorchVersion, np.ndarray, np.dtype, multiarray._reconstruct,
-            *(type(np.dtype(t)) for t in ("bool", "int32", "int64", "uint32", "uint64", "float32", "float64"))]
-
-
-def _load_pt(path: str) -> Dict[str, Any]:
-    if not zipfile.is_zipfile(path):  # every torch.save since 1.6 (and so every Composer checkpoint) is a zip
-        raise CheckpointError(f"{path} is not a Composer checkpoint (not a torch.save zip archive: truncated, or "
-                              "another kind of file); give a .pt written by `llmfoundry-lite train` (save_folder)")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds pickled objects beyond tensors and plain types "
-                              f"({str(e).splitlines()[0][:300]}); loading it could run arbitrary code, so it is "
-                              "refused. Re-save only the weights of a checkpoint you trust.") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(e).splitlines()[0]}); "
-                              "is it truncated, or not a Composer .pt file?") from None
 
 
 def _strip(name: str) -> Optional[str]:
@@ -78,13 +52,7 @@ def _dcp_load(holder: Dict[str, Any], reader) -> None:
 
     class DataOnlyPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value) -> None:  # DCP's own unpickles with weights_only=False
-            try:
-                with torch.serialization.safe_globals(_safe_globals()):
-                    self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"{read_item.dest_index.fqn} in {reader.path} holds pickled objects beyond "
-                                      f"plain types ({str(e).splitlines()[0][:300]}); refused, since loading "
-                                      "it could run arbitrary code") from None
+            self.state_dict[read_item.dest_index.fqn] = load_entry(value, f"{read_item.dest_index.fqn} in {reader.path}")
 
     # The default planner fills a flattened copy of the dict, which loses the non-tensor values.
     planner = DataOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
@@ -93,45 +61,13 @@ def _dcp_load(holder: Dict[str, Any], reader) -> None:
         try:
             dcp.load(holder, storage_reader=reader, planner=planner, no_dist=True)
         except CheckpointException as e:  # DCP wraps what failed in each rank
-            causes = [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
-            refused = next((c for c in causes if isinstance(c, CheckpointError)), None)
+            refused = refusal_inside(e)
             if refused is not None:
                 raise refused from None
-            raise CheckpointError(f"{reader.path}: a shard cannot be read ({causes[0]!r}); is the checkpoint "
+            cause = next(iter(e.failures.values()))
+            cause = cause[0] if isinstance(cause, tuple) else cause
+            raise CheckpointError(f"{reader.path}: a shard cannot be read ({cause!r}); is the checkpoint "
                                   "truncated or incomplete?") from None
-
-
-# Pure constructors/lookups DCP's .metadata also pickles (storage locations, paths, layouts).
-_METADATA_EXTRAS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-                    ("pathlib", "WindowsPath"), ("torch.serialization", "_get_layout")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP's `.metadata` is a plain pickle: only DCP's metadata classes and torch sizes/dtypes may appear."""
-
-    def find_class(self, module: str, name: str):
-        known = module in ("torch", "pathlib") or module.startswith("torch.")
-        obj = getattr(importlib.import_module(module), name, None) if known else None
-        dcp_class = isinstance(obj, type) and module == "torch.distributed.checkpoint.metadata"
-        torch_value = module == "torch" and (obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout,
-                                                                                    torch.memory_format)))
-        if not (dcp_class or torch_value or (module, name) in _METADATA_EXTRAS):
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
-        return obj
-
-
-def _read_metadata(path: str):
-    """DCP's `.metadata`, read through the allow-list: refused when it would run code when unpickled."""
-    from torch.distributed.checkpoint.metadata import Metadata
-    try:
-        with open(os.path.join(path, ".metadata"), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
-        raise CheckpointError(f"{path}/.metadata is not a plain sharded-checkpoint index ({e}); refused, since "
-                              "loading it could run arbitrary code, or it is truncated") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{path}: unreadable sharded-checkpoint metadata (a {type(metadata).__name__})")
-    return metadata
 
 
 class _DCPWeights(Mapping):
@@ -180,7 +116,8 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = _read_metadata(path)
+    check_sharded(path)
+    metadata = read_metadata(path)
     reader = FileSystemReader(path)
     paths = metadata.planner_data or {}
     fqns, hf_paths, optimizers = {}, {}, set()
@@ -201,21 +138,27 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     return hf_state, _DCPWeights(reader, fqns, metadata), optimizers
 
 
-def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor], Set[str]]:
-    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names, the
-    class names of the optimizers whose state it holds) of a checkpoint; a Composer save_folder opens
-    the checkpoint its latest link points at (file or folder)."""
+def resolve(path: str) -> str:
+    """The checkpoint (file or DCP folder) `path` names: itself, or in a Composer save_folder the one its
+    latest link points at."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, ".metadata")):
         latest = [os.path.join(path, name) for name in (LATEST, LATEST_SHARDED) if os.path.exists(os.path.join(path, name))]
         path = os.path.realpath(latest[0]) if latest else path
+    return path
+
+
+def _open(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor], Set[str]]:
+    """(huggingface integration metadata, lazy name -> tensor mapping with HF parameter names, the
+    class names of the optimizers whose state it holds) of a checkpoint (see `resolve`)."""
+    path = resolve(path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise CheckpointError(f"{path} is a folder without .metadata: not a sharded Composer checkpoint")
         return _open_dcp(path)
-    ckpt = _load_pt(path)
+    ckpt = load_pt(path)
     state = ckpt.get("state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a Composer checkpoint (no state.model); "
@@ -272,6 +215,7 @@ def read_composer_checkpoint(path: str) -> Checkpoint:
     peft's names, `base_model.model.<MPT name>`, a targeted layer's weight under `.base_layer.`)."""
     from llmfoundry_lite.models import MPTConfig
 
+    checksums.check(resolve(path))
     hf_state, weights, _ = _open(path)
     try:
         content = dict(hf_state["model"]["config"]["content"])
@@ -311,12 +255,13 @@ def load_composer_checkpoint(path: str):
     return model.eval(), tokenizer
 
 
-def check_resumable(path: str, model, optimizer, weights_only: bool) -> None:
-    """Before a run loads `path` (`load_path`): the checkpoint holds this model's weights and, for a
-    full resume, state of this run's optimizer. Composer would otherwise fail deep inside loading, or
-    silently start the optimizer afresh."""
+def check_resumable(path: str, model, optimizer, weights_only: bool,
+                    fix: str = "set the model keys to those of the run that saved it") -> None:
+    """Before a run loads `path` (`load_path`, or the checkpoint autoresume chose): the checkpoint holds
+    this model's weights and, for a full resume, state of this run's optimizer. Composer would otherwise
+    fail deep inside loading, or silently start the optimizer afresh."""
     _, weights, optimizers = _open(path)
-    check_state_dict(model, weights, path, "set the model keys to those of the run that saved it")
+    check_state_dict(model, weights, path, fix)
     name = type(optimizer).__name__
     if not weights_only and name not in optimizers:
         raise CheckpointError(f"{path} holds the state of optimizer {sorted(optimizers) or 'none'}, this run uses "

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export.remote_code import CUSTOM_MODEL_TYPE
+from llmfoundry_lite.export.safe_load import pickle_refusal, refused
 from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import read_json_file
 
@@ -85,6 +86,8 @@ def load_hf_model(path_or_name: str, **kwargs):
         model, info = MPTForCausalLM.from_pretrained(folder, config=config, output_loading_info=True,
                                                      ignore_mismatched_sizes=True, **loading)
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:  # truncated, unreadable
+        if pickle_refusal(e):
+            raise refused(f"a weights file in {folder}", e) from None
         detail = " ".join(line.strip() for line in str(e).splitlines()[:3])[:500]
         raise CheckpointError(f"cannot load the weights in {folder}: {detail}") from None
     # what the folder held, from transformers' report (name -> tensor, or shape; None: unknown or irrelevant);

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
 from llmfoundry_lite.config import Positive, Rule, cross, join, rule
 from llmfoundry_lite.errors import CheckpointError, ConfigError, UserError
+from llmfoundry_lite.export.safe_load import pickle_refusal, refused
 
 ATTENTION_TARGETS = ("Wqkv", "Wq", "Wk", "Wv", "out_proj")
 FFN_TARGETS = ("up_proj", "gate_proj", "down_proj")
@@ -150,9 +152,11 @@ def apply_lora(model, peft_config: Optional[Dict[str, Any]], pretrained_lora_id_
         if is_peft(model):
             raise UserError(f"{where}: the model already has LoRA adapters (a LoRA run's checkpoint, or "
                             "pretrained_lora_id_or_path); give a base model to apply an adapter to")
-        try:
+        try:  # peft reads an adapter_model.bin with torch.load(weights_only=True)
             return PeftModel.from_pretrained(model, pretrained_lora_id_or_path, is_trainable=trainable)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
+            if pickle_refusal(e):
+                raise refused(f"{where}: {pretrained_lora_id_or_path}", e) from None
             reason = " ".join(str(e).split())[:400]
             raise ConfigError([f"{where}: cannot apply the adapter {pretrained_lora_id_or_path} to this model "
                                f"({reason}); is it an adapter trained on this base model?"]) from None

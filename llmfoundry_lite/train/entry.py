@@ -15,14 +15,24 @@ import warnings
 from typing import Mapping, Sequence, Union
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
-from llmfoundry_lite.errors import ConfigError, DataError, UserError
-from llmfoundry_lite.export.composer_checkpoint import check_resumable
+from llmfoundry_lite.errors import CheckpointError, ConfigError, DataError, UserError
+from llmfoundry_lite.export.composer_checkpoint import check_resumable, resolve
 from llmfoundry_lite.export.lora import base_model, is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
-from llmfoundry_lite.train.checkpoints import LATEST, check_save_folder, disk_full_error, prepare_autoresume
+from llmfoundry_lite.export.safe_load import refusal_inside
+from llmfoundry_lite.train.checkpoints import (
+    LATEST,
+    ChecksumManifests,
+    check_save_folder,
+    checkpoint_write_error,
+    corruption,
+    gate_composer_loading,
+    prepare_autoresume,
+)
 from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
 from llmfoundry_lite.train.dpo import ComposerMPTDPO, FrozenReference, pairs_in_batch
 from llmfoundry_lite.train.parallel import on_meta
@@ -94,14 +104,15 @@ def fit(tc: TrainConfig):
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
     prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None, seed=tc.seed)
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
-    save_folder = _prepare_save_folder(tc, model)
+    save_folder, resume_from = _prepare_save_folder(tc, model)
     _log_parameters(model)
     # only what trains (all of it, or LoRA's adapters): frozen weights get no optimizer state
     optimizer = tc.optimizer.build([p for p in model.parameters() if p.requires_grad])
-    if tc.load_path and os.path.exists(tc.load_path):  # a local checkpoint: refuse another model's up front
-        check_resumable(tc.load_path, model.model, optimizer, tc.load_weights_only)
+    _check_what_loads(tc, model, optimizer, save_folder, resume_from)
     meta_under_fsdp = fsdp is not None and on_meta(model)
-    with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext():
+    gate_composer_loading()
+    with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext(), \
+            _refusals_unwrapped():
         trainer = Trainer(
             model=model, train_dataloader=(DataSpec(train_dataloader, get_num_samples_in_batch=pairs_in_batch)
                                            if loss_fn == "dpo" else train_dataloader),
@@ -117,6 +128,7 @@ def fit(tc: TrainConfig):
             **{k: getattr(tc, k) for k in TRAINER_KEYS})
     if fsdp is not None:
         average_gradients_on_gloo(trainer.state.model)
+    _add_after_saver(trainer, ChecksumManifests)
     _log_resume(tc, trainer, save_folder)
     if loss_fn == "dpo" and (tc.load_path or trainer.state.timestamp.batch.value):  # not at the start
         model.check_stored_reference = False
@@ -124,9 +136,13 @@ def fit(tc: TrainConfig):
         trainer.eval()
     try:
         trainer.fit()
-    except OSError as e:
-        raise (disk_full_error(e, save_folder) or e) from None
-    except RuntimeError as e:  # gloo/NCCL: a peer process (another rank or node) went away mid-collective
+    except (OSError, RuntimeError, CheckpointException) as e:
+        full = checkpoint_write_error(e, save_folder)
+        if full is not None:
+            raise full from None
+        if not isinstance(e, RuntimeError):
+            raise
+        # gloo/NCCL: a peer process (another rank or node) went away mid-collective
         if isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in _LOST_PEER):
             where = (f"autoresume continues from the last complete checkpoint in {save_folder}"
                      if tc.autoresume_enabled() else "set run_name and save_folder to be able to resume such a run")
@@ -200,21 +216,56 @@ class PeerLost(UserError):
 
 
 def _prepare_save_folder(tc: TrainConfig, model):
-    """Check that save_folder can take a checkpoint, and (autoresume) set aside incomplete ones.
-
-    Runs on global rank 0 before the Trainer exists; the other ranks wait. Returns the folder."""
+    """Check that save_folder can take a checkpoint (global rank 0) and (autoresume) choose the checkpoint
+    to resume from (every rank). Returns (the folder, the checkpoint or None)."""
     from composer.utils import dist, format_name_with_dist
     if not tc.save_folder:
-        return None
+        return None, None
     folder = format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
-    if dist.get_global_rank() == 0 and "{" not in folder:
+    if "{" in folder:
+        return folder, None
+    if dist.get_global_rank() == 0:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         check_save_folder(folder, weights if tc.save_weights_only else weights + 2 * trained)  # + 2 Adam moments
-        if tc.autoresume_enabled():
-            prepare_autoresume(folder)
     dist.barrier()
-    return folder
+    return folder, prepare_autoresume(folder) if tc.autoresume_enabled() else None
+
+
+def _check_what_loads(tc: TrainConfig, model, optimizer, save_folder, resume_from) -> None:
+    """Before Composer loads a local checkpoint: it is intact (checksums, all ranks sharing the work) and
+    holds this model's weights and optimizer, so that another model's checkpoint is named, not a traceback."""
+    if resume_from is not None:
+        check_resumable(resume_from, model.model, optimizer, weights_only=False,
+                        fix=f"it is in save_folder {save_folder}, which a run of another model wrote: choose another "
+                            "save_folder or run_name, or set the model keys to those of that run")
+    elif tc.load_path and os.path.exists(tc.load_path):
+        problems = corruption(resolve(tc.load_path))
+        if problems:
+            raise CheckpointError(f"load_path {tc.load_path} is corrupt: {'; '.join(problems)}. It changed after it "
+                                  "was written (a bad disk or copy); use an earlier checkpoint")
+        check_resumable(tc.load_path, model.model, optimizer, tc.load_weights_only)
+
+
+@contextlib.contextmanager
+def _refusals_unwrapped():
+    """A checkpoint refused while Composer loads a sharded one reaches us wrapped in DCP's
+    CheckpointException (a BaseException): raise our CheckpointError itself."""
+    try:
+        yield
+    except CheckpointException as e:
+        refused = refusal_inside(e)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _add_after_saver(trainer, callback) -> None:
+    """Append `callback(saver)` to run after Composer's CheckpointSaver on the same events."""
+    from composer.callbacks import CheckpointSaver
+    saver = next((cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)), None)
+    if saver is not None:
+        trainer.state.callbacks.append(callback(saver))
 
 
 def _raise_if_stopped(trainer, save_folder) -> None:
