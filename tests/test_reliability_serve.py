@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmfoundry_lite.inference.serve import MAX_BODY_BYTES, Endpoint, Limits, RequestError, make_server
+from llmfoundry_lite.inference.serve import MAX_BODY_BYTES, MAX_JSON_DEPTH, Endpoint, Limits, RequestError, make_server
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -56,16 +56,22 @@ def exchange(srv, data: bytes, timeout=10.0, pause_after=None) -> bytes:
 
 
 def status_of(response: bytes) -> int:
-    if response.startswith(b"<!DOCTYPE"):  # http.server answers an unparseable request line as HTTP/0.9
-        return int(response.split(b"Error code: ", 1)[1][:3])
-    assert response.startswith(b"HTTP/1."), response[:200]
+    assert response.startswith(b"HTTP/1."), response[:200]  # a status line even for a garbled request
     return int(response.split(b" ", 2)[1])
+
+
+def json_of(response: bytes):
+    """The JSON body of a response (which must have one, of its Content-Length)."""
+    head, body = response.split(b"\r\n\r\n", 1)
+    head += b"\r\n"
+    assert b"\r\nContent-Type: application/json\r\n" in head and b"\r\nContent-Length: %d\r\n" % len(body) in head, head
+    return json.loads(body)
 
 
 def post(srv, body: bytes, headers: bytes = b"") -> tuple:
     """(status, parsed JSON body) of a POST with a correct Content-Length."""
     resp = exchange(srv, b"POST / HTTP/1.1\r\nContent-Type: application/json\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), headers, body))
-    return status_of(resp), json.loads(resp.split(b"\r\n\r\n", 1)[1])
+    return status_of(resp), json_of(resp)
 
 
 def assert_healthy(srv):
@@ -137,14 +143,107 @@ def test_adversarial_body_gets_400(server, name):
     (b"\x00\x01\x02 garbage\r\n\r\n", 400),
     (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n", 431),
     (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"PUT / HTTP/1.1\r\n\r\n", 501),                                      # http.server's answer to other methods
+    (b"GET /health HTTP/2.0\r\n\r\n", 505),
+    (b"GET / HTTP/1.1 " + b"x" * 60_000 + b"\r\n\r\n", 400),                 # quoted in http.server's message
+    (b"PUT / HTTP/1.1\r\n\r\n", 405),
 ])
-def test_broken_requests_get_an_error_status(server, request_bytes, expected):
+def test_broken_requests_get_a_json_error(server, request_bytes, expected):
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
         s.sendall(request_bytes)
         s.shutdown(socket.SHUT_WR)  # EOF: a body shorter than its Content-Length ends here
-        resp = s.recv(65536)
-    assert status_of(resp) == expected
+        resp = b"".join(iter(lambda: s.recv(65536), b""))
+    answer = json_of(resp)
+    assert status_of(resp) == expected and answer["error"] and answer["field"], answer
+    assert len(resp) < 2000  # http.server quotes the request line in some messages: they are cut short
+    assert_healthy(server)
+
+
+def lists_in_input_string(depth: int) -> bytes:
+    """A body whose input_string holds `depth` - 2 empty lists one inside another: `depth` levels in all."""
+    return b'{"input_data": {"input_string": ' + b"[" * (depth - 2) + b"]" * (depth - 2) + b"}}"
+
+
+DEEP = {
+    "unterminated, in input_data": b'{"input_data": ' + b"[" * 100_000,  # deeper than the parser's stack
+    # well-formed and within the parser's stack, but deep enough to make the checks recurse
+    "well-formed list as temperature": b'{"input_data": {"input_string": ["hi"], "parameters": {"temperature": '
+                                      + b"[" * 900 + b"]" * 900 + b"}}}",
+    "well-formed objects as top_k": b'{"input_data": {"input_string": ["hi"], "parameters": {"top_k": '
+                                    + b'{"a": ' * 900 + b"1" + b"}" * 900 + b"}}}",
+    "one level too deep": lists_in_input_string(MAX_JSON_DEPTH + 1),
+}
+
+
+@pytest.mark.parametrize("name", DEEP)
+def test_deeply_nested_json_is_a_400_naming_it(server, name):
+    status, body = post(server, DEEP[name])
+    assert (status, body["field"]) == (400, "body") and "nested deeper than" in body["error"], body
+    assert_healthy(server)
+
+
+def test_nesting_up_to_the_limit_is_checked_as_usual(server):
+    status, body = post(server, lists_in_input_string(MAX_JSON_DEPTH))
+    assert (status, body["field"]) == (400, "input_data.input_string"), body
+
+
+@pytest.mark.parametrize("method", [b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT", b"get", b"FOO\x00"])
+def test_other_methods_get_a_json_405_with_allow(server, method):
+    resp = exchange(server, method + b" / HTTP/1.1\r\nHost: t\r\n\r\n")
+    answer = json_of(resp)
+    assert status_of(resp) == 405 and b"\r\nAllow: GET, HEAD, POST\r\n" in resp, resp
+    assert answer["field"] == "method" and "not allowed" in answer["error"], answer
+    assert_healthy(server)
+
+
+def test_head_is_get_without_a_body(server):
+    for path, status in ((b"/health", 200), (b"/nope", 404)):
+        get, head = (exchange(server, m + b" " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n") for m in (b"GET", b"HEAD"))
+        assert status_of(head) == status_of(get) == status and json_of(get)
+        (head_headers, head_body), get_body = head.split(b"\r\n\r\n", 1), get.split(b"\r\n\r\n", 1)[1]
+        assert head_body == b"" and b"\r\nContent-Length: %d\r\n" % len(get_body) in head_headers + b"\r\n"
+    assert_healthy(server)
+
+
+# ---- sampling values at the edges of their ranges ---------------------------------------------------
+
+TINY = 5e-324  # the smallest positive float: `0 < v` accepts it
+
+
+@pytest.mark.parametrize("parameters", [
+    {"temperature": TINY}, {"temperature": 1e-30}, {"temperature": 100},
+    {"repetition_penalty": TINY}, {"repetition_penalty": 1e-30}, {"repetition_penalty": 10},
+    {"repetition_penalty": TINY, "temperature": TINY}, {"top_p": TINY}, {"top_k": 2 ** 62},
+], ids=json.dumps)
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_accepted_extreme_sampling_values_generate(server, parameters, do_sample):
+    prompt = "the meaning of life is"
+    request = {"input_data": {"input_string": [prompt], "parameters": {
+        **parameters, "do_sample": do_sample, "max_new_tokens": 3, "seed": 1}}}
+    status, body = post(server, json.dumps(request).encode())
+    assert status == 200 and body[0]["0"].startswith(prompt) and len(body[0]["0"]) > len(prompt), body
+    if parameters.get("temperature") == TINY:  # so cold that sampling is greedy, token for token
+        request["input_data"]["parameters"]["do_sample"] = False
+        assert post(server, json.dumps(request).encode()) == (200, body)
+    assert_healthy(server)
+
+
+accepted_options = st.fixed_dictionaries({}, optional={
+    "temperature": st.floats(0, 100, exclude_min=True),
+    "repetition_penalty": st.floats(0, 10, exclude_min=True),
+    "top_p": st.none() | st.floats(0, 1, exclude_min=True),
+    "top_k": st.none() | st.integers(0, 2 ** 62),
+    "do_sample": st.booleans(),
+    "seed": st.none() | st.integers(0, 2 ** 63 - 1),
+    "max_new_tokens": st.integers(1, LIMITS.max_new_tokens)})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parameters=accepted_options)
+def test_every_accepted_sampling_value_generates(endpoint, parameters):
+    prompts = ["the meaning of life is", "if"]
+    body = {"input_data": {"input_string": prompts, "parameters": parameters}}
+    result = endpoint.answer(json.dumps(body).encode())  # neither a 400 nor a 500
+    assert [result[0][str(i)][:len(p)] for i, p in enumerate(prompts)] == prompts
 
 
 def test_oversized_payload_is_refused_before_it_is_read(server):

@@ -2,7 +2,8 @@
 
 Prompts are sorted by length and cut into batches of `max_batch_size`, each left-padded so that every
 row's last prompt token sits in the same column and decoding can continue from the KV cache for the
-whole batch at once. Decoding is `model.generate` (transformers' GenerationMixin over our cache).
+whole batch at once. Decoding is `model.generate` (transformers' GenerationMixin over our cache); the
+repetition penalty and temperature are our own logits processor, finite for every accepted value.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Annotated, List, Optional, Sequence, Tuple
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from llmfoundry_lite.config import Rule, check
 from llmfoundry_lite.errors import UserError
@@ -78,17 +80,41 @@ class SamplingOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)}).checked()
 
 
+class _PenaltyAndTemperature(LogitsProcessor):
+    """transformers' repetition penalty and temperature, finite for every value `SamplingOptions` accepts.
+
+    Theirs divide float32 logits: by a tiny penalty or temperature (1e-30) a logit overflows to inf and
+    softmax gives NaN (inf - inf); below 1e-45 the divisor itself rounds to 0. Here the logits are
+    float64, a penalty is at least 1e-250 (a float32 logit over it stays finite, and still outweighs
+    every other logit by a factor of 1e200, as over any smaller penalty), and the best logit is shifted
+    to 0 before dividing by the temperature: it stays 0, the others fall to -inf at worst, so a tiny
+    temperature samples exactly the greedy token."""
+
+    def __init__(self, penalty: float, temperature: float):
+        self.penalty, self.temperature = max(penalty, 1e-250), temperature
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        x = scores.double()
+        if self.penalty != 1.0:  # the logit of a token already in the text: > 0 divided by the penalty, < 0 multiplied
+            seen = x.gather(1, input_ids)
+            x = x.scatter(1, input_ids, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+        return ((x - x.max(dim=-1, keepdim=True).values) / self.temperature).float()
+
+
 def generation_kwargs(tokenizer, options: SamplingOptions, eos_token_id=None) -> dict:
-    """Keyword arguments for `model.generate`; sampling knobs are passed only when sampling."""
-    kw = dict(max_new_tokens=options.max_new_tokens, do_sample=options.do_sample,
-              repetition_penalty=options.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-              eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
-    if options.do_sample:
-        kw.update(temperature=options.temperature, top_k=options.top_k or 0,
-                  top_p=1.0 if options.top_p is None else options.top_p)
-    else:  # greedy: make sure no sampling default from the model's generation_config sneaks in
-        kw.update(temperature=None, top_k=None, top_p=None)
-    return kw
+    """Keyword arguments for `model.generate`: the sampling knobs as logits processors of ours (top-k and
+    top-p are transformers' own, after the temperature), transformers' knobs switched off (None: also
+    those a model's generation_config sets)."""
+    sampling = options.do_sample
+    processors = [_PenaltyAndTemperature(options.repetition_penalty, options.temperature if sampling else 1.0)]
+    if sampling and options.top_k:
+        processors.append(TopKLogitsWarper(options.top_k))
+    if sampling and options.top_p is not None and options.top_p < 1:
+        processors.append(TopPLogitsWarper(options.top_p))
+    return dict(max_new_tokens=options.max_new_tokens, do_sample=sampling,
+                logits_processor=LogitsProcessorList(processors), temperature=None, top_k=None, top_p=None,
+                repetition_penalty=None, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
 
 
 def overlong(tokenizer, prompts: Sequence[str], max_new_tokens: int, max_seq_len: int) -> List[Tuple[int, str]]:

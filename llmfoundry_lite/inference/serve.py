@@ -3,12 +3,13 @@
     POST /  (or /score)  {"input_data": {"input_string": ["the meaning of life is"],
                           "parameters": {"temperature": 0.5, "top_p": 0.5, "max_new_tokens": 10, "do_sample": true}}}
     -> 200 [{"0": "the meaning of life is ..."}]        (one key per input string, in order)
-    GET /health -> 200 {"status": "ok", ...}
+    GET /health -> 200 {"status": "ok", ...}            (HEAD: the same without the body; other methods: 405)
 
 Standard library only (`http.server`). Each connection gets a thread that validates the request and
 puts it on a bounded queue (full -> 503); ONE worker thread owns the model and answers the queue in
 order, so concurrent requests never share model state. Every bad request gets a 4xx JSON body
-`{"error": message, "field": dotted.path}` naming the offending field.
+`{"error": message, "field": dotted.path}` naming the offending field, also those that http.server
+itself refuses (a garbled request line, oversized headers).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import queue
 import sys
 import threading
 from dataclasses import dataclass, field, fields, replace
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, List, Optional
 
@@ -28,6 +30,8 @@ from llmfoundry_lite.inference.loading import add_model_arguments, open_model
 from llmfoundry_lite.registry import did_you_mean
 
 MAX_BODY_BYTES = 1 << 20
+MAX_JSON_DEPTH = 16  # arrays/objects one inside another; a request needs 3
+METHODS = ("GET", "HEAD", "POST")  # any other: 405
 _BUSY = json.dumps({"error": "server busy: too many open connections; retry later", "field": "connection"}).encode()
 BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                  b"Connection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
@@ -50,15 +54,28 @@ class Limits:
     max_connections: int = 64           # open connections (one thread each); more -> 503 at once
 
 
+def _nested_deeper_than(value, limit: int) -> bool:
+    """Whether JSON `value` has more than `limit` arrays/objects one inside another (level by level: no recursion)."""
+    level = [value]
+    for _ in range(limit):
+        level = [v for c in level if isinstance(c, (list, dict)) for v in (c.values() if isinstance(c, dict) else c)]
+    return any(isinstance(c, (list, dict)) for c in level)
+
+
 def parse_request(body: bytes, limits: Limits, defaults: SamplingOptions):
     """(prompts, SamplingOptions: `defaults` updated by the request) from a body, or RequestError naming the bad field.
 
     Token lengths are checked later, by the worker: HF fast tokenizers must not be used by two
     threads at once ("Already borrowed"), so only the worker thread touches the tokenizer."""
+    too_deep = RequestError(400, "body", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit ints, deep nesting
+    except RecursionError:  # deeper than the parser's stack
+        raise too_deep from None
+    except ValueError as e:  # bad UTF-8 or JSON, 4300+ digit ints
         raise RequestError(400, "body", f"malformed JSON: {str(e)[:200]}") from None
+    if _nested_deeper_than(data, MAX_JSON_DEPTH):  # the checks below would recurse over what the parser accepts
+        raise too_deep
     if not isinstance(data, dict) or "input_data" not in data:
         raise RequestError(400, "input_data", 'expected {"input_data": {"input_string": [...], "parameters": {...}}}')
     for key in data:
@@ -151,18 +168,42 @@ class Endpoint:
 
 class _Handler(BaseHTTPRequestHandler):
     server: "EndpointServer"
+    # http.server answers a request line it cannot parse as HTTP/0.9: a bare body, no status line or headers
+    default_request_version = "HTTP/1.0"
 
     def setup(self):
         self.timeout = self.server.endpoint.limits.client_timeout_s  # socket timeout for every read
         super().setup()
 
-    def _send(self, status: int, payload) -> None:
+    def _send(self, status: int, payload, headers=()) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (garbled request line, oversized headers, ...) as JSON too."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        message = (message or HTTPStatus(code).phrase)[:200]  # some quote the whole request line
+        self._send(code, {"error": message, "field": {414: "path", 431: "headers"}.get(code, "request line")})
+
+    def parse_request(self) -> bool:
+        """http.server's reading of the request line and headers, then 405 for a method not in METHODS
+        (where http.server would answer 501, for want of a `do_<METHOD>`)."""
+        if not super().parse_request():
+            return False
+        if self.command not in METHODS:
+            self.close_connection = True  # its body, if any, is not read
+            self._send(405, {"error": f"method {self.command[:20]!r} not allowed; use GET /health or POST /",
+                             "field": "method"}, [("Allow", ", ".join(METHODS))])
+            return False
+        return True
 
     def do_GET(self):
         if self.path.rstrip("/") != "/health":
@@ -170,6 +211,8 @@ class _Handler(BaseHTTPRequestHandler):
         ep = self.server.endpoint
         self._send(200, {"status": "ok", "queued": ep.jobs.qsize(), "served": ep.served,
                          "max_seq_len": ep.model.config.max_seq_len})
+
+    do_HEAD = do_GET  # `_send` leaves the body out
 
     def do_POST(self):
         try:
