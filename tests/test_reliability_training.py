@@ -5,7 +5,6 @@ before training; a really full disk is a clear error that keeps the previous che
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from llmfoundry_lite.export import checksums
 from llmfoundry_lite.train.checkpoints import CORRUPT, INCOMPLETE, LATEST, is_complete, prepare_autoresume
 
 import fault_injection  # noqa: F401  (registers the `fault_injection` callback)
+from mounts import in_private_mounts, small_disk
 from train_utils import tiny_overrides, write_copy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,24 +241,6 @@ def test_unwritable_or_full_save_folder_is_refused_before_training(copy_data, ti
         _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "y"))
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1M tmpfs /mnt"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
-def on_a_small_disk(size_bytes: int, folder, command):
-    """`command` in a private mount namespace where `folder` is a fresh tmpfs of `size_bytes`."""
-    if not _can_mount_tmpfs():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must run the full-disk tests: `unshare --mount` + tmpfs needs root")
-        pytest.skip("`unshare --mount` with a tmpfs is not permitted here (needs root)")
-    os.makedirs(folder, exist_ok=True)
-    script = f'mount -t tmpfs -o size={size_bytes} tmpfs "$1" && shift && exec "$@"'
-    return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(folder), *command],
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_full_disk_while_saving_is_a_clear_error(copy_data, tiny_tokenizer_dir, tmp_path):
     """A real full filesystem: room for one full checkpoint, not two. The second save fails: exit 2,
     'disk full', no traceback; the first checkpoint is intact (its manifest still matches), and the
@@ -271,8 +253,8 @@ def test_full_disk_while_saving_is_a_clear_error(copy_data, tiny_tokenizer_dir, 
                       save_folder=str(probe)))
     one = sum(os.path.getsize(probe / n) for n in os.listdir(probe) if not (probe / n).is_symlink())
     write_at_end = tmp_path / "copy"
-    # tmpfs keeps the folder only inside the namespace: copy what the run left to look at it afterwards
-    proc = on_a_small_disk(int(one * 1.5), folder, [
+    # the tmpfs lives only inside the namespace: copy what the run left there, to look at it afterwards
+    proc = in_private_mounts(small_disk(folder, int(one * 1.5)), [
         "sh", "-c", f'"$@"; rc=$?; cp -a {folder} {write_at_end}; exit $rc', "sh",
         sys.executable, "-m", "llmfoundry_lite.cli", "train", TINY_YAML, *args])
     assert proc.returncode == 2, proc.stderr[-3000:]
