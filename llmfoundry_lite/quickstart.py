@@ -14,6 +14,10 @@ Every step but the last is an ordinary command, printed before it runs and in th
 be repeated by hand. A finished step is recorded in `<out_dir>/.steps/<name>.json` with its command and
 reused by a re-run with the same command; once a step runs again, so do all later ones, so the outputs
 never mix two runs. An interrupted training run continues from its last checkpoint (autoresume).
+
+The out_dir's `.llmfoundry_lite.json` lists what the quickstart writes there (`outputs`); a re-run
+replaces only those. A folder without it (a user's, or one of an older version) is refused before any
+work unless `--overwrite`, which replaces those entries and keeps every other file.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +34,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.files import atomic_write
+from llmfoundry_lite.files import atomic_write, claim_folder, remove_entries
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_YAML = "yamls/pretrain/mpt-tiny-cpu.yaml"
@@ -39,6 +42,7 @@ EVAL_YAML = "yamls/eval/mpt-tiny.yaml"
 RUN_NAME = "mpt-tiny-cpu"          # the YAML's run_name: checkpoints go to <out>/checkpoints/<run_name>
 SEQ_LEN = 128                      # the YAML's max_seq_len: MDS rows are exactly this long
 PROMPTS = ["Return the number of", "This module provides", "Raise ValueError if"]
+WRITER = "quickstart"              # named in the out_dir's manifest (files.py)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class Step:
     name: str
     title: str
     argv: List[str]
-    outputs: List[str]                  # paths the step writes (removed before a fresh run)
+    outputs: List[str]                  # paths the step writes (removed before a fresh run; in the manifest)
     env: Dict[str, str] = field(default_factory=dict)
     resumable: bool = False             # an interrupted run is continued, not restarted
 
@@ -85,6 +89,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num_procs", type=int, default=2,
                         help="training processes for the composer launcher (default: %(default)s)")
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing finished ones")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="use an --out_dir the quickstart did not write: its corpus/, tokenizer/, data/train/, "
+                             "data/val/, checkpoints/mpt-tiny-cpu/, logs/, eval/, hf/, .steps/, loss.png and "
+                             "summary.txt are replaced, every other file is kept")
 
 
 def plan(paths: SimpleNamespace, size: Size, max_duration: str, num_procs: int) -> List[Step]:
@@ -131,10 +139,22 @@ def _repo_file(rel: str) -> str:
     return rel if os.path.abspath(rel) == str(REPO / rel) else str(REPO / rel)
 
 
+def outputs(paths: SimpleNamespace, steps: List[Step]) -> List[str]:
+    """Every entry the quickstart writes in its out_dir, relative to it: what its manifest lists."""
+    written = [p for step in steps for p in step.outputs] + [paths.logs, paths.plot, paths.summary]
+    return sorted({os.path.relpath(p, paths.out) for p in written} | {".steps"})
+
+
 def run(args) -> int:
     size = SIZES["tiny" if args.tiny else "full"]
     paths = layout(args.out_dir)
     steps = plan(paths, size, args.max_duration or size.max_duration, args.num_procs)
+    # before any work: the out_dir is new, empty or the quickstart's own (else --overwrite)
+    names = outputs(paths, steps)
+    ours = claim_folder(paths.out, WRITER, "--out_dir", args.overwrite, names,
+                        overwrite_does=f"the quickstart replaces its own entries there ({', '.join(names)})")
+    if args.overwrite:  # entries of our names that the quickstart did not write: replaced, never reused
+        remove_entries(paths.out, set(names) - ours)
     state_dir = os.path.join(paths.out, ".steps")
     os.makedirs(state_dir, exist_ok=True)
     started = time.time()
@@ -149,13 +169,11 @@ def run(args) -> int:
             print("(done before: reused; pass --fresh to redo everything)", flush=True)
             seconds[step.name] = record.get("seconds", 0.0)
             continue
+        # continue an interrupted run of this very command, unless --fresh or an earlier step was redone
+        resume = same and step.resumable and not redo
         redo = True  # every later step follows this one, so outputs never mix two runs
-        if not (same and step.resumable):  # a fresh run: remove what an earlier one wrote
-            for path in step.outputs:
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
+        if not resume:  # a fresh run: remove what an earlier one wrote (listed in the manifest)
+            remove_entries(paths.out, [os.path.relpath(p, paths.out) for p in step.outputs])
         _write_record(state_dir, step.name, {"argv": step.argv, "done": False})
         t0 = time.time()
         log_path = os.path.join(paths.logs, f"{step.name}.log")

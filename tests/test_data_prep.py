@@ -125,7 +125,7 @@ def test_text_folder_conversion_resumes(tiny_tokenizer_dir, tmp_path, docs):
     spec = TokenizeSpec(tiny_tokenizer_dir, concat_tokens=16, eos_text=EOS)
     out = tmp_path / "out"
     first = convert_text(str(src), str(out), spec, files_per_group=4)
-    assert sorted(os.listdir(out)) == [".done", "group_00000", "group_00001", "group_00002", "index.json", "plan.json"]
+    assert sorted(os.listdir(out)) == [".done", ".llmfoundry_lite.json", "group_00000", "group_00001", "group_00002", "index.json", "plan.json"]
     tok = build_tokenizer(tiny_tokenizer_dir)
     expected = sum((expected_rows(tok, docs[g:g + 4], 16) for g in (0, 4, 8)), [])
     ds = StreamingTextDataset(tok, 16, local=str(out))

@@ -1,9 +1,9 @@
 """`llmfoundry-lite data-prep <what> ...`: tokenizers and MDS shards, with llm-foundry's flags.
 
-    data-prep train-tokenizer FILES... --out DIR --vocab_size N
+    data-prep train-tokenizer FILES... --out DIR --vocab_size N [--overwrite]
     data-prep hf         --dataset NAME_OR_BUILDER [--data_files ...] --splits train val --out_root DIR [tokens]
     data-prep json       --path FILE_OR_FOLDER --out_root DIR [--split S] [tokens]
-    data-prep text       --input_folder DIR --output_folder DIR [tokens] [--processes N] [--reprocess]
+    data-prep text       --input_folder DIR --output_folder DIR [tokens] [--processes N] [--reprocess] [--overwrite]
     data-prep finetuning --dataset NAME_OR_FILE [--data_files ...] --splits train --out_root DIR
                          [--preprocessor dolly|alpaca|module:function] [--tokenizer T --max_seq_len N]
     data-prep preference --dataset NAME_OR_FILE [--data_files ...] --splits train --out_root DIR
@@ -12,6 +12,9 @@
 
 [tokens] is `--concat_tokens N --tokenizer T [--bos_text ...] [--eos_text ...] [--no_wrap]`; without
 it the shards hold raw `text`. `data_prep/*.py` are the same commands under llm-foundry's script names.
+`train-tokenizer` and `text` replace only what they wrote themselves (the folder's `.llmfoundry_lite.json`);
+another non-empty folder needs `--overwrite`, which replaces the entries of the names they write and keeps
+every other file.
 """
 from __future__ import annotations
 
@@ -72,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eos_token", default="<|endoftext|>", help="EOS and pad token (one of the special tokens)")
     p.add_argument("--model_max_length", type=int, default=2048)
     p.add_argument("--min_frequency", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true",
+                   help="save into a folder this command did not write (e.g. a model's): it replaces the tokenizer "
+                        "files, so a model there gets another vocabulary; other files are kept")
 
     p = sub.add_parser("hf", help="anything datasets.load_dataset opens -> MDS (convert_dataset_hf.py)")
     p.add_argument("--dataset", required=True, help="a hub name, or a builder (json, text, parquet, csv) with --data_files")
@@ -97,7 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output_folder", required=True)
     p.add_argument("--processes", type=int, default=1, help="groups of files converted in parallel")
     p.add_argument("--files_per_group", type=int, default=None, help="default: about 4 groups per process")
-    p.add_argument("--reprocess", action="store_true", help="redo a finished or partial conversion")
+    p.add_argument("--reprocess", action="store_true",
+                   help="redo a finished or partial conversion (removes only what this command wrote there)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="convert into a folder this command did not write: its plan.json, index.json, .done and "
+                        "group_* entries are replaced, other files are kept")
     _token_args(p)
 
     p = sub.add_parser("finetuning", help="prompt/response or chat examples -> MDS (convert_finetuning_dataset.py)")
@@ -156,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "train-tokenizer":
         from llmfoundry_lite.data.tokenizer import DEFAULT_SPECIAL_TOKENS, train_tokenizer
         tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.special_tokens or DEFAULT_SPECIAL_TOKENS,
-                              args.eos_token, args.model_max_length, args.min_frequency)
+                              args.eos_token, args.model_max_length, args.min_frequency, args.overwrite)
         print(f"tokenizer: {len(tok)} tokens (eos {tok.eos_token!r}, ChatML template) -> {args.out}")
     elif args.what == "hf":
         summaries = convert.convert_hf(args.dataset, args.out_root, args.splits, _spec(args), args.data_subset,
@@ -170,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{os.path.join(args.out_root, args.split or '')}: {summary}")
     elif args.what == "text":
         summary = convert.convert_text(args.input_folder, args.output_folder, _spec(args), args.compression,
-                                       args.processes, args.files_per_group, args.reprocess)
+                                       args.processes, args.files_per_group, args.reprocess, args.overwrite)
         print(f"{args.output_folder}: {summary}")
     elif args.what == "finetuning":
         _finetuning(args)

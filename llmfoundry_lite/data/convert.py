@@ -10,7 +10,9 @@ Parallelism is real: `num_workers > 1` tokenizes batches of documents in worker 
 main process reads input and writes shards in order, so the output does not depend on the worker
 count. `.txt` folders are converted in groups of files, each group into its own sub-folder with a
 done marker, so a re-run after a crash skips the finished groups; the group indexes are then merged
-into one `index.json` and a top-level done marker records the summary.
+into one `index.json` and a top-level done marker records the summary. The folder's
+`.llmfoundry_lite.json` lists the entries the conversion writes: only those are ever replaced or
+removed (`--reprocess`), and a folder without it is refused unless `--overwrite` (files.py).
 """
 from __future__ import annotations
 
@@ -31,9 +33,10 @@ from tqdm import tqdm
 from llmfoundry_lite.data.mds import check_output_folder, publish_split, token_column_encoding
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
-from llmfoundry_lite.files import atomic_write, check_folder_path, read_json_file
+from llmfoundry_lite.files import atomic_write, check_folder_path, claim_folder, read_json_file, remove_entries
 
 DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
+TEXT_WRITER = "data-prep text"  # named in the manifest of the folders convert_text writes (files.py)
 BATCH = 256  # documents per tokenization task
 SHARD_HASHES = ["xxh64"]  # recorded in index.json; a loader with `validate_hash: xxh64` checks them
 
@@ -322,14 +325,27 @@ def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[s
 
 
 def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, compression: Optional[str] = None,
-                 processes: int = 1, files_per_group: Optional[int] = None, reprocess: bool = False) -> Summary:
-    """A folder of .txt files -> one MDS folder, resumable (see the module docstring)."""
+                 processes: int = 1, files_per_group: Optional[int] = None, reprocess: bool = False,
+                 overwrite: bool = False) -> Summary:
+    """A folder of .txt files -> one MDS folder, resumable (see the module docstring).
+
+    `output_folder` must be new, empty or one this function wrote (its manifest, see files.py); then
+    `reprocess` removes what it wrote there (only that) and starts over. Any other folder is refused
+    unless `overwrite`: then the entries of the names it writes (plan.json, index.json, .done, group_*)
+    are replaced and every other file is kept."""
     check_folder_path(output_folder, "--output_folder")
     files = _files(input_folder, (".txt",))
     args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
             "files": len(files)}
-    if reprocess and os.path.isdir(output_folder):
-        shutil.rmtree(output_folder)
+    per_group = files_per_group or max(1, math.ceil(len(files) / (4 * max(1, processes))))
+    groups = [files[i:i + per_group] for i in range(0, len(files), per_group)]
+    names = ["plan.json", "index.json", DONE, *(f"group_{i:05d}" for i in range(len(groups)))]
+    ours = claim_folder(output_folder, TEXT_WRITER, "--output_folder", overwrite, names,
+                        overwrite_does="it replaces its plan.json, index.json, .done and group_* entries")
+    if reprocess:  # everything this command wrote here, in this run's plan or an earlier one
+        remove_entries(output_folder, ours | set(names))
+    elif overwrite:  # entries of our names that this command did not write: not a conversion to resume
+        remove_entries(output_folder, set(names) - ours)
     done = _read_done(output_folder)
     if done is not None:
         if done["args"] != args:
@@ -337,14 +353,10 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
                             "pass --reprocess to redo it or choose another --output_folder")
         print(f"{output_folder} is already converted (remove {DONE} or pass --reprocess to redo it)")
         return Summary(**done["summary"])
-    per_group = files_per_group or max(1, math.ceil(len(files) / (4 * max(1, processes))))
-    groups = [files[i:i + per_group] for i in range(0, len(files), per_group)]
     plan = {"args": args, "groups": len(groups), "files_per_group": per_group}
     plan_path = os.path.join(output_folder, "plan.json")
     old_plan = read_json_file(plan_path, "resuming the conversion", missing_ok=True)
     if old_plan is None:
-        check_output_folder(output_folder, "--output_folder")
-        os.makedirs(output_folder, exist_ok=True)
         with atomic_write(plan_path) as f:
             json.dump(plan, f)
     elif old_plan != plan:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 from llmfoundry_lite.config.schema import cross
 from llmfoundry_lite.data.chat import IM_END, IM_START
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.files import check_folder_path, read_json_file
+from llmfoundry_lite.files import claim_folder, read_json_file, staged_folder
 from llmfoundry_lite.registry import tokenizers as tokenizer_registry
 
 EOS = "<|endoftext|>"
@@ -83,18 +83,26 @@ def _read_texts(files: Sequence[str]) -> Iterable[str]:
                             "convert it to UTF-8 first") from None
 
 
+WRITER = "data-prep train-tokenizer"  # named in the manifest of the folders it writes (files.py)
+OVERWRITE_DOES = ("it replaces the tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, "
+                  "chat_template.jinja), so a model in that folder gets a tokenizer of another vocabulary")
+
+
 def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
                     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS, eos_token: str = EOS,
-                    model_max_length: int = 2048, min_frequency: int = 2):
+                    model_max_length: int = 2048, min_frequency: int = 2, overwrite: bool = False):
     """Train a byte-level BPE on text files (or folders of .txt/.md) and save it to `out_dir`, with a
     ChatML chat template, as a folder `AutoTokenizer.from_pretrained` loads.
 
     `eos_token` (also the pad token) must be one of `special_tokens`. Returns the loaded `PreTrainedTokenizerFast`.
+    `out_dir` must be new, empty or a tokenizer this function saved (its manifest, files.py), whose files
+    it replaces; any other folder (say a model's, whose vocabulary it would change) is refused before
+    training, unless `overwrite`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    check_folder_path(out_dir, "--out")
+    claim_folder(out_dir, WRITER, "--out", overwrite, mark=False, overwrite_does=OVERWRITE_DOES)
     special_tokens = list(dict.fromkeys(special_tokens))
     if eos_token not in special_tokens:
         raise UserError(f"eos_token {eos_token!r} must be one of the special tokens {special_tokens}")
@@ -124,5 +132,6 @@ def train_tokenizer(inputs: Sequence[str], out_dir: str, vocab_size: int = 8192,
                                      additional_special_tokens=[t for t in special_tokens if t != eos_token],
                                      model_max_length=model_max_length)
     hf_tok.chat_template = CHATML_TEMPLATE
-    hf_tok.save_pretrained(out_dir)
+    with staged_folder(out_dir, WRITER, "--out", overwrite, overwrite_does=OVERWRITE_DOES) as staging:
+        hf_tok.save_pretrained(staging)
     return hf_tok

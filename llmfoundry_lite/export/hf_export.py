@@ -11,6 +11,9 @@ The config decides the folder's kind:
   modeling file and one configuration file (see remote_code.py), for `trust_remote_code=True`.
   The distinct model_type makes loading without trust_remote_code an error, not a stock Mpt model.
 
+The folder's `.llmfoundry_lite.json` lists what the export wrote: a later export replaces those files
+(and removes those it does not write again), never a user's; see files.py `staged_folder`.
+
 Tensors are pulled from the state dict one at a time (it may be lazy, see composer_checkpoint.py),
 converted and written when a shard is full, so peak memory is about one shard plus one tensor.
 """
@@ -25,8 +28,9 @@ import torch
 
 from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP, stock_mpt_values
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.export.remote_code import CONFIG_FILE, MODELING_FILE, write_remote_code
+from llmfoundry_lite.export.remote_code import write_remote_code
 from llmfoundry_lite.export.state_dict import check_state_dict
+from llmfoundry_lite.files import claim_folder, staged_folder
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXACT_GELU = ({"name": "gelu"}, {"name": "gelu", "approximate": "none"})
@@ -190,14 +194,44 @@ def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtyp
     return final
 
 
+WRITER = "HF export"  # the writer named in an export folder's manifest (convert and the hf_checkpointer callback)
+OVERWRITE_DOES = ("the export replaces config.json, the weights, the tokenizer files and the other files of the "
+                  "names it writes, and removes other weight files (*.safetensors, pytorch_model*.bin and their "
+                  "indexes) that transformers would load instead of its own or mix with them")
+
+
+def _other_weights(name: str) -> bool:
+    """Files in a model folder that would mix with the weights a full export writes."""
+    return (name.endswith(".safetensors") or name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+            or (name.startswith("pytorch_model") and name.endswith(".bin")))
+
+
+def check_export_target(out_dir: str, overwrite: bool = False, flags: Tuple[str, str] = ("out_dir", "overwrite=True")):
+    """Check, before any work (nothing is written), that an export may write `out_dir`: new, empty, an
+    earlier export of ours (its manifest), or `overwrite`; else a UserError naming the folder and `flags[1]`."""
+    claim_folder(out_dir, WRITER, flags[0], overwrite, mark=False, overwrite_flag=flags[1], overwrite_does=OVERWRITE_DOES)
+
+
+def _staged_export(out_dir: str, overwrite: bool, flags: Tuple[str, str], weights: bool):
+    """The export is written into a staging folder, then moved into `out_dir` (files.staged_folder)."""
+    return staged_folder(out_dir, WRITER, flags[0], overwrite, _other_weights if weights else None,
+                         overwrite_flag=flags[1], overwrite_does=OVERWRITE_DOES)
+
+
 def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Union[str, os.PathLike],
                     tokenizer=None, dtype: torch.dtype = torch.float32,
-                    max_shard_size: Union[int, str] = "5GB", log=print) -> str:
+                    max_shard_size: Union[int, str] = "5GB", log=print, overwrite: bool = False,
+                    flags: Tuple[str, str] = ("out_dir", "overwrite=True")) -> str:
     """Write `out_dir` as a Hugging Face folder for `MPTForCausalLM` weights; returns its path.
 
     `config` is an `MPTConfig`; `state_dict` maps HF parameter names to tensors (it may load them
     lazily). Native `model_type: mpt` when stock transformers can represent the config, else a
     self-contained `trust_remote_code` folder; `log` receives the message saying which and why.
+
+    `out_dir` must be new, empty or an earlier export of ours (its manifest, see files.py), whose files
+    are then replaced; else `overwrite` (see OVERWRITE_DOES). `flags` name the folder and the
+    overwrite switch in messages (the CLI's `--hf_output_path`, `--overwrite`).
+    The files are written into a staging folder inside `out_dir` and moved into place at the end.
     """
     from transformers import GenerationConfig
 
@@ -208,51 +242,52 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
         model = MPTForCausalLM(config)
     names = check_state_dict(model, state_dict, f"export to {out_dir}",
                              "nothing was written; give the state dict of the model this config describes")
-    os.makedirs(out_dir, exist_ok=True)
-    for stale in os.listdir(out_dir):  # files of an earlier export would mix with ours
-        if stale.endswith(".safetensors") or stale in ("model.safetensors.index.json", MODELING_FILE, CONFIG_FILE):
-            os.remove(os.path.join(out_dir, stale))
     blockers = native_blockers(config)
     ids = _special_token_ids(config, tokenizer)
+    with _staged_export(out_dir, overwrite, flags, weights=True) as staging:
+        if blockers:
+            write_remote_code(config, staging, dtype, ids)
+        else:
+            native_config(config, dtype, tokenizer).save_pretrained(staging)
+        items = ((name, state_dict[name]) for name in names)  # each tensor loaded only when written
+        shards = write_shards(items, staging, dtype, max_shard_size)
+        GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     if blockers:
-        write_remote_code(config, out_dir, dtype, ids)
         log("stock transformers' MptForCausalLM cannot represent this model; wrote a custom-code folder "
             "(load it with trust_remote_code=True). Keys preventing a native export:\n"
             + "\n".join(f"  - {b}" for b in blockers))
     else:
-        native_config(config, dtype, tokenizer).save_pretrained(out_dir)
         log("wrote a native transformers MPT folder (model_type mpt): "
             "AutoModelForCausalLM.from_pretrained loads it without trust_remote_code")
-    items = ((name, state_dict[name]) for name in names)  # each tensor loaded only when written
-    shards = write_shards(items, out_dir, dtype, max_shard_size)
-    GenerationConfig(**{k: v for k, v in ids.items() if v is not None}).save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
     log(f"{out_dir}: {len(shards)} safetensors shard(s), dtype {str(dtype).replace('torch.', '')}"
         + (", tokenizer" if tokenizer is not None else ", no tokenizer"))
     return out_dir
 
 
 def write_lora_folder(model, out_dir: Union[str, os.PathLike], tokenizer=None, dtype: torch.dtype = torch.float32,
-                      adapter_only: bool = False, max_shard_size: Union[int, str] = "5GB", log=print) -> str:
+                      adapter_only: bool = False, max_shard_size: Union[int, str] = "5GB", log=print,
+                      overwrite: bool = False, flags: Tuple[str, str] = ("out_dir", "overwrite=True")) -> str:
     """Export a LoRA `peft.PeftModel` around our MPT (it is consumed): by default the adapters merged
     into the base weights (peft's `merge_and_unload`) and written by `write_hf_folder` (a native folder
     when stock transformers can represent the model); with `adapter_only`, peft's adapter folder
     (`save_pretrained`: adapter_config.json, adapter_model.safetensors) plus the tokenizer, which
-    `peft.PeftModel.from_pretrained` applies to the base model (module names are transformers' Mpt names)."""
+    `peft.PeftModel.from_pretrained` applies to the base model (module names are transformers' Mpt names).
+    `out_dir`, `overwrite` and `flags` as for `write_hf_folder`."""
     out_dir = os.fspath(out_dir)
     config = model.get_base_model().config
     if not adapter_only:
         log("merging the LoRA adapters into the base weights")
         return write_hf_folder(config, model.merge_and_unload(safe_merge=True).state_dict(), out_dir, tokenizer, dtype,
-                               max_shard_size, log)
-    os.makedirs(out_dir, exist_ok=True)
+                               max_shard_size, log, overwrite, flags)
     for name, param in model.named_parameters():
         if "lora_" in name or "modules_to_save" in name:  # the adapter's own weights only
             param.data = param.data.to(dtype)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    with _staged_export(out_dir, overwrite, flags, weights=False) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
     base = model.peft_config[model.active_adapter].base_model_name_or_path
     where = ("stock transformers' MptForCausalLM" if not native_blockers(config) else
              "this model's custom-code folder (trust_remote_code=True; stock Mpt cannot represent it)")
