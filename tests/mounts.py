@@ -14,15 +14,19 @@ def _permitted() -> bool:
     return probe.returncode == 0
 
 
-def in_private_mounts(setup: str, argv, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the shell commands `setup`, then `argv`, in a private mount namespace. Skipped where that is
-    not permitted, except in CI (CI=true), where these tests must run."""
+def private_mounts(setup: str) -> list:
+    """A command prefix: the shell commands `setup`, then the command, in a mount namespace of its own.
+    The test is skipped where that is not permitted, except in CI (CI=true), where it must run."""
     if not _permitted():
         if os.environ.get("CI") == "true":
             pytest.fail("CI must run this test: `unshare --mount` and mount need root")
         pytest.skip("`unshare --mount` with mounts is not permitted here (needs root)")
-    return subprocess.run(["unshare", "--mount", "sh", "-c", f"{setup} && exec {shlex.join(map(str, argv))}"],
-                          capture_output=True, text=True, timeout=timeout)
+    return ["unshare", "--mount", "sh", "-c", f'{setup} && exec "$@"', "sh"]
+
+
+def in_private_mounts(setup: str, argv, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`argv` run with `private_mounts(setup)`."""
+    return subprocess.run([*private_mounts(setup), *map(str, argv)], capture_output=True, text=True, timeout=timeout)
 
 
 def small_disk(folder, size_bytes: int) -> str:

@@ -1,46 +1,130 @@
 """SIGKILL a rank of a 2-process FSDP2 run (sharded checkpoints every 3 batches) at three points in
 turn — mid-step, while a checkpoint is being written, between checkpoints — relaunching the same
 command after each kill: every relaunch resumes from the last complete checkpoint and says which,
-the partial checkpoint is set aside, and the final weights equal those of an uninterrupted run."""
+the partial checkpoint is set aside, and the final weights equal those of an uninterrupted run. Then
+the newest checkpoint's bytes are damaged (found by the rank that wrote them, set aside, the previous
+one resumed) and a checkpoint with a code-running entry is planted (refused, nothing executed). On a
+disk with room for one sharded checkpoint, the second is 'disk full' on every rank."""
 import os
+import shutil
 
 import pytest
 import torch
 
-from train_utils import DRIVER, TINY_YAML, launch, tiny_overrides, write_copy_task
+from mounts import private_mounts, small_disk
+from train_utils import DRIVER, ROOT, TINY_YAML, launch, tiny_overrides, write_copy_task
+
+TRAIN_SCRIPT = os.path.join(ROOT, "scripts", "train.py")
 
 pytestmark = pytest.mark.multiprocess
 
 
-def test_killed_ranks_resume_to_the_same_weights(tmp_path, tiny_tokenizer_dir):
-    data = write_copy_task(str(tmp_path / "data"), n_train=256, n_val=16)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_tokenizer_dir):
+    return write_copy_task(str(tmp_path_factory.mktemp("data")), n_train=256, n_val=16)
 
-    def command(run_dir):
-        return [DRIVER, str(run_dir), TINY_YAML, *tiny_overrides(data, tiny_tokenizer_dir, **{
-            "max_duration": "9ba", "global_train_batch_size": 8, "run_name": "r",
-            "save_folder": str(run_dir / "ckpt"), "save_interval": "3ba", "python_log_level": "info",
-            "fsdp_config.state_dict_type": "sharded", "callbacks.fault_injection": "{}"})]
 
-    straight = tmp_path / "straight"
-    launch(command(straight), str(straight / "logs"))
+def command(data, tokenizer, run_dir, save_folder=None, cli=False):
+    """The test driver (it records the final weights), or with `cli` scripts/train.py as users launch it
+    (its errors are one line, exit 2)."""
+    overrides = tiny_overrides(data, tokenizer, **{
+        "max_duration": "9ba", "global_train_batch_size": 8, "run_name": "r",
+        "save_folder": str(save_folder or run_dir / "ckpt"), "save_interval": "3ba", "python_log_level": "info",
+        "fsdp_config.state_dict_type": "sharded"})
+    if cli:
+        return [TRAIN_SCRIPT, TINY_YAML, *overrides]
+    return [DRIVER, str(run_dir), TINY_YAML, *overrides, "callbacks.fault_injection={}"]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tiny_tokenizer_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight")
+    launch(command(data, tiny_tokenizer_dir, run), str(run / "logs"))
+    return run
+
+
+def rank_logs(log_dir) -> str:
+    return "".join(open(os.path.join(log_dir, n)).read() for n in sorted(os.listdir(log_dir)))
+
+
+class Payload:
+    """Unpickling this calls os.mkdir(marker): the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def plant(source, target, marker):
+    """A copy of the DCP checkpoint `source` at `target`, with a code-running object among its
+    non-tensor entries (where Composer keeps callback state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    whole = str(target) + ".pt"
+    dcp_to_torch_save(str(source), whole)
+    state = torch.load(whole, weights_only=False)
+    os.remove(whole)
+    state["state"]["callbacks"]["Evil"] = Payload(marker)
+    dcp.save(state, checkpoint_id=str(target), no_dist=True)
+
+
+def test_killed_ranks_resume_to_the_same_weights(data, tiny_tokenizer_dir, straight, tmp_path):
     run = tmp_path / "crashed"
     ckpt = run / "ckpt"
+    cmd = command(data, tiny_tokenizer_dir, run)
 
-    launch(command(run), str(run / "logs1"), fault="mid_step:1:5")          # batch 5: after ckpt 3
+    launch(cmd, str(run / "logs1"), fault="mid_step:1:5")          # batch 5: after ckpt 3
     assert sorted(os.listdir(ckpt)) == ["ep0-ba3", "latest-rank0.pt"]
+    assert sorted(n for n in os.listdir(ckpt / "ep0-ba3") if "checksums" in n) == [
+        ".checksums.rank0.json", ".checksums.rank1.json"]            # each rank recorded its own files
 
-    log = launch(command(run), str(run / "logs2"), fault="checkpoint_write:1:6")
+    log = launch(cmd, str(run / "logs2"), fault="checkpoint_write:1:6")
     assert "ep0-ba3 at batch 3" in log
     assert not os.path.exists(ckpt / "ep0-ba6" / ".metadata")               # killed mid-write
     assert os.readlink(ckpt / "latest-rank0.pt") == "ep0-ba3"
 
-    log = launch(command(run), str(run / "logs3"), fault="between:0:8")     # after ckpt 6 completes
+    log = launch(cmd, str(run / "logs3"), fault="between:0:8")     # after ckpt 6 completes
     assert "ep0-ba6" in log and "not written to the end" in log             # the partial one, set aside
     assert "ep0-ba3 at batch 3" in log
     assert os.listdir(ckpt / "incomplete")
 
-    log = launch(command(run), str(run / "logs4"))
-    assert "ep0-ba6 at batch 6" in log
+    # bytes of rank 1's shard of checkpoint 6 damaged (its index intact): rank 1 finds it, 3 is resumed
+    shard = ckpt / "ep0-ba6" / "__1_0.distcp"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    # and a newer checkpoint planted with a code-running entry: refused on relaunch, nothing runs
+    marker = tmp_path / "PWNED"
+    plant(ckpt / "ep0-ba3", ckpt / "ep0-ba7", marker)
+    log = launch(command(data, tiny_tokenizer_dir, run, cli=True), str(run / "logs4"), fails=True)
+    ranks = rank_logs(run / "logs4")
+    assert "ep0-ba7" in ranks and "could run arbitrary code" in ranks and "Traceback" not in ranks
+    assert not marker.exists()
+    shutil.rmtree(ckpt / "ep0-ba7")                                         # the user removes it
+
+    log = launch(cmd, str(run / "logs5"))
+    assert "ep0-ba6 is corrupt" in log and "__1_0.distcp holds other bytes than were written" in log
+    assert "ep0-ba3 at batch 3" in log
+    assert [n.split(".")[0] for n in os.listdir(ckpt / "corrupt")] == ["ep0-ba6"]
     a = torch.load(straight / "weights.pt")
     b = torch.load(run / "weights.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_disk_while_saving_a_sharded_checkpoint(data, tiny_tokenizer_dir, straight, tmp_path):
+    """A real filesystem with room for one sharded checkpoint (FSDP2, 2 ranks), not two: the second save
+    fails with 'disk full' on the ranks, no traceback; the first stays intact (its checksums match)."""
+    from llmfoundry_lite.export import checksums
+    one = sum(f.stat().st_size for f in (straight / "ckpt" / "ep0-ba9").iterdir())  # the one it keeps
+    small, copy = tmp_path / "small", tmp_path / "copy"
+    prefix = private_mounts(small_disk(small, int(one * 1.5)))
+    # the tmpfs lives only inside the namespace: copy what the run left there, to look at it afterwards
+    prefix = [*prefix, "sh", "-c", f'"$@"; rc=$?; cp -a {small} {copy}; exit $rc', "sh"]
+    launch(command(data, tiny_tokenizer_dir, tmp_path / "run", save_folder=small, cli=True), str(tmp_path / "logs"),
+           fails=True, prefix=prefix)
+    ranks = rank_logs(tmp_path / "logs")
+    assert "disk full" in ranks and str(small) in ranks and "Traceback" not in ranks
+    assert all(checksums.verify(str(copy / "ep0-ba3"), rank, 2) == ([], []) for rank in (0, 1))
+    assert not os.path.exists(copy / "ep0-ba6" / ".metadata")

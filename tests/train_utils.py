@@ -74,24 +74,26 @@ def read_losses(jsonl: str) -> list:
     return [(r["step"], r["loss/train/total"]) for r in rows if "loss/train/total" in r]
 
 
-def launch(script_args, log_dir, fault=None):
+def launch(script_args, log_dir, fault=None, fails=None, prefix=()):
     """`composer -n 2 ...` with the ranks' output in log_dir/{out,err}{rank}.txt (shown when a run fails).
 
-    `fault` sets LLMF_FAULT (see fault_injection.py): the launch must then fail. Returns the launcher's
-    output, which includes rank 0's (the launcher does not redirect local rank 0)."""
+    `fault` sets LLMF_FAULT (see fault_injection.py): the launch must then fail (or as `fails` says).
+    `prefix` runs the launcher through another command (tests/mounts.py). Returns the launcher's output,
+    which includes rank 0's (the launcher does not redirect local rank 0)."""
     path = [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     env.pop("LLMF_FAULT", None)
     if fault:
         env["LLMF_FAULT"] = fault
     os.makedirs(log_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", "2",
+    cmd = [*prefix, sys.executable, "-m", "composer.cli.launcher", "-n", "2",
            "--stdout", os.path.join(log_dir, "out{rank}.txt"), "--stderr", os.path.join(log_dir, "err{rank}.txt"),
            *script_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     logs = "".join(open(p).read()[-3000:] for p in sorted(glob.glob(os.path.join(log_dir, "*.txt"))))
-    if bool(proc.returncode) != bool(fault):
-        pytest.fail(f"launch {'succeeded despite' if fault else 'failed'} ({proc.returncode}) {fault or ''}:\n"
+    fails = bool(fault) if fails is None else fails
+    if bool(proc.returncode) != fails:
+        pytest.fail(f"launch {'succeeded despite' if fails else 'failed'} ({proc.returncode}) {fault or ''}:\n"
                     f"{proc.stderr[-3000:]}\n{logs}")
     return proc.stdout + proc.stderr
 
