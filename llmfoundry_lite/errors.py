@@ -1,15 +1,37 @@
 """Errors a user can cause. The CLI prints them without a traceback and exits with code 2."""
 
+# Values that config interpolation read from environment variables (`${oc.env:VAR}`): often tokens or
+# keys, so no error message shows them (config/loading.py adds them).
+_FROM_ENVIRONMENT: set = set()
+HIDDEN = "<from the environment>"
+
+
+def hide_in_messages(value) -> None:
+    """Never show `value` in the message of a UserError."""
+    if isinstance(value, str) and value:
+        _FROM_ENVIRONMENT.add(value)
+
+
+def _hidden(message: str) -> str:
+    for value in _FROM_ENVIRONMENT:  # quoted, as checks show values; bare when long enough not to be a word
+        message = message.replace(repr(value), repr(HIDDEN))
+        if len(value) >= 6:
+            message = message.replace(value, HIDDEN)
+    return message
+
 
 class UserError(Exception):
     """Something the user can fix: the message says what is wrong and how to fix it."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(_hidden(str(message)))
 
 
 class ConfigError(UserError):
     """A YAML / dict config has problems; `problems` lists every one, each starting with its key path."""
 
     def __init__(self, problems, header="invalid config"):
-        self.problems = list(problems) if not isinstance(problems, str) else [problems]
+        self.problems = [_hidden(p) for p in ([problems] if isinstance(problems, str) else problems)]
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{header} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):\n{lines}")
 

@@ -191,3 +191,21 @@ def test_unreadable_config_files(tmp_path, content, capsys):
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_values_from_the_environment_are_never_echoed(monkeypatch, capsys):
+    """`${oc.env:VAR}` reads a value (often a token) from the environment: a config check or a later
+    error that would show the value shows '<from the environment>' instead."""
+    secret = "hf_s3cr3t-token-42"
+    monkeypatch.setenv("LLMF_TEST_TOKEN", secret)
+    base = ["train", BASE_YAML]
+    assert load_config(BASE_YAML, ["run_name=${oc.env:LLMF_TEST_TOKEN}"])["run_name"] == secret  # it is read
+    assert load_config(BASE_YAML, ["run_name=${oc.env:LLMF_UNSET_VAR,null}"])["run_name"] is None
+    for override, fragment in (("max_seq_len=${oc.env:LLMF_TEST_TOKEN}", "max_seq_len: expected"),
+                               ("load_path=/ckpts/${oc.env:LLMF_TEST_TOKEN}/latest.pt", "load_path: checkpoint not found"),
+                               ("precision=${oc.env:LLMF_TEST_TOKEN}", "precision")):
+        assert cli.main([*base, override]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "<from the environment>" in err and secret not in err, err
+    assert cli.main([*base, "run_name=${oc.env:LLMF_UNSET_VAR}"]) == 2
+    assert "Environment variable 'LLMF_UNSET_VAR' not found" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Loading a YAML (or dict) config with omegaconf: dotted overrides and `${variables.x}` interpolation."""
+"""Loading a YAML (or dict) config with omegaconf: dotted overrides, `${variables.x}` interpolation, and
+values from environment variables (`${oc.env:VAR}`, `${oc.env:VAR,default}`), which no error shows."""
 from __future__ import annotations
 
 import os
@@ -7,8 +8,19 @@ from typing import Any, Dict, Mapping, Sequence, Union
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.resolvers import oc
 
-from llmfoundry_lite.errors import ConfigError, UserError
+from llmfoundry_lite.errors import ConfigError, UserError, hide_in_messages
+
+
+def _env(key: str, *default):
+    """omegaconf's own `oc.env`, whose values are then kept out of error messages."""
+    value = oc.env(key, *default)
+    hide_in_messages(value)
+    return value
+
+
+OmegaConf.register_resolver("oc.env", _env, replace=True)
 
 
 def load_config(source: Union[str, os.PathLike, Mapping], overrides: Sequence[str] = ()) -> Dict[str, Any]:
