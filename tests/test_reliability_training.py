@@ -272,3 +272,23 @@ def test_loss_spikes_are_logged_and_stop_the_run(copy_data, tiny_tokenizer_dir, 
             pytest.raises(TrainingDiverged, match="loss spiked 3 batches in a row .* at batch 3"):
         _train(args)
     assert caplog.text.count("loss spike at batch") == 3
+
+
+def test_hf_checkpointer_refuses_a_folder_it_did_not_write(copy_data, tiny_tokenizer_dir, tmp_path, capsys):
+    """A `ba2` folder of someone else's in hf_checkpointer's save_folder: exit 2 before training, nothing
+    changed; `overwrite: true` (llm-foundry's key) writes the export there and keeps their other files."""
+    hf = tmp_path / "hf"
+    (hf / "ba2").mkdir(parents=True)
+    (hf / "ba2" / "model.safetensors").write_bytes(b"their weights")
+    (hf / "ba2" / "notes.txt").write_text("theirs")
+    args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "hfc", max_duration="2ba", save_folder="null",
+                      **{"callbacks.hf_checkpointer.save_folder": str(hf),
+                         "callbacks.hf_checkpointer.save_interval": "2ba"})
+    assert cli.main(["train", TINY_YAML, *args]) == 2
+    err = capsys.readouterr().err
+    assert str(hf / "ba2") in err and "hf_checkpointer.overwrite: true" in err and "Traceback" not in err
+    assert sorted(os.listdir(hf / "ba2")) == ["model.safetensors", "notes.txt"]
+    assert (hf / "ba2" / "model.safetensors").read_bytes() == b"their weights"
+    _train(args + ["callbacks.hf_checkpointer.overwrite=true"])
+    assert (hf / "ba2" / "notes.txt").read_text() == "theirs" and (hf / "ba2" / "config.json").exists()
+    assert (hf / "ba2" / "model.safetensors").read_bytes() != b"their weights"

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import deque
 from typing import Optional
@@ -120,10 +121,13 @@ class HFCheckpointer(Callback):
     """Writes `save_folder/ba{batch}` as a Hugging Face folder every `save_interval` (batches, '500ba', or
     epochs, '1ep') and at fit end, with weights in `precision` (float32 | bfloat16 | float16). A LoRA
     run writes the model with its adapters merged, or with `adapter_only: true` peft's adapter folder
-    (see export/hf_export.py write_lora_folder)."""
+    (see export/hf_export.py write_lora_folder). A `ba{batch}` folder there that it did not write is
+    refused before training unless `overwrite` (llm-foundry's key; its default is true, ours false: see
+    hf_export.OVERWRITE_DOES)."""
+    FLAGS = ("hf_checkpointer.save_folder", "hf_checkpointer.overwrite: true")  # named in refusals
 
     def __init__(self, save_folder: str, save_interval: str = "1ep", precision: str = "float32",
-                 adapter_only: bool = False):
+                 adapter_only: bool = False, overwrite: bool = False):
         self.save_folder = save_folder
         self.interval = Time.from_timestring(save_interval)
         if self.interval.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH) or self.interval.value <= 0:
@@ -132,13 +136,18 @@ class HFCheckpointer(Callback):
         if precision not in ("float32", "bfloat16", "float16"):
             raise UserError(f"hf_checkpointer.precision: one of float32, bfloat16, float16; got {precision!r}")
         self.dtype = getattr(torch, precision)
-        self.adapter_only = adapter_only
+        self.adapter_only, self.overwrite = adapter_only, overwrite
         self.last_saved = -1
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT and self.adapter_only and not is_peft(unwrap(state).model):
             raise UserError("hf_checkpointer.adapter_only: this run has no LoRA adapters (model.peft_config); "
                             "remove adapter_only")
+        if event == Event.INIT and dist.get_global_rank() == 0 and os.path.isdir(self.save_folder):
+            from llmfoundry_lite.export.hf_export import check_export_target
+            for name in sorted(os.listdir(self.save_folder)):  # what a later save would replace
+                if re.fullmatch(r"ba\d+", name):
+                    check_export_target(os.path.join(self.save_folder, name), self.overwrite, self.FLAGS)
         unit = {Event.BATCH_END: TimeUnit.BATCH, Event.EPOCH_END: TimeUnit.EPOCH}.get(event)
         due = unit == self.interval.unit and state.timestamp.get(unit).value % self.interval.value == 0
         if due or event == Event.FIT_END:
@@ -158,12 +167,14 @@ class HFCheckpointer(Callback):
             model = composer_model.model
             config = base_model(model).config.__class__.from_dict(base_model(model).config.to_dict())
             config.init_device = "cpu"  # the folder must load without FSDP
-            out = os.path.join(self.save_folder, f"ba{batch}")
+            out, flags = os.path.join(self.save_folder, f"ba{batch}"), self.FLAGS
             if is_peft(model):  # a CPU copy of the LoRA model from the gathered weights, exported as convert does
                 copy = lora_model_from_weights(config, model.peft_config[model.active_adapter], weights, "hf_checkpointer")
-                write_lora_folder(copy, out, composer_model.tokenizer, self.dtype, self.adapter_only)
+                write_lora_folder(copy, out, composer_model.tokenizer, self.dtype, self.adapter_only,
+                                  overwrite=self.overwrite, flags=flags)
             else:
-                write_hf_folder(config, weights, out, tokenizer=composer_model.tokenizer, dtype=self.dtype)
+                write_hf_folder(config, weights, out, tokenizer=composer_model.tokenizer, dtype=self.dtype,
+                                overwrite=self.overwrite, flags=flags)
             log.info("hf_checkpointer: wrote %s", out)
         dist.barrier()
 
