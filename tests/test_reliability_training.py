@@ -153,10 +153,10 @@ def _damage_tensor_bytes(path):
 
 
 def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_resumed(copy_data, tiny_tokenizer_dir, tmp_path,
-                                                                      caplog, straight_weights):
+                                                                      caplog, capsys, straight_weights):
     """Damaged tensor bytes in the newest checkpoint (its zip index intact): the relaunch finds them by
     the checksum manifest written at save time, sets the checkpoint aside, resumes from the one before
-    and ends with the straight run's weights."""
+    and ends with the straight run's weights. The damaged checkpoint as load_path: exit 2 naming it."""
     args, folder = _stopped_at_4(copy_data, tiny_tokenizer_dir, tmp_path, "damaged")
     for name in ("ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt"):   # each checkpoint's manifest holds its real hash
         import xxhash
@@ -169,6 +169,11 @@ def test_corrupt_checkpoint_is_set_aside_and_the_previous_one_resumed(copy_data,
     assert "ep0-ba2-rank0.pt at batch 2" in caplog.text
     assert [n.split(".pt")[0] for n in _checkpoint_names(folder / CORRUPT)] == ["ep0-ba4-rank0"]
     assert _equal(straight_weights, resumed.state.model.model.state_dict())
+    damaged = folder / CORRUPT / _checkpoint_names(folder / CORRUPT)[0]
+    capsys.readouterr()
+    assert cli.main(["train", TINY_YAML, *args, "save_folder=null", f"load_path={damaged}"]) == 2
+    err = capsys.readouterr().err
+    assert f"load_path {damaged} is corrupt" in err and "other bytes than were written" in err and "Traceback" not in err
 
 
 def test_manifests_follow_checkpoint_rotation(copy_data, tiny_tokenizer_dir, tmp_path):

@@ -88,6 +88,8 @@ def verify(checkpoint: str, rank: int = 0, world_size: int = 1) -> Tuple[List[st
             if rank == 0:
                 problems.append(f"{os.path.basename(manifest)} is unreadable ({e})")
             continue
+        if not os.path.isdir(checkpoint) and len(files) == 1:  # a `.pt` keeps its manifest when renamed with it
+            files = {os.path.basename(checkpoint): next(iter(files.values()))}
         listed.update(files)
         if writer % world_size != rank:
             continue
@@ -103,9 +105,13 @@ def verify(checkpoint: str, rank: int = 0, world_size: int = 1) -> Tuple[List[st
     return problems, unverified
 
 
+def corrupt(checkpoint: str, problems: List[str]) -> CheckpointError:
+    return CheckpointError(f"{checkpoint} is corrupt: {'; '.join(problems)}. It changed after it was written "
+                           "(a bad disk or copy); use an earlier checkpoint")
+
+
 def check(checkpoint: str) -> None:
     """In one process: a CheckpointError when `checkpoint` differs from its manifest."""
     problems, _ = verify(checkpoint)
     if problems:
-        raise CheckpointError(f"{checkpoint} is corrupt: {'; '.join(problems)}. It changed after it was written "
-                              "(a bad disk or copy); use an earlier checkpoint")
+        raise corrupt(checkpoint, problems)

@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
-from llmfoundry_lite.errors import CheckpointError, ConfigError, DataError, UserError
+from llmfoundry_lite.errors import ConfigError, DataError, UserError
+from llmfoundry_lite.export import checksums
 from llmfoundry_lite.export.composer_checkpoint import check_resumable, resolve
 from llmfoundry_lite.export.lora import base_model, is_peft, param_counts
 from llmfoundry_lite.export.opening import open_model
@@ -242,8 +243,7 @@ def _check_what_loads(tc: TrainConfig, model, optimizer, save_folder, resume_fro
     elif tc.load_path and os.path.exists(tc.load_path):
         problems = corruption(resolve(tc.load_path))
         if problems:
-            raise CheckpointError(f"load_path {tc.load_path} is corrupt: {'; '.join(problems)}. It changed after it "
-                                  "was written (a bad disk or copy); use an earlier checkpoint")
+            raise checksums.corrupt(f"load_path {tc.load_path}", problems)
         check_resumable(tc.load_path, model.model, optimizer, tc.load_weights_only)
 
 
