@@ -17,7 +17,9 @@ def _reported(nb) -> dict:
     raise AssertionError("the notebook printed no accuracy line")
 
 
-@pytest.mark.timeout(600)
+# Timeouts are a net for a hung kernel, not a speed check: the notebook runs ~3 minutes alone, but its
+# training cells have passed 500 s while other jobs loaded the 2 cores.
+@pytest.mark.timeout(2400)
 def test_notebook_runs_and_finetuning_raises_accuracy(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -25,7 +27,7 @@ def test_notebook_runs_and_finetuning_raises_accuracy(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # "python3" is jupyter_client's native kernel: ipykernel on the Python running this test (.venv).
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=500,
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=1800,
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     result = _reported(nb)
     assert result["accuracy_before"] <= 0.05
