@@ -10,8 +10,9 @@ import pytest
 
 from llmfoundry_lite.config import Named, parse
 from llmfoundry_lite.data import build_dataloader
+from llmfoundry_lite.data.chat import MPT_SYSTEM_PROMPT
 from llmfoundry_lite.data.collators import PackingCollator, auto_packing_ratio
-from llmfoundry_lite.data.finetuning import MPT_SYSTEM_PROMPT, convert_finetuning, numbered, to_turns
+from llmfoundry_lite.data.finetuning import convert_finetuning, numbered, to_turns
 from llmfoundry_lite.data.mds import clean_stale_shared_memory
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
 from llmfoundry_lite.registry import dataloaders

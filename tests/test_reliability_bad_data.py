@@ -1,8 +1,10 @@
 """The bad-data corpus: every bad input a user can hand to data prep, training, conversion or
 generation (malformed lines, invalid chats, wrongly typed fields, output paths that are files, data
-folders streaming cannot use, broken JSON files, foreign checkpoints) ends in exit 2 with a message
-naming the problem, no traceback, and nothing half-written that looks finished. Each case runs the
-`llmfoundry-lite` command in-process. The last tests interrupt conversions (an error, a SIGKILL) and
+folders streaming cannot use, broken JSON files, foreign checkpoints, chat templates that Jinja or its
+sandbox refuses) ends in exit 2 with a message naming the problem, no traceback, and nothing
+half-written that looks finished. Each case runs the `llmfoundry-lite` command in-process. Output paths
+that are symbolic links (to someone's folder, to a file, to nothing) are refused before any work with
+every file left as it was, byte for byte. The last tests interrupt conversions (an error, a SIGKILL) and
 then train on what they left. docs/RELIABILITY.md lists the classes of bad input."""
 import json
 import os
@@ -17,6 +19,7 @@ import yaml
 from llmfoundry_lite.cli import main
 
 from train_utils import TINY_YAML, tiny_overrides, write_copy_task
+from tree import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +59,19 @@ class Workspace:
         self.write("tok/tokenizer.json", '{"version": "1.0", "truncation": null, "model": {')
         return self("tok")
 
+    def tokenizer_with_template(self, template: str) -> str:
+        """A copy of the tokenizer whose folder's own chat template (chat_template.jinja) is `template`."""
+        import shutil
+        shutil.copytree(self.tokenizer, self("tok"))
+        assert os.path.isfile(self("tok/chat_template.jinja"))  # where transformers reads it from
+        self.write("tok/chat_template.jinja", template)
+        return self("tok")
+
+    def pref_prep(self, *extra, tokenizer=None) -> list:
+        pair = {"prompt": "What does len return?", "chosen": "The number of items.", "rejected": "A list."}
+        return ["data-prep", "preference", "--dataset", self.jsonl("pairs.jsonl", pair), "--splits", "train",
+                "--out_root", self("out"), "--tokenizer", tokenizer or self.tokenizer, "--max_seq_len", "32", *extra]
+
 
 def chat(*turns):
     return {"messages": [{"role": r, "content": c} for r, c in turns]}
@@ -63,6 +79,9 @@ def chat(*turns):
 
 GOOD = {"text": "Return the sum of the items in the list."}
 U, A = ("user", "What does len return?"), ("assistant", "The number of items.")
+# chat templates that try to leave jinja2's sandbox (transformers renders templates in it)
+ESCAPE_STR, ESCAPE_CYCLER = "{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}"
+ESCAPE_STR_REFUSED = "is refused by the sandbox (access to attribute '__class__' of 'str' object is unsafe)"
 
 # id -> (build the case in a Workspace and return the argv, a fragment the error must contain)
 CASES = {
@@ -139,7 +158,44 @@ CASES = {
                                                "--prompts", "hi"], "config.json is not valid JSON"),
     "generate-config-json-a-list": (lambda w: ["generate", os.path.dirname(w.write("hf/config.json", "[]")),
                                                "--prompts", "hi"], "not a model config object"),
+    # ---- a chat template that refuses a chat: the example is named ----
+    "finetuning-chat-template-raises": (lambda w: w.chat_prep(chat(U, A)) + ["--chat_template",
+                                        "{{ raise_exception('only chats with a system message') }}"],
+                                        "chat.jsonl:1: --chat_template cannot render this chat (only chats with a "
+                                        "system message)"),
 }
+
+# Chat templates Jinja cannot parse or its sandbox refuses, from every place a template comes from (a flag, a
+# dataset key, the tokenizer folder's own): refused before anything is written, so not even out/ appears.
+TEMPLATE_CASES = {
+    "finetuning-chat-template-escapes-the-sandbox": (lambda w: w.chat_prep(chat(U, A)) + ["--chat_template", ESCAPE_STR],
+                                                     "--chat_template " + ESCAPE_STR_REFUSED),
+    "finetuning-chat-template-escapes-with-tokenizer": (
+        lambda w: w.chat_prep(chat(U, A)) + ["--chat_template", ESCAPE_CYCLER, "--tokenizer", w.tokenizer],
+        "--chat_template is refused by the sandbox (access to attribute '__init__' of 'type' object is unsafe)"),
+    "finetuning-chat-template-syntax-error": (lambda w: w.chat_prep(chat(U, A)) + ["--chat_template",
+                                                                                   "{% for m in messages %}{{ m }}"],
+                                              "--chat_template is not a valid Jinja template (line 1: Unexpected end of template"),
+    "finetuning-prompt-response-still-checks-the-template": (
+        lambda w: w.chat_prep({"prompt": "a", "response": "b"}) + ["--chat_template", ESCAPE_STR],
+        "--chat_template " + ESCAPE_STR_REFUSED),
+    "finetuning-tokenizer-folder-template-escapes": (
+        lambda w: w.chat_prep(chat(U, A)) + ["--tokenizer", w.tokenizer_with_template(ESCAPE_STR)],
+        "tok (chat_template.jinja) " + ESCAPE_STR_REFUSED),
+    "preference-chat-template-escapes-the-sandbox": (lambda w: w.pref_prep("--chat_template", ESCAPE_CYCLER),
+                                                     "--chat_template is refused by the sandbox"),
+    "preference-tokenizer-folder-template-escapes": (
+        lambda w: w.pref_prep(tokenizer=w.tokenizer_with_template(ESCAPE_STR)),
+        "tok (chat_template.jinja) " + ESCAPE_STR_REFUSED),
+    "train-finetuning-chat-template-key-escapes": (
+        lambda w: ["train", _finetuning_yaml(w, w.jsonl("sft.jsonl", chat(U, A)), chat_template=ESCAPE_STR)],
+        "dataset.chat_template " + ESCAPE_STR_REFUSED),
+    "train-finetuning-tokenizer-folder-template-escapes": (
+        lambda w: ["train", _finetuning_yaml(w, w.jsonl("sft.jsonl", chat(U, A)),
+                                             tokenizer=w.tokenizer_with_template(ESCAPE_CYCLER))],
+        "tok (chat_template.jinja) is refused by the sandbox"),
+}
+CASES.update(TEMPLATE_CASES)
 
 
 def _drop_a_shard(w: Workspace) -> str:
@@ -149,11 +205,11 @@ def _drop_a_shard(w: Workspace) -> str:
     return data
 
 
-def _finetuning_yaml(w: Workspace, data_file: str) -> str:
+def _finetuning_yaml(w: Workspace, data_file: str, tokenizer=None, **dataset) -> str:
     cfg = yaml.safe_load(open(TINY_YAML))
-    cfg["variables"].update(tokenizer_name=w.tokenizer, data_local=w("unused"))
+    cfg["variables"].update(tokenizer_name=tokenizer or w.tokenizer, data_local=w("unused"))
     cfg["train_loader"] = {"name": "finetuning", "drop_last": False, "num_workers": 0,
-                           "dataset": {"hf_name": data_file, "split": "train", "max_seq_len": 64}}
+                           "dataset": {"hf_name": data_file, "split": "train", "max_seq_len": 64, **dataset}}
     cfg.pop("eval_loader", None)
     return w.write("sft.yaml", yaml.safe_dump(cfg))
 
@@ -175,6 +231,123 @@ def test_bad_input_is_a_clear_error(case, tmp_path, tiny_tokenizer_dir, capsys):
     # nothing half-written that a loader would take for finished data
     out = tmp_path / "out"
     assert not (out / "index.json").exists() and not (out / "train" / "index.json").exists()
+    if case in TEMPLATE_CASES:  # the template is checked before any output is written
+        assert not out.exists(), sorted(os.listdir(out))
+
+
+# ---- output paths that are symbolic links ----
+# Each case plants a link in a Workspace that also holds someone's folder and file (`_someones_data`) and
+# returns (argv, a fragment the error must contain). The split a command publishes (out/train, or out
+# itself for `data-prep json` without --split) is renamed onto its path, so a link there is refused,
+# whatever it points to; a link further up, or `data-prep text`'s folder (written into, not renamed
+# onto), may lead to a folder, never to a file or nothing.
+
+def _link(w: Workspace, name: str, target: str) -> str:
+    os.makedirs(os.path.dirname(w(name)), exist_ok=True)
+    os.symlink(target, w(name))
+    return w(name)
+
+
+def _someones_data(w: Workspace) -> None:
+    w.write("someone/notes.txt", "someone's notes\n")
+    w.write("someone/sub/data.bin", bytes(range(256)) * 4, binary=True)
+    w.write("someone.txt", "someone's file\n")
+    os.makedirs(w("empty"))
+
+
+def _text_prep(w: Workspace, out: str) -> list:
+    return ["data-prep", "text", "--input_folder", os.path.dirname(w.write("in/a.txt", "some text")),
+            "--output_folder", out]
+
+
+def _jsonl_prep(w: Workspace, *extra, out=None) -> list:
+    return w.json_prep(w.jsonl("d.jsonl", GOOD), *extra, out=out)
+
+
+LINK_CASES = {
+    "json-split-links-to-someones-folder": lambda w: (
+        _jsonl_prep(w, "--split", "train"), f"{_link(w, 'out/train', w('someone'))} is a symbolic link to the folder "
+        f"{w('someone')}"),
+    "json-split-links-to-an-empty-folder": lambda w: (
+        _jsonl_prep(w, "--split", "train"), f"{_link(w, 'out/train', w('empty'))} is a symbolic link to the folder"),
+    "json-split-links-to-a-file": lambda w: (
+        _jsonl_prep(w, "--split", "train"), f"{_link(w, 'out/train', w('someone.txt'))} is a symbolic link to the "
+        f"file {w('someone.txt')}"),
+    "json-split-link-dangles": lambda w: (
+        _jsonl_prep(w, "--split", "train"), f"{_link(w, 'out/train', w('nowhere'))} is a symbolic link to "
+        f"{w('nowhere')}, which does not exist"),
+    "json-out-root-is-the-split-and-a-link": lambda w: (  # without --split the split is out_root itself
+        _jsonl_prep(w, out=_link(w, "out", w("empty"))), f"{w('out')} is a symbolic link to the folder"),
+    "json-out-root-link-dangles": lambda w: (
+        _jsonl_prep(w, "--split", "train", out=_link(w, "out", w("nowhere"))),
+        f"{w('out')} (in {w('out/train')}) is a symbolic link to {w('nowhere')}, which does not exist"),
+    "json-out-root-links-to-a-file": lambda w: (
+        _jsonl_prep(w, "--split", "train", out=_link(w, "out", w("someone.txt"))),
+        f"{w('out')} (in {w('out/train')}) is a symbolic link to the file"),
+    "hf-split-links-to-someones-folder": lambda w: (
+        ["data-prep", "hf", "--dataset", "json", "--data_files", f"train={w.jsonl('d.jsonl', GOOD)}", "--splits",
+         "train", "--out_root", w("out")], f"{_link(w, 'out/train', w('someone'))} is a symbolic link to the folder"),
+    "finetuning-split-links-to-someones-folder": lambda w: (
+        w.chat_prep(chat(U, A)), f"{_link(w, 'out/train', w('someone'))} is a symbolic link to the folder"),
+    "finetuning-split-link-dangles": lambda w: (
+        w.chat_prep(chat(U, A)), f"{_link(w, 'out/train', w('nowhere'))} is a symbolic link to {w('nowhere')}, "
+        "which does not exist"),
+    "preference-split-links-to-someones-folder": lambda w: (
+        w.pref_prep(), f"{_link(w, 'out/train', w('someone'))} is a symbolic link to the folder"),
+    "text-output-link-dangles": lambda w: (
+        _text_prep(w, _link(w, "out", w("nowhere"))), f"--output_folder: {w('out')} is a symbolic link to "
+        f"{w('nowhere')}, which does not exist"),
+    "text-output-links-to-a-file": lambda w: (
+        _text_prep(w, _link(w, "out", w("someone.txt"))), f"--output_folder: {w('out')} is a symbolic link to the "
+        f"file {w('someone.txt')}"),
+    "text-output-links-to-someones-folder": lambda w: (  # followed, and refused as any foreign folder is
+        _text_prep(w, _link(w, "out", w("someone"))), "holds notes.txt, sub, which llmfoundry-lite's data-prep text "
+        "did not write"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINK_CASES))
+def test_symlinked_output_is_refused_before_any_work(case, tmp_path, tiny_tokenizer_dir, capsys):
+    w = Workspace(tmp_path, tiny_tokenizer_dir)
+    _someones_data(w)
+    argv, fragment = LINK_CASES[case](w)
+    before = snapshot(tmp_path)
+    code, output = _run(argv, capsys)
+    assert code == 2, output[-2000:]
+    assert fragment in output, output[-2000:]
+    assert "Traceback" not in output
+    assert snapshot(tmp_path) == before  # nothing written, no link replaced, every target byte for byte
+
+
+def test_out_root_linking_to_a_folder_is_that_folder(tmp_path, tiny_tokenizer_dir, capsys):
+    """A link above the split (out_root on another disk) and `data-prep text`'s folder may lead to a
+    folder: the split is published inside it, and what it held is kept, byte for byte."""
+    w = Workspace(tmp_path, tiny_tokenizer_dir)
+    _someones_data(w)
+    before = snapshot(w("someone"))
+    code, output = _run(_jsonl_prep(w, "--split", "train", out=_link(w, "out", w("someone"))), capsys)
+    assert code == 0, output[-2000:]
+    assert os.path.isfile(w("someone/train/index.json")) and os.path.islink(w("out"))
+    code, output = _run(_text_prep(w, _link(w, "text_out", w("empty"))), capsys)
+    assert code == 0, output[-2000:]
+    assert os.path.isfile(w("empty/index.json")) and os.path.islink(w("text_out"))
+    after = snapshot(w("someone"))
+    assert {k: v for k, v in after.items() if not k.startswith("train")} == before
+
+
+def test_planted_partial_links_are_removed_not_written_through(tmp_path, tiny_tokenizer_dir, capsys):
+    """`.train.partial` and its `.json` marker are ours: links in their place (planted, or a run's left-overs
+    made into links) are removed, and what they point to is left alone."""
+    w = Workspace(tmp_path, tiny_tokenizer_dir)
+    _someones_data(w)
+    _link(w, "out/.train.partial.json", w("someone.txt"))
+    _link(w, "out/.val.partial", w("someone"))
+    before = snapshot(w("someone")), open(w("someone.txt"), "rb").read()
+    for split in ("train", "val"):
+        code, output = _run(_jsonl_prep(w, "--split", split), capsys)
+        assert code == 0 and "left by an interrupted run" in output, output[-2000:]
+    assert (snapshot(w("someone")), open(w("someone.txt"), "rb").read()) == before
+    assert sorted(os.listdir(w("out"))) == ["train", "val"]
 
 
 def test_failed_conversion_leaves_nothing_and_training_says_so(tmp_path, tiny_tokenizer_dir, capsys):

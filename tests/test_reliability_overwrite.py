@@ -4,7 +4,6 @@ folder holding anything they did not write (a user's model, notes, data, another
 exit 2, a message naming the folder and `--overwrite`, no traceback and every file around unchanged byte
 for byte; they rebuild their own output (the folder's `.llmfoundry_lite.json` lists it); `--overwrite`
 replaces what they write and keeps every other file. An unwritable output folder is a clear error too."""
-import hashlib
 import json
 import os
 import pathlib
@@ -19,29 +18,14 @@ from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.files import MANIFEST, claim_folder
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
+from tree import snapshot
+
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 EOS = "<|endoftext|>"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-def snapshot(root) -> dict:
-    """relative path -> sha256 of every file (hidden ones too), '<dir>' of every folder, '-> target' of links."""
-    tree = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                tree[rel] = "-> " + os.readlink(path)
-            elif os.path.isdir(path):
-                tree[rel] = "<dir>"
-            else:
-                with open(path, "rb") as f:
-                    tree[rel] = hashlib.sha256(f.read()).hexdigest()
-    return tree
-
 
 def run(argv, capsys):
     code = main(argv)

@@ -22,7 +22,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from tqdm import tqdm
 
-from llmfoundry_lite.data.mds import check_output_folder, publish_split, token_column_encoding
+from llmfoundry_lite.data.mds import check_output_folder, check_output_links, publish_split, token_column_encoding
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.files import atomic_write, check_folder_path, claim_folder, read_json_file, remove_entries
@@ -332,7 +331,9 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
     `output_folder` must be new, empty or one this function wrote (its manifest, see files.py); then
     `reprocess` removes what it wrote there (only that) and starts over. Any other folder is refused
     unless `overwrite`: then the entries of the names it writes (plan.json, index.json, .done, group_*)
-    are replaced and every other file is kept."""
+    are replaced and every other file is kept. A symbolic link to a folder is that folder (the conversion
+    writes into it); a link to a file or to nothing is refused."""
+    check_output_links(output_folder, "--output_folder", link_ok=True)
     check_folder_path(output_folder, "--output_folder")
     files = _files(input_folder, (".txt",))
     args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
@@ -384,8 +385,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
 
 
 def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str]) -> None:
-    if os.path.isdir(folder):  # a crashed attempt left partial shards
-        shutil.rmtree(folder)
+    remove_entries(os.path.dirname(folder), [os.path.basename(folder)])  # a crashed attempt's partial shards
     summary = write_mds(iter_text_files(files), folder, spec, compression, desc=os.path.basename(folder))
     _mark_done(folder, summary, {"files": files})
 

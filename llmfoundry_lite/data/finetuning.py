@@ -4,7 +4,8 @@ An example is either prompt/response (`{"prompt": ..., "response": ...}`) or cha
 (`{"messages": [{"role": ..., "content": ...}, ...]}`); a preprocessor (a registered name such as
 `dolly` or `alpaca`, or `module:function`) maps other layouts to one of these. Every example becomes
 a list of turns `(prompt, response)`; a chat is rendered with the tokenizer's chat template (ChatML
-when it has none, or `chat_template: mpt-7b-chat`) and cut at the start of each assistant reply.
+when it has none, or `chat_template: mpt-7b-chat`, or a Jinja string: data/chat.py `ChatTemplate`) and
+cut at the start of each assistant reply.
 
 Labels are -100 except the targets: `target_responses` `last` (default) or `all`;
 `target_prompts` `none` (default), `all` or `length>=N` (a prompt of at least N tokens is a target).
@@ -18,27 +19,18 @@ import importlib
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tqdm import tqdm
 
-from llmfoundry_lite.data.chat import IM_END, IM_START, MPT_SYSTEM_PROMPT, check_messages
+from llmfoundry_lite.data.chat import ChatTemplate, check_messages
 from llmfoundry_lite.data.convert import SHARD_HASHES, Counts, load_hf_dataset
 from llmfoundry_lite.data.mds import publish_split, streaming_init
-from llmfoundry_lite.data.tokenizer import CHATML_TEMPLATE
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.models.mpt import IGNORE_INDEX as IGNORE
 from llmfoundry_lite.registry import preprocessors
 
 log = logging.getLogger(__name__)
-
-# MPT-7B-Chat: ChatML whose conversation opens with this system prompt unless one is given.
-MPT_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "{{ '" + IM_START + "system\n" + MPT_SYSTEM_PROMPT + IM_END + "\n' }}"
-    "{% endif %}" + CHATML_TEMPLATE
-)
-CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "mpt-7b-chat": MPT_CHAT_TEMPLATE}
 Turn = Tuple[str, str]
 COUNTED = ("truncated", "dropped empty", "dropped without targets")  # build_example's statuses besides ok
 
@@ -95,8 +87,9 @@ def get_preprocessor(name: Optional[str]) -> Optional[Callable[[Dict], Dict]]:
 
 # ---- turns -------------------------------------------------------------------------------------
 
-def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> List[Turn]:
-    """(prompt, response) text pairs of a prompt/response or chat example."""
+def to_turns(example: Dict, tokenizer=None, chat_template: Union[None, str, ChatTemplate] = None) -> List[Turn]:
+    """(prompt, response) text pairs of a prompt/response or chat example (a chat rendered by
+    `ChatTemplate.resolve(chat_template, tokenizer)`)."""
     if not isinstance(example, dict):
         raise DataError(f"an example is a JSON object (prompt/response or messages), got a {type(example).__name__}")
     # `datasets` gives every row of a mixed file every column, the missing ones as None
@@ -113,26 +106,16 @@ def to_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None)
                     "(set preprocessing_fn to map other layouts, e.g. dolly or alpaca)")
 
 
-def _chat_turns(messages: Sequence[Dict], tokenizer, chat_template: Optional[str]) -> List[Turn]:
-    # a named template (chatml, mpt-7b-chat) or a Jinja string, else the tokenizer's, else ChatML
-    template = (CHAT_TEMPLATES.get(chat_template, chat_template) or getattr(tokenizer, "chat_template", None)
-                or CHATML_TEMPLATE)
-
-    def render(msgs, gen=False):
-        if tokenizer is None:  # text-only conversion: the template alone (ChatML unless named)
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-            return ImmutableSandboxedEnvironment().from_string(template).render(messages=list(msgs),
-                                                                              add_generation_prompt=gen)
-        return tokenizer.apply_chat_template(list(msgs), chat_template=template, tokenize=False,
-                                             add_generation_prompt=gen)
+def _chat_turns(messages: Sequence[Dict], tokenizer, chat_template: Union[None, str, ChatTemplate]) -> List[Turn]:
+    template = ChatTemplate.resolve(chat_template, tokenizer)
     turns, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        with_prompt, full = render(messages[:i], gen=True), render(messages[: i + 1])
+        with_prompt, full = template.render(messages[:i], True), template.render(messages[: i + 1])
         if not (with_prompt.startswith(done) and full.startswith(with_prompt)):
-            raise UserError("the chat template does not render a conversation as a prefix of its continuation; "
-                            "use chat_template: chatml")
+            raise UserError(f"{template.source} does not render a conversation as a prefix of its continuation, "
+                            f"so replies cannot be cut out of it; {template.fix}")
         turns.append((with_prompt[len(done):], full[len(with_prompt):]))
         done = full
     return turns
@@ -144,7 +127,7 @@ def numbered(examples: Iterable[Dict]) -> Iterator[Tuple[str, Dict]]:
 
 
 def example_turns(where: str, raw: Dict, pre: Optional[Callable], tokenizer=None,
-                  chat_template: Optional[str] = None, parse: Callable = to_turns):
+                  chat_template: Union[None, str, ChatTemplate] = None, parse: Callable = to_turns):
     """`parse` (`to_turns`, or data/preference.py's `pair_turns`) of a raw example after its preprocessor;
     errors start with `where`."""
     try:
@@ -218,10 +201,11 @@ class FinetuningDataset(list):
     def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
                  target_prompts: str = "none", target_responses: str = "last", chat_template: Optional[str] = None):
         pre = get_preprocessor(preprocessing_fn)
+        template = ChatTemplate.resolve(chat_template, tokenizer, "dataset.chat_template").check()
         self.stats = Counts(dict.fromkeys(("examples", *COUNTED), 0))
         for where, raw in numbered(examples):
             self.stats["examples"] += 1
-            turns = example_turns(where, raw, pre, tokenizer, chat_template)
+            turns = example_turns(where, raw, pre, tokenizer, template)
             ex, status = build_example(tokenize_turns(turns, tokenizer), max_seq_len, target_prompts, target_responses)
             if status != "ok":
                 self.stats[status] += 1
@@ -265,9 +249,11 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
     """Write finetuning examples, `(where, example)` pairs (`where` names it in errors: a file:line, or
     see `numbered`), as MDS: `turns` text pairs, or `tokenized_turns` when a tokenizer is given (then
     over-long and target-less examples are filtered here, under `max_seq_len`). An invalid example is an
-    error, or skipped and counted with `skip_bad_examples`. The split appears only when all succeeded."""
+    error, or skipped and counted with `skip_bad_examples`. The split appears only when all succeeded; a
+    chat template (`--chat_template`, or the tokenizer's) that Jinja or its sandbox refuses stops it first."""
     from streaming import MDSWriter
     pre = get_preprocessor(preprocessing_fn)
+    template = ChatTemplate.resolve(chat_template, tokenizer, "--chat_template").check()
     stats = Counts(dict.fromkeys(("examples", "written", *COUNTED), 0))
     column = "tokenized_turns" if tokenizer is not None else "turns"
     with publish_split(out_dir) as tmp, \
@@ -275,7 +261,7 @@ def convert_finetuning(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
         for where, raw in tqdm(examples, desc=os.path.basename(out_dir), unit=" ex"):
             stats["examples"] += 1
             try:
-                turns = example_turns(where, raw, pre, tokenizer, chat_template)
+                turns = example_turns(where, raw, pre, tokenizer, template)
             except DataError:
                 if not skip_bad_examples:
                     raise

@@ -7,9 +7,13 @@ shard's column encoding, so the reader never guesses. `decode_tokens` reads all 
 
 Publishing. A split is written into a hidden `.<name>.partial` folder beside the target and moved
 into place only when the whole conversion succeeded (`publish_split`): a failed run leaves nothing,
-and a killed one leaves only the partial folder, which names the run. A loader pointed at a folder
-without `index.json` says why (`check_local_split`): the interrupted run, a text conversion still
-to resume, shards without an index, or no data at all.
+and a killed one leaves only the partial folder, which names the run. The split's own path must not
+be a symbolic link: the rename would replace the link (or fail on it), never fill what it points to,
+so such a path is refused before any work and the link's target is never touched; links further up
+(an `--out_root` that links to a folder on another disk) are followed, as the rename happens inside
+their target (`check_output_links`). A loader pointed at a folder without `index.json` says why
+(`check_local_split`): the interrupted run, a text conversion still to resume, shards without an
+index, or no data at all.
 
 Shared memory. StreamingDataset coordinates ranks and workers through /dev/shm segments named
 `NNNNNN_<name>` and lock files in /tmp. A hard-killed run leaves them behind; streaming's own
@@ -22,6 +26,7 @@ import contextlib
 import glob
 import json
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -32,7 +37,7 @@ from typing import Any, Dict, Iterator
 import numpy as np
 
 from llmfoundry_lite.errors import DataError, UserError
-from llmfoundry_lite.files import check_folder_path
+from llmfoundry_lite.files import check_folder_path, remove_entries
 
 TOKEN_DTYPES = ("uint16", "int32", "int64")
 _SHM_NAME = re.compile(r"^\d{6}_[a-z_]+$")
@@ -55,8 +60,35 @@ def decode_tokens(value: Any, bytes_dtype: str = "int32") -> np.ndarray:
     raise DataError(f"unexpected `tokens` value of type {type(value).__name__}; expected bytes or an ndarray")
 
 
+def check_output_links(path: str, flag: str, link_ok: bool = False) -> None:
+    """Refuse, naming the link and its target, an output path whose folders lead through a symbolic link to
+    nothing (dangling) or to a file, or that is itself a link (any link, unless `link_ok`: a command that
+    writes into the folder, rather than renaming one onto its path, may follow a link to a folder)."""
+    full = pathlib.Path(os.path.abspath(path))
+    for current in (full, *full.parents):
+        if not current.is_symlink():
+            continue
+        target = os.readlink(current)
+        kind = "the folder" if current.is_dir() else "the file" if current.exists() else None
+        where = "" if current == full else f" (in {path})"
+        if current == full and not link_ok:
+            what = f"to {kind} {target}" if kind else f"to {target}, which does not exist"
+            raise UserError(f"{flag}: {current} is a symbolic link {what}; data prep publishes a split by renaming "
+                            "a new folder to that path, which would replace the link, not write into what it points "
+                            f"to. Nothing was written. Remove the link (what it points to is kept) or choose another "
+                            f"{flag}")
+        if kind is None:
+            raise UserError(f"{flag}: {current}{where} is a symbolic link to {target}, which does not exist; "
+                            f"nothing was written. Create that folder, remove the link, or choose another {flag}")
+        if kind == "the file":
+            raise UserError(f"{flag}: {current}{where} is a symbolic link to the file {target}, not a folder; "
+                            f"nothing was written. Choose a folder path for {flag}")
+
+
 def check_output_folder(out_dir: str, flag: str = "--out_root") -> None:
-    """An output folder must be new or empty: shards would be mixed with old ones; a file is no folder."""
+    """An output folder must be new or empty: shards would be mixed with old ones; a file is no folder, and
+    a symbolic link is no folder to publish a split at (`check_output_links`)."""
+    check_output_links(out_dir, flag)
     check_folder_path(out_dir, flag)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"output folder {out_dir} is not empty; remove it or choose another {flag}")
@@ -75,16 +107,18 @@ def publish_split(out_dir: str, flag: str = "--out_root") -> Iterator[str]:
     command, which `check_local_split` reports and the next run of the command replaces."""
     check_output_folder(out_dir, flag)
     tmp = _partial_folder(out_dir)
-    if os.path.isdir(tmp):
+    parent, name = os.path.split(tmp)
+    if os.path.lexists(tmp) or os.path.lexists(tmp + ".json"):
         print(f"removing {tmp}, left by an interrupted run")
-        shutil.rmtree(tmp)
+        remove_entries(parent, [name, name + ".json"])  # a link there is removed, never what it points to
     os.makedirs(tmp)
-    with open(tmp + ".json", "w") as f:  # beside the folder: MDSWriter wants an empty one
+    with open(tmp + ".json", "x") as f:  # beside the folder: MDSWriter wants an empty one
         json.dump({"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     try:
         yield tmp
+        check_output_folder(out_dir, flag)  # again: something may have appeared there during the run
         if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
+            os.rmdir(out_dir)  # empty and no link (checked just now)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llmfoundry_lite.data.chat import ChatTemplate
 from llmfoundry_lite.data.convert import SHARD_HASHES, Counts
 from llmfoundry_lite.data.finetuning import Turn, example_turns, get_preprocessor, numbered, to_turns, tokenize_turns
 from llmfoundry_lite.data.mds import publish_split, streaming_init
@@ -40,7 +41,8 @@ SIDES = ("chosen", "rejected")
 COUNTED = ("prompt truncated", "dropped too long", "dropped chosen equals rejected", "dropped empty")
 
 
-def pair_turns(example: Dict, tokenizer=None, chat_template: Optional[str] = None) -> Tuple[List[Turn], List[Turn]]:
+def pair_turns(example: Dict, tokenizer=None, chat_template: Union[None, str, ChatTemplate] = None
+               ) -> Tuple[List[Turn], List[Turn]]:
     """The (prompt, response) turns of the chosen and of the rejected side of a pair."""
     if not isinstance(example, dict):
         raise DataError(f"a preference pair is a JSON object (prompt, chosen, rejected), got a {type(example).__name__}")
@@ -105,7 +107,7 @@ def fit_pair(pair: Dict[str, Any], max_seq_len: int, packed: bool = False) -> Tu
 
 
 def iter_pairs(examples: Iterable[Tuple[str, Dict]], tokenizer, max_seq_len: int, stats: Counts,
-               preprocessing_fn: Optional[str] = None, chat_template: Optional[str] = None,
+               preprocessing_fn: Optional[str] = None, chat_template: Union[None, str, ChatTemplate] = None,
                skip_bad_examples: bool = False, packed: bool = False) -> Iterator[Dict[str, List[int]]]:
     """The tokenized pairs of raw `(where, example)` rows (see `build_pair`), counting in `stats` what is
     read, cut or dropped (an invalid row is a DataError naming it, or skipped and counted with
@@ -149,7 +151,8 @@ class PreferenceDataset(list):
     def __init__(self, examples, tokenizer, max_seq_len: int, preprocessing_fn: Optional[str] = None,
                  chat_template: Optional[str] = None, packed: bool = False):
         self.stats = Counts()
-        self.extend(iter_pairs(numbered(examples), tokenizer, max_seq_len, self.stats, preprocessing_fn, chat_template,
+        template = ChatTemplate.resolve(chat_template, tokenizer, "dataset.chat_template").check()
+        self.extend(iter_pairs(numbered(examples), tokenizer, max_seq_len, self.stats, preprocessing_fn, template,
                                packed=packed))
         if not self:
             raise DataError(f"no usable preference pairs ({self.stats})")
@@ -190,14 +193,15 @@ def convert_preference(examples: Iterable[Tuple[str, Dict]], out_dir: str, token
     """Write the pairs of raw `(where, example)` rows as MDS (see the module docstring), with the
     reference model's log-probabilities when `reference_model` is given; returns what was read, written
     and dropped (`packed`: prompts cut so that both sides fit one row). The split appears only when all
-    succeeded."""
+    succeeded; a chat template (`--chat_template`, or the tokenizer's) that Jinja or its sandbox refuses
+    stops it first."""
     from streaming import MDSWriter
+    template = ChatTemplate.resolve(chat_template, tokenizer, "--chat_template").check()
     stats = Counts()
     columns = {side: "ndarray:int32" for side in ("prompt", *SIDES)}
     if reference_model is not None:
         columns["reference_logps"] = "ndarray:float32"
-    pairs = iter_pairs(examples, tokenizer, max_seq_len, stats, preprocessing_fn, chat_template, skip_bad_examples,
-                       packed)
+    pairs = iter_pairs(examples, tokenizer, max_seq_len, stats, preprocessing_fn, template, skip_bad_examples, packed)
     with publish_split(out_dir) as tmp, \
             MDSWriter(out=tmp, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
         batch: List[Dict[str, List[int]]] = []

@@ -9,21 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from llmfoundry_lite.config.schema import cross
-from llmfoundry_lite.data.chat import IM_END, IM_START
+from llmfoundry_lite.data.chat import CHATML_TEMPLATE, IM_END, IM_START
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.files import claim_folder, read_json_file, staged_folder
 from llmfoundry_lite.registry import tokenizers as tokenizer_registry
 
 EOS = "<|endoftext|>"
 DEFAULT_SPECIAL_TOKENS = (EOS, IM_START, IM_END)
-
-# ChatML: <|im_start|>role\ncontent<|im_end|>\n per message; the assistant header opens a reply.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '" + IM_START + "' + message['role'] + '\n' + message['content'] + '" + IM_END + "' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
