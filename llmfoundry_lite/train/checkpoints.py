@@ -140,8 +140,8 @@ def prepare_autoresume(folder: str) -> Optional[str]:
             break
         if dist.get_global_rank() == 0:
             target = _set_aside(folder, os.path.basename(path), CORRUPT)
-            log.warning("checkpoint %s is corrupt (%s); moved it to %s and will resume from the previous "
-                        "complete checkpoint", path, "; ".join(problems), target)
+            log.warning("checkpoint %s is corrupt (%s); moved it to %s and will not resume from it (the "
+                        "previous complete checkpoint is tried next)", path, "; ".join(problems), target)
     if dist.get_global_rank() == 0 and os.path.isdir(folder):
         _point_latest(folder, chosen)
     dist.barrier()
