@@ -248,7 +248,18 @@ def test_every_command_refuses_a_code_running_checkpoint(tmp_path, marker, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_composer_loads_checkpoints_only_through_the_gate(tmp_path, marker, monkeypatch):
+@pytest.fixture
+def hook_env(monkeypatch):
+    """Composer's validation hook variables unset, and restored after the test (the gate sets them in
+    this process; a leftover one would reach every later run and its launched ranks)."""
+    from llmfoundry_lite.export import safe_load
+    for name in (safe_load.COMPOSER_HOOK, safe_load.NEXT_VALIDATOR):
+        monkeypatch.setenv(name, "")  # recorded by monkeypatch, so restored at teardown
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_composer_loads_checkpoints_only_through_the_gate(tmp_path, marker, hook_env):
     """What training resumes from is opened by Composer itself (autoresume, load_path, also after a
     download): with the gate installed, its full-checkpoint loader and its DCP reader refuse a
     code-running object in a `.pt`, in a shard file's entries and in `.metadata`."""
@@ -259,8 +270,6 @@ def test_composer_loads_checkpoints_only_through_the_gate(tmp_path, marker, monk
 
     from llmfoundry_lite.export import safe_load
     from llmfoundry_lite.train.checkpoints import gate_composer_loading
-    monkeypatch.delenv(safe_load.COMPOSER_HOOK, raising=False)
-    monkeypatch.delenv(safe_load.NEXT_VALIDATOR, raising=False)
     gate_composer_loading()
     with pytest.raises(CheckpointError, match="could run arbitrary code"):
         safe_torch_load(_evil_checkpoint(tmp_path, "full", marker))
@@ -275,13 +284,12 @@ def test_composer_loads_checkpoints_only_through_the_gate(tmp_path, marker, monk
         FileSystemReaderWithValidation(folder).read_metadata()
 
 
-def test_a_validator_the_user_set_still_runs_after_ours(tmp_path, monkeypatch):
+def test_a_validator_the_user_set_still_runs_after_ours(tmp_path, hook_env):
     from composer.utils.checkpoint import safe_torch_load
 
     from llmfoundry_lite.export import safe_load
     from llmfoundry_lite.train.checkpoints import gate_composer_loading
-    monkeypatch.setenv(safe_load.COMPOSER_HOOK, f"{__name__}.refuse_everything")
-    monkeypatch.delenv(safe_load.NEXT_VALIDATOR, raising=False)
+    hook_env.setenv(safe_load.COMPOSER_HOOK, f"{__name__}.refuse_everything")
     gate_composer_loading()
     path = tmp_path / "ok.pt"
     torch.save(composer_state(tiny_model()), path)
