@@ -24,7 +24,7 @@ import torch
 
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export import checksums
-from llmfoundry_lite.export.safe_load import check_sharded, load_entry, load_pt, read_metadata, refusal_inside
+from llmfoundry_lite.export.safe_load import check_sharded, load_entry, load_pt, refusal_inside
 from llmfoundry_lite.export.state_dict import check_state_dict
 
 MODEL_PREFIX = "model."
@@ -116,8 +116,7 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    check_sharded(path)
-    metadata = read_metadata(path)
+    metadata = check_sharded(path)
     reader = FileSystemReader(path)
     paths = metadata.planner_data or {}
     fqns, hf_paths, optimizers = {}, {}, set()

@@ -119,11 +119,12 @@ def read_metadata(folder: str):
     return metadata
 
 
-def check_shard_entries(path: str) -> None:
-    """Every non-tensor entry stored in one DCP shard file, loaded as `load_entry` does."""
+def check_shard_entries(path: str, metadata=None) -> None:
+    """Every non-tensor entry stored in one DCP shard file, loaded as `load_entry` does (`metadata`: its
+    folder's, when the caller has read it already)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
     folder, name = os.path.split(path)
-    metadata = read_metadata(folder)
+    metadata = metadata or read_metadata(folder)
     with open(path, "rb") as f:
         for index, info in (metadata.storage_data or {}).items():
             if info.relative_path != name or not isinstance(metadata.state_dict_metadata.get(index.fqn),
@@ -136,12 +137,14 @@ def check_shard_entries(path: str) -> None:
             load_entry(io.BytesIO(f.read(info.length)), f"{index.fqn} in {path}")
 
 
-def check_sharded(folder: str) -> None:
-    """A whole DCP folder: its `.metadata` and the non-tensor entries of every shard file."""
+def check_sharded(folder: str):
+    """A whole DCP folder: its `.metadata` and the non-tensor entries of every shard file; returns the
+    metadata (read once)."""
+    metadata = read_metadata(folder)
     for name in sorted(os.listdir(folder)):
         if name.endswith(".distcp"):
-            check_shard_entries(os.path.join(folder, name))
-    read_metadata(folder)  # also when there is no shard file
+            check_shard_entries(os.path.join(folder, name), metadata)
+    return metadata
 
 
 def validate_for_composer(path, specs: Optional[Sequence[Tuple[int, int]]] = None) -> bool:
