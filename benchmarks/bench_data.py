@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from llmfoundry_lite.data import build_dataloader, train_tokenizer
-from llmfoundry_lite.data.convert import TokenizeSpec, convert_json
+from llmfoundry_lite.data.loaders import build_dataloader
+from llmfoundry_lite.prep.convert import TokenizeSpec, convert_json
+from llmfoundry_lite.prep.tokenizer import train_tokenizer
 from llmfoundry_lite.quickstart_corpus import documents
 
 SEQ_LEN, BATCH = 128, 16
@@ -60,7 +61,7 @@ def main() -> None:
         row["prep_speedup_2_vs_1"] = round(row["prep_tok_s_2_workers"] / row["prep_tok_s_1_workers"], 2)
         row["identical_shards"] = same_shards(os.path.join(root, "mds1"), os.path.join(root, "mds2"))
 
-        from llmfoundry_lite.data import build_tokenizer
+        from llmfoundry_lite.data.tokenizer import build_tokenizer
         loader = build_dataloader({"name": "text", "drop_last": True, "dataset": {
             "local": os.path.join(root, "mds2"), "shuffle": True, "max_seq_len": SEQ_LEN}},
             build_tokenizer(tokenizer), BATCH)

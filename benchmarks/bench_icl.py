@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from llmfoundry_lite.data.icl import ICLDataset, ICLTaskConfig
 from llmfoundry_lite.eval.icl import score_batch
+from llmfoundry_lite.icl.tasks import ICLDataset, ICLTaskConfig
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 TASKS = os.path.join(os.path.dirname(__file__), "..", "llmfoundry_lite", "eval", "tasks")
@@ -35,7 +35,7 @@ def make_tokenizer(folder: str):
 
     from transformers import AutoTokenizer
 
-    from llmfoundry_lite.data.tokenizer import train_tokenizer
+    from llmfoundry_lite.prep.tokenizer import train_tokenizer
     text = "\n\n".join(inspect.getdoc(o) or "" for m in (json, pathlib, textwrap, inspect, argparse)
                        for o in vars(m).values())
     path = os.path.join(folder, "corpus.txt")

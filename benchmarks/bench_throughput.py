@@ -170,9 +170,9 @@ def main() -> None:
 
     from composer.utils import dist
 
+    from llmfoundry_lite import train
     from llmfoundry_lite.models import flops_per_token
-    from llmfoundry_lite.train import train
-    from llmfoundry_lite.train.callbacks import device_peak_flops, unwrap
+    from llmfoundry_lite.training.callbacks import device_peak_flops, unwrap
 
     trainer = train(args.figure, [*args.overrides, f"max_duration={args.warmup + args.steps}ba",
                                   f"callbacks.benchmark_timer.warmup={args.warmup}"])

@@ -73,10 +73,10 @@ def composer_loop(steps, warmup, world_size=1):
     from composer.optim import DecoupledAdamW
     from composer.utils import dist
 
-    from llmfoundry_lite.train.callbacks import SpeedMonitor
-    from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
-    from llmfoundry_lite.train.parallel import fsdp2_config
-    from llmfoundry_lite.train.schema import FSDPSection
+    from llmfoundry_lite.training.callbacks import SpeedMonitor
+    from llmfoundry_lite.training.entry import fsdp2_config
+    from llmfoundry_lite.training.objectives.crossentropy import ComposerMPTCausalLM
+    from llmfoundry_lite.training.schema import FSDPSection
 
     if world_size > 1:
         dist.initialize_dist("cpu", 300)

@@ -12,13 +12,13 @@ its prompt is some training pairs' prompt. SFT sees only what to say (a random o
 what not to say: the rule is what the rejected replies add.
 
 Per seed: a byte-level BPE (vocab 320) trained on the training text and a random-init MPT (d_model 64,
-2 heads, 2 layers) are saved as an HF folder; from it `llmfoundry_lite.train.train` runs
+2 heads, 2 layers) are saved as an HF folder; from it `llmfoundry_lite.training.train` runs
 yamls/finetune/mpt-tiny-cpu-dpo.yaml with full finetuning (`dpo`: `model.peft_config=null`, a frozen
 copy of the start is the reference, beta 0.1) and yamls/finetune/mpt-tiny-cpu-sft.yaml on the rows
 {prompt, response: chosen} (`sft`), whose optimizer, scheduler, gradient clipping and callbacks are
 replaced by the DPO run's. Both use lr 1e-3 (the SFT YAML's; the DPO YAML's 5e-3 suits its LoRA
 adapters, and in full finetuning of this model it learned the rule less reliably). Measured on the
-held-out pairs with `data.preference.score_pairs` (a reply's log-probability is the sum over its
+held-out pairs with `prep.preference.score_pairs` (a reply's log-probability is the sum over its
 tokens, EOS included): `accuracy` (chosen more likely than rejected), `logp_gap` (mean chosen -
 rejected, nats), `logp_chosen` (mean), `reward_margin` (DPO's implicit reward margin against the start
 model, beta * (gap after - gap before), mean) and `train_s` (seconds in `train`, one thread); per
@@ -61,8 +61,8 @@ def write_jsonl(folder: str, rows) -> str:
 
 def save_start(folder: str, seed: int, train_pairs) -> str:
     """A random-init MPT and a BPE trained on the task's text, as an HF folder both YAMLs start from."""
-    from llmfoundry_lite.data.tokenizer import train_tokenizer
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+    from llmfoundry_lite.prep.tokenizer import train_tokenizer
     corpus = os.path.join(folder, "corpus.txt")
     with open(corpus, "w") as f:
         f.writelines(f"{p['prompt']}{p['chosen']}{p['rejected']}\n" for p in train_pairs)
@@ -103,9 +103,10 @@ def run_seed(seed: int, steps: int, batch: int) -> dict:
     """The start model's held-out figures and each method's after training (with its seconds)."""
     from transformers import AutoTokenizer
 
-    from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs
+    from llmfoundry_lite import train
+    from llmfoundry_lite.data.preference import PreferenceDataset
     from llmfoundry_lite.models import MPTForCausalLM
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite.prep.preference import score_pairs
     train_pairs, test_pairs = task(seed)
     with tempfile.TemporaryDirectory() as tmp:
         hf = save_start(tmp, seed, train_pairs)

@@ -39,7 +39,7 @@ def measure(mode: str, steps: int, warmup: int, r: int) -> dict:
     """One mode in this process: bytes of optimizer state and gradients, peak memory, step times."""
     from composer.optim import DecoupledAdamW
 
-    from llmfoundry_lite.export.lora import apply_lora
+    from llmfoundry_lite.assembly.lora import apply_lora
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

@@ -1,31 +1,37 @@
 """llmfoundry_lite: pretrain, finetune, export and serve MPT models from YAML configs.
 
-The public names are imported lazily so that `import llmfoundry_lite` stays cheap (no Composer).
+The public names load their modules on first use, so that `import llmfoundry_lite` stays cheap (no
+Composer, no transformers).
 """
+from __future__ import annotations
+
+import importlib
 from typing import TYPE_CHECKING
+
+from llmfoundry_lite.compat import moved
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "MPTConfig": "llmfoundry_lite.models",
-    "MPTModel": "llmfoundry_lite.models",
-    "MPTForCausalLM": "llmfoundry_lite.models",
-    "MPTForSequenceClassification": "llmfoundry_lite.models",
-    "MPTForTokenClassification": "llmfoundry_lite.models",
-    "MPTForQuestionAnswering": "llmfoundry_lite.models",
-    "train": "llmfoundry_lite.train",
-    "UserError": "llmfoundry_lite.errors",
-}
+_LAZY = {**dict.fromkeys(["MPTConfig", "MPTModel", "MPTForCausalLM", "MPTForSequenceClassification",
+                          "MPTForTokenClassification", "MPTForQuestionAnswering"], "llmfoundry_lite.models"),
+         "UserError": "llmfoundry_lite.errors"}
 
-__all__ = list(_LAZY)
+__all__ = ["train", *_LAZY]
+
+
+def train(cfg, overrides=()):
+    """Train from a YAML path or dict with `key=value` overrides; returns the fitted Composer Trainer."""
+    from llmfoundry_lite.training.entry import train as train_yaml  # lazy: the public facade loads Composer on use
+    return train_yaml(cfg, overrides)
 
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llmfoundry_lite' has no attribute {name!r}")
 
+
+moved.install(train)
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from llmfoundry_lite.errors import UserError  # noqa: F401  (re-exported for type checkers)
@@ -37,4 +43,3 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         MPTForTokenClassification,
         MPTModel,
     )
-    from llmfoundry_lite.train import train  # noqa: F401  (re-exported for type checkers)

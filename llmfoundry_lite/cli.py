@@ -13,9 +13,9 @@ from typing import List, Optional
 from llmfoundry_lite.errors import UserError
 
 COMMANDS = {
-    "train": ("llmfoundry_lite.train.command", "train from a YAML config (same schema as llm-foundry)"),
+    "train": ("llmfoundry_lite.training.command", "train from a YAML config (same schema as llm-foundry)"),
     "eval": ("llmfoundry_lite.eval.command", "evaluate perplexity and ICL tasks from a YAML config"),
-    "data-prep": ("llmfoundry_lite.data.command", "train a tokenizer and convert datasets to MDS shards"),
+    "data-prep": ("llmfoundry_lite.prep.command", "train a tokenizer and convert datasets to MDS shards"),
     "convert": ("llmfoundry_lite.export.command", "convert a Composer checkpoint to a Hugging Face folder"),
     "generate": ("llmfoundry_lite.inference.generate", "generate completions for prompts"),
     "chat": ("llmfoundry_lite.inference.chat", "chat with a model in the ChatML format"),

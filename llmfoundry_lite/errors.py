@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints them without a traceback and exits with code 2."""
+import pickle
 
 # Values that config interpolation read from environment variables (`${oc.env:VAR}`): often tokens or
 # keys, so no error message shows them (config/loading.py adds them).
@@ -42,3 +43,19 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or model folder cannot be used (missing, truncated, another model, another architecture)."""
+
+
+def pickle_refusal(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, is torch's `weights_only` refusal (transformers and
+    peft re-raise it in their own words)."""
+    while error is not None:
+        if isinstance(error, pickle.UnpicklingError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def refused(what: str, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{what} holds pickled objects beyond tensors and plain types "
+                           f"({str(e).splitlines()[0][:300]}); loading it could run arbitrary code, so it is "
+                           "refused. Remove it, or re-save only the weights of a checkpoint you trust.")

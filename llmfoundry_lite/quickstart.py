@@ -21,6 +21,7 @@ work unless `--overwrite`, which replaces those entries and keeps every other fi
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -33,7 +34,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.hf_import import load_hf_model
 from llmfoundry_lite.files import atomic_write, claim_folder, remove_entries
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,9 +247,9 @@ def read_metrics(path: str) -> Dict[str, List[tuple]]:
 
 
 def plot_losses(metrics: Dict[str, List[tuple]], out_png: str) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only the plot step needs it (slow to import)
     matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label, style in ((TRAIN_LOSS, "train loss", "-"), (EVAL_LOSS, "validation loss", "o-")):
@@ -262,11 +267,6 @@ def plot_losses(metrics: Dict[str, List[tuple]], out_png: str) -> None:
 
 def check_hf_folder(hf_dir: str) -> Dict[str, object]:
     """Load the export with stock transformers (no custom code) and compare its logits with ours."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmfoundry_lite.export import load_hf_model
-
     stock = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ours = load_hf_model(hf_dir).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir)
@@ -287,7 +287,6 @@ def _generations(log_path: str) -> List[str]:
 
 
 def _eval_rows(eval_dir: str) -> List[Dict[str, str]]:
-    import csv
     try:
         with open(os.path.join(eval_dir, "results.csv"), newline="") as f:
             return list(csv.DictReader(f))

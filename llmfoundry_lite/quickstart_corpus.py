@@ -7,6 +7,7 @@ stable hash of its text falls below `val_fraction` (so adding a module never res
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import inspect
@@ -94,7 +95,6 @@ def write_corpus(out_dir: str, val_fraction: float = 0.05, max_docs: int = 0) ->
 
 
 def main(argv=None) -> None:
-    import argparse
     parser = argparse.ArgumentParser(prog="python -m llmfoundry_lite.quickstart_corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--val_fraction", type=float, default=0.05)

@@ -72,7 +72,7 @@ def prepare() -> dict:
             sys.exit(f"[gpu-check] cannot import {module} ({e}): run `make gpu-wheels` on a machine with the "
                      f"package registry and carry gpu_wheels/ here")
     import llmfoundry_lite.eval  # noqa: F401  (the whole package imports on this stack)
-    import llmfoundry_lite.train  # noqa: F401  (likewise)
+    import llmfoundry_lite.training.entry  # noqa: F401  (likewise)
     return {"carried_wheels_installed": [_dist_name(w) for w in missing]}
 
 

@@ -33,7 +33,7 @@ def stdlib_docstrings(limit_chars: int = 200_000) -> str:
 def tiny_tokenizer_dir(tmp_path_factory):
     """Folder of a byte-level BPE (vocab 400) with <|endoftext|> as eos/pad, <|im_start|>, <|im_end|>
     and a ChatML chat template; load it with `AutoTokenizer.from_pretrained(path)`."""
-    from llmfoundry_lite.data.tokenizer import train_tokenizer
+    from llmfoundry_lite.prep.tokenizer import train_tokenizer
     root = tmp_path_factory.mktemp("tiny_tokenizer")
     text = root / "train.txt"
     text.write_text(stdlib_docstrings(), encoding="utf-8")

@@ -18,9 +18,8 @@ from composer.core import Callback
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
-from llmfoundry_lite import registry
-from llmfoundry_lite.train import train
-from llmfoundry_lite.train.callbacks import full_state_dict, unwrap
+from llmfoundry_lite import registry, train
+from llmfoundry_lite.training.callbacks import full_state_dict, unwrap
 
 import fault_injection  # noqa: F401  (registers the `fault_injection` callback the kill test names)
 from train_utils import ROOT

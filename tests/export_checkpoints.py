@@ -28,7 +28,7 @@ def main(out: str, tokenizer_dir: str) -> None:
     from transformers import AutoTokenizer
 
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-    from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+    from llmfoundry_lite.training.objectives.crossentropy import ComposerMPTCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for kind, extra in (("full", {}), ("sharded", {"parallelism_config": {"fsdp": FSDP2Config()}})):

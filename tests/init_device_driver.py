@@ -16,9 +16,8 @@ import torch
 from composer import Callback
 from composer.utils import dist
 
-from llmfoundry_lite import registry
-from llmfoundry_lite.train import train
-from llmfoundry_lite.train.callbacks import full_state_dict
+from llmfoundry_lite import registry, train
+from llmfoundry_lite.training.callbacks import full_state_dict
 
 
 def _status_kib(field: str) -> int:

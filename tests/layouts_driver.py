@@ -18,9 +18,8 @@ from composer.utils import dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor
 
-from llmfoundry_lite import registry
-from llmfoundry_lite.train import train
-from llmfoundry_lite.train.callbacks import full_state_dict, unwrap
+from llmfoundry_lite import registry, train
+from llmfoundry_lite.training.callbacks import full_state_dict, unwrap
 
 from train_utils import LAYOUT_STEPS, LAYOUTS, LORA_LAYOUTS, TINY_YAML, tiny_overrides
 

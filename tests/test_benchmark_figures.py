@@ -44,7 +44,7 @@ def test_figure_trains_what_its_name_says(runner, name):
 @pytest.mark.parametrize("path", FIGURES, ids=os.path.basename)
 def test_figure_validates(runner, path):
     from llmfoundry_lite.config import load_config
-    from llmfoundry_lite.train.schema import check_train_config
+    from llmfoundry_lite.training.schema import check_train_config
     world = 8 if path.endswith("-8x.yaml") else 1
     check_train_config(load_config(path, ["callbacks.benchmark_timer.warmup=2"]), world_size=world)
 

@@ -97,7 +97,7 @@ def test_builtin_names_are_known_without_importing_their_modules():
     import subprocess
     import sys
     code = ("from llmfoundry_lite import registry as r; import sys; "
-            "assert 'llmfoundry_lite.train.builders' not in sys.modules; "
+            "assert 'llmfoundry_lite.training.builders' not in sys.modules; "
             "print(all(n in reg for reg, n in ((r.optimizers, 'decoupled_lionw'), (r.models, 'mpt_causal_lm'), "
             "(r.dataloaders, 'text'), (r.icl_tasks, 'schema'), (r.norms, 'rmsnorm'), (r.ffns, 'mptglu'), "
             "(r.attention_impls, 'flex'), (r.param_inits, 'baseline_'), (r.callbacks, 'speed_monitor'), "
@@ -123,7 +123,7 @@ def test_a_broken_task_list_file_is_one_problem_among_the_others(tmp_path):
 
 
 def test_public_train_is_callable_before_and_after_its_package_loads():
-    """`from llmfoundry_lite import train` calls training whether or not a `llmfoundry_lite.train.*`
+    """`from llmfoundry_lite import train` calls training whether or not a `llmfoundry_lite.training.*`
     module was imported first (which binds the package to that name): each call here reaches the config
     check, which refuses the missing file."""
     import subprocess
@@ -136,7 +136,7 @@ def test_public_train_is_callable_before_and_after_its_package_loads():
             "        train('no_such.yaml')\n"
             "    except UserError as e:\n"
             "        print('refused', 'no_such.yaml' in str(e))\n"
-            "import llmfoundry_lite.train.schema\n"
+            "import llmfoundry_lite.training.schema\n"
             "try:\n"
             "    llmfoundry_lite.train('no_such.yaml')\n"
             "except UserError as e:\n"

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from llmfoundry_lite.config import Named, parse
-from llmfoundry_lite.data import build_dataloader
 from llmfoundry_lite.data.chat import MPT_SYSTEM_PROMPT
 from llmfoundry_lite.data.collators import PackingCollator, auto_packing_ratio
-from llmfoundry_lite.data.finetuning import convert_finetuning, numbered, to_turns
+from llmfoundry_lite.data.finetuning import numbered, to_turns
+from llmfoundry_lite.data.loaders import build_dataloader
 from llmfoundry_lite.data.mds import clean_stale_shared_memory
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
+from llmfoundry_lite.prep.finetuning import convert_finetuning
 from llmfoundry_lite.registry import dataloaders
 
 IGNORE = -100
@@ -75,7 +76,8 @@ def test_resume_mid_epoch_gives_the_same_next_batches(tok, tmp_path):
 
 RANK_SCRIPT = textwrap.dedent("""
     import json, sys
-    from llmfoundry_lite.data import build_dataloader, build_tokenizer
+    from llmfoundry_lite.data.loaders import build_dataloader
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
     tok = build_tokenizer(sys.argv[1])
     cfg = {"name": "text", "dataset": {"local": sys.argv[2], "max_seq_len": 8, "shuffle": True}}
     rows = [r for b in build_dataloader(cfg, tok, 4) for r in b["input_ids"][:, 0].tolist()]

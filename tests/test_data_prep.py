@@ -8,10 +8,11 @@ import torch
 from conftest import stdlib_docstrings
 from transformers import AutoTokenizer
 
-from llmfoundry_lite.data import build_dataloader, build_tokenizer
-from llmfoundry_lite.data.convert import TokenizeSpec, convert_json, convert_text
+from llmfoundry_lite.data.loaders import build_dataloader
 from llmfoundry_lite.data.text_dataset import StreamingTextDataset
+from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.prep.convert import TokenizeSpec, convert_json, convert_text
 
 EOS = "<|endoftext|>"
 
@@ -173,7 +174,7 @@ def test_bad_inputs_give_clear_errors(tiny_tokenizer_dir, tmp_path):
 
 
 def test_missing_column_in_hf_dataset(tiny_tokenizer_dir, tmp_path):
-    from llmfoundry_lite.data.convert import convert_hf
+    from llmfoundry_lite.prep.convert import convert_hf
     src = write_jsonl(tmp_path / "d.jsonl", ["some text", "more text"], key="content")
     with pytest.raises(DataError, match=r"no column 'text'.*content"):
         convert_hf("json", str(tmp_path / "out"), ["train"], TokenizeSpec(), data_files=src)

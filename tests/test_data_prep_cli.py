@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from llmfoundry_lite.cli import main
-from llmfoundry_lite.data.command import parse_data_files
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.prep.command import parse_data_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = "<|endoftext|>"

@@ -10,14 +10,15 @@ import random
 import pytest
 import torch
 
+from llmfoundry_lite.assembly.lora import apply_lora
 from llmfoundry_lite.data.collators import PreferenceCollator
 from llmfoundry_lite.data.finetuning import hh_rlhf
-from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs, sequence_logps
+from llmfoundry_lite.data.preference import PreferenceDataset, sequence_logps
 from llmfoundry_lite.errors import ConfigError, DataError
-from llmfoundry_lite.export.lora import apply_lora
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-from llmfoundry_lite.train.dpo import ComposerMPTDPO, dpo_loss
-from llmfoundry_lite.train.schema import check_train_config
+from llmfoundry_lite.prep.preference import score_pairs
+from llmfoundry_lite.training.objectives.dpo import ComposerMPTDPO, dpo_loss
+from llmfoundry_lite.training.schema import check_train_config
 
 from train_utils import ROOT
 
@@ -202,7 +203,7 @@ def dpo_inputs(tok, tmp_path, train_rows, test_rows=()):
 def test_tiny_cpu_dpo_yaml_raises_held_out_preference_accuracy(tok, tmp_path):
     """A synthetic rule: the preferred reply repeats the prompt's word, the rejected one is another word.
     Full finetuning (a frozen copy is the reference); eval_loader logs the DPO metrics on held-out pairs."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     held_out = string_pairs(64, seed=1)
     hf, data = dpo_inputs(tok, tmp_path, string_pairs(256), held_out)
     before = preference_accuracy(MPTForCausalLM.from_pretrained(hf), tok, held_out)

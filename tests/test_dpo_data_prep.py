@@ -12,9 +12,10 @@ from streaming import StreamingDataset
 from test_dpo import TINY, YAML, dpo_inputs, string_pairs
 
 from llmfoundry_lite.cli import main
-from llmfoundry_lite.data.preference import PreferenceDataset, score_pairs
+from llmfoundry_lite.data.preference import PreferenceDataset
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+from llmfoundry_lite.prep.preference import score_pairs
 
 from train_utils import read_losses
 
@@ -80,7 +81,7 @@ def test_stored_reference_logps_are_the_reference_models(prepared, tok):
 def test_precomputed_reference_trains_like_the_live_reference_without_a_copy(prepared, tmp_path, packed):
     """Full finetuning, 6 steps in the shards' order: the same losses within 1e-5, and no frozen copy.
     Packed: 4 rows of 8 pairs per batch, from shards prepared with --packed (prompts cut to fit a row)."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     hf, data, mds = prepared
     rows = [json.loads(line) for line in open(data / "train.jsonl")]
     (tmp_path / "live").mkdir()
@@ -110,7 +111,7 @@ def test_precomputed_reference_trains_like_the_live_reference_without_a_copy(pre
 
 
 def test_pairs_that_no_longer_fit_and_mixed_loaders_are_named(prepared, tmp_path, capsys):
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     hf, data, mds = prepared
     base = [f"variables.model_name_or_path={hf}", "model.peft_config=null", "max_duration=1ba", "save_folder=null",
             "global_train_batch_size=8", "train_loader.dataset.hf_name=null", f"train_loader.dataset.local={mds}",
@@ -147,7 +148,7 @@ def test_bad_rows_are_named_or_skipped_and_counted(prepared, tmp_path, capsys):
 
 
 def test_reference_logps_of_another_model_are_named_on_the_first_batch(prepared, tok, tmp_path, caplog):
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     hf, data, mds = prepared
     torch.manual_seed(1)
     MPTForCausalLM(MPTConfig(**TINY)).save_pretrained(tmp_path / "other")

@@ -13,7 +13,7 @@ from llmfoundry_lite.data.loaders import build_dataloader
 from llmfoundry_lite.data.preference import PreferenceDataset, pair_length
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-from llmfoundry_lite.train.dpo import ComposerMPTDPO
+from llmfoundry_lite.training.objectives.dpo import ComposerMPTDPO
 
 from train_utils import read_losses
 
@@ -118,7 +118,7 @@ def test_packed_run_has_the_unpacked_runs_losses(tok, tmp_path):
         assert batch["pair_mask"].sum() == 8 and batch["input_ids"].shape[0] <= 4  # fewer rows than pairs
     loader["dataset"]["packing_ratio"] = "auto"  # from the pairs' lengths (12-35 tokens in rows of 64)
     assert build_dataloader(loader, tok, 4).batch_size > 4
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     losses, metrics = [], []
     for name, extra in (("unpacked", ["global_train_batch_size=8"]), ("packed", packing)):
         log = tmp_path / f"{name}.jsonl"
@@ -134,7 +134,7 @@ def test_packed_run_has_the_unpacked_runs_losses(tok, tmp_path):
 
 
 def test_packing_needs_a_model_that_attends_by_sequence_id(tok, tmp_path):
-    from llmfoundry_lite.train.schema import check_train_config
+    from llmfoundry_lite.training.schema import check_train_config
 
     def config(model):
         return {"model": {"loss_fn": "dpo", **model}, "tokenizer": {"name": "t"}, "max_duration": "4ba",
@@ -154,7 +154,7 @@ def test_packing_needs_a_model_that_attends_by_sequence_id(tok, tmp_path):
                       "config_overrides": {"attn_config": {"attn_uses_sequence_id": False}}})
     assert "model.config_overrides.attn_config.attn_uses_sequence_id: must be true to pack preference pairs" in found
     # the YAML does not say: the folder's config (false) is checked when the model is opened
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     with pytest.raises(ConfigError) as e:
         train(YAML, [f"variables.model_name_or_path={hf}", f"variables.dpo_data={data}", "save_folder=null",
                      "train_loader.dataset.packing_ratio=auto", "global_train_batch_size=2"])

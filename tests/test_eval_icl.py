@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from llmfoundry_lite.config import check
-from llmfoundry_lite.data.icl import (
+from llmfoundry_lite.errors import DataError
+from llmfoundry_lite.eval.icl import evaluate_icl_task
+from llmfoundry_lite.icl.tasks import (
     ICLDataset,
     ICLTaskConfig,
     build_prompts,
@@ -16,8 +18,6 @@ from llmfoundry_lite.data.icl import (
     load_task_file,
     normalize_answer,
 )
-from llmfoundry_lite.errors import DataError
-from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.registry import icl_tasks
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -205,7 +205,7 @@ def test_task_config_problems_are_all_reported(tmp_path):
 
 
 def test_plugin_task_type_via_registry(tmp_path):
-    from llmfoundry_lite.data.icl import ICLTaskType
+    from llmfoundry_lite.icl.tasks import ICLTaskType
 
     class Yes(ICLTaskType):  # correct when the continuation "yes" beats "no"
         name, fields = "yes_no_test", {"question": str}
@@ -220,7 +220,7 @@ def test_plugin_task_type_via_registry(tmp_path):
 
 
 def test_split_examples_keeps_each_examples_rows_together(tmp_path):
-    from llmfoundry_lite.data.icl import judge_generations, judge_logits, split_examples
+    from llmfoundry_lite.icl.tasks import judge_generations, judge_logits, split_examples
     t = table(**{":y": 3.0, ":x": 1.0})
     path = write(tmp_path, "mc.jsonl", [{"query": q, "choices": ["x", "yy", "z"][:n], "gold": g}
                                         for q, n, g in (("q", 2, 1), ("rr", 3, 0), ("s", 3, 1))])
@@ -305,7 +305,7 @@ def test_categories_are_scored_apart_and_averaged(tmp_path):
     res = evaluate_icl_task(BigramModel(t), CharTokenizer(), c, max_seq_len=32, batch_size=2)
     # the mean of the categories (0.5 and 1.0), not the pooled 2/3, as llm-foundry reports it
     assert res == {"t/0-shot/a": 0.5, "t/0-shot/b": 1.0, "t/0-shot": 0.75}
-    from llmfoundry_lite.data.icl import task_datasets
+    from llmfoundry_lite.icl.tasks import task_datasets
     name, ds = next(task_datasets(cfg(c.dataset_uri, "language_modeling", has_categories=True, num_fewshot=1),
                                   CharTokenizer(), 64))
     prompts = ["".join(map(chr, it.rows[0])) for it in ds.items]

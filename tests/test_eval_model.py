@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from llmfoundry_lite.data.icl import ICLDataset, ICLTaskConfig, continuation_scores
 from llmfoundry_lite.eval.icl import evaluate_icl_task
+from llmfoundry_lite.icl.tasks import ICLDataset, ICLTaskConfig, continuation_scores
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -93,8 +93,8 @@ def test_batching_and_padding_do_not_change_scores(tok, task_files):
 def test_composer_evaluators_match_the_standalone_numbers(tok, task_files, tmp_path):
     from composer import Trainer
 
-    from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
-    from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
+    from llmfoundry_lite.training.icl_evaluators import add_icl_metrics, build_icl_evaluators
+    from llmfoundry_lite.training.objectives.crossentropy import ComposerMPTCausalLM
 
     model = tiny_model(tok, seed=2)
     cfgs = [{"label": t.label, "dataset_uri": t.dataset_uri, "icl_task_type": t.icl_task_type, "num_fewshot": [0, 1]}

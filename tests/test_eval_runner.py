@@ -116,11 +116,11 @@ def test_composer_checkpoint_and_hf_folder_give_the_same_numbers(tmp_path, tiny_
     from composer import Trainer
     from transformers import AutoTokenizer
 
-    from llmfoundry_lite.data.icl import ICLTaskConfig
     from llmfoundry_lite.eval.icl import evaluate_icl_task
     from llmfoundry_lite.export import write_hf_folder
+    from llmfoundry_lite.icl.tasks import ICLTaskConfig
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-    from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+    from llmfoundry_lite.training.objectives.crossentropy import ComposerMPTCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(3)
@@ -155,7 +155,7 @@ def test_composer_checkpoint_and_hf_folder_give_the_same_numbers(tmp_path, tiny_
 
 
 def test_training_yaml_accepts_icl_tasks_and_checks_them(task_file):
-    from llmfoundry_lite.train.schema import TrainConfig, check_train_config
+    from llmfoundry_lite.training.schema import TrainConfig, check_train_config
 
     assert "icl_tasks" in TrainConfig.__dataclass_fields__
     cfg = {"model": model_section(), "tokenizer": {"name": "gpt2"}, "max_seq_len": 64, "max_duration": "1ba",
@@ -172,8 +172,8 @@ def test_shipped_eval_yamls_and_task_suite_validate(tmp_path, tiny_tokenizer_dir
     from transformers import AutoTokenizer
 
     from llmfoundry_lite.config import load_config, parse
-    from llmfoundry_lite.data.icl import ICLDataset, ICLTasks
     from llmfoundry_lite.eval.runner import check_eval_config
+    from llmfoundry_lite.icl.tasks import ICLDataset, ICLTasks
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     monkeypatch.chdir(root)  # task paths in the YAMLs are relative to the repository root
@@ -267,9 +267,9 @@ def test_llm_foundry_eval_yaml_keys(tmp_path, tiny_tokenizer_dir, task_file):
     # icl_subset_num_batches: 1 batch of each task (2 examples of `sub`; `mc` batches 4 of 6)
     from transformers import AutoTokenizer
 
-    from llmfoundry_lite.data.icl import ICLTaskConfig
     from llmfoundry_lite.eval.icl import evaluate_icl_task
-    from llmfoundry_lite.export.opening import open_model
+    from llmfoundry_lite.icl.tasks import ICLTaskConfig
+    from llmfoundry_lite.opening import open_model
     ec = check_eval_config(cfg)
     torch.manual_seed(ec.seed)
     model, tok = open_model(ec.models[0].model, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_icl_tasks_run_as_evaluators_during_training(tmp_path, tiny_tokenizer_dir):
-    from llmfoundry_lite.data.icl import ICLTaskConfig
+    from llmfoundry_lite import train
     from llmfoundry_lite.eval.icl import evaluate_icl_task
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite.icl.tasks import ICLTaskConfig
 
     data = write_copy_task(str(tmp_path / "data"), n_train=64, n_val=16)
     rows = [{"query": f"The {w} is", "choices": ["red", "blue"], "gold": i % 2} for i, w in

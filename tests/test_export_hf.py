@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM
 
-from llmfoundry_lite.compat import STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP
+from llmfoundry_lite.compat.hf import STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export import load_hf_model, native_blockers, write_hf_folder
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM

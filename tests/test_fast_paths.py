@@ -132,7 +132,7 @@ def test_fused_loss_in_the_model_returns_no_logits_and_the_same_gradients():
 
 @pytest.mark.timeout(600)
 def test_compiled_blocks_and_fused_loss_train_like_the_eager_run(tiny_tokenizer_dir, tmp_path):
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
 
     from train_utils import TINY_YAML, read_losses, tiny_overrides, write_copy_task
     data = write_copy_task(str(tmp_path / "data"), n_train=64, n_val=8)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_tiny_model_loss_curve_equals_the_golden_file(tmp_path, tiny_tokenizer_dir):
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     data = write_copy_task(str(tmp_path / "data"))
     metrics = str(tmp_path / "m.jsonl")
     train(TINY_YAML, tiny_overrides(data, tiny_tokenizer_dir, **{

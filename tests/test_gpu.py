@@ -74,7 +74,7 @@ def test_fused_cross_entropy_under_bf16_autocast():
 
 
 def test_compiled_blocks_equal_eager():
-    from llmfoundry_lite.train.parallel import compile_blocks
+    from llmfoundry_lite.assembly.sharding import compile_blocks
     ref, compiled = models("torch")
     compile_blocks(compiled, {})
     compare(ref, compiled, tol=2e-2)
@@ -114,8 +114,8 @@ def test_fsdp2_meta_init_and_activation_checkpointing_on_one_device():
     from torch.distributed._composable.fsdp import fully_shard
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
+    from llmfoundry_lite.assembly.sharding import materialize_meta
     from llmfoundry_lite.models.mpt import MPTBlock
-    from llmfoundry_lite.train.parallel import materialize_meta
     dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29517", world_size=1, rank=0)
     try:
         cfg = MPTConfig(d_model=128, n_heads=4, n_layers=2, vocab_size=V, max_seq_len=64, init_device="meta")

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.assembly.sharding import materialize_meta
 from llmfoundry_lite.config import Named, parse
 from llmfoundry_lite.errors import CheckpointError, ConfigError
 from llmfoundry_lite.export.hf_import import load_hf_config
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-from llmfoundry_lite.train.parallel import materialize_meta
 
 TINY = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=96, attn_config={"qk_ln": True})
 

@@ -77,7 +77,7 @@ def test_training_continues_from_an_llmfoundry_checkpoint(weights_only, tmp_path
     """The YAML llm-foundry trained with runs here unchanged. Full resume: 2 more batches land where
     llm-foundry's straight 4-batch run did. Weights only: 2 batches with a fresh optimizer and schedule
     land where llm-foundry's own `load_weights_only` run did."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     monkeypatch.chdir(_run_copy(tmp_path))
     trainer = train("train.yaml", [f"load_path={FULL}", f"load_weights_only={str(weights_only).lower()}",
                                    f"max_duration={'2ba' if weights_only else '4ba'}"])
@@ -108,7 +108,7 @@ def test_a_hub_layout_mpt_finetunes_with_a_raised_max_seq_len(tmp_path, monkeypa
     """mosaicml/mpt-7b's layout (triton attn_impl, sharded .bin weights), trained 16 tokens long from a
     config that says 8, as llm-foundry's finetuning YAMLs raise it with `config_overrides`: the first
     loss is stock transformers' loss on the first batch at that length."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     root = _run_copy(tmp_path)
     hub = os.path.join(root, "mpt-7b")
     mosaicml_hub_folder(hub, max_seq_len=8, vocab_size=64)

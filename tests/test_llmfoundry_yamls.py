@@ -9,7 +9,7 @@ import torch
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.train.schema import check_train_config
+from llmfoundry_lite.training.schema import check_train_config
 
 from train_utils import ROOT, stand_in_folders, write_copy_task
 
@@ -71,7 +71,7 @@ def test_yaml_llmfoundry_refuses_is_refused_too(paths):
 def test_microbatch_larger_than_the_device_batch_is_one_microbatch(paths, tmp_path):
     """llm-foundry's mpt-small-cpu.yaml as it is (paths and length aside) trains here; its microbatch
     of 16 with 4 rows per step trains exactly as a microbatch of 4 does, as in Composer."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     data = write_copy_task(str(tmp_path / "data"), n_train=64, n_val=8)
     common = ["max_seq_len=17", "max_duration=2ba", "global_train_batch_size=4", "save_folder=null",
               "scheduler.t_warmup=0ba",  # Composer's step 0 and 1 both run at the lr of batch 0, 0 in a warmup

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.assembly.lora import apply_lora, is_peft
 from llmfoundry_lite.config import Named, load_config, parse
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.export.lora import apply_lora, is_peft
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-from llmfoundry_lite.train.schema import check_train_config
+from llmfoundry_lite.training.schema import check_train_config
 
 from train_utils import (
     ROOT,
@@ -64,7 +64,7 @@ def test_fresh_adapter_gives_the_base_models_logits(fused_qkv):
 def test_only_adapters_train_and_hold_optimizer_state(copy_data, tiny_tokenizer_dir, tmp_path, caplog):
     from composer.utils import reproducibility
 
-    from llmfoundry_lite.export.opening import open_model
+    from llmfoundry_lite.opening import open_model
     overrides = tiny_overrides(fresh_copy(copy_data, tmp_path, "data"), tiny_tokenizer_dir, max_duration="4ba",
                                python_log_level="info", **LORA)
     tc = check_train_config(load_config(TINY_YAML, overrides))
@@ -133,7 +133,7 @@ def test_pretrained_lora_id_or_path_continues_a_saved_adapter(tmp_path):
 
 
 def test_meta_init_makes_adapters_that_start_as_no_ops():
-    from llmfoundry_lite.train.parallel import materialize_meta
+    from llmfoundry_lite.assembly.sharding import materialize_meta
     model = build({"name": "mpt_causal_lm", **TINY, "init_device": "meta", "peft_config": {"r": 4}})
     materialize_meta(model)
     for name, p in model.named_parameters():
@@ -196,7 +196,7 @@ def finetune_inputs(tokenizer_dir, tmp_path, rows) -> tuple:
 
 def test_tiny_cpu_lora_yaml_finetunes(tiny_tokenizer_dir, tmp_path):
     """yamls/finetune/mpt-tiny-cpu-lora.yaml from an HF folder on prompt/response pairs: the loss falls."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     hf, data = finetune_inputs(tiny_tokenizer_dir, tmp_path, [
         {"prompt": f"Repeat {i % 8} twice:", "response": f" {i % 8} {i % 8}"} for i in range(64)])
     yaml = os.path.join(ROOT, "yamls", "finetune", "mpt-tiny-cpu-lora.yaml")
@@ -214,7 +214,7 @@ def test_chat_data_packing_and_loss_masks_are_unchanged_by_lora(tiny_tokenizer_d
     """Multi-turn ChatML data, packed, with every assistant turn as a target: the first step of a LoRA run
     (its adapters start as no-ops) has exactly the loss of the same full finetuning step, so the batches
     and loss masks LoRA trains on are full finetuning's."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     hf, data = finetune_inputs(tiny_tokenizer_dir, tmp_path, [
         {"messages": [{"role": "user", "content": f"count to {i % 5}"},
                       {"role": "assistant", "content": " ".join(map(str, range(i % 5)))},

@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 
+from llmfoundry_lite.assembly.lora import is_peft
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.export import load_composer_checkpoint, write_hf_folder
-from llmfoundry_lite.export.lora import is_peft
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 from train_utils import ROOT, copy_rows
@@ -25,8 +25,8 @@ TINY = dict(d_model=32, n_heads=2, n_layers=2, max_seq_len=64)
 def lora_run(tiny_tokenizer_dir, tmp_path_factory):
     """12 batches of yamls/finetune/mpt-tiny-cpu-lora.yaml from a tiny native HF folder, saving a
     Composer checkpoint and an hf_checkpointer folder (merged); the trainer for more callbacks."""
+    from llmfoundry_lite import train
     from llmfoundry_lite.data.tokenizer import build_tokenizer
-    from llmfoundry_lite.train import train
     tmp = tmp_path_factory.mktemp("lora_run")
     tokenizer = build_tokenizer(tiny_tokenizer_dir)
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def test_hf_checkpointer_writes_merged_and_adapter_folders(lora_run, tmp_path):
     from safetensors.torch import load_file
     from transformers import MptForCausalLM
 
-    from llmfoundry_lite.train.callbacks import HFCheckpointer
+    from llmfoundry_lite.training.callbacks import HFCheckpointer
     # the live model (and so the run's checkpoint) keeps its base weights: merging works on copies
     base = load_file(os.path.join(lora_run["base"], "model.safetensors"))
     live = lora_run["trainer"].state.model.model.get_base_model().state_dict()

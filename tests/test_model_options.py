@@ -7,10 +7,10 @@ import torch
 
 from llmfoundry_lite.config import check
 from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.export.opening import MPTModelSection
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM, flops_per_token
 from llmfoundry_lite.models.config import MPTSchema
 from llmfoundry_lite.models.layers.attention import apply_rope, dail_rope_cos_sin, rope_cos_sin, rope_inv_freq
+from llmfoundry_lite.opening import MPTModelSection
 
 V = 64
 # hf RoPE counts real tokens of each sequence; dail RoPE counts from the first token (llm-foundry's)

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
+from llmfoundry_lite.compat.torch import FSDP2_HSDP_ON_CPU
 
 from train_utils import DRIVER, ROOT, TINY_YAML, read_losses, tiny_overrides, write_copy_task
 

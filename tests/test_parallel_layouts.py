@@ -13,7 +13,7 @@ import collections
 import pytest
 import torch
 
-from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
+from llmfoundry_lite.compat.torch import FSDP2_HSDP_ON_CPU
 
 from train_utils import LAYOUT_STEPS, LAYOUTS, run_layouts
 

@@ -97,7 +97,7 @@ def _default_text(field) -> str:
 
 
 def test_yaml_reference_lists_every_key_with_its_default():
-    from llmfoundry_lite.train.schema import TrainConfig
+    from llmfoundry_lite.training.schema import TrainConfig
     rows = dict(re.findall(r"^\| `(\w+)` \| `?([^|`]*?)`? \|", README, re.M))
     for field in dataclasses.fields(TrainConfig):
         assert field.name in rows, f"README YAML reference misses `{field.name}`"
@@ -110,7 +110,7 @@ def test_fsdp_and_plugin_snippets_are_valid():
     from llmfoundry_lite import registry
     from llmfoundry_lite.config import NamedMap, check
     from llmfoundry_lite.config.schema import coerce
-    from llmfoundry_lite.train.schema import FSDPSection
+    from llmfoundry_lite.training.schema import FSDPSection
 
     fsdp_yaml = next(b for b in blocks("yaml") if "fsdp_config" in b)
     data = yaml.safe_load(fsdp_yaml)

@@ -269,7 +269,7 @@ def test_composer_loads_checkpoints_only_through_the_gate(tmp_path, marker, hook
     from composer.utils.checkpoint import FileSystemReaderWithValidation, safe_torch_load
 
     from llmfoundry_lite.export import safe_load
-    from llmfoundry_lite.train.checkpoints import gate_composer_loading
+    from llmfoundry_lite.training.checkpoints import gate_composer_loading
     gate_composer_loading()
     with pytest.raises(CheckpointError, match="could run arbitrary code"):
         safe_torch_load(_evil_checkpoint(tmp_path, "full", marker))
@@ -288,7 +288,7 @@ def test_a_validator_the_user_set_still_runs_after_ours(tmp_path, hook_env):
     from composer.utils.checkpoint import safe_torch_load
 
     from llmfoundry_lite.export import safe_load
-    from llmfoundry_lite.train.checkpoints import gate_composer_loading
+    from llmfoundry_lite.training.checkpoints import gate_composer_loading
     hook_env.setenv(safe_load.COMPOSER_HOOK, f"{__name__}.refuse_everything")
     gate_composer_loading()
     path = tmp_path / "ok.pt"

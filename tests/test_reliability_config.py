@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmfoundry_lite import cli
-from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS
+from llmfoundry_lite.compat.hf import PRETRAINED_CONFIG_KEYS
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.train.schema import TrainConfig, check_train_config
+from llmfoundry_lite.training.schema import TrainConfig, check_train_config
 
 from train_utils import stand_in_folders
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from llmfoundry_lite.data import build_dataloader
-from llmfoundry_lite.data.convert import TokenizeSpec, convert_hf, convert_json
+from llmfoundry_lite.data.loaders import build_dataloader
 from llmfoundry_lite.errors import DataError
+from llmfoundry_lite.prep.convert import TokenizeSpec, convert_hf, convert_json
 
 EOS = "<|endoftext|>"
 

@@ -13,7 +13,7 @@ import torch
 from llmfoundry_lite import cli
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export import checksums
-from llmfoundry_lite.train.checkpoints import CORRUPT, INCOMPLETE, LATEST, is_complete, prepare_autoresume
+from llmfoundry_lite.training.checkpoints import CORRUPT, INCOMPLETE, LATEST, is_complete, prepare_autoresume
 
 import fault_injection  # noqa: F401  (registers the `fault_injection` callback)
 from mounts import in_private_mounts, small_disk
@@ -38,7 +38,7 @@ def _overrides(copy_data, tokenizer, tmp_path, name, **extra):
 
 
 def _train(overrides):
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     trainer = train(TINY_YAML, overrides)
     trainer.close()
     return trainer
@@ -84,7 +84,7 @@ def test_nonfinite_step_is_skipped_and_training_goes_on(copy_data, tiny_tokenize
 
 def test_repeated_nonfinite_steps_stop_with_last_good_weights_saved(copy_data, tiny_tokenizer_dir, tmp_path,
                                                                     monkeypatch, snapshots):
-    from llmfoundry_lite.train.callbacks import TrainingDiverged
+    from llmfoundry_lite.training.callbacks import TrainingDiverged
     monkeypatch.setenv("LLMF_FAULT", "nan_grads:0:3,4,5")
     args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "stop", max_duration="8ba", save_interval="100ba",
                       **{"callbacks.fault_injection": "{}", "callbacks.snapshots": "{}",
@@ -240,7 +240,7 @@ def test_unwritable_or_full_save_folder_is_refused_before_training(copy_data, ti
     with pytest.raises(UserError, match="is not writable"):
         _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "x", save_folder=str(blocker / "ckpt")))
 
-    import llmfoundry_lite.train.checkpoints as checkpoints
+    import llmfoundry_lite.training.checkpoints as checkpoints
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(UserError, match=r"has 0 MiB free, but one checkpoint needs about"):
         _train(_overrides(copy_data, tiny_tokenizer_dir, tmp_path, "y"))
@@ -270,7 +270,7 @@ def test_full_disk_while_saving_is_a_clear_error(copy_data, tiny_tokenizer_dir, 
 
 
 def test_loss_spikes_are_logged_and_stop_the_run(copy_data, tiny_tokenizer_dir, tmp_path, caplog):
-    from llmfoundry_lite.train.callbacks import TrainingDiverged
+    from llmfoundry_lite.training.callbacks import TrainingDiverged
     args = _overrides(copy_data, tiny_tokenizer_dir, tmp_path, "spikes", max_duration="6ba", save_folder="null",
                       **{"callbacks.loss_spike_guard.loss_cap": "0.5", "callbacks.loss_spike_guard.patience": "3"})
     with caplog.at_level("WARNING", logger="llmfoundry_lite"), \

@@ -11,7 +11,7 @@ import torch
 
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.train.schema import check_train_config
+from llmfoundry_lite.training.schema import check_train_config
 
 from train_utils import stand_in_folders
 
@@ -145,7 +145,7 @@ def test_cli_prints_config_errors_without_traceback_exit_2(tmp_path, capsys):
 def test_inv_sqrt_schedule_values():
     from composer.core import State, Time
 
-    from llmfoundry_lite.train.builders import InverseSquareRootWithWarmupScheduler
+    from llmfoundry_lite.training.builders import InverseSquareRootWithWarmupScheduler
     model = torch.nn.Linear(1, 1)
     state = State(model=model, rank_zero_seed=0, run_name="x", device="cpu", max_duration="100ba")
     sched = InverseSquareRootWithWarmupScheduler(t_warmup="10ba", t_scale="10ba", t_cooldown="20ba",
@@ -164,7 +164,7 @@ def test_inv_sqrt_schedule_values():
 
 
 def test_lion_step_matches_hand_computation():
-    from llmfoundry_lite.train.builders import DecoupledLionW
+    from llmfoundry_lite.training.builders import DecoupledLionW
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     opt = DecoupledLionW([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.01)
     for group in opt.param_groups:
@@ -178,8 +178,8 @@ def test_lion_step_matches_hand_computation():
 
 
 def test_precision_and_fsdp_mapping():
-    from llmfoundry_lite.train.parallel import fsdp2_config, resolve_precision
-    from llmfoundry_lite.train.schema import FSDPSection
+    from llmfoundry_lite.training.entry import fsdp2_config, resolve_precision
+    from llmfoundry_lite.training.schema import FSDPSection
     with pytest.warns(UserWarning, match="fp32 on CPU"):
         assert resolve_precision("amp_bf16", on_gpu=False) == "fp32"
     assert resolve_precision("amp_bf16", on_gpu=True) == "amp_bf16"
@@ -198,8 +198,8 @@ def test_precision_and_fsdp_mapping():
 def test_hybrid_shard_on_cpu_needs_a_torch_whose_fsdp2_runs_it_there():
     """torch 2.7's FSDP2 cannot run HYBRID_SHARD over gloo; a newer one can (tests/test_parallel_layouts.py
     trains it in the compatibility run). HYBRID_SHARD's mesh degrees reach Composer either way."""
-    from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
-    from llmfoundry_lite.train.parallel import fsdp2_config
+    from llmfoundry_lite.compat.torch import FSDP2_HSDP_ON_CPU
+    from llmfoundry_lite.training.entry import fsdp2_config
     cfg = minimal(fsdp_config={"sharding_strategy": "HYBRID_SHARD", "data_parallel_replicate_degree": 2,
                                "data_parallel_shard_degree": 1})
     if FSDP2_HSDP_ON_CPU or torch.cuda.is_available():
@@ -220,8 +220,8 @@ def test_hybrid_shard_on_cpu_needs_a_torch_whose_fsdp2_runs_it_there():
 
 
 def test_meta_build_materialises_tied_and_finite():
+    from llmfoundry_lite.assembly.sharding import materialize_meta, on_meta
     from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
-    from llmfoundry_lite.train.parallel import materialize_meta, on_meta
     model = MPTForCausalLM(MPTConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, max_seq_len=16,
                                      init_device="meta"))
     assert on_meta(model)

@@ -10,8 +10,8 @@ import sys
 import torch
 from composer.utils import dist
 
-from llmfoundry_lite.train import train
-from llmfoundry_lite.train.callbacks import full_state_dict
+from llmfoundry_lite import train
+from llmfoundry_lite.training.callbacks import full_state_dict
 
 import fault_injection  # noqa: F401  (registers the `fault_injection` callback some tests name)
 

@@ -61,7 +61,7 @@ def fresh_copy(data: str, tmp_path, name: str) -> str:
 
 def run(*overrides):
     """`train(TINY_YAML, overrides)`, closed; returns the Trainer."""
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite import train
     trainer = train(TINY_YAML, list(overrides))
     trainer.close()
     return trainer

@@ -1,15 +1,14 @@
-"""llm-foundry's `fsdp_config` section, shared by the training and eval YAMLs, and the number of
-processes a config is checked for (rules that depend on it read `WORLD_SIZE`)."""
+"""llm-foundry's `fsdp_config` section, shared by the training and eval YAMLs. What the number of
+processes adds to its check (`layout_problems`) runs after the one `check` pass, on its result:
+`check_train_config(data, world_size)`, `check_eval_config(data, world_size)`."""
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass
 from typing import List, Literal, Optional
 
-from llmfoundry_lite.config.schema import cross
+import torch
 
-# The number of processes the config is checked for (`check_train_config(data, world_size)`).
-WORLD_SIZE: contextvars.ContextVar[int] = contextvars.ContextVar("world_size", default=1)
+from llmfoundry_lite.compat.torch import FSDP2_HSDP_ON_CPU
 
 
 @dataclass
@@ -32,14 +31,10 @@ class FSDPSection:
     sync_module_states: bool = False
     activation_checkpointing_reentrant: bool = False
 
-    @cross("sharding_strategy", "data_parallel_shard_degree", "data_parallel_replicate_degree")
-    def _hybrid_layout(self, path) -> List[str]:
-        world_size = WORLD_SIZE.get()
+    def layout_problems(self, path: str, world_size: int) -> List[str]:
+        """HYBRID_SHARD on `world_size` processes: its degrees multiply to it, and this torch runs it."""
         if self.sharding_strategy != "HYBRID_SHARD" or world_size == 1:
             return []
-        import torch
-
-        from llmfoundry_lite.compat import FSDP2_HSDP_ON_CPU
         problems = []
         if not torch.cuda.is_available() and not FSDP2_HSDP_ON_CPU:
             problems.append(f"{path}.sharding_strategy: HYBRID_SHARD cannot train on CPU with torch "
@@ -60,3 +55,4 @@ def hybrid_degrees(fsdp: FSDPSection, world_size: int) -> tuple:
     if rep is None:
         rep = max(world_size // max(shard, 1), 1)
     return rep, shard
+

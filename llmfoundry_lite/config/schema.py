@@ -27,6 +27,7 @@ import os
 import typing
 from typing import Annotated, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from llmfoundry_lite.config.loading import load_config
 from llmfoundry_lite.errors import ConfigError
 from llmfoundry_lite.registry import Registry, did_you_mean
 
@@ -137,7 +138,6 @@ class FromFile(_FieldType):
 
     def coerce(self, value, path, problems):
         if isinstance(value, str):
-            from llmfoundry_lite.config.loading import load_config
             if not os.path.isfile(value):
                 problems.append(f"{path}: file not found: {value}")
                 return value
@@ -255,8 +255,9 @@ def coerce(tp, value, path: str, problems: List[str]):
     return value
 
 
-def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
-    """Check `data` against dataclass `cls`; returns (instance or None, problems)."""
+def check(cls, data: Mapping, path: str = "", partial: bool = False) -> Tuple[Any, List[str]]:
+    """Check `data` against dataclass `cls`; returns (instance or None, problems). `partial`: the
+    instance even with problems, a field that has its own problems None (for rules run afterwards)."""
     if not isinstance(data, Mapping):
         return None, [f"{path or '<root>'}: expected a mapping, got {data!r}"]
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -290,7 +291,7 @@ def check(cls, data: Mapping, path: str = "") -> Tuple[Any, List[str]]:
         if valid.issuperset(rule.needs):
             found = rule(obj, path)
             problems.extend([found] if isinstance(found, str) else found or [])
-    return (obj if valid == set(fields) else None), problems
+    return (obj if partial or valid == set(fields) else None), problems
 
 
 def cross(*needs: str):

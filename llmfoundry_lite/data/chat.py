@@ -14,6 +14,7 @@ reaches outside the sandbox stops a command before it writes anything.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Dict, Sequence
 
@@ -116,7 +117,7 @@ class ChatTemplate:
         """The template's text of `messages`. A template Jinja cannot parse, or one that reaches outside the
         sandbox, is a UserError; one that refuses this chat (`raise_exception`) or fails on it is a DataError
         (the caller names the example)."""
-        from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+        from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError  # lazy: only templates need it
         try:
             if self.tokenizer is not None:
                 return self.tokenizer.apply_chat_template(list(messages), chat_template=self.text, tokenize=False,
@@ -156,7 +157,7 @@ def _tokenizer_source(tokenizer) -> str:
 
 
 def _raise_exception(message: str):
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError  # lazy: only templates need it
     raise TemplateError(message)
 
 
@@ -164,10 +165,8 @@ def _sandbox():
     """The Jinja environment of transformers' `apply_chat_template` (block tags trimmed, loop controls,
     `raise_exception`, `strftime_now`), for rendering without a tokenizer: a template renders the same
     text with or without one. (Its `{% generation %}` tag, for assistant masks, is not here.)"""
-    import datetime
-
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    import jinja2.ext  # lazy: only templates need it
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # lazy: only templates need it
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals.update(raise_exception=_raise_exception,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))

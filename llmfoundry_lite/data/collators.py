@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from llmfoundry_lite.data.preference import SIDES, pair_length, side_example
 from llmfoundry_lite.errors import DataError
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
 
@@ -77,7 +78,6 @@ class PreferenceCollator:
         self.rows = FinetuningCollator(pad_token_id, max_seq_len, pad_to_longest)
 
     def __call__(self, pairs: List[Dict[str, List[int]]]) -> Dict[str, torch.Tensor]:
-        from llmfoundry_lite.data.preference import SIDES, side_example
         batch = self.rows([side_example(p, side) for side in SIDES for p in pairs])  # chosen rows, then rejected
         batch = {k: v.view(2, len(pairs), -1).transpose(0, 1).contiguous() for k, v in batch.items()}
         return {**batch, **{k: v[:, 0] for k, v in _pair_fields([[p] for p in pairs]).items()}}
@@ -175,7 +175,6 @@ class PreferencePackingCollator(PackingCollator):
     unit = "pairs"
 
     def item(self, pair: Dict) -> Dict:
-        from llmfoundry_lite.data.preference import pair_length
         if pair_length(pair) > self.max_seq_len:
             raise DataError(f"a preference pair of {pair_length(pair)} tokens (both sides) does not fit a packed "
                             f"row of max_seq_len {self.max_seq_len}; pairs to pack need their prompts cut so that "
@@ -183,11 +182,9 @@ class PreferencePackingCollator(PackingCollator):
         return pair
 
     def length(self, pair: Dict) -> int:
-        from llmfoundry_lite.data.preference import pair_length
         return pair_length(pair)
 
     def sequences(self, pair: Dict) -> List[Dict[str, List[int]]]:
-        from llmfoundry_lite.data.preference import SIDES, side_example
         return [side_example(pair, side) for side in SIDES]
 
     def collate(self, rows: List[List[Dict]]) -> Dict[str, torch.Tensor]:

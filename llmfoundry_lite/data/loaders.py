@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
+from streaming import Stream
 from torch.utils.data import DataLoader
 
 from llmfoundry_lite.config import Named, Positive, Section, cross, parse, rule
+from llmfoundry_lite.data import collators, finetuning, preference
+from llmfoundry_lite.data.mds import check_local_split
+from llmfoundry_lite.data.text_dataset import StreamingTextDataset
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.registry import dataloaders
 
@@ -62,7 +66,6 @@ class StreamingOptions:
     replication: Optional[int] = None
 
     def streaming_kwargs(self, batch_size: int) -> Dict[str, Any]:
-        from streaming import Stream
         own = {f.name for f in dataclasses.fields(StreamingOptions)}
         kwargs = {k: v for k, v in vars(self).items() if k in own and k != "streams" and v is not None}
         if self.streams:
@@ -76,7 +79,6 @@ class StreamingOptions:
             return [f"{path}: give `local`/`remote` (with `split`) or `streams`"]
         if self.streams and (self.local or self.remote):
             return [f"{path}: give either `streams` or `local`/`remote`, not both"]
-        from llmfoundry_lite.data.mds import check_local_split
         problems = []
         for where, s in [(path, self)] + [(f"{path}.streams.{n}", s) for n, s in (self.streams or {}).items()]:
             if s.local and not s.remote:  # a local-only split must be there now: streaming would fail mid-setup
@@ -130,9 +132,8 @@ class FinetuningDatasetConfig(ExamplesConfig):
 
     @cross("target_prompts")
     def _known_target_prompts(self, path: str):
-        from llmfoundry_lite.data.finetuning import parse_target_prompts
         try:
-            parse_target_prompts(self.target_prompts)
+            finetuning.parse_target_prompts(self.target_prompts)
         except UserError as e:
             return f"{path}.{e}"
 
@@ -222,17 +223,14 @@ def build_dataloader(section: Union[Section, Dict[str, Any]], tokenizer, device_
 @dataloaders.register("text", config=TextLoader)
 def _build_text(loader: TextLoader, tokenizer, batch_size: int):
     cfg = loader.dataset
-    from llmfoundry_lite.data.collators import CausalLMCollator
-    from llmfoundry_lite.data.text_dataset import StreamingTextDataset
     dataset = StreamingTextDataset(tokenizer, cfg.max_seq_len, cfg.token_encoding_type,
                                    **cfg.streaming_kwargs(batch_size))
-    return dataset, CausalLMCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.eos_token_id), batch_size, None
+    return dataset, collators.CausalLMCollator(tokenizer.pad_token_id, cfg.max_seq_len, cfg.eos_token_id), batch_size, None
 
 
 @dataloaders.register("finetuning", config=FinetuningLoader)
 def _build_finetuning(loader: FinetuningLoader, tokenizer, batch_size: int):
     cfg = loader.dataset
-    from llmfoundry_lite.data import collators, finetuning
     if cfg.hf_name:
         raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
         dataset = finetuning.FinetuningDataset(raw, tokenizer, cfg.max_seq_len, cfg.preprocessing_fn,
@@ -256,7 +254,6 @@ def _build_preference(loader: PreferenceLoader, tokenizer, batch_size: int):
     """Batches of `batch_size` pairs, `[B, 2, L]` (data/collators.py `PreferenceCollator`), or with
     `packing_ratio`, `batch_size` rows of packed pairs (`PreferencePackingCollator`)."""
     cfg = loader.dataset
-    from llmfoundry_lite.data import collators, finetuning, preference
     packed = cfg.packing_ratio is not None
     if cfg.hf_name:
         raw = finetuning.load_raw_examples(cfg.hf_name, cfg.split or "train", cfg.hf_kwargs)
@@ -277,11 +274,10 @@ def _build_preference(loader: PreferenceLoader, tokenizer, batch_size: int):
 def _packed_batch(cfg, dataset, collate, rows: int) -> int:
     """How many examples (pairs) a batch of `rows` packed rows draws: `packing_ratio` times the rows; `auto`:
     the largest ratio at which the first 4096 examples' packed lengths pack without piling up leftovers."""
-    from llmfoundry_lite.data.collators import auto_packing_ratio
     ratio = cfg.packing_ratio
     if ratio == "auto":
         lengths = [collate.length(collate.item(dataset[i])) for i in range(min(len(dataset), 4096))]
-        ratio = auto_packing_ratio(lengths, cfg.max_seq_len, rows, cfg.shuffle_seed)
+        ratio = collators.auto_packing_ratio(lengths, cfg.max_seq_len, rows, cfg.shuffle_seed)
     return max(rows, int(rows * ratio))
 
 

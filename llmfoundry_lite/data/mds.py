@@ -35,11 +35,14 @@ import time
 from typing import Any, Dict, Iterator
 
 import numpy as np
+from streaming import StreamingDataset
+from streaming.base.hashing import get_hash
 
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.files import check_folder_path, remove_entries
 
 TOKEN_DTYPES = ("uint16", "int32", "int64")
+SHARD_HASHES = ["xxh64"]  # recorded in index.json by data prep; a loader with `validate_hash: xxh64` checks them
 _SHM_NAME = re.compile(r"^\d{6}_[a-z_]+$")
 
 
@@ -182,7 +185,6 @@ def clean_stale_shared_memory() -> int:
 
 def streaming_init(dataset, **kwargs: Dict[str, Any]) -> None:
     """Call `StreamingDataset.__init__` on `dataset`, turning streaming's errors into UserErrors."""
-    from streaming import StreamingDataset
     clean_stale_shared_memory()
     sources = kwargs.get("streams") or [kwargs]
     for src in sources:  # local-only data must be complete here: streaming would fail later, less clearly
@@ -213,7 +215,6 @@ def check_local_shards(dataset) -> None:
     from their index entry. streaming checks hashes only of what it downloads or decompresses, so a
     truncated or corrupted local shard would otherwise be read as garbage or fail mid-epoch. The size
     check is a `stat` per shard; the hash check reads every local shard once (local rank 0 only)."""
-    from streaming.base.hashing import get_hash
     hash_here = os.environ.get("LOCAL_RANK", "0") == "0"
     for shard, stream_id in zip(dataset.shards, dataset.stream_per_shard, strict=True):
         stream = dataset.streams[stream_id]

@@ -1,4 +1,5 @@
 """`llmfoundry-lite eval YAML [key=value ...]` (also `python scripts/eval.py YAML ...`)."""
+from llmfoundry_lite.eval.runner import evaluate
 
 
 def add_arguments(parser):
@@ -11,6 +12,5 @@ def add_arguments(parser):
 
 
 def run(args):
-    from llmfoundry_lite.eval.runner import evaluate
     evaluate(args.yaml, args.overrides, adapter=args.adapter)
     return 0

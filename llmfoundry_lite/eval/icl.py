@@ -1,7 +1,7 @@
 """Running a model on ICL tasks outside Composer: greedy generation, scoring, per-task accuracy.
 
-The tasks, prompts, batches and judging rules are `data/icl.py`'s; training runs the same batches as
-Composer evaluators (`train/icl_evaluators.py`), so both report the same numbers.
+The tasks, prompts, batches and judging rules are `icl/tasks.py`'s; training runs the same batches as
+Composer evaluators (`training/icl_evaluators.py`), so both report the same numbers.
 
 Several processes (`composer -n N`, torch.distributed up) each score every N-th example and sum the
 counts. They run the same number of forward passes, as a model sharded with FSDP2 needs (every
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from llmfoundry_lite.data.icl import ICLDataset, ICLTaskConfig, judge_generations, judge_logits, task_datasets
+from llmfoundry_lite.icl.tasks import ICLDataset, ICLTaskConfig, judge_generations, judge_logits, task_datasets
 
 
 def _rank_world():

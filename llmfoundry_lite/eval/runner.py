@@ -35,23 +35,27 @@ from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Sequ
 
 import torch
 import torch.distributed as dist
+from composer.core import State
+from composer.devices import DeviceCPU
+from composer.loggers import Logger
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import FromFile, Named, NamedMap, Positive, Rule, cross, join, load_config, parse
-from llmfoundry_lite.config.parallel import WORLD_SIZE, FSDPSection, hybrid_degrees
-from llmfoundry_lite.data.icl import ICLTasks, icl_tasks, load_task_file
+from llmfoundry_lite.assembly.lora import load_adapter, merged
+from llmfoundry_lite.assembly.sharding import apply_fsdp, device_mesh
+from llmfoundry_lite.assembly.weights import load_weights
+from llmfoundry_lite.config import FromFile, Named, NamedMap, Positive, Rule, check, cross, join, load_config
+from llmfoundry_lite.config.parallel import FSDPSection, hybrid_degrees
 from llmfoundry_lite.data.loaders import EvalLoaders, build_dataloader, eval_loader_problems, labelled_loaders
 from llmfoundry_lite.data.tokenizer import TokenizerSection
-from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.errors import ConfigError, UserError
 from llmfoundry_lite.eval.gauntlet import GauntletConfig, gauntlet_scores
 from llmfoundry_lite.eval.icl import evaluate_icl_task
 from llmfoundry_lite.export.composer_checkpoint import open_composer_checkpoint
-from llmfoundry_lite.export.lora import load_adapter, merged
-from llmfoundry_lite.export.opening import open_model
-from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import atomic_write
+from llmfoundry_lite.icl.tasks import ICLTasks, icl_tasks, load_task_file
 from llmfoundry_lite.inference.loading import resolve_device
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
+from llmfoundry_lite.opening import open_model
 
 SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
 
@@ -147,11 +151,12 @@ def check_eval_config(data: Dict[str, Any], world_size: int = 1) -> EvalConfig:
     if "models" not in data and any(k in data for k in SINGLE_MODEL_KEYS):
         entry = {k: data.pop(k) for k in SINGLE_MODEL_KEYS if k in data}
         data["models"] = [{"model_name": "model", **entry}]
-    token = WORLD_SIZE.set(world_size)
-    try:
-        return parse(EvalConfig, data, header="invalid eval config")
-    finally:
-        WORLD_SIZE.reset(token)
+    ec, problems = check(EvalConfig, data, partial=True)
+    if ec is not None and ec.fsdp_config is not None:
+        problems += ec.fsdp_config.layout_problems("fsdp_config", world_size)
+    if problems:
+        raise ConfigError(problems, "invalid eval config")
+    return ec
 
 
 @torch.no_grad()
@@ -217,16 +222,9 @@ def shard_model(model, fsdp: FSDPSection, device: torch.device) -> None:
     mixed_precision and the activation_* keys change nothing here."""
     if fsdp.sharding_strategy == "NO_SHARD":
         return
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     world = dist.get_world_size()
     shape = hybrid_degrees(fsdp, world) if fsdp.sharding_strategy == "HYBRID_SHARD" else (world,)
-    mesh = init_device_mesh(device.type, shape)
-    reshard = fsdp.sharding_strategy != "SHARD_GRAD_OP"
-    for block in [m for m in model.modules() if model.fsdp_wrap_fn(m)]:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    apply_fsdp(model, device_mesh(device.type, shape), reshard_after_forward=fsdp.sharding_strategy != "SHARD_GRAD_OP")
     held = sum(p.to_local().numel() for p in model.parameters())
     print(f"rank {dist.get_rank()}: {fsdp.sharding_strategy} holds {held} of "
           f"{sum(p.numel() for p in model.parameters())} parameter values", flush=True)
@@ -257,9 +255,6 @@ def _log(cfg: EvalConfig, raw: Dict[str, Any], results: Dict[str, Dict[str, floa
     """Send `metrics/<model_name>/<metric>` (and the config, with log_config) to the logger destinations."""
     if not cfg.loggers:
         return
-    from composer.core import State
-    from composer.devices import DeviceCPU
-    from composer.loggers import Logger
 
     destinations = [s.build() for s in cfg.loggers.values()]
     state = State(model=model, rank_zero_seed=cfg.seed, run_name=cfg.run_name or "eval", device=DeviceCPU())
@@ -328,7 +323,6 @@ def _open(entry: ModelEntry, adapter: Optional[str] = None):
         return merged(model), tokenizer
     _, saved_tokenizer, weights = open_composer_checkpoint(entry.load_path)
     model, tokenizer = open_model(entry.model, tokenizer or saved_tokenizer)
-    names = check_state_dict(model, weights, entry.load_path, "make `model` describe the checkpoint's model, or "
-                             "drop `model` (load_path alone builds the model the checkpoint holds)")
-    model.load_state_dict({name: weights[name] for name in names}, strict=False)
+    load_weights(model, weights, entry.load_path, "make `model` describe the checkpoint's model, or drop `model` "
+                 "(load_path alone builds the model the checkpoint holds)")
     return merged(load_adapter(model, adapter)), tokenizer

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmfoundry_lite.assembly.weights import model_from_weights
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.composer_checkpoint import read_composer_checkpoint
 from llmfoundry_lite.export.hf_export import (
@@ -40,8 +41,7 @@ def convert_composer_to_hf(composer_path: str, hf_output_path: str, output_preci
     check_export_target(hf_output_path, overwrite, flags)
     config, tokenizer, weights, lora = read_composer_checkpoint(composer_path)
     if lora is not None:
-        from llmfoundry_lite.export.lora import lora_model_from_weights
-        model = lora_model_from_weights(config, lora, weights, composer_path)
+        model = model_from_weights(config, weights, composer_path, lora)
         return write_lora_folder(model, hf_output_path, tokenizer, PRECISIONS[output_precision], adapter_only,
                                  max_shard_size, log, overwrite, flags)
     if adapter_only:

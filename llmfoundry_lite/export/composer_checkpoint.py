@@ -21,11 +21,17 @@ import warnings
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Set, Tuple
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from llmfoundry_lite.assembly.weights import check_state_dict, model_from_weights
+from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import CheckpointError
 from llmfoundry_lite.export import checksums
 from llmfoundry_lite.export.safe_load import check_sharded, load_entry, load_pt, refusal_inside
-from llmfoundry_lite.export.state_dict import check_state_dict
+from llmfoundry_lite.models import MPTConfig
 
 MODEL_PREFIX = "model."
 LATEST = "latest-rank0.pt"  # Composer's default `save_latest_filename` for rank 0
@@ -46,10 +52,6 @@ def _strip(name: str) -> Optional[str]:
 
 def _dcp_load(holder: Dict[str, Any], reader) -> None:
     """Fill `holder` (flat checkpoint keys) in this process alone, without a process group."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.api import CheckpointException
-
     class DataOnlyPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value) -> None:  # DCP's own unpickles with weights_only=False
             self.state_dict[read_item.dest_index.fqn] = load_entry(value, f"{read_item.dest_index.fqn} in {reader.path}")
@@ -72,7 +74,6 @@ def _dcp_load(holder: Dict[str, Any], reader) -> None:
 
 class _DCPWeights(Mapping):
     """Model tensors of a DCP folder, each read from disk when it is looked up."""
-
     def __init__(self, reader, fqns: Dict[str, str], metadata):
         self.reader, self.fqns, self.metadata = reader, fqns, metadata
 
@@ -113,9 +114,6 @@ def _nest(flat: Dict[Tuple, Any]) -> Any:
 
 
 def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     metadata = check_sharded(path)
     reader = FileSystemReader(path)
     paths = metadata.planner_data or {}
@@ -184,7 +182,6 @@ def _read_tokenizer(hf_state: Dict[str, Any]):
     files = hf_state.get("tokenizer")
     if not files:
         return None
-    from llmfoundry_lite.data import build_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, saved in files.items():
@@ -212,8 +209,6 @@ class Checkpoint(NamedTuple):
 def read_composer_checkpoint(path: str) -> Checkpoint:
     """What a full or sharded checkpoint holds; `lora` is set for a LoRA run's (its weights then have
     peft's names, `base_model.model.<MPT name>`, a targeted layer's weight under `.base_layer.`)."""
-    from llmfoundry_lite.models import MPTConfig
-
     checksums.check(resolve(path))
     hf_state, weights, _ = _open(path)
     try:
@@ -238,20 +233,8 @@ def open_composer_checkpoint(path: str):
 def load_composer_checkpoint(path: str):
     """(model in eval mode on CPU, tokenizer or None) from a full `.pt` or a sharded folder: an
     MPTForCausalLM, or for a LoRA run's checkpoint the `peft.PeftModel` around it (adapters unmerged)."""
-    from llmfoundry_lite.export.lora import lora_model_from_weights
-    from llmfoundry_lite.models import MPTForCausalLM
-
     config, tokenizer, weights, lora = read_composer_checkpoint(path)
-    if lora is not None:
-        return lora_model_from_weights(config, lora, weights, path), tokenizer
-    with torch.device("meta"):
-        model = MPTForCausalLM(config)
-    names = check_state_dict(model, weights, path, "it holds another model's weights or was changed after "
-                             "training; use a checkpoint as `llmfoundry-lite train` wrote it")
-    model.load_state_dict({name: weights[name] for name in names}, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval(), tokenizer
+    return model_from_weights(config, weights, path, lora), tokenizer
 
 
 def check_resumable(path: str, model, optimizer, weights_only: bool,

@@ -25,12 +25,15 @@ import os
 from typing import Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
+from safetensors.torch import save_file
+from transformers import GenerationConfig, MptConfig
 
-from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP, stock_mpt_values
+from llmfoundry_lite.assembly.weights import check_state_dict
+from llmfoundry_lite.compat.hf import PRETRAINED_CONFIG_KEYS, STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP, stock_mpt_values
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.remote_code import write_remote_code
-from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import claim_folder, staged_folder
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXACT_GELU = ({"name": "gelu"}, {"name": "gelu", "approximate": "none"})
@@ -83,8 +86,6 @@ def _native_checks(cfg) -> Dict[str, Tuple[bool, str]]:
 
 def native_blockers(config) -> List[str]:
     """'key = value: reason' for every setting stock `transformers.MptForCausalLM` cannot represent."""
-    from llmfoundry_lite.models import MPTConfig
-
     checks = _native_checks(config)
     out = [f"{key} = {_get(config, key)!r}: {why}" for key, (ok, why) in checks.items() if not ok]
     skip = set(checks) | PRETRAINED_CONFIG_KEYS
@@ -113,8 +114,6 @@ def _changed(values: dict, defaults: dict, prefix: str = ""):
 
 def native_config(config, dtype: torch.dtype, tokenizer=None):
     """The `transformers.MptConfig` (stock keys only) equal to `config`, for a native export."""
-    from transformers import MptConfig
-
     attn = config.attn_config
     ids = _special_token_ids(config, tokenizer)
     return MptConfig(**stock_mpt_values(dict(
@@ -155,8 +154,6 @@ def write_shards(tensors: Iterable[Tuple[str, torch.Tensor]], out_dir: str, dtyp
     """Stream (name, tensor) pairs into safetensors shards plus `model.safetensors.index.json`; returns
     the shard file names. Those need the total count, which a stream does not know up front: shards
     are written under temporary names and renamed at the end."""
-    from safetensors.torch import save_file
-
     limit = parse_size(max_shard_size)
     tmp_names: List[str] = []
     weight_map: Dict[str, int] = {}
@@ -233,9 +230,7 @@ def write_hf_folder(config, state_dict: Mapping[str, torch.Tensor], out_dir: Uni
     overwrite switch in messages (the CLI's `--hf_output_path`, `--overwrite`).
     The files are written into a staging folder inside `out_dir` and moved into place at the end.
     """
-    from transformers import GenerationConfig
 
-    from llmfoundry_lite.models import MPTForCausalLM
 
     out_dir = os.fspath(out_dir)
     with torch.device("meta"):

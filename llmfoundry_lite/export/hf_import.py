@@ -12,13 +12,15 @@ import os
 import pickle
 from typing import Any, Dict, Mapping, Optional
 
-from safetensors import SafetensorError
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 
-from llmfoundry_lite.errors import CheckpointError
+from llmfoundry_lite.assembly.weights import check_state_dict
+from llmfoundry_lite.errors import CheckpointError, pickle_refusal, refused
 from llmfoundry_lite.export.remote_code import CUSTOM_MODEL_TYPE
-from llmfoundry_lite.export.safe_load import pickle_refusal, refused
-from llmfoundry_lite.export.state_dict import check_state_dict
 from llmfoundry_lite.files import read_json_file
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 
 MPT_MODEL_TYPES = ("mpt", CUSTOM_MODEL_TYPE)
 
@@ -30,7 +32,6 @@ def _folder(path_or_name: str, token=None) -> str:
         if not os.path.isfile(os.path.join(path_or_name, "config.json")):
             raise CheckpointError(f"{path_or_name} has no config.json: not a Hugging Face model folder")
         return path_or_name
-    from huggingface_hub import snapshot_download
     try:
         return snapshot_download(path_or_name, token=token, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt",
                                                                 "*.model", "*.py", "*.jinja"])
@@ -48,8 +49,6 @@ def _merge(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
 
 def load_hf_config(path_or_name: str, config_overrides: Optional[Dict[str, Any]] = None, token=None):
     """(local folder, MPTConfig) for an HF MPT folder; `config_overrides` may change e.g. max_seq_len."""
-    from llmfoundry_lite.models import MPTConfig
-
     folder = _folder(path_or_name, token)
     data = read_json_file(os.path.join(folder, "config.json"), "a Hugging Face model folder")
     if not isinstance(data, dict):
@@ -77,8 +76,6 @@ def load_hf_model(path_or_name: str, **kwargs):
     dicts merge), e.g. `max_seq_len=4096` for ALiBi extrapolation or `attn_config={"attn_impl":
     "flash"}`; `torch_dtype`, `device_map`, ... go to `from_pretrained`.
     """
-    from llmfoundry_lite.models import MPTForCausalLM
-
     loading = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOADING_KWARGS}
     folder, config = load_hf_config(path_or_name, kwargs, loading.get("token"))
     try:
@@ -124,10 +121,8 @@ class FolderWeights(Mapping):
 
     def _open(self, path: str):
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
             return safe_open(path, "pt")
         if path not in self._bins:
-            import torch
             self._bins[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         return self._bins[path]
 
@@ -148,10 +143,9 @@ class FolderWeights(Mapping):
 
 def load_when_materialized(model, folder: str) -> None:
     """Make `model`, built on `meta`, take the weights of `folder` when it is materialised (after FSDP
-    sharding, or by train/parallel.py's `materialize_meta` without it): its `param_init_fn`, called with
+    sharding, or by assembly/sharding.py's `materialize_meta` without it): its `param_init_fn`, called with
     each module holding full-size tensors, copies the module's own parameters from the folder instead
     of initialising them; every rank then keeps its shard. Mismatched weights are refused up front."""
-    import torch
     weights = FolderWeights(folder)
     check_state_dict(model, weights, folder, _MATCH_FIX)
     prefixes = {id(m): prefix for prefix, m in model.named_modules()}

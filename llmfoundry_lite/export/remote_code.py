@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from llmfoundry_lite.compat import CONFIG_DTYPE_KEY, PRETRAINED_CONFIG_KEYS
+from llmfoundry_lite.compat.hf import CONFIG_DTYPE_KEY, PRETRAINED_CONFIG_KEYS
+from llmfoundry_lite.models import MPTConfig
 
 # Modules whose code goes into modeling_mpt.py, each after the ones it imports from.
-MODEL_MODULES = ["errors", "compat", "registry", "models.layers.norms", "models.layers.ffn", "models.layers.init",
+MODEL_MODULES = ["errors", "compat.hf", "registry", "models.layers.norms", "models.layers.ffn", "models.layers.init",
                  "models.layers.attention", "models.mpt"]
 CONFIG_MODULE = "llmfoundry_lite.models.config"
 CUSTOM_MODEL_TYPE = "llmfoundry_mpt"  # not transformers' "mpt": loading without trust_remote_code fails
@@ -78,8 +79,6 @@ def bundle_modeling_source() -> str:
 
 def bundle_config_source() -> str:
     """The text of configuration_mpt.py: the exported keys with their defaults, plus derived properties."""
-    from llmfoundry_lite.models import MPTConfig
-
     base = PRETRAINED_CONFIG_KEYS | {"model_type"}
     keys = {k: v for k, v in MPTConfig().to_dict().items() if k not in base}
     properties = [inspect.getsource(v.fget) for v in vars(MPTConfig).values() if isinstance(v, property)]

@@ -26,9 +26,11 @@ import pickle
 import zipfile
 from typing import IO, Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-from llmfoundry_lite.errors import CheckpointError
+from llmfoundry_lite.errors import CheckpointError, refused
 
 # Composer's hook, and where a validator the user had set before ours is kept (ours calls it after).
 COMPOSER_HOOK = "CHECKPOINT_VALIDATION_FUNCTION"
@@ -37,26 +39,9 @@ NEXT_VALIDATOR = "LLMF_NEXT_CHECKPOINT_VALIDATION_FUNCTION"
 
 def safe_globals() -> list:
     """The non-tensor types a Composer checkpoint pickles (timestamps, versions, numpy RNG state)."""
-    import numpy as np
     multiarray = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     return [datetime.timedelta, torch.torch_version.TorchVersion, np.ndarray, np.dtype, multiarray._reconstruct,
             *(type(np.dtype(t)) for t in ("bool", "int32", "int64", "uint32", "uint64", "float32", "float64"))]
-
-
-def pickle_refusal(error: BaseException) -> bool:
-    """Whether `error`, or one it was raised from, is torch's `weights_only` refusal (transformers and
-    peft re-raise it in their own words)."""
-    while error is not None:
-        if isinstance(error, pickle.UnpicklingError):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def refused(what: str, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"{what} holds pickled objects beyond tensors and plain types "
-                           f"({str(e).splitlines()[0][:300]}); loading it could run arbitrary code, so it is "
-                           "refused. Remove it, or re-save only the weights of a checkpoint you trust.")
 
 
 def load_pt(path: str) -> Dict[str, Any]:
@@ -107,7 +92,6 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(folder: str):
     """DCP's `.metadata` of a sharded checkpoint folder, read through the allow-list."""
-    from torch.distributed.checkpoint.metadata import Metadata
     try:
         with open(os.path.join(folder, ".metadata"), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -122,7 +106,6 @@ def read_metadata(folder: str):
 def check_shard_entries(path: str, metadata=None) -> None:
     """Every non-tensor entry stored in one DCP shard file, loaded as `load_entry` does (`metadata`: its
     folder's, when the caller has read it already)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
     folder, name = os.path.split(path)
     metadata = metadata or read_metadata(folder)
     with open(path, "rb") as f:

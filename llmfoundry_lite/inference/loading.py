@@ -6,6 +6,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from llmfoundry_lite import opening
+from llmfoundry_lite.assembly.lora import merged
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.hf_export import PRECISIONS as DTYPES
 
@@ -37,10 +39,8 @@ def load_model_and_tokenizer(path: str, device: Optional[str] = "cpu", dtype=Non
     the plain model. `tokenizer` overrides the one stored with the model;
     `max_seq_len` replaces the model's (longer: ALiBi or RoPE extrapolation, as MPT-7B-StoryWriter's card
     raises it to 83968)."""
-    from llmfoundry_lite.export.lora import merged
-    from llmfoundry_lite.export.opening import open_model
     device = resolve_device(device)
-    model, tok = open_model(path, tokenizer, adapter)
+    model, tok = opening.open_model(path, tokenizer, adapter)
     model = merged(model)
     if max_seq_len is not None:
         if model.config.position_scheme == "learned" and max_seq_len > model.config.max_seq_len:

@@ -17,10 +17,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
+import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.compat import PRETRAINED_CONFIG_KEYS, stock_mpt_values
+from llmfoundry_lite.compat.hf import PRETRAINED_CONFIG_KEYS, stock_mpt_values
 from llmfoundry_lite.config import Name, Positive, Probability, Rule, cross, join, parse, rule
 from llmfoundry_lite.models.layers.attention import block_attn_configs
 
@@ -184,7 +186,6 @@ class FFNConfig:
 
     @cross("ffn_act_fn")
     def _known_activation(self, path):
-        import torch.nn.functional as F
         name = (self.ffn_act_fn or {"name": "gelu"}).get("name")
         if not isinstance(name, str) or not callable(getattr(F, name, None)):
             return (f"{join(path, 'ffn_act_fn.name')}: {name!r} is not a torch.nn.functional activation "
@@ -302,7 +303,6 @@ def _registered_norm(name: str) -> Optional[str]:
 
 
 def _torch_device(name: str) -> Optional[str]:
-    import torch
     try:
         torch.device(name)
     except (RuntimeError, TypeError):

@@ -38,7 +38,7 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from llmfoundry_lite.compat import KV_CACHE
+from llmfoundry_lite.compat.hf import KV_CACHE
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.models.config import MPTConfig
 from llmfoundry_lite.models.layers.attention import (
@@ -93,7 +93,7 @@ class MPTBlock(nn.Module):
 
 class MPTPreTrainedModel(PreTrainedModel):
     """Hooks that other code finds by name (so the model imports no Composer): transformers calls
-    `_init_weights`; Composer and train/parallel.py call `param_init_fn` for each module built on
+    `_init_weights`; Composer and assembly/sharding.py call `param_init_fn` for each module built on
     `meta`, and `fsdp_wrap_fn` / `activation_checkpointing_fn` to pick what FSDP shards and
     activation checkpointing wraps (each `MPTBlock`)."""
     config_class = MPTConfig

@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import flex_attention as flex
+from torch.nn.attention.flex_attention import create_block_mask
 
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.registry import attention_impls
@@ -224,7 +226,7 @@ def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
                     softcap: Optional[float] = None) -> torch.Tensor:
     """flash-attn 2 (CUDA, fp16/bf16); padding and packed sequences go through the varlen kernel."""
     try:
-        import flash_attn as fa
+        import flash_attn as fa  # lazy: optional (the gpu extra), only attn_impl: flash needs it
     except ImportError:
         raise UserError("attn_config.attn_impl: 'flash' needs the flash-attn package (pip install "
                         "'llmfoundry-lite[gpu]') and a CUDA GPU; use attn_impl: torch on this machine") from None
@@ -263,7 +265,6 @@ def flash_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, dro
 def _flex_mask_mod(ctx: AttentionContext, device):
     """FlexAttention's mask function for what `AttentionContext.bias` would mask (causal, window,
     key padding, packed sequences), and its block mask, built once per forward and shared by layers."""
-    from torch.nn.attention.flex_attention import create_block_mask
     past = ctx.past_len
     padding = None if ctx.key_padding_mask is None else ctx.key_padding_mask.to(device)
     seq = None if ctx.sequence_id is None else ctx.sequence_id.to(device)
@@ -291,7 +292,6 @@ def flex_attention(q, k, v, ctx: AttentionContext, *, softmax_scale: float, drop
     masked blocks are skipped). Compiled on CUDA, where it is a fused kernel; eager elsewhere (a
     reference implementation, slow: use `torch` on CPU)."""
     global _compiled_flex
-    from torch.nn.attention import flex_attention as flex
     if dropout_p:
         raise UserError("attn_config.attn_impl: 'flex' has no attention dropout; set attn_pdrop: 0 or use attn_impl: torch")
     key = ("flex_block_mask", str(q.device))

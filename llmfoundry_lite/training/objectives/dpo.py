@@ -46,19 +46,43 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from dataclasses import dataclass
+from typing import Annotated, List, Literal
 
 import torch
 import torch.nn.functional as F
 from composer.core import Callback
+from composer.distributed.fsdp2 import create_mixed_precision_policy
+from composer.utils import dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torchmetrics import Metric
 
+from llmfoundry_lite import registry
+from llmfoundry_lite.assembly.lora import is_peft
+from llmfoundry_lite.assembly.sharding import apply_fsdp, retie, shared_parameters
+from llmfoundry_lite.config import cross, join, rule
 from llmfoundry_lite.data.preference import sequence_logps, token_logps
 from llmfoundry_lite.errors import DataError
-from llmfoundry_lite.export.lora import is_peft
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
-from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
+from llmfoundry_lite.training.objectives.base import Objective
+from llmfoundry_lite.training.objectives.crossentropy import ComposerMPTCausalLM
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DPOSection:
+    """`model.dpo`: the options of `loss_fn: dpo`, Direct Preference Optimization."""
+    beta: Annotated[float, rule(lambda v: v > 0, "must be positive")] = 0.1  # how far from the reference to go
+    # conservative DPO: the probability that a pair's preference label is flipped
+    label_smoothing: Annotated[float, rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")] = 0.0
+    variant: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's logistic loss, or IPO's squared one
+
+    @cross("label_smoothing", "variant")
+    def _smoothing_is_dpos(self, path: str):
+        if self.variant == "ipo" and self.label_smoothing:
+            return f"{join(path, 'label_smoothing')}: applies to variant sigmoid only; remove it for ipo"
 
 # metric name -> key of the outputs it averages over pairs
 METRICS = {"DPOLoss": "losses", "RewardsChosen": "rewards_chosen", "RewardsRejected": "rewards_rejected",
@@ -173,7 +197,7 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
         self._frozen = [] if is_peft(model) or precomputed_reference else [_meta_copy(model).eval()]
         self._reference_made = False
         # a fresh run's first training batch tells whether stored reference log-probabilities are the
-        # starting model's (entry.py clears it for a run that loads weights or resumes)
+        # starting model's (`not_at_start` clears it for a run that loads weights or resumes)
         self.check_stored_reference = True
 
     def make_reference(self, mp_policy=None) -> None:
@@ -181,25 +205,13 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
         FSDP2, `mp_policy` is the policy's mixed precision, so that both compute alike."""
         if not self._frozen or self._reference_made:
             return
-        from composer.utils import dist
-        from torch.distributed.tensor import DTensor
         ref, first = self._frozen[0], next(self.model.parameters())
         sharded = isinstance(first, DTensor)
-        if sharded:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            # resharded after every forward: no backward follows that would free the gathered weights
-            kwargs = {"mesh": first.device_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-            for module in list(ref.modules()):
-                if ref.fsdp_wrap_fn(module):
-                    fully_shard(module, reshard_after_forward=True, **kwargs)
-            fully_shard(ref, **kwargs)
-        owners = [(m, n, id(p)) for m in ref.modules() for n, p in m.named_parameters(recurse=False)]
+        if sharded:  # resharded after every forward: no backward follows that would free the gathered weights
+            apply_fsdp(ref, first.device_mesh, reshard_after_forward=True, mp_policy=mp_policy)
+        tied = shared_parameters(ref)
         ref.to_empty(device=first.device)
-        first_owner = {}
-        for module, name, key in owners:  # to_empty gives each module a new parameter: tie shared ones again
-            if key in first_owner:
-                setattr(module, name, getattr(*first_owner[key]))
-            first_owner.setdefault(key, (module, name))
+        retie(tied)  # to_empty gave each module a new parameter
         policy = dict(_named_tensors(self.model))
         with torch.no_grad():
             for name, tensor in _named_tensors(ref):
@@ -219,7 +231,6 @@ class ComposerMPTDPO(ComposerMPTCausalLM):
     def reference(self):
         """The reference model (see the module docstring), in eval mode, for a no-grad forward."""
         if self._frozen:
-            from torch.distributed.fsdp import FSDPModule
             self.make_reference()
             ref = self._frozen[0]
             try:
@@ -289,6 +300,54 @@ class FrozenReference(Callback):
     def before_load(self, state, logger) -> None:
         mp_policy = None
         if state.fsdp_config is not None:
-            from composer.distributed.fsdp2 import create_mixed_precision_policy
             mp_policy = create_mixed_precision_policy(state.precision, state.fsdp_config.mixed_precision)
         state.model.make_reference(mp_policy)
+
+
+def _problems(tc) -> List[str]:
+    """What `loss_fn: dpo` needs of the rest of the config."""
+    model, problems = tc.model.config, []
+    # the reference model is the starting weights: the base model with LoRA's fresh (no-op) adapters
+    # disabled, or a frozen copy of the model
+    lora = getattr(model, "peft_config", None)
+    if getattr(model, "pretrained_lora_id_or_path", None):
+        problems.append("model.pretrained_lora_id_or_path: loss_fn dpo takes the base model without adapters as "
+                        "the reference; merge the saved adapter into a folder first (llmfoundry-lite convert) and "
+                        "start from it with a fresh peft_config")
+    elif lora is not None and lora.init_lora_weights is False:
+        problems.append("model.peft_config.init_lora_weights: loss_fn dpo needs adapters that start as no-ops "
+                        "(the reference is the base model without them); remove it")
+    for where, section in tc.loaders():
+        packed = section.name == "preference" and section.config.dataset.packing_ratio is not None
+        if packed and where != "train_loader":
+            # a packer holds pairs back for the next batch: an eval pass would miss some, and shift others
+            problems.append(f"{where}.dataset.packing_ratio: packing is for training; an eval loader scores every "
+                            "pair once, unpacked (remove packing_ratio)")
+    if tc.icl_tasks is not None:
+        problems.append("icl_tasks: not supported with model.loss_fn dpo yet; evaluate the exported model instead")
+    if tc.load_path and tc.load_weights_only and not tc.model.kwargs.get("peft_config"):
+        # the frozen reference is a copy of the model section's weights, made before load_path is read:
+        # right when resuming this run, wrong when starting from another checkpoint's weights
+        problems.append("load_weights_only: model.loss_fn dpo without LoRA takes its reference model from the "
+                        "model section's weights, not from load_path; export that checkpoint to an HF folder "
+                        "(llmfoundry-lite convert --composer_path CHECKPOINT --hf_output_path FOLDER) and start "
+                        "from it (model.name: hf_causal_lm, pretrained_model_name_or_path: FOLDER)")
+    return problems
+
+
+def _build(model, tokenizer, options, train_dataloader) -> ComposerMPTDPO:
+    """Training pairs that all carry reference_logps: no frozen copy is kept (see the module docstring)."""
+    return ComposerMPTDPO(model, tokenizer, options,
+                          precomputed_reference=getattr(train_dataloader.dataset, "reference_logps", False))
+
+
+def _no_stored_reference_check(model) -> None:
+    """Weights loaded or resumed: the stored reference log-probabilities are not the starting model's."""
+    model.check_stored_reference = False
+
+
+registry.objectives.register("dpo", Objective(
+    build=_build, accepts=lambda loader: loader == "preference",
+    wrong_loader="model.loss_fn dpo trains and evaluates on preference pairs; use name: preference (got {loader})",
+    options=DPOSection, rules=(_problems,), samples_in_batch=pairs_in_batch, callbacks=lambda: [FrozenReference()],
+    not_at_start=_no_stored_reference_check))

@@ -4,9 +4,10 @@
 The `models` registry's built-in entries are here, as llm-foundry defines them: `mpt_causal_lm` builds
 a fresh `MPTForCausalLM` from the section's MPT keys; `hf_causal_lm` starts from an HF MPT folder (or
 hub name), `config_overrides` merged onto its config, with its weights unless `pretrained` is false.
-Both take `init_device` (cpu, meta or mixed; see train/parallel.py), `loss_fn` and `dpo` (the
-training wrapper's), and `peft_config`
-/ `pretrained_lora_id_or_path`, which wrap the model in a LoRA `peft.PeftModel` (export/lora.py).
+Both take `init_device` (cpu, meta or mixed; see assembly/sharding.py), and `peft_config` /
+`pretrained_lora_id_or_path`, which wrap the model in a LoRA `peft.PeftModel` (assembly/lora.py). A
+section also holds training's objective (`loss_fn`, and its options such as `dpo`, as llm-foundry puts
+them under `model:`): the training schema checks them, and the model is built without them.
 """
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Annotated, Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
-from llmfoundry_lite.config import Rule, Section, cross, join, rule
+from llmfoundry_lite.assembly.lora import (
+    LoraSection,
+    adapter_folder_problem,
+    apply_lora,
+    default_targets,
+    load_adapter,
+    meta_model,
+    target_problems,
+)
+from llmfoundry_lite.config import Rule, Section, cross, join
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.export.lora import LoraSection, adapter_folder_problem, apply_lora, meta_model, target_problems
+from llmfoundry_lite.export.composer_checkpoint import is_composer_checkpoint, load_composer_checkpoint
+from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
+from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 from llmfoundry_lite.models.config import MPTSchema, _torch_device
 from llmfoundry_lite.registry import did_you_mean, models
 
@@ -29,28 +41,13 @@ def _device_or_mixed(name: str) -> Optional[str]:
 
 
 @dataclass(kw_only=True)
-class DPOSection:
-    """`model.dpo`: the loss of `loss_fn: dpo` (train/dpo.py), Direct Preference Optimization."""
-    beta: Annotated[float, rule(lambda v: v > 0, "must be positive")] = 0.1  # how far from the reference to go
-    # conservative DPO: the probability that a pair's preference label is flipped
-    label_smoothing: Annotated[float, rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")] = 0.0
-    variant: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's logistic loss, or IPO's squared one
-
-    @cross("label_smoothing", "variant")
-    def _smoothing_is_dpos(self, path: str):
-        if self.variant == "ipo" and self.label_smoothing:
-            return f"{join(path, 'label_smoothing')}: applies to variant sigmoid only; remove it for ipo"
-
-
-@dataclass(kw_only=True)
 class _BuilderKeys:
     """llm-foundry's builder keys, shared by both model names."""
     # cpu; meta (built without memory, initialised, or loaded, after FSDP sharding); mixed (global rank 0
     # builds or loads on cpu, the others on meta, and FSDP broadcasts rank 0's weights)
     init_device: Annotated[str, Rule(_device_or_mixed)] = "cpu"
-    # training's loss; dpo: preference pairs (train_loader name preference), with `dpo`'s keys
-    loss_fn: Literal["torch_crossentropy", "fused_crossentropy", "dpo"] = "torch_crossentropy"
-    dpo: Optional[DPOSection] = None
+    loss_fn: str = "torch_crossentropy"  # training's objective, checked by the training schema (registry.objectives)
+    dpo: Optional[Dict[str, Any]] = None  # its options (loss_fn: dpo), checked by the training schema too
     peft_config: Optional[LoraSection] = None  # LoRA adapters (peft): only they train
     pretrained_lora_id_or_path: Optional[str] = None  # continue from this saved adapter (peft_config unused)
     KEY_HINTS: ClassVar[Dict[str, str]] = {
@@ -62,7 +59,7 @@ class _BuilderKeys:
         found = self.pretrained_lora_id_or_path and adapter_folder_problem(self.pretrained_lora_id_or_path)
         return found and f"{join(path, 'pretrained_lora_id_or_path')}: {found}"
 
-    @cross("peft_config", "pretrained_lora_id_or_path", "init_device", "loss_fn")
+    @cross("peft_config", "pretrained_lora_id_or_path", "init_device")
     def _lora_on_this_device(self, path: str):
         """LoRA weights are initialised (or loaded) when the adapters are made, except on meta, where
         only the plain initialisations can be redone when the model is materialised."""
@@ -78,36 +75,14 @@ class _BuilderKeys:
                                 "use init_device: cpu")
         return problems
 
-    @cross("loss_fn", "dpo", "peft_config", "pretrained_lora_id_or_path")
-    def _dpo_reference(self, path: str):
-        """The reference model is the starting weights: the base model with LoRA's fresh (no-op)
-        adapters disabled, or a frozen copy of the model (train/dpo.py)."""
-        if self.loss_fn != "dpo":
-            return self.dpo and f"{join(path, 'dpo')}: only used with loss_fn: dpo; set it or remove dpo"
-        lora = self.peft_config
-        if self.pretrained_lora_id_or_path:
-            return (f"{join(path, 'pretrained_lora_id_or_path')}: loss_fn dpo takes the base model without adapters as "
-                    "the reference; merge the saved adapter into a folder first (llmfoundry-lite convert) and start "
-                    "from it with a fresh peft_config")
-        if lora and lora.init_lora_weights is False:
-            return (f"{join(path, 'peft_config.init_lora_weights')}: loss_fn dpo needs adapters that start as no-ops "
-                    "(the reference is the base model without them); remove it")
-
     def lora_problems(self, config, path: str) -> List[str]:
         """The target modules (and modules_to_save) checked against the model `config` describes."""
         if self.peft_config is None or self.pretrained_lora_id_or_path:
             return []
-        from llmfoundry_lite.export.lora import default_targets
         model = meta_model(config)
         keys = self.peft_config.as_kwargs()
         keys["target_modules"] = keys["target_modules"] or default_targets(model)
-        where = join(path, "peft_config")
-        problems = target_problems(model, keys, where)
-        if not problems and self.loss_fn == "fused_crossentropy" and any(
-                t == "lm_head" for t in keys["target_modules"] if isinstance(keys["target_modules"], list)):
-            problems.append(f"{join(where, 'target_modules')}: loss_fn fused_crossentropy reads lm_head's weight "
-                            "directly, without its adapter; use torch_crossentropy or leave lm_head out")
-        return problems
+        return target_problems(model, keys, join(path, "peft_config"))
 
 
 _FROM_A_FOLDER = ("mpt_causal_lm builds a model from config keys; to start from a folder use name: hf_causal_lm "
@@ -120,23 +95,16 @@ class MPTModelSection(_BuilderKeys, MPTSchema):
     KEY_HINTS: ClassVar[Dict[str, str]] = {**_BuilderKeys.KEY_HINTS, **dict.fromkeys(
         ("pretrained_model_name_or_path", "pretrained"), _FROM_A_FOLDER)}
 
-    @cross("peft_config", "pretrained_lora_id_or_path", "loss_fn")
+    @cross("peft_config", "pretrained_lora_id_or_path")
     def _lora_targets(self, path: str):
         if self.peft_config is None:
             return None
-        from llmfoundry_lite.models import MPTConfig
         mpt_keys = {f.name for f in dataclasses.fields(MPTSchema)} - {"extra", "init_device"}
         try:
             config = MPTConfig(**_plain({k: getattr(self, k) for k in mpt_keys}), **self.extra)
         except UserError:  # reported by the MPT keys' own rules
             return None
         return self.lora_problems(config, path)
-
-    @cross("loss_fn", "final_logit_softcapping")
-    def _fused_loss_without_softcap(self, path: str):
-        if self.loss_fn == "fused_crossentropy" and self.final_logit_softcapping:
-            return (f"{join(path, 'loss_fn')}: fused_crossentropy does not support final_logit_softcapping; "
-                    "use torch_crossentropy")
 
 
 @dataclass(kw_only=True)
@@ -160,12 +128,10 @@ class HFCausalLMSection(_BuilderKeys):
     def _known_overrides(self, path: str):
         return _unknown_keys(MPTSchema, self.config_overrides, join(path, "config_overrides"))
 
-    @cross("peft_config", "pretrained_lora_id_or_path", "loss_fn", "pretrained_model_name_or_path",
-           "config_overrides")
+    @cross("peft_config", "pretrained_lora_id_or_path", "pretrained_model_name_or_path", "config_overrides")
     def _lora_targets(self, path: str):
         if self.peft_config is None:
             return None
-        from llmfoundry_lite.export.hf_import import load_hf_config
         try:  # a hub name offline, or a folder without a config: peft checks the names when the model is built
             _, config = load_hf_config(self.pretrained_model_name_or_path, self.config_overrides, self.token)
         except (UserError, OSError):
@@ -216,26 +182,22 @@ def _fits(model, tokenizer, key: str = "model.vocab_size"):
     return model
 
 
-def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", loss_fn=None, dpo=None, peft_config=None,
-                        pretrained_lora_id_or_path=None, **keys):
-    """A fresh `MPTForCausalLM` from MPT config keys (`loss_fn` is the training wrapper's). A missing
-    `vocab_size` is the tokenizer's; one smaller than the tokenizer is an error. With LoRA keys, the
-    model wrapped in a `peft.PeftModel`."""
-    from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
+def build_mpt_causal_lm(tokenizer, init_device: str = "cpu", peft_config=None, pretrained_lora_id_or_path=None,
+                        **keys):
+    """A fresh `MPTForCausalLM` from MPT config keys. A missing `vocab_size` is the tokenizer's; one
+    smaller than the tokenizer is an error. With LoRA keys, the model wrapped in a `peft.PeftModel`."""
     config = MPTConfig(**{"vocab_size": len(tokenizer), **keys, "init_device": _this_rank_device(init_device)})
     return apply_lora(_fits(MPTForCausalLM(config), tokenizer), peft_config, pretrained_lora_id_or_path)
 
 
 def build_hf_causal_lm(tokenizer, pretrained_model_name_or_path: str, pretrained: bool = True,
-                       init_device: str = "cpu", loss_fn=None, dpo=None, config_overrides: Optional[Dict[str, Any]] = None,
+                       init_device: str = "cpu", config_overrides: Optional[Dict[str, Any]] = None,
                        use_flash_attention_2: bool = False, token=None, use_auth_token=None, trust_remote_code=None,
                        peft_config=None, pretrained_lora_id_or_path=None):
     """An `MPTForCausalLM` from an HF MPT folder whose config `config_overrides` override: with its
     weights unless `pretrained` is false (then initialised afresh). On meta the weights are read when
     the model is materialised (after FSDP sharding); the tokenizer must fit the vocabulary. With LoRA
     keys, the model wrapped in a `peft.PeftModel`."""
-    from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
-    from llmfoundry_lite.models import MPTForCausalLM
     device = _this_rank_device(init_device)
     pretrained = pretrained and not (init_device == "mixed" and device == "meta")  # FSDP brings rank 0's weights
     overrides = dict(config_overrides or {})
@@ -255,22 +217,28 @@ def build_hf_causal_lm(tokenizer, pretrained_model_name_or_path: str, pretrained
 models.register("mpt_causal_lm", build_mpt_causal_lm, config=MPTModelSection)
 models.register("hf_causal_lm", build_hf_causal_lm, config=HFCausalLMSection)
 
+# The keys a `model:` section holds for training's objective (training/objectives/), not for its builder.
+OBJECTIVE_KEYS = ("loss_fn", "dpo")
+
+
+def build_model(section: Section, tokenizer):
+    """The model of a checked `model:` section: its builder called with every key but the objective's."""
+    keys = {k: v for k, v in section.kwargs.items() if k not in OBJECTIVE_KEYS}
+    return dataclasses.replace(section, kwargs=keys).build(tokenizer)
+
 
 def open_model(source: Union[str, Section], tokenizer=None, adapter: Optional[str] = None) -> Tuple[object, object]:
     """(model, tokenizer) from a model folder or hub name, a Composer checkpoint (`.pt` file or sharded
     folder; a LoRA run's opens as its `peft.PeftModel`), or a checked `model:` section. `tokenizer` (an
     object, or a folder/name) replaces the one stored with the model; a section needs one unless it
     names a pretrained folder. `adapter`: a PEFT adapter folder applied to the model (`--adapter`)."""
-    from llmfoundry_lite.export.composer_checkpoint import is_composer_checkpoint, load_composer_checkpoint
-    from llmfoundry_lite.export.hf_import import load_hf_model
-    from llmfoundry_lite.export.lora import load_adapter
     if isinstance(source, Section):
         folder = source.kwargs.get("pretrained_model_name_or_path")
         if tokenizer is None and folder is None:
             raise ConfigError(["tokenizer: missing; a model built from a config needs a tokenizer "
                                "(e.g. tokenizer: {name: path/to/tokenizer_folder})"])
         tokenizer = _tokenizer(tokenizer or folder)
-        return load_adapter(source.build(tokenizer), adapter), tokenizer
+        return load_adapter(build_model(source, tokenizer), adapter), tokenizer
     if is_composer_checkpoint(source):  # the model first: its problems are the likelier ones to report
         model, saved = load_composer_checkpoint(source)
     else:

@@ -1,15 +1,10 @@
-"""Differences between the library versions we run on, in one place.
+"""transformers: the differences between the versions we run on (4.51-4.57 pinned, 5.x today).
 
-Tested stacks: the pinned one (torch 2.7 + Composer 0.32 + transformers 4.51-4.57) and today's
-(torch up to 2.14, transformers 5.x, Composer 0.32 and streaming 0.13 installed without their pins).
-Each shim says which version needs it. Nothing here imports Composer or streaming.
+Each shim says which version needs it and how we would know it can go.
 """
 from __future__ import annotations
 
-import inspect
-
 import transformers
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -64,8 +59,3 @@ STOCK_MPT_TAKES_FRACTIONAL_ATTN_PDROP = int(transformers.__version__.split(".")[
 # transformers 5.2x renamed the KV cache `past_key_values` to `cache`: the keyword `generate` passes to
 # `forward`, and the field of the model outputs (where the old name still works, with a warning).
 KV_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-# torch 2.7: FSDP2's HYBRID_SHARD averages gradients across replicas with `ReduceOp.AVG`, which gloo
-# lacks, and waits on CPU stream events that do not exist, so HSDP cannot train on CPU. Later releases
-# (their divide-factor helper takes `force_sum_reduction_for_comms`) run it; torch 2.14 is tested.
-FSDP2_HSDP_ON_CPU = "force_sum_reduction_for_comms" in inspect.signature(_get_gradient_divide_factors).parameters

@@ -1,4 +1,5 @@
-"""The Composer wrapper of `MPTForCausalLM` (the model a `model:` section opens, see export/opening.py).
+"""`loss_fn: torch_crossentropy` and `fused_crossentropy`: the Composer wrapper of `MPTForCausalLM` (the
+model a `model:` section opens, see opening.py) training on the next token's cross-entropy.
 
 `ComposerMPTCausalLM` is a `composer.models.HuggingFaceModel`, so Composer checkpoints keep the
 weights under `state['model']` as `model.<HF MPT name>` and the HF config and tokenizer under
@@ -6,20 +7,23 @@ weights under `state['model']` as `model.<HF MPT name>` and the HF config and to
 (labels aligned with input_ids, shifted inside, -100 ignored); metrics: cross-entropy, perplexity and
 token accuracy over the positions that have a label.
 
-A LoRA model (a `peft.PeftModel` around the MPT, see export/lora.py) is wrapped the same way; its
+A LoRA model (a `peft.PeftModel` around the MPT, see assembly/lora.py) is wrapped the same way; its
 checkpoints hold every weight (peft's names: `model.base_model.model.<MPT name>`, a targeted layer's
 frozen weight under `.base_layer.`), not Composer's adapter-only default, so full and sharded
 checkpoints resume like full finetuning's without the base model at hand.
 """
 from __future__ import annotations
 
-from unittest import mock
+from typing import List
 
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
-from composer.models import HuggingFaceModel, huggingface
+from composer.models import HuggingFaceModel
 
-from llmfoundry_lite.export.lora import base_model
+from llmfoundry_lite import registry
+from llmfoundry_lite.assembly.lora import base_model
+from llmfoundry_lite.compat.composer import causal_lm_known
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
+from llmfoundry_lite.training.objectives.base import Objective
 
 
 class ComposerMPTCausalLM(HuggingFaceModel):
@@ -37,10 +41,8 @@ class ComposerMPTCausalLM(HuggingFaceModel):
         eval_metrics = [LanguageCrossEntropy(ignore_index=IGNORE_INDEX), LanguagePerplexity(ignore_index=IGNORE_INDEX),
                         MaskedAccuracy(ignore_index=IGNORE_INDEX)]
         # shift_labels: labels are aligned with input_ids (HF convention); metrics compare logits at
-        # position t with the label at t+1, as the model's loss does. HuggingFaceModel asks whether the
-        # model is a causal LM by importing every causal-LM class transformers has (seconds per process,
-        # tens under load); ours is one, so answer directly.
-        with mock.patch.object(huggingface, "_is_registered_causal_lm", lambda model: True):
+        # position t with the label at t+1, as the model's loss does.
+        with causal_lm_known():
             super().__init__(model, tokenizer, use_logits=True, metrics=train_metrics, eval_metrics=eval_metrics,
                              shift_labels=True, should_save_peft_only=False)
         if train_metrics:  # logged under the usual name
@@ -67,3 +69,30 @@ class LossCrossEntropy(LanguageCrossEntropy):
         n = (target != self.ignore_index).sum()
         self.sum_loss += loss.detach().float() * n
         self.total_items += n
+
+
+def _fused_problems(tc) -> List[str]:
+    """The fused loss reads lm_head's weight itself (a LoRA adapter on it would be skipped) and computes
+    no logits to softcap."""
+    model, problems = tc.model.config, []
+    lora = getattr(model, "peft_config", None)
+    targets = lora.target_modules if lora is not None and not model.pretrained_lora_id_or_path else None
+    if isinstance(targets, list) and "lm_head" in targets:
+        problems.append("model.peft_config.target_modules: loss_fn fused_crossentropy reads lm_head's weight "
+                        "directly, without its adapter; use torch_crossentropy or leave lm_head out")
+    if getattr(model, "final_logit_softcapping", None):
+        problems.append("model.loss_fn: fused_crossentropy does not support final_logit_softcapping; "
+                        "use torch_crossentropy")
+    return problems
+
+
+def _objective(loss_fn: str, rules=()) -> Objective:
+    """The next-token cross-entropy (`loss_fn` says how it is computed), on every loader but preference pairs."""
+    def build(model, tokenizer, options, train_dataloader):
+        return ComposerMPTCausalLM(model, tokenizer, loss_fn)
+    return Objective(build=build, accepts=lambda loader: loader != "preference",
+                     wrong_loader="preference pairs need model.loss_fn: dpo (got {loss_fn})", rules=rules)
+
+
+registry.objectives.register("torch_crossentropy", _objective("torch_crossentropy"))
+registry.objectives.register("fused_crossentropy", _objective("fused_crossentropy", rules=(_fused_problems,)))

@@ -23,9 +23,14 @@ from composer.core import Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger, LoggerDestination
 from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from llmfoundry_lite.assembly.lora import base_model, is_peft
+from llmfoundry_lite.assembly.weights import model_from_weights
+from llmfoundry_lite.compat.composer import give_wandb_runs_get_url
 from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.export.lora import is_peft
+from llmfoundry_lite.export.hf_export import check_export_target, write_hf_folder, write_lora_folder
+from llmfoundry_lite.models import flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +102,6 @@ class SpeedMonitor(Callback):
         (t0, n0), (t1, n1) = self.window[0], self.window[-1]
         tokens_per_sec = (n1 - n0) / max(t1 - t0, 1e-9)
         per_device = tokens_per_sec / dist.get_world_size()
-        from llmfoundry_lite.models import flops_per_token
         seq_len = state.batch["input_ids"].shape[1]
         config = unwrap(state).model.config
         flops = per_device * flops_per_token(config, seq_len)
@@ -113,7 +117,6 @@ class SpeedMonitor(Callback):
 
 def full_state_dict(module: torch.nn.Module) -> dict:
     """The unsharded state dict on CPU (on rank 0 when distributed; every rank must call this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -144,7 +147,6 @@ class HFCheckpointer(Callback):
             raise UserError("hf_checkpointer.adapter_only: this run has no LoRA adapters (model.peft_config); "
                             "remove adapter_only")
         if event == Event.INIT and dist.get_global_rank() == 0 and os.path.isdir(self.save_folder):
-            from llmfoundry_lite.export.hf_export import check_export_target
             for name in sorted(os.listdir(self.save_folder)):  # what a later save would replace
                 if re.fullmatch(r"ba\d+", name):
                     check_export_target(os.path.join(self.save_folder, name), self.overwrite, self.FLAGS)
@@ -161,15 +163,12 @@ class HFCheckpointer(Callback):
         composer_model = unwrap(state)
         weights = full_state_dict(composer_model.model)
         if dist.get_global_rank() == 0:
-            from llmfoundry_lite.export import write_hf_folder
-            from llmfoundry_lite.export.hf_export import write_lora_folder
-            from llmfoundry_lite.export.lora import base_model, lora_model_from_weights
             model = composer_model.model
             config = base_model(model).config.__class__.from_dict(base_model(model).config.to_dict())
             config.init_device = "cpu"  # the folder must load without FSDP
             out, flags = os.path.join(self.save_folder, f"ba{batch}"), self.FLAGS
             if is_peft(model):  # a CPU copy of the LoRA model from the gathered weights, exported as convert does
-                copy = lora_model_from_weights(config, model.peft_config[model.active_adapter], weights, "hf_checkpointer")
+                copy = model_from_weights(config, weights, "hf_checkpointer", model.peft_config[model.active_adapter])
                 write_lora_folder(copy, out, composer_model.tokenizer, self.dtype, self.adapter_only,
                                   overwrite=self.overwrite, flags=flags)
             else:
@@ -278,11 +277,9 @@ class JSONLLogger(LoggerDestination):
 
 
 class WandBLogger(ComposerWandBLogger):
-    """Composer's W&B logger (`WANDB_MODE=offline` writes the run locally). Composer 0.32 calls
-    `Run.get_url()`, which wandb 0.31 replaced by the `Run.url` property: provide it when missing."""
+    """Composer's W&B logger (`WANDB_MODE=offline` writes the run locally), on every wandb release
+    (compat/composer.py)."""
 
     def init(self, state: State, logger: Logger) -> None:
-        from wandb.sdk.wandb_run import Run
-        if not hasattr(Run, "get_url"):
-            Run.get_url = lambda run: run.url
+        give_wandb_runs_get_url()
         super().init(state, logger)

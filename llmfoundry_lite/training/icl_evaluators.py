@@ -15,7 +15,7 @@ from composer.core import DataSpec, Evaluator
 from composer.utils import dist
 from torchmetrics import Metric
 
-from llmfoundry_lite.data import icl
+from llmfoundry_lite.icl import tasks as icl
 from llmfoundry_lite.registry import icl_tasks
 
 __all__ = ["build_icl_evaluators", "add_icl_metrics", "ICL_METRICS"]

@@ -22,10 +22,10 @@ from composer.optim import (
     DecoupledAdamW,
     LinearWithWarmupScheduler,
 )
-from composer.optim.scheduler import _convert_time
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.train.callbacks import HFCheckpointer, JSONLLogger, LossSpikeGuard, SpeedMonitor, WandBLogger
+from llmfoundry_lite.compat.composer import convert_time
+from llmfoundry_lite.training.callbacks import HFCheckpointer, JSONLLogger, LossSpikeGuard, SpeedMonitor, WandBLogger
 
 
 class DecoupledLionW(torch.optim.Optimizer):
@@ -82,7 +82,7 @@ class InverseSquareRootWithWarmupScheduler(ComposerScheduler):
         return self.alpha_f_decay + (1.0 - self.alpha_f_decay) * inv
 
     def __call__(self, state: State, ssr: float = 1.0) -> float:
-        times = [_convert_time(x, state, ssr) for x in (self.t_warmup, self.t_scale, self.t_cooldown, self.t_max)]
+        times = [convert_time(x, state, ssr) for x in (self.t_warmup, self.t_scale, self.t_cooldown, self.t_max)]
         units = {x.unit for x in times if x.value}
         if len(units) > 1:
             raise ValueError(f"inv_sqrt_with_warmup: t_warmup, t_scale, t_cooldown and t_max must share a unit, "

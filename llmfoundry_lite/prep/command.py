@@ -24,7 +24,19 @@ import os
 import re
 from typing import Dict, List, Optional, Union
 
+import torch
+
+from llmfoundry_lite.data.finetuning import load_raw_examples, numbered
+from llmfoundry_lite.data.mds import check_output_folder
+from llmfoundry_lite.data.sources import Counts, iter_json_records
+from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.hf_import import load_hf_model
+from llmfoundry_lite.prep import convert
+from llmfoundry_lite.prep.convert import TokenizeSpec
+from llmfoundry_lite.prep.finetuning import convert_finetuning
+from llmfoundry_lite.prep.preference import convert_preference
+from llmfoundry_lite.prep.tokenizer import DEFAULT_SPECIAL_TOKENS, train_tokenizer
 
 
 def parse_data_files(values: Optional[List[str]]) -> Union[None, List[str], Dict[str, str]]:
@@ -155,16 +167,13 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 # ---- running -----------------------------------------------------------------------------------
 
 def _spec(args):
-    from llmfoundry_lite.data.convert import TokenizeSpec
     return TokenizeSpec(tokenizer=args.tokenizer, tokenizer_kwargs=_json_arg("--tokenizer_kwargs", args.tokenizer_kwargs),
                         concat_tokens=args.concat_tokens, bos_text=args.bos_text, eos_text=args.eos_text,
                         wrap=not args.no_wrap)
 
 
 def run(args: argparse.Namespace) -> int:
-    from llmfoundry_lite.data import convert
     if args.what == "train-tokenizer":
-        from llmfoundry_lite.data.tokenizer import DEFAULT_SPECIAL_TOKENS, train_tokenizer
         tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.special_tokens or DEFAULT_SPECIAL_TOKENS,
                               args.eos_token, args.model_max_length, args.min_frequency, args.overwrite)
         print(f"tokenizer: {len(tok)} tokens (eos {tok.eos_token!r}, ChatML template) -> {args.out}")
@@ -192,7 +201,6 @@ def run(args: argparse.Namespace) -> int:
 def _split_sources(args: argparse.Namespace):
     """[(out folder, `(where, row)` iterator, Counts of lines skipped by it)] per split of --dataset, after
     checking the flags and that every output folder is new or empty; the rows are read when iterated."""
-    from llmfoundry_lite.data.mds import check_output_folder
     local = os.path.exists(args.dataset)
     if local and args.data_files:
         raise UserError(f"--data_files goes with a builder or hub name; {args.dataset} is already a local path")
@@ -204,8 +212,6 @@ def _split_sources(args: argparse.Namespace):
 
 
 def _rows(args: argparse.Namespace, split: str, local: bool):
-    from llmfoundry_lite.data.convert import Counts, iter_json_records
-    from llmfoundry_lite.data.finetuning import load_raw_examples, numbered
     skipped = Counts()
     if local:  # our own reader: errors name file and line, --skip_bad_lines counts what it skips
         return iter_json_records(args.dataset, skipped, args.skip_bad_lines), skipped
@@ -217,9 +223,6 @@ def _rows(args: argparse.Namespace, split: str, local: bool):
 
 
 def _finetuning(args: argparse.Namespace) -> None:
-    from llmfoundry_lite.data.convert import Counts
-    from llmfoundry_lite.data.finetuning import convert_finetuning
-    from llmfoundry_lite.data.tokenizer import build_tokenizer
     if args.max_seq_len is not None and args.tokenizer is None:
         raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
     sources = _split_sources(args)
@@ -231,9 +234,6 @@ def _finetuning(args: argparse.Namespace) -> None:
 
 
 def _preference(args: argparse.Namespace) -> None:
-    from llmfoundry_lite.data.convert import Counts
-    from llmfoundry_lite.data.preference import convert_preference
-    from llmfoundry_lite.data.tokenizer import build_tokenizer
     sources = _split_sources(args)
     tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs))
     reference = _reference_model(args.reference_model, tokenizer) if args.reference_model else None
@@ -245,12 +245,8 @@ def _preference(args: argparse.Namespace) -> None:
 
 def _reference_model(path: str, tokenizer):
     """`--reference_model`: an HF MPT folder (or hub name while online), fp32, on the GPU when there is
-    one. The one command of data/ that opens a model, so it reaches up to export/'s loader (weights
-    checked, MosaicML kernels mapped) rather than opening it a second way; `convert_preference` itself
-    takes the model."""
-    import torch
-
-    from llmfoundry_lite.export.hf_import import load_hf_model
+    one, opened by export/'s loader (weights checked, MosaicML kernels mapped) rather than a second way;
+    `convert_preference` itself takes the model."""
     model = load_hf_model(path).float().to("cuda" if torch.cuda.is_available() else "cpu")
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"--tokenizer has {len(tokenizer)} tokens but --reference_model {path} only "

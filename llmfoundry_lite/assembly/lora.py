@@ -14,16 +14,20 @@ adapters (and `modules_to_save`) train. The wrapped model's state-dict names are
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Literal, Optional, Union
 
+import torch
+
 from llmfoundry_lite.config import Positive, Rule, cross, join, rule
-from llmfoundry_lite.errors import CheckpointError, ConfigError, UserError
-from llmfoundry_lite.export.safe_load import pickle_refusal, refused
+from llmfoundry_lite.errors import CheckpointError, ConfigError, UserError, pickle_refusal, refused
+from llmfoundry_lite.models import MPTForCausalLM
 
 ATTENTION_TARGETS = ("Wqkv", "Wq", "Wk", "Wv", "out_proj")
 FFN_TARGETS = ("up_proj", "gate_proj", "down_proj")
@@ -82,15 +86,14 @@ class LoraSection:
 
 def lora_config(keys: Dict[str, Any]):
     """`peft.LoraConfig` from `peft_config`'s keys (peft_type and task_type upper-cased, as peft wants)."""
-    from peft import LoraConfig
+    import peft  # lazy: peft (and accelerate) load only for a LoRA model
     keys = {k: v for k, v in keys.items() if k != "peft_type"}  # LoraConfig sets it itself
     keys["task_type"] = str(keys.get("task_type", "CAUSAL_LM")).upper()
-    return LoraConfig(**keys)
+    return peft.LoraConfig(**keys)
 
 
 def default_targets(model) -> List[str]:
     """The projection names of attention and FFN that `model` has (see the module docstring)."""
-    import torch
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return [n for n in (*ATTENTION_TARGETS, *FFN_TARGETS) if n in names]
 
@@ -102,7 +105,6 @@ def _matches(name: str, target) -> bool:
 
 def target_problems(model, keys: Dict[str, Any], path: str) -> List[str]:
     """What is wrong with `keys`' module names for `model` (LoRA takes Linear and Embedding layers)."""
-    import torch
     named = dict(model.named_modules())
     supported = {n for n, m in named.items() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in supported})
@@ -131,9 +133,6 @@ def target_problems(model, keys: Dict[str, Any], path: str) -> List[str]:
 
 def meta_model(config):
     """`MPTForCausalLM(config)` on meta, to read its module names without allocating its weights."""
-    import torch
-
-    from llmfoundry_lite.models import MPTForCausalLM
     with torch.device("meta"):
         return MPTForCausalLM(config)
 
@@ -146,14 +145,14 @@ def apply_lora(model, peft_config: Optional[Dict[str, Any]], pretrained_lora_id_
     setting in errors (default `<key>.pretrained_lora_id_or_path`)."""
     if peft_config is None and pretrained_lora_id_or_path is None:
         return model
-    from peft import PeftModel, get_peft_model
+    import peft  # lazy: peft (and accelerate) load only for a LoRA model
     if pretrained_lora_id_or_path is not None:
         where = adapter_key or f"{key}.pretrained_lora_id_or_path"
         if is_peft(model):
             raise UserError(f"{where}: the model already has LoRA adapters (a LoRA run's checkpoint, or "
                             "pretrained_lora_id_or_path); give a base model to apply an adapter to")
         try:  # peft reads an adapter_model.bin with torch.load(weights_only=True)
-            return PeftModel.from_pretrained(model, pretrained_lora_id_or_path, is_trainable=trainable)
+            return peft.PeftModel.from_pretrained(model, pretrained_lora_id_or_path, is_trainable=trainable)
         except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
             if pickle_refusal(e):
                 raise refused(f"{where}: {pretrained_lora_id_or_path}", e) from None
@@ -166,7 +165,7 @@ def apply_lora(model, peft_config: Optional[Dict[str, Any]], pretrained_lora_id_
     problems = target_problems(model, keys, f"{key}.peft_config")
     if problems:
         raise ConfigError(problems)
-    return get_peft_model(model, lora_config(keys))
+    return peft.get_peft_model(model, lora_config(keys))
 
 
 def load_adapter(model, adapter: Optional[str], flag: str = "--adapter"):
@@ -186,34 +185,21 @@ def merged(model):
     return model.merge_and_unload(safe_merge=True) if is_peft(model) else model
 
 
-def lora_model_from_weights(config, peft_config, weights, source: str):
-    """A `PeftModel` (eval mode, on CPU) around `MPTForCausalLM(config)` with adapters as `peft_config`
-    (a `peft.LoraConfig` or its dict) and every weight from `weights` (peft names: `base_model.model.
-    <MPT name>`; a lazy mapping is read tensor by tensor)."""
-    import copy
-    import warnings
-
-    import peft
-    import torch
-
-    from llmfoundry_lite.export.state_dict import check_state_dict
-    from llmfoundry_lite.models import MPTForCausalLM
+def wrap_on_meta(model, peft_config, source: str):
+    """`model` (built on meta) in an inference `PeftModel` with adapters as `peft_config` (a
+    `peft.LoraConfig` or its dict, as a checkpoint stores it); its weights are loaded afterwards."""
+    import peft  # lazy: peft (and accelerate) load only for a LoRA model
     try:
         lora = peft.get_peft_config(dict(peft_config)) if isinstance(peft_config, dict) else copy.deepcopy(peft_config)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{source}: unreadable LoRA config ({str(e).splitlines()[0][:300]})") from None
     lora.inference_mode = True
     base = lora.base_model_name_or_path  # the model the run started from; peft would reset it to the config's
-    with torch.device("meta"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed")
-        model = peft.get_peft_model(MPTForCausalLM(config), lora)
-    model.peft_config[model.active_adapter].base_model_name_or_path = base or config.name_or_path or None
-    names = check_state_dict(model, weights, source, "it holds another model's weights or was changed after "
-                             "training; use a checkpoint as `llmfoundry-lite train` wrote it")
-    model.load_state_dict({name: weights[name] for name in names}, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.get_base_model().tie_weights()
-    return model.eval()
+        wrapped = peft.get_peft_model(model, lora)
+    wrapped.peft_config[wrapped.active_adapter].base_model_name_or_path = base or model.config.name_or_path or None
+    return wrapped
 
 
 def is_peft(model) -> bool:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from llmfoundry_lite.training.entry import train
+
 
 def add_arguments(parser):
     parser.add_argument("yaml", help="training YAML (llm-foundry schema), e.g. yamls/pretrain/mpt-tiny-cpu.yaml")
@@ -21,6 +23,5 @@ def run(args):
         cmd = [sys.executable, "-m", "composer.cli.launcher", "-n", str(args.nproc), "-m",
                "llmfoundry_lite.cli", "train", args.yaml, *args.overrides]
         return subprocess.call(cmd)
-    from llmfoundry_lite.train import train
     train(args.yaml, args.overrides)
     return 0

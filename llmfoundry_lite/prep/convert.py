@@ -24,20 +24,28 @@ import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
+from streaming import MDSWriter
 from tqdm import tqdm
 
-from llmfoundry_lite.data.mds import check_output_folder, check_output_links, publish_split, token_column_encoding
+from llmfoundry_lite.data.mds import (
+    SHARD_HASHES,
+    check_output_folder,
+    check_output_links,
+    publish_split,
+    token_column_encoding,
+)
+from llmfoundry_lite.data.sources import Counts, input_files, iter_json_records, load_hf_dataset
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.files import atomic_write, check_folder_path, claim_folder, read_json_file, remove_entries
+from llmfoundry_lite.prep import tokenize_worker
 
 DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
 TEXT_WRITER = "data-prep text"  # named in the manifest of the folders convert_text writes (files.py)
 BATCH = 256  # documents per tokenization task
-SHARD_HASHES = ["xxh64"]  # recorded in index.json; a loader with `validate_hash: xxh64` checks them
 
 
 @dataclass
@@ -55,17 +63,6 @@ class TokenizeSpec:
             raise UserError("--concat_tokens and --tokenizer go together: give both (token rows) or neither (raw text)")
         if self.concat_tokens is not None and self.concat_tokens < 1:
             raise UserError(f"--concat_tokens must be positive, got {self.concat_tokens}")
-
-
-class Counts(dict):
-    """What data prep counted, dropped or skipped: what -> count, printed as '2 empty documents, 1 malformed lines'."""
-
-    def add(self, what: str, n: int = 1) -> None:
-        if n:
-            self[what] = self.get(what, 0) + n
-
-    def __str__(self) -> str:
-        return ", ".join(f"{n} {what}" for what, n in self.items()) or "nothing"
 
 
 @dataclass
@@ -96,43 +93,6 @@ class Summary:
 
 # ---- reading documents -------------------------------------------------------------------------
 
-def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[Tuple[str, Any]]:
-    """(`file:line`, record) of a .json/.jsonl file or a folder of them, read a line at a time (a JSON
-    array file at once); a bad line is an error naming file and line, or a counted skip with
-    `skip_bad_lines`."""
-    for name in _files(path, (".json", ".jsonl")):
-        with open(name, "rb") as f:
-            if name.endswith(".json") and f.read(64).lstrip().startswith(b"["):
-                f.seek(0)
-                try:
-                    records = json.loads(f.read().decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from None
-                for i, rec in enumerate(records):
-                    yield f"{name}:[{i}]", rec
-                continue
-            f.seek(0)
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                except UnicodeDecodeError as e:
-                    problem = f"not UTF-8 (byte {e.start} of the line); re-encode the file as UTF-8"
-                    kind = "undecodable lines"
-                except json.JSONDecodeError as e:
-                    problem, kind = f"malformed JSON ({e.msg}); fix the line", "malformed lines"
-                else:
-                    yield f"{name}:{lineno}", rec
-                    continue
-                if not skip_bad_lines:
-                    raise DataError(f"{name}:{lineno}: {problem} or pass --skip_bad_lines to skip and count such lines")
-                dropped.add(kind)
-
-
 def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[str]:
     """Texts (the `column` field) from a .json/.jsonl file or a folder of them."""
     for where, rec in iter_json_records(path, dropped, skip_bad_lines):
@@ -145,17 +105,6 @@ def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: boo
         yield rec[column]
 
 
-def load_hf_dataset(dataset: str, split: str, **kwargs):
-    """`datasets.load_dataset(dataset, split=split, **kwargs)` with its failures as DataErrors."""
-    import datasets
-    try:
-        return datasets.load_dataset(dataset, split=split, **kwargs)
-    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetsError) as e:
-        cause = (e.__cause__ or e.__context__) if isinstance(e, datasets.exceptions.DatasetGenerationError) else None
-        detail = str(e).splitlines()[0] + (f" ({str(cause).splitlines()[0]})" if cause else "")
-        raise DataError(f"cannot load dataset {dataset!r} split {split!r}: {detail}") from None
-
-
 def iter_text_files(files: Sequence[str]) -> Iterator[str]:
     """One document per .txt file."""
     for name in files:
@@ -166,32 +115,7 @@ def iter_text_files(files: Sequence[str]) -> Iterator[str]:
             raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
 
 
-def _files(path: str, suffixes) -> List[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"input not found: {path}")
-    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names if n.endswith(suffixes))
-    if not files:
-        raise DataError(f"no {'/'.join(suffixes)} files in {path}")
-    return files
-
-
-# ---- tokenizing (in worker processes when num_workers > 1) -------------------------------------
-
-_worker_tok = None  # a `tokenizers.Tokenizer`: workers import only `tokenizers`, not transformers
-
-
-def _init_worker(tokenizer_json: str) -> None:
-    global _worker_tok
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    from tokenizers import Tokenizer
-    _worker_tok = Tokenizer.from_str(tokenizer_json)
-
-
-def _tokenize(texts: List[str]) -> List[np.ndarray]:
-    return [np.asarray(e.ids, dtype=np.int64) for e in _worker_tok.encode_batch(texts, add_special_tokens=False)]
-
+# ---- tokenizing (in worker processes when num_workers > 1: prep/tokenize_worker.py) -------------
 
 def _documents(docs: Iterable[str], summary: Summary) -> Iterator[str]:
     """The non-empty documents, counted in `summary` (the empty ones as dropped)."""
@@ -209,7 +133,7 @@ def _ordered_map(pool, batches: Iterator[List[str]], window: int) -> Iterator[Li
     """Tokenized batches in input order, with at most `window` in flight (`pool.imap` reads all input at once)."""
     pending: collections.deque = collections.deque()
     for batch in batches:
-        pending.append(pool.apply_async(_tokenize, (batch,)))
+        pending.append(pool.apply_async(tokenize_worker.tokenize, (batch,)))
         if len(pending) >= window:
             yield pending.popleft().get()
     while pending:
@@ -236,7 +160,6 @@ def _token_rows(tokenized: Iterable[List[np.ndarray]], tok, spec: TokenizeSpec, 
 def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression: Optional[str] = None,
               num_workers: int = 1, summary: Optional[Summary] = None, desc: str = "") -> Summary:
     """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary."""
-    from streaming import MDSWriter
     summary = summary or Summary()
     start = time.time()
     tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
@@ -245,7 +168,8 @@ def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression
     batches = iter(lambda: list(itertools.islice(documents, BATCH)), [])  # lists of BATCH documents until none
     pool = None
     if tok and num_workers > 1 and getattr(tok, "is_fast", False):
-        pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (tok.backend_tokenizer.to_str(),))
+        pool = multiprocessing.get_context("spawn").Pool(num_workers, tokenize_worker.init_worker,
+                                                         (tok.backend_tokenizer.to_str(),))
         tokenized = _ordered_map(pool, batches, window=4 * num_workers)
     elif tok:
         tokenized = ([np.asarray(x, dtype=np.int64) for x in tok(b, add_special_tokens=False)["input_ids"]]
@@ -335,7 +259,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
     writes into it); a link to a file or to nothing is refused."""
     check_output_links(output_folder, "--output_folder", link_ok=True)
     check_folder_path(output_folder, "--output_folder")
-    files = _files(input_folder, (".txt",))
+    files = input_files(input_folder, (".txt",))
     args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
             "files": len(files)}
     per_group = files_per_group or max(1, math.ceil(len(files) / (4 * max(1, processes))))

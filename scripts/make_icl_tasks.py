@@ -1,4 +1,4 @@
-"""Writes the shipped synthetic ICL task suite (run from anywhere: `python make_tasks.py`).
+"""Writes the shipped synthetic ICL task suite into llmfoundry_lite/eval/tasks/ (`python scripts/make_icl_tasks.py`).
 
 Written for this repository, not taken from any benchmark. Every task can be solved from the text
 of the prompt alone (arithmetic aside), by copying or by a few-shot pattern, so a tiny model
@@ -13,7 +13,7 @@ import json
 import os
 import random
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llmfoundry_lite", "eval", "tasks")
 NAMES = ["Zib", "Mora", "Tek", "Lufa", "Pim", "Dorn", "Vesa", "Kal", "Nimo", "Roan", "Sel", "Tova"]
 THINGS = ["cup", "hat", "box", "ball", "coat", "door", "car", "book"]
 COLOURS = ["red", "blue", "green", "black", "white", "brown"]

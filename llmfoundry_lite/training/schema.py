@@ -1,12 +1,12 @@
 """The training YAML's schema: llm-foundry's top-level keys as a typed dataclass.
 
 `check_train_config(data, world_size)` runs the one `config.check` pass over EVERY section (top-level
-keys, the model, the loaders, the optimizer, scheduler, algorithms, callbacks, loggers, ICL tasks,
-fsdp_config, duration strings), adds the rules that depend on the world size (batch divisibility,
-HYBRID_SHARD degrees), and raises one `ConfigError` listing them all before anything heavy
-(tokenizer, model, data, process group) is built. A section naming a registry entry (`optimizer:
-{name: decoupled_adamw, lr: ...}`, `callbacks: {speed_monitor: {...}}`) is checked against that
-entry's config, for a plug-in too (its signature).
+keys, the model and its objective, the loaders, the optimizer, scheduler, algorithms, callbacks,
+loggers, ICL tasks, fsdp_config, duration strings), adds the rules that depend on the world size
+(`layout_problems`: batch divisibility, HYBRID_SHARD degrees), and raises one `ConfigError` listing
+them all before anything heavy (tokenizer, model, data, process group) is built. A section naming a
+registry entry (`optimizer: {name: decoupled_adamw, lr: ...}`, `callbacks: {speed_monitor: {...}}`)
+is checked against that entry's config, for a plug-in too (its signature).
 """
 from __future__ import annotations
 
@@ -14,19 +14,22 @@ import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
+import torch
+from composer.core import Time
+
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join, parse
-from llmfoundry_lite.config.parallel import WORLD_SIZE, FSDPSection, hybrid_degrees  # noqa: F401 (re-exported)
-from llmfoundry_lite.data.icl import ICLTasks
+from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join
+from llmfoundry_lite.config.parallel import FSDPSection
 from llmfoundry_lite.data.loaders import EvalLoaders, eval_loader_problems
 from llmfoundry_lite.data.tokenizer import TokenizerSection
+from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.icl.tasks import ICLTasks
 
 
 def _duration_problem(value) -> Optional[str]:
     """A Composer time string ('10ba', '2ep', '500tok', '0.5dur'), or an int (epochs)."""
     if isinstance(value, int):
         return None if value > 0 else f"must be positive, got {value}"
-    from composer.core import Time
     try:
         Time.from_timestring(value)
     except ValueError:
@@ -36,8 +39,6 @@ def _duration_problem(value) -> Optional[str]:
 
 
 Duration = Annotated[Union[int, str], Rule(_duration_problem)]
-BatchSize = Annotated[Positive, Rule(lambda v: v % WORLD_SIZE.get() and (
-    f"{v} is not divisible by the world size {WORLD_SIZE.get()}; use a multiple of {WORLD_SIZE.get()}"))]
 MicroBatch = Annotated[Union[int, Literal["auto"]],
                        Rule(lambda v: None if v == "auto" or v > 0 else f"must be positive or 'auto', got {v}")]
 
@@ -50,9 +51,9 @@ class TrainConfig:
     train_loader: Named[registry.dataloaders]
     max_duration: Duration                              # e.g. 10ba, 1ep, 1000000tok
     max_seq_len: Positive
-    global_train_batch_size: BatchSize                  # across all ranks
+    global_train_batch_size: Positive                   # across all ranks
     eval_loader: Optional[EvalLoaders] = None           # one, or a list with `label`s
-    icl_tasks: Optional[ICLTasks] = None                # ICL evaluators (data/icl.py), or a YAML path
+    icl_tasks: Optional[ICLTasks] = None                # ICL evaluators (icl/tasks.py), or a YAML path
     icl_seq_len: Optional[Positive] = None              # the ICL evaluators' sequence length; None: max_seq_len
     optimizer: Named[registry.optimizers] = field(default_factory=lambda: {"name": "decoupled_adamw"})
     scheduler: Optional[Named[registry.schedulers]] = None
@@ -110,38 +111,40 @@ class TrainConfig:
         return [where for where, s in self.loaders()
                 if s.name == "preference" and s.config.dataset.packing_ratio is not None]
 
+    def loss_fn(self) -> str:
+        """`model.loss_fn`: the name of the objective this run trains with (registry.objectives)."""
+        return self.model.kwargs.get("loss_fn", "torch_crossentropy")
+
+    def objective_options(self, objective) -> Tuple[Any, List[str]]:
+        """(the `objective`'s options read from `model.<loss_fn>`, defaults where unset, their problems);
+        (None, []) for an objective without options."""
+        if objective.options is None:
+            return None, []
+        return check(objective.options, self.model.kwargs.get(self.loss_fn()) or {}, join("model", self.loss_fn()))
+
     @cross("model", "train_loader", "eval_loader", "icl_tasks", "load_path", "load_weights_only")
-    def _dpo_data(self, path):
-        """`loss_fn: dpo` and the `preference` loader go together (train/dpo.py)."""
-        dpo = self.model.kwargs.get("loss_fn") == "dpo"
-        problems = []
-        for where, section in self.loaders():
-            if dpo and section.name != "preference":
-                problems.append(f"{where}.name: model.loss_fn dpo trains and evaluates on preference pairs; "
-                                f"use name: preference (got {section.name})")
-            elif not dpo and section.name == "preference":
-                problems.append(f"{where}.name: preference pairs need model.loss_fn: dpo (got "
-                                f"{self.model.kwargs.get('loss_fn', 'torch_crossentropy')})")
-            elif dpo and where != "train_loader" and section.config.dataset.packing_ratio is not None:
-                # a packer holds pairs back for the next batch: an eval pass would miss some, and shift others
-                problems.append(f"{where}.dataset.packing_ratio: packing is for training; an eval loader scores every "
-                                "pair once, unpacked (remove packing_ratio)")
-        if dpo and self.icl_tasks is not None:
-            problems.append("icl_tasks: not supported with model.loss_fn dpo yet; evaluate the exported model instead")
-        if dpo and self.load_path and self.load_weights_only and not self.model.kwargs.get("peft_config"):
-            # the frozen reference is a copy of the model section's weights, made before load_path is read:
-            # right when resuming this run, wrong when starting from another checkpoint's weights
-            problems.append("load_weights_only: model.loss_fn dpo without LoRA takes its reference model from the "
-                            "model section's weights, not from load_path; export that checkpoint to an HF folder "
-                            "(llmfoundry-lite convert --composer_path CHECKPOINT --hf_output_path FOLDER) and start "
-                            "from it (model.name: hf_causal_lm, pretrained_model_name_or_path: FOLDER)")
+    def _objective(self, path):
+        """The objective `model.loss_fn` names (training/objectives/): its options (another's are refused),
+        the loaders it reads, and its own rules."""
+        name = self.loss_fn()
+        if name not in registry.objectives:
+            return registry.objectives.unknown_message(name, "model.loss_fn")
+        objective = registry.objectives.get(name)
+        problems = [f"model.{other}: only used with loss_fn: {other}; set it or remove {other}"
+                    for other in registry.objectives.names() if other != name
+                    and registry.objectives.get(other).options and self.model.kwargs.get(other) is not None]
+        problems += self.objective_options(objective)[1]
+        problems += [f"{where}.name: " + objective.wrong_loader.format(loader=section.name, loss_fn=name)
+                     for where, section in self.loaders() if not objective.accepts(section.name)]
+        for rule in objective.rules:
+            problems += rule(self)
         return problems
 
     @cross("model", "train_loader", "eval_loader")
     def _packed_pairs_attend_by_sequence_id(self, path):
         """Packed pairs share rows: the model must keep each sequence to itself. Checked here when the YAML
         says (mpt_causal_lm's attn_config, or hf_causal_lm's config_overrides); else the folder's config
-        is checked when the model is built (train/entry.py)."""
+        is checked when the model is built (training/entry.py)."""
         packed = self.packed_pair_loaders()
         if not packed:
             return None
@@ -158,7 +161,6 @@ class TrainConfig:
     @cross("compile_config")
     def _compile_kwargs(self, path):
         if self.compile_config:
-            import torch
             cfg = registry.signature_config(torch.compile, supplied=("model",))
             return check(cfg, self.compile_config, join(path, "compile_config"))[1]
 
@@ -172,14 +174,6 @@ class TrainConfig:
     def _load_path_exists(self, path):
         if self.load_path and "://" not in self.load_path and not os.path.exists(self.load_path):
             return f"{join(path, 'load_path')}: checkpoint not found: {self.load_path}"
-
-    @cross("global_train_batch_size", "device_train_microbatch_size")
-    def _microbatch_divides(self, path):
-        gbs, mb, world_size = self.global_train_batch_size, self.device_train_microbatch_size, WORLD_SIZE.get()
-        # one larger than the device batch means one microbatch, as in Composer
-        if isinstance(mb, int) and not gbs % world_size and mb < gbs // world_size and (gbs // world_size) % mb:
-            return (f"device_train_microbatch_size: {mb} does not divide the per-device batch {gbs // world_size} "
-                    f"(= global_train_batch_size {gbs} / {world_size} ranks)")
 
     def autoresume_enabled(self) -> bool:
         return bool(self.run_name and self.save_folder) if self.autoresume is None else self.autoresume
@@ -195,10 +189,29 @@ def sequence_id_problem(model_name: str, packed_loader: str, source: str = "") -
             f"remove {packed_loader}.dataset.packing_ratio")
 
 
+# The keys the rules that depend on the world size read.
+def layout_problems(config, world_size: int) -> List[str]:
+    """What is wrong with `config`'s batch sizes and fsdp_config (None: a key with its own problem) on
+    `world_size` processes: the batch splits evenly over them, the microbatch divides a rank's batch, HYBRID_SHARD
+    fits them."""
+    gbs, mb, fsdp = config.global_train_batch_size, config.device_train_microbatch_size, config.fsdp_config
+    problems = []
+    if gbs is not None and gbs % world_size:
+        problems.append(f"global_train_batch_size: {gbs} is not divisible by the world size {world_size}; use a "
+                        f"multiple of {world_size}")
+    # one larger than the device batch means one microbatch, as in Composer
+    elif gbs is not None and isinstance(mb, int) and mb < gbs // world_size and (gbs // world_size) % mb:
+        problems.append(f"device_train_microbatch_size: {mb} does not divide the per-device batch {gbs // world_size} "
+                        f"(= global_train_batch_size {gbs} / {world_size} ranks)")
+    if fsdp is not None:
+        problems += fsdp.layout_problems("fsdp_config", world_size)
+    return problems
+
+
 def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
     """The TrainConfig for `data` run by `world_size` processes, or one ConfigError listing every problem."""
-    token = WORLD_SIZE.set(world_size)
-    try:
-        return parse(TrainConfig, data, header="invalid training config")
-    finally:
-        WORLD_SIZE.reset(token)
+    tc, problems = check(TrainConfig, data, partial=True)
+    problems += layout_problems(tc, world_size) if tc is not None else []
+    if problems:
+        raise ConfigError(problems, "invalid training config")
+    return tc

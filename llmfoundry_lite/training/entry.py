@@ -9,23 +9,34 @@ from the latest checkpoint (weights, optimizer, scheduler, RNG and dataloader po
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import warnings
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
+from composer import DataSpec, Trainer
+from composer.callbacks import CheckpointSaver
+from composer.core import Evaluator
+from composer.utils import dist, format_name_with_dist, reproducibility
 from torch.distributed.checkpoint.api import CheckpointException
 
+from llmfoundry_lite import registry
+from llmfoundry_lite.assembly.lora import base_model, is_peft, param_counts
+from llmfoundry_lite.assembly.sharding import materialize_meta, on_meta, prepare_model
+from llmfoundry_lite.compat.composer import MeshFSDP2Config, meta_init_by
+from llmfoundry_lite.compat.torch import average_gradients_on_gloo
 from llmfoundry_lite.config import load_config
+from llmfoundry_lite.config.parallel import FSDPSection, hybrid_degrees
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
 from llmfoundry_lite.export import checksums
 from llmfoundry_lite.export.composer_checkpoint import check_resumable, resolve
-from llmfoundry_lite.export.lora import base_model, is_peft, param_counts
-from llmfoundry_lite.export.opening import open_model
 from llmfoundry_lite.export.safe_load import refusal_inside
-from llmfoundry_lite.train.checkpoints import (
+from llmfoundry_lite.opening import open_model
+from llmfoundry_lite.training.callbacks import LossSpikeGuard, TrainingDiverged
+from llmfoundry_lite.training.checkpoints import (
     LATEST,
     ChecksumManifests,
     check_save_folder,
@@ -34,24 +45,20 @@ from llmfoundry_lite.train.checkpoints import (
     gate_composer_loading,
     prepare_autoresume,
 )
-from llmfoundry_lite.train.composer_model import ComposerMPTCausalLM
-from llmfoundry_lite.train.dpo import ComposerMPTDPO, FrozenReference, pairs_in_batch
-from llmfoundry_lite.train.parallel import on_meta
-from llmfoundry_lite.train.schema import TrainConfig, check_train_config, sequence_id_problem
+from llmfoundry_lite.training.icl_evaluators import add_icl_metrics, build_icl_evaluators
+from llmfoundry_lite.training.schema import TrainConfig, check_train_config, sequence_id_problem
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: Union[str, os.PathLike, Mapping], overrides: Sequence[str] = ()):
     """Train from a YAML path or dict with `key.sub=value` overrides; returns the fitted Composer Trainer."""
-    from composer.utils import dist
     return fit(check_train_config(load_config(cfg, overrides), world_size=dist.get_world_size()))
 
 
 def _setup_logging(level: str) -> None:
     if level is None:
         return
-    from composer.utils import dist
     logging.basicConfig(format=f"%(asctime)s: rank{dist.get_global_rank()}[%(process)d]: %(levelname)s: "
                                f"%(name)s: %(message)s")
     logging.getLogger("llmfoundry_lite").setLevel(level.upper())
@@ -67,6 +74,52 @@ def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
     return device_batch if mb is None else mb  # one larger than the device batch: one microbatch (Composer)
 
 
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """Composer allows only fp32 on CPU: amp_* falls back to fp32 there, so GPU YAMLs still run."""
+    if not on_gpu and precision != "fp32":
+        warnings.warn(f"precision {precision} needs a GPU; training in fp32 on CPU", stacklevel=2)
+        return "fp32"
+    return precision
+
+
+def fsdp2_config(section: Optional[FSDPSection], world_size: int):
+    """The `FSDP2Config` for llm-foundry's `fsdp_config`, or None for no FSDP (none given, one process:
+    it shards nothing, NO_SHARD: Composer's DDP). Composer shards each MPT block and the model:
+
+      FULL_SHARD     -> reshard_after_forward=True (ZeRO-3)
+      SHARD_GRAD_OP  -> reshard_after_forward=False (ZeRO-2: params stay gathered between fwd and bwd)
+      HYBRID_SHARD   -> a 2-D mesh (replicate, shard): shard inside groups, replicate across them
+    """
+    if section is None:
+        return None
+    if world_size == 1:
+        warnings.warn("fsdp_config shards nothing with a single process (only its activation_checkpointing applies)",
+                      stacklevel=2)
+        return None
+    if section.sharding_strategy == "NO_SHARD":
+        log.info("fsdp_config.sharding_strategy NO_SHARD: using DDP")
+        return None
+    rep, shard = None, -1  # one shard group of all ranks
+    if section.sharding_strategy == "HYBRID_SHARD":
+        if section.data_parallel_shard_degree in (-1, None) and section.data_parallel_replicate_degree is None:
+            # llm-foundry's default: shard within a node, replicate across nodes
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            section = dataclasses.replace(section, data_parallel_shard_degree=local)
+        rep, shard = hybrid_degrees(section, world_size)
+
+    with warnings.catch_warnings():  # "FSDP2 Config/APIs are experimental": we chose them knowingly
+        warnings.simplefilter("ignore", UserWarning)
+        return MeshFSDP2Config(
+            data_parallel_replicate_degree=rep, data_parallel_shard_degree=shard,
+            reshard_after_forward=section.sharding_strategy != "SHARD_GRAD_OP",
+            activation_checkpointing=section.activation_checkpointing,
+            activation_cpu_offload=section.activation_cpu_offload,
+            state_dict_type=section.state_dict_type,
+            mixed_precision=section.mixed_precision,
+            verbose=section.verbose,
+        )
+
+
 # TrainConfig keys that are Composer Trainer arguments of the same name and meaning.
 TRAINER_KEYS = ("max_duration", "eval_interval", "eval_subset_num_batches", "seed", "run_name", "save_folder",
                 "save_filename", "save_interval", "save_num_checkpoints_to_keep", "save_overwrite",
@@ -76,17 +129,6 @@ TRAINER_KEYS = ("max_duration", "eval_interval", "eval_subset_num_batches", "see
 
 def fit(tc: TrainConfig):
     """Build everything for a checked TrainConfig and run `Trainer.fit()`."""
-    from composer import DataSpec, Trainer
-    from composer.utils import dist, reproducibility
-
-    from llmfoundry_lite.train.parallel import (
-        average_gradients_on_gloo,
-        fsdp2_config,
-        own_meta_init,
-        prepare_model,
-        resolve_precision,
-    )
-
     _setup_logging(tc.python_log_level)
     on_gpu = torch.cuda.is_available()
     world_size = dist.get_world_size()
@@ -94,16 +136,15 @@ def fit(tc: TrainConfig):
         dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = tc.tokenizer.build()
-    loss_fn = tc.model.kwargs.get("loss_fn", "torch_crossentropy")
+    objective = registry.objectives.get(tc.loss_fn())
     device_batch = tc.global_train_batch_size // world_size
     inner = open_model(tc.model, tokenizer)[0]
     _check_packed_pairs(tc, inner)
     train_dataloader = build_dataloader(tc.train_loader, tokenizer, device_batch)
-    model = (ComposerMPTDPO(inner, tokenizer, getattr(tc.model.config, "dpo", None),
-                            precomputed_reference=getattr(train_dataloader.dataset, "reference_logps", False))
-             if loss_fn == "dpo" else ComposerMPTCausalLM(inner, tokenizer, loss_fn))
+    model = objective.build(inner, tokenizer, tc.objective_options(objective)[0], train_dataloader)
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
-    prepare_model(model, tc.compile_config, tc.fsdp_config, sharded=fsdp is not None, seed=tc.seed)
+    prepare_model(model, tc.compile_config, bool(tc.fsdp_config and tc.fsdp_config.activation_checkpointing),
+                  sharded=fsdp is not None, seed=tc.seed)
     evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder, resume_from = _prepare_save_folder(tc, model)
     _log_parameters(model)
@@ -112,15 +153,15 @@ def fit(tc: TrainConfig):
     _check_what_loads(tc, model, optimizer, save_folder, resume_from)
     meta_under_fsdp = fsdp is not None and on_meta(model)
     gate_composer_loading()
-    with own_meta_init("cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext(), \
+    with meta_init_by(materialize_meta, "cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext(), \
             _refusals_unwrapped():
         trainer = Trainer(
-            model=model, train_dataloader=(DataSpec(train_dataloader, get_num_samples_in_batch=pairs_in_batch)
-                                           if loss_fn == "dpo" else train_dataloader),
+            model=model,
+            train_dataloader=DataSpec(train_dataloader, get_num_samples_in_batch=objective.samples_in_batch),
             eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],
-            callbacks=[*(s.build() for s in tc.callbacks.values()), *([FrozenReference()] if loss_fn == "dpo" else [])],
+            callbacks=[*(s.build() for s in tc.callbacks.values()), *objective.callbacks()],
             loggers=[s.build() for s in tc.loggers.values()],
             device="gpu" if on_gpu else "cpu", precision=resolve_precision(tc.precision, on_gpu),
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
@@ -131,8 +172,8 @@ def fit(tc: TrainConfig):
         average_gradients_on_gloo(trainer.state.model)
     _add_after_saver(trainer, ChecksumManifests)
     _log_resume(tc, trainer, save_folder)
-    if loss_fn == "dpo" and (tc.load_path or trainer.state.timestamp.batch.value):  # not at the start
-        model.check_stored_reference = False
+    if tc.load_path or trainer.state.timestamp.batch.value:  # not from the model section's weights
+        objective.not_at_start(model)
     if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
         trainer.eval()
     try:
@@ -166,7 +207,6 @@ def _check_packed_pairs(tc: TrainConfig, model) -> None:
 
 
 def _log_parameters(model) -> None:
-    from composer.utils import dist
     counts = param_counts(model)
     if dist.get_global_rank() == 0:
         log.info("trainable parameters: %s of %s (%.2f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
@@ -184,7 +224,6 @@ def _load_ignore_keys(tc: TrainConfig, model):
 
 def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
     """Perplexity loaders, then ICL tasks (after the loaders took their metric names)."""
-    from composer.core import Evaluator
     evaluators = [Evaluator(label=label, dataloader=build_dataloader(section, tokenizer, eval_batch),
                             metric_names=list(model.val_metrics))
                   for label, section in labelled_loaders(tc.eval_loader)]
@@ -194,7 +233,6 @@ def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
                               "keeps no reference model (its training pairs carry them): prepare the eval pairs with "
                               "data-prep preference --reference_model too")
     if tc.icl_tasks is not None:
-        from llmfoundry_lite.train.icl_evaluators import add_icl_metrics, build_icl_evaluators
         add_icl_metrics(model)
         evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.icl_seq_len or tc.max_seq_len)
     return evaluators
@@ -219,7 +257,6 @@ class PeerLost(UserError):
 def _prepare_save_folder(tc: TrainConfig, model):
     """Check that save_folder can take a checkpoint (global rank 0) and (autoresume) choose the checkpoint
     to resume from (every rank). Returns (the folder, the checkpoint or None)."""
-    from composer.utils import dist, format_name_with_dist
     if not tc.save_folder:
         return None, None
     folder = format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
@@ -262,7 +299,6 @@ def _refusals_unwrapped():
 
 def _add_after_saver(trainer, callback) -> None:
     """Append `callback(saver)` to run after Composer's CheckpointSaver on the same events."""
-    from composer.callbacks import CheckpointSaver
     saver = next((cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)), None)
     if saver is not None:
         trainer.state.callbacks.append(callback(saver))
@@ -270,7 +306,6 @@ def _add_after_saver(trainer, callback) -> None:
 
 def _raise_if_stopped(trainer, save_folder) -> None:
     """`LossSpikeGuard` stopped the run after non-finite steps: say so, and where the last good state is."""
-    from llmfoundry_lite.train.callbacks import LossSpikeGuard, TrainingDiverged
     for cb in trainer.state.callbacks:
         if isinstance(cb, LossSpikeGuard) and cb.stopped:
             batch = trainer.state.timestamp.batch.value

@@ -1,6 +1,6 @@
 """In-context-learning (ICL) tasks: llm-foundry's task configs and JSONL formats, few-shot prompts,
 batches, and how an example is judged from logits or generated text. Pure torch and data: evaluation
-(`eval/icl.py`) and training (`train/icl_evaluators.py`) run a model over these batches and judge with
+(`eval/icl.py`) and training (`training/icl_evaluators.py`) run a model over these batches and judge with
 these functions, so both report the same numbers, and every rule is testable with a stub model.
 
 Task types live in the `icl_tasks` registry, keyed by `icl_task_type`; a plug-in adds one by
