@@ -49,9 +49,11 @@ LINTED := llmfoundry_lite tests scripts data_prep benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/python scripts/check_layers.py
 
 test: $(STAMP) $(CURRENT_STAMP)
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/python scripts/check_layers.py
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs tests
 	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
 
