@@ -23,7 +23,7 @@ from composer.utils import dist, format_name_with_dist, reproducibility
 from torch.distributed.checkpoint.api import CheckpointException
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.assembly.lora import base_model, is_peft, param_counts
+from llmfoundry_lite.assembly.lora import is_peft, param_counts
 from llmfoundry_lite.assembly.sharding import materialize_meta, on_meta, prepare_model
 from llmfoundry_lite.compat.composer import MeshFSDP2Config, meta_init_by
 from llmfoundry_lite.compat.torch import average_gradients_on_gloo
@@ -46,7 +46,7 @@ from llmfoundry_lite.training.checkpoints import (
     prepare_autoresume,
 )
 from llmfoundry_lite.training.icl_evaluators import add_icl_metrics, build_icl_evaluators
-from llmfoundry_lite.training.schema import TrainConfig, check_train_config, sequence_id_problem
+from llmfoundry_lite.training.schema import TrainConfig, check_train_config
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,15 @@ def fit(tc: TrainConfig):
     objective = registry.objectives.get(tc.loss_fn())
     device_batch = tc.global_train_batch_size // world_size
     inner = open_model(tc.model, tokenizer)[0]
-    _check_packed_pairs(tc, inner)
+    problems = [p for rule in objective.model_rules for p in rule(tc, inner)]
+    if problems:
+        raise ConfigError(problems, "invalid training config")
     train_dataloader = build_dataloader(tc.train_loader, tokenizer, device_batch)
     model = objective.build(inner, tokenizer, tc.objective_options(objective)[0], train_dataloader)
     fsdp = fsdp2_config(tc.fsdp_config, world_size)
     prepare_model(model, tc.compile_config, bool(tc.fsdp_config and tc.fsdp_config.activation_checkpointing),
                   sharded=fsdp is not None, seed=tc.seed)
-    evaluators = _evaluators(tc, model, tokenizer, tc.device_eval_batch_size or device_batch)
+    evaluators = _evaluators(tc, objective, model, tokenizer, tc.device_eval_batch_size or device_batch)
     save_folder, resume_from = _prepare_save_folder(tc, model)
     _log_parameters(model)
     # only what trains (all of it, or LoRA's adapters): frozen weights get no optimizer state
@@ -195,17 +197,6 @@ def fit(tc: TrainConfig):
     return trainer
 
 
-def _check_packed_pairs(tc: TrainConfig, model) -> None:
-    """Packed preference pairs need a model that attends by sequence_id: the config check saw what the YAML
-    says; here the model's own config (an HF folder's) decides."""
-    packed = tc.packed_pair_loaders()
-    config = base_model(model).config
-    if packed and not getattr(config, "attn_config", {}).get("attn_uses_sequence_id"):
-        folder = tc.model.kwargs.get("pretrained_model_name_or_path")
-        source = f" (the config of {folder} has it false)" if folder else ""
-        raise ConfigError([sequence_id_problem(tc.model.name, packed[0], source)], "invalid training config")
-
-
 def _log_parameters(model) -> None:
     counts = param_counts(model)
     if dist.get_global_rank() == 0:
@@ -222,16 +213,15 @@ def _load_ignore_keys(tc: TrainConfig, model):
     return [*(tc.load_ignore_keys or []), f"state/model/model.{head}"]
 
 
-def _evaluators(tc: TrainConfig, model, tokenizer, eval_batch: int) -> list:
+def _evaluators(tc: TrainConfig, objective, model, tokenizer, eval_batch: int) -> list:
     """Perplexity loaders, then ICL tasks (after the loaders took their metric names)."""
     evaluators = [Evaluator(label=label, dataloader=build_dataloader(section, tokenizer, eval_batch),
                             metric_names=list(model.val_metrics))
                   for label, section in labelled_loaders(tc.eval_loader)]
     for e in evaluators:
-        if not (getattr(model, "live_reference", True) or getattr(e.dataloader.dataloader.dataset, "reference_logps", False)):
-            raise DataError(f"eval_loader {e.label}: its preference pairs carry no reference_logps, and this run "
-                              "keeps no reference model (its training pairs carry them): prepare the eval pairs with "
-                              "data-prep preference --reference_model too")
+        problem = objective.eval_problem(model, e.dataloader.dataloader.dataset)
+        if problem:
+            raise DataError(f"eval_loader {e.label}: {problem}")
     if tc.icl_tasks is not None:
         add_icl_metrics(model)
         evaluators += build_icl_evaluators(tc.icl_tasks, tokenizer, eval_batch, tc.icl_seq_len or tc.max_seq_len)

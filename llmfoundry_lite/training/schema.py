@@ -106,11 +106,6 @@ class TrainConfig:
             loaders.append(("eval_loader", self.eval_loader))
         return loaders
 
-    def packed_pair_loaders(self) -> List[str]:
-        """The key paths of the loaders that pack preference pairs (`dataset.packing_ratio`)."""
-        return [where for where, s in self.loaders()
-                if s.name == "preference" and s.config.dataset.packing_ratio is not None]
-
     def loss_fn(self) -> str:
         """`model.loss_fn`: the name of the objective this run trains with (registry.objectives)."""
         return self.model.kwargs.get("loss_fn", "torch_crossentropy")
@@ -140,24 +135,6 @@ class TrainConfig:
             problems += rule(self)
         return problems
 
-    @cross("model", "train_loader", "eval_loader")
-    def _packed_pairs_attend_by_sequence_id(self, path):
-        """Packed pairs share rows: the model must keep each sequence to itself. Checked here when the YAML
-        says (mpt_causal_lm's attn_config, or hf_causal_lm's config_overrides); else the folder's config
-        is checked when the model is built (training/entry.py)."""
-        packed = self.packed_pair_loaders()
-        if not packed:
-            return None
-        if self.model.name == "mpt_causal_lm":
-            uses = self.model.config.attn_config.attn_uses_sequence_id
-        elif self.model.name == "hf_causal_lm":
-            attn = self.model.config.config_overrides.get("attn_config")
-            uses = attn.get("attn_uses_sequence_id") if isinstance(attn, dict) else None
-        else:
-            uses = None
-        if uses is not None and not uses:
-            return sequence_id_problem(self.model.name, packed[0])
-
     @cross("compile_config")
     def _compile_kwargs(self, path):
         if self.compile_config:
@@ -179,17 +156,6 @@ class TrainConfig:
         return bool(self.run_name and self.save_folder) if self.autoresume is None else self.autoresume
 
 
-def sequence_id_problem(model_name: str, packed_loader: str, source: str = "") -> str:
-    """The problem of packed preference pairs (in `packed_loader`) with a model that does not attend by
-    sequence_id; `source`: where the setting comes from, when not from the YAML."""
-    key = ("model.attn_config.attn_uses_sequence_id" if model_name == "mpt_causal_lm"
-           else "model.config_overrides.attn_config.attn_uses_sequence_id")
-    return (f"{key}: must be true to pack preference pairs ({packed_loader}.dataset.packing_ratio): the two sides of "
-            f"a pair and the other pairs of a row must not attend to each other{source}; set {key}: true, or "
-            f"remove {packed_loader}.dataset.packing_ratio")
-
-
-# The keys the rules that depend on the world size read.
 def layout_problems(config, world_size: int) -> List[str]:
     """What is wrong with `config`'s batch sizes and fsdp_config (None: a key with its own problem) on
     `world_size` processes: the batch splits evenly over them, the microbatch divides a rank's batch, HYBRID_SHARD

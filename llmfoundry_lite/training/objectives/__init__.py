@@ -2,7 +2,8 @@
 
 An objective (`Objective`, base.py) is everything about a loss that is not the model: the Composer
 model that computes it and its metrics (`build`), the loaders whose batches it reads, its own keys (a
-dataclass, under `model.<its name>`), the config rules it adds, and what the Trainer needs for it (how
+dataclass, under `model.<its name>`), the config rules it adds (on the YAML, on the built model, on
+the eval loaders), and what the Trainer needs for it (how
 many samples a batch holds, callbacks, what changes when a run does not start from the model section's
 weights). The training schema checks a config against the objective it names (one rule,
 `TrainConfig._objective`) and `fit` builds it, with no branch per loss.

@@ -15,6 +15,10 @@ class Objective:
     wrong_loader: str               # the problem of a loader it does not accept; {loader} and {loss_fn} filled in
     options: Optional[type] = None  # the dataclass of its keys, under `model.<name>`
     rules: Tuple[Callable[[Any], List[str]], ...] = ()  # (checked TrainConfig) -> its problems
+    # (checked TrainConfig, built model) -> its problems with what only the model knows (an HF folder's config)
+    model_rules: Tuple[Callable[[Any, Any], List[str]], ...] = ()
+    # (Composer model, eval dataset) -> why the model cannot evaluate on it, or None
+    eval_problem: Callable[[Any, Any], Optional[str]] = lambda model, dataset: None
     samples_in_batch: Optional[Callable[[Any], int]] = None  # Composer's get_num_samples_in_batch; None: its own
     callbacks: Callable[[], List[Any]] = list  # the Composer callbacks it adds to the run
     # told, once the Trainer is made, that the run does not start from the model section's weights

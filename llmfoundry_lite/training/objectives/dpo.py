@@ -47,7 +47,7 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Annotated, List, Literal
+from typing import Annotated, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import Metric
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.assembly.lora import is_peft
+from llmfoundry_lite.assembly.lora import base_model, is_peft
 from llmfoundry_lite.assembly.sharding import apply_fsdp, retie, shared_parameters
 from llmfoundry_lite.config import cross, join, rule
 from llmfoundry_lite.data.preference import sequence_logps, token_logps
@@ -304,6 +304,38 @@ class FrozenReference(Callback):
         state.model.make_reference(mp_policy)
 
 
+def _packed_loaders(tc) -> List[str]:
+    """The key paths of the loaders that pack preference pairs (`dataset.packing_ratio`)."""
+    return [where for where, s in tc.loaders() if s.name == "preference" and s.config.dataset.packing_ratio is not None]
+
+
+def sequence_id_problem(model_name: str, packed_loader: str, source: str = "") -> str:
+    """Packed pairs share rows, so the model must keep each sequence to itself; `source`: where the
+    setting comes from, when not from the YAML."""
+    key = ("model.attn_config.attn_uses_sequence_id" if model_name == "mpt_causal_lm"
+           else "model.config_overrides.attn_config.attn_uses_sequence_id")
+    return (f"{key}: must be true to pack preference pairs ({packed_loader}.dataset.packing_ratio): the two sides of "
+            f"a pair and the other pairs of a row must not attend to each other{source}; set {key}: true, or "
+            f"remove {packed_loader}.dataset.packing_ratio")
+
+
+def _packed_model_problems(tc, model) -> List[str]:
+    """Packed pairs with a model that does not attend by sequence_id, from the built model's own config
+    (an HF folder's, when the YAML does not say)."""
+    packed = _packed_loaders(tc)
+    if packed and not getattr(base_model(model).config, "attn_config", {}).get("attn_uses_sequence_id"):
+        folder = tc.model.kwargs.get("pretrained_model_name_or_path")
+        return [sequence_id_problem(tc.model.name, packed[0], f" (the config of {folder} has it false)" if folder else "")]
+    return []
+
+
+def _eval_problem(model, dataset) -> Optional[str]:
+    if model.live_reference or getattr(dataset, "reference_logps", False):
+        return None
+    return ("its preference pairs carry no reference_logps, and this run keeps no reference model (its training "
+            "pairs carry them): prepare the eval pairs with data-prep preference --reference_model too")
+
+
 def _problems(tc) -> List[str]:
     """What `loss_fn: dpo` needs of the rest of the config."""
     model, problems = tc.model.config, []
@@ -323,6 +355,16 @@ def _problems(tc) -> List[str]:
             # a packer holds pairs back for the next batch: an eval pass would miss some, and shift others
             problems.append(f"{where}.dataset.packing_ratio: packing is for training; an eval loader scores every "
                             "pair once, unpacked (remove packing_ratio)")
+    packed = _packed_loaders(tc)
+    if packed and tc.model.name == "mpt_causal_lm":  # what the YAML says (else the model's config: model_rules)
+        uses = tc.model.config.attn_config.attn_uses_sequence_id
+    elif packed and tc.model.name == "hf_causal_lm":
+        attn = tc.model.config.config_overrides.get("attn_config")
+        uses = attn.get("attn_uses_sequence_id") if isinstance(attn, dict) else None
+    else:
+        uses = None
+    if uses is not None and not uses:
+        problems.append(sequence_id_problem(tc.model.name, packed[0]))
     if tc.icl_tasks is not None:
         problems.append("icl_tasks: not supported with model.loss_fn dpo yet; evaluate the exported model instead")
     if tc.load_path and tc.load_weights_only and not tc.model.kwargs.get("peft_config"):
@@ -349,5 +391,6 @@ def _no_stored_reference_check(model) -> None:
 registry.objectives.register("dpo", Objective(
     build=_build, accepts=lambda loader: loader == "preference",
     wrong_loader="model.loss_fn dpo trains and evaluates on preference pairs; use name: preference (got {loader})",
-    options=DPOSection, rules=(_problems,), samples_in_batch=pairs_in_batch, callbacks=lambda: [FrozenReference()],
+    options=DPOSection, rules=(_problems,), model_rules=(_packed_model_problems,), eval_problem=_eval_problem,
+    samples_in_batch=pairs_in_batch, callbacks=lambda: [FrozenReference()],
     not_at_start=_no_stored_reference_check))
