@@ -18,11 +18,15 @@ CURRENT_TESTS := tests/test_model_parity.py tests/test_model_options.py tests/te
 	tests/test_init_device_multiprocess.py tests/test_llmfoundry_yamls.py tests/test_llmfoundry_checkpoints.py tests/test_lora.py \
 	tests/test_lora_export.py tests/test_dpo.py tests/test_dpo_packing.py tests/test_dpo_data_prep.py
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+# Server programs the tests start (moto's S3, the MLflow tracking server; tests/servers.py), in a venv
+# of their own so they never change what the tested venv holds.
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed-stamp
 # Wheels for a lent GPU machine (Python 3.12, manylinux x86_64): see requirements/gpu-carry.txt.
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
 	manylinux_2_5_x86_64 manylinux1_x86_64,--platform $(p))
 
-.PHONY: install install-current lint test test-fast test-current quickstart benchmarks gpu-wheels gpu-check clean
+.PHONY: install install-current install-tools lint test test-fast test-current quickstart benchmarks gpu-wheels gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +34,7 @@ $(BIN)/python:
 
 # Re-install only when the package metadata changed: a second `make test` starts at once.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,mlflow]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,19 +49,28 @@ $(CURRENT_STAMP): pyproject.toml requirements/current-stack.txt requirements/com
 
 install-current: $(CURRENT_STAMP)
 
+$(TOOLS_STAMP): requirements/tools.txt
+	rm -rf $(TOOLS)
+	$(PY) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS)/bin/python -m pip install -q -r requirements/tools.txt
+	touch $(TOOLS_STAMP)
+
+install-tools: $(TOOLS_STAMP)
+
 LINTED := llmfoundry_lite tests scripts data_prep benchmarks
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python scripts/check_layers.py
 
-test: $(STAMP) $(CURRENT_STAMP)
+test: $(STAMP) $(CURRENT_STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python scripts/check_layers.py
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs tests
 	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TOOLS_STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m 'not multiprocess' tests
 
 test-current: $(CURRENT_STAMP)
@@ -77,4 +90,4 @@ quickstart: $(STAMP)
 	$(TEST_ENV) $(BIN)/llmfoundry-lite quickstart
 
 clean:
-	rm -rf $(VENV) $(CURRENT) .gpu_site quickstart_out
+	rm -rf $(VENV) $(CURRENT) $(TOOLS) .gpu_site quickstart_out

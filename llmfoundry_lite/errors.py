@@ -13,6 +13,11 @@ def hide_in_messages(value) -> None:
         _FROM_ENVIRONMENT.add(value)
 
 
+def shown(value):
+    """`value`, or HIDDEN for one read from the environment (for configs logged to a tracker)."""
+    return HIDDEN if isinstance(value, str) and value in _FROM_ENVIRONMENT else value
+
+
 def _hidden(message: str) -> str:
     for value in _FROM_ENVIRONMENT:  # quoted, as checks show values; bare when long enough not to be a word
         message = message.replace(repr(value), repr(HIDDEN))
@@ -39,6 +44,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Input data is missing, malformed or inconsistent."""
+
+
+class StoreError(UserError):
+    """An object store (s3://, gs://, ...) could not be reached, or has no such bucket or object."""
 
 
 class CheckpointError(UserError):

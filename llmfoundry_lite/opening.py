@@ -8,6 +8,10 @@ Both take `init_device` (cpu, meta or mixed; see assembly/sharding.py), and `pef
 `pretrained_lora_id_or_path`, which wrap the model in a LoRA `peft.PeftModel` (assembly/lora.py). A
 section also holds training's objective (`loss_fn`, and its options such as `dpo`, as llm-foundry puts
 them under `model:`): the training schema checks them, and the model is built without them.
+
+A model, checkpoint, adapter or tokenizer in an object store (`s3://bucket/path`, gs://, oci://) is
+downloaded whole into the cache first (`local_copy`, after a quick check that it is there), then opened
+by the same local code, with every check and the safe loader.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
+from llmfoundry_lite import stores
 from llmfoundry_lite.assembly.lora import (
     LoraSection,
     adapter_folder_problem,
@@ -28,8 +33,12 @@ from llmfoundry_lite.assembly.lora import (
 )
 from llmfoundry_lite.config import Rule, Section, cross, join
 from llmfoundry_lite.data.tokenizer import build_tokenizer
-from llmfoundry_lite.errors import ConfigError, UserError
-from llmfoundry_lite.export.composer_checkpoint import is_composer_checkpoint, load_composer_checkpoint
+from llmfoundry_lite.errors import ConfigError, StoreError, UserError
+from llmfoundry_lite.export.composer_checkpoint import (
+    fetch_checkpoint,
+    is_composer_checkpoint,
+    load_composer_checkpoint,
+)
 from llmfoundry_lite.export.hf_import import load_hf_config, load_hf_model, load_when_materialized
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
 from llmfoundry_lite.models.config import MPTSchema, _torch_device
@@ -227,18 +236,45 @@ def build_model(section: Section, tokenizer):
     return dataclasses.replace(section, kwargs=keys).build(tokenizer)
 
 
+def local_copy(source, what: str = "") -> str:
+    """A local path for `source`: itself, or for an object-store URI (an HF folder, adapter or tokenizer
+    prefix, a Composer `.pt` object or sharded checkpoint prefix, a save_folder prefix: its latest
+    checkpoint) a copy in the cache, downloaded whole after a quick check that it is there (a wrong
+    endpoint, bucket or path is a StoreError naming the URI, prefixed by `what`, within seconds)."""
+    if not isinstance(source, str) or not stores.is_remote(source):
+        return source
+    problem = stores.probe(source, "folder")
+    if problem:
+        raise StoreError(f"{what} {problem}" if what else problem)
+    return fetch_checkpoint(source)
+
+
+def _local_section(section: Section) -> Section:
+    """The section with an object-store `pretrained_model_name_or_path` replaced by its local copy."""
+    folder = section.kwargs.get("pretrained_model_name_or_path")
+    if not isinstance(folder, str) or not stores.is_remote(folder):
+        return section
+    local = local_copy(folder, "model.pretrained_model_name_or_path")
+    return dataclasses.replace(section, kwargs={**section.kwargs, "pretrained_model_name_or_path": local})
+
+
 def open_model(source: Union[str, Section], tokenizer=None, adapter: Optional[str] = None) -> Tuple[object, object]:
     """(model, tokenizer) from a model folder or hub name, a Composer checkpoint (`.pt` file or sharded
     folder; a LoRA run's opens as its `peft.PeftModel`), or a checked `model:` section. `tokenizer` (an
     object, or a folder/name) replaces the one stored with the model; a section needs one unless it
-    names a pretrained folder. `adapter`: a PEFT adapter folder applied to the model (`--adapter`)."""
+    names a pretrained folder. `adapter`: a PEFT adapter folder applied to the model (`--adapter`).
+    Any of these paths may be in an object store (`local_copy`)."""
+    adapter = local_copy(adapter, "--adapter")
+    tokenizer = local_copy(tokenizer, "--tokenizer")
     if isinstance(source, Section):
+        source = _local_section(source)
         folder = source.kwargs.get("pretrained_model_name_or_path")
         if tokenizer is None and folder is None:
             raise ConfigError(["tokenizer: missing; a model built from a config needs a tokenizer "
                                "(e.g. tokenizer: {name: path/to/tokenizer_folder})"])
         tokenizer = _tokenizer(tokenizer or folder)
         return load_adapter(build_model(source, tokenizer), adapter), tokenizer
+    named, source = source, local_copy(source)
     if is_composer_checkpoint(source):  # the model first: its problems are the likelier ones to report
         model, saved = load_composer_checkpoint(source)
     else:
@@ -246,7 +282,7 @@ def open_model(source: Union[str, Section], tokenizer=None, adapter: Optional[st
         tokenizer = tokenizer or source
     tokenizer = _tokenizer(tokenizer) or saved
     if tokenizer is None:
-        raise UserError(f"{source} holds no tokenizer; give one (--tokenizer, or tokenizer: {{name: <folder>}})")
+        raise UserError(f"{named} holds no tokenizer; give one (--tokenizer, or tokenizer: {{name: <folder>}})")
     return load_adapter(model, adapter), tokenizer
 
 

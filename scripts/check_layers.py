@@ -24,7 +24,7 @@ PACKAGE = ROOT / "llmfoundry_lite"
 # Lowest first; a module may import its own layer or a lower one. A name is a module or a folder
 # (`llmfoundry_lite.` omitted); the longest matching name decides.
 LAYERS = [
-    ("base", ["errors", "compat", "files"]),
+    ("base", ["errors", "compat", "files", "stores"]),
     ("config", ["registry", "config"]),
     ("model", ["models"]),
     ("data at run time, ICL tasks", ["data", "icl"]),

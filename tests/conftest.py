@@ -58,3 +58,44 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- servers (issue 26): moto's S3 and an MLflow tracking server, from .venv-tools (tests/servers.py) --
+import servers
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server (a separate process) for the session; yields its endpoint URL, with
+    S3_ENDPOINT_URL and test AWS credentials in os.environ (so subprocesses see them too) until the end."""
+    with servers.moto_s3(str(tmp_path_factory.mktemp("s3_server"))) as endpoint:
+        env = {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield endpoint
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A new, empty bucket on `s3_server`; its name."""
+    import uuid
+
+    import boto3
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """An MLflow tracking server (a separate process; SQLite store) for the session; yields its tracking URI."""
+    with servers.mlflow_tracking(str(tmp_path_factory.mktemp("mlflow_server"))) as uri:
+        yield uri

@@ -7,6 +7,8 @@ fault: `LLMF_FAULT="<kind>:<rank>:<batch>"` kills rank `<rank>` with SIGKILL
   own shard file (sharded) or half of the file (full `.pt`), before the checkpoint is complete;
 - `between`: at the end of batch `<batch>` (Composer checkpoints a batch after its end event, so
   this is after the previous checkpoint and before this batch's);
+- `before_pointer`: (save_folder in an object store) after the checkpoint at batch `<batch>` and its
+  manifest were uploaded, right before its latest-checkpoint pointer object is written;
 - `node`: like `mid_step`, but SIGKILLs the rank's whole process group: on a node started in its own
   session, the `composer` launcher and every rank of that node die together, as when a machine fails.
 `nan_grads:<rank>:<b1,b2,...>` instead poisons the gradients of those batches (NaN) on that rank.
@@ -36,6 +38,8 @@ class FaultInjection(Callback):
     def fit_start(self, state, logger):
         if self.armed and self.kind == "checkpoint_write":
             self._arm_checkpoint_write(state)
+        if self.armed and self.kind == "before_pointer":
+            self._arm_before_pointer(state)
 
     def after_backward(self, state, logger):
         if not self.armed:
@@ -79,6 +83,19 @@ class FaultInjection(Callback):
         original_file = checkpoint._write_checkpoint_file
         dcp.FileSystemWriter.write_data = write_then_die
         checkpoint._write_checkpoint_file = half_then_die
+
+
+    def _arm_before_pointer(self, state):
+        from llmfoundry_lite import stores
+        from llmfoundry_lite.export.composer_checkpoint import POINTER
+        original, batches = stores.write_text, self.batches
+
+        def die_before_pointer(uri, text):
+            if uri.endswith("/" + POINTER) and state.timestamp.batch.value in batches:
+                _die()
+            return original(uri, text)
+
+        stores.write_text = die_before_pointer
 
 
 registry.callbacks.register("fault_injection", FaultInjection)

@@ -44,11 +44,13 @@ def _free_port() -> int:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-def test_every_shell_block_runs(tmp_path):
+def test_every_shell_block_runs(tmp_path, s3_server):
+    """(`s3_server`: the object-store block runs against a real local S3-compatible server; the fixture
+    sets S3_ENDPOINT_URL and credentials in the environment the blocks inherit.)"""
     for name in ("yamls", "scripts", "data_prep", "llmfoundry_lite", "README.md"):
         os.symlink(os.path.join(REPO, name), tmp_path / name)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "LLMFOUNDRY_LITE_CACHE": str(tmp_path / "cache")}
     port = str(_free_port())
     ran = 0
     for body in blocks("bash"):

@@ -28,7 +28,7 @@ import typing
 from typing import Annotated, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from llmfoundry_lite.config.loading import load_config
-from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.errors import ConfigError, shown
 from llmfoundry_lite.registry import Registry, did_you_mean
 
 
@@ -67,6 +67,26 @@ class Section:
     def build(self, *args):
         """The entry called with the framework's `args` and the section's keys."""
         return self.registry.get(self.name)(*args, **self.kwargs)
+
+
+def flat_values(value, prefix: str = "") -> Dict[str, Any]:
+    """A checked config as flat `{"a.b.c": value}` (sections as their name and keys, lists by index):
+    what the loggers record as the run's hyperparameters (MLflow params, the W&B config). Values read
+    from the environment (`${oc.env:VAR}`: tokens, keys) are recorded as `<from the environment>`."""
+    if isinstance(value, Section):
+        items = {"name": value.name, **value.kwargs}
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if not f.name.startswith("_")}
+    elif isinstance(value, Mapping):
+        items = value
+    elif isinstance(value, (list, tuple)):
+        items = {str(i): v for i, v in enumerate(value)}
+    else:
+        return {prefix: shown(value)}
+    flat = {}
+    for key, sub in items.items():
+        flat.update(flat_values(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 class _FieldType:

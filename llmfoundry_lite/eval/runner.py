@@ -9,6 +9,8 @@ names its model one of four ways:
                      MPT eval YAML)
 plus an optional `tokenizer: {name, kwargs}` (required when nothing else provides one). A YAML with
 a single model may put `model_name`/`model`/`tokenizer`/`load_path` at the top level instead.
+`load_path` and the folder may be in an object store (`s3://bucket/path`): reached with short timeouts
+before any model is opened, then downloaded into the cache and opened like local ones (opening.py).
 
 Perplexity runs on `eval_loader` (the training YAML's section: one loader or a labelled list; MDS
 or local text/JSONL), ICL on `icl_tasks`, and `eval_gauntlet` folds the ICL accuracies into
@@ -39,7 +41,7 @@ from composer.core import State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from llmfoundry_lite import registry
+from llmfoundry_lite import registry, stores
 from llmfoundry_lite.assembly.lora import load_adapter, merged
 from llmfoundry_lite.assembly.sharding import apply_fsdp, device_mesh
 from llmfoundry_lite.assembly.weights import load_weights
@@ -55,7 +57,7 @@ from llmfoundry_lite.files import atomic_write
 from llmfoundry_lite.icl.tasks import ICLTasks, icl_tasks, load_task_file
 from llmfoundry_lite.inference.loading import resolve_device
 from llmfoundry_lite.models.mpt import IGNORE_INDEX
-from llmfoundry_lite.opening import open_model
+from llmfoundry_lite.opening import local_copy, open_model
 
 SINGLE_MODEL_KEYS = ("model_name", "model", "tokenizer", "load_path")
 
@@ -72,7 +74,7 @@ class ModelEntry:
         if self.model is None and self.load_path is None:
             return (f"{path}: give `load_path` (a Composer checkpoint) and/or `model` (a model section; "
                     "for an HF folder `name: hf_causal_lm` with `pretrained_model_name_or_path`)")
-        if self.load_path is not None and not os.path.exists(self.load_path):
+        if self.load_path is not None and not stores.is_remote(self.load_path) and not os.path.exists(self.load_path):
             return f"{join(path, 'load_path')}: not found: {self.load_path}"
         named_folder = self.model is not None and "pretrained_model_name_or_path" in self.model.kwargs
         if self.load_path is None and self.tokenizer is None and not named_folder:
@@ -292,6 +294,7 @@ def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[s
     if adapter is not None and len(ec.models) != 1:
         raise UserError(f"--adapter: the config names {len(ec.models)} models; --adapter applies to one. Give "
                         "each its adapter as model.pretrained_lora_id_or_path (an hf_causal_lm section) instead")
+    _preflight(ec, adapter)
     device = _setup(ec)
     leader = not dist.is_initialized() or dist.get_rank() == 0
     results, model = {}, None
@@ -312,6 +315,21 @@ def evaluate(cfg: Union[str, os.PathLike, Dict[str, Any]], overrides: Sequence[s
     return results
 
 
+def _preflight(ec: EvalConfig, adapter: Optional[str]) -> None:
+    """Before any model is opened: every object-store path the config names (`load_path`, an
+    hf_causal_lm folder, `--adapter`) reached with short timeouts, every problem reported at once."""
+    paths = [("--adapter", adapter)] if adapter else []
+    for i, entry in enumerate(ec.models):
+        paths.append((join(join("models", i), "load_path"), entry.load_path))
+        if entry.model is not None:
+            paths.append((join(join(join("models", i), "model"), "pretrained_model_name_or_path"),
+                          entry.model.kwargs.get("pretrained_model_name_or_path")))
+    problems = [f"{key}: {problem}" for key, uri in paths if isinstance(uri, str) and stores.is_remote(uri)
+                for problem in [stores.probe(uri, "folder")] if problem]
+    if problems:
+        raise ConfigError(problems, "cannot reach what the config names")
+
+
 def _open(entry: ModelEntry, adapter: Optional[str] = None):
     """(model, tokenizer) of one `models:` entry, LoRA adapters (a LoRA checkpoint's, the section's
     pretrained_lora_id_or_path, or `adapter`) merged into the weights; `model` with `load_path`: the
@@ -321,7 +339,7 @@ def _open(entry: ModelEntry, adapter: Optional[str] = None):
     if entry.model is None or entry.load_path is None:
         model, tokenizer = open_model(entry.load_path or entry.model, tokenizer, adapter)
         return merged(model), tokenizer
-    _, saved_tokenizer, weights = open_composer_checkpoint(entry.load_path)
+    _, saved_tokenizer, weights = open_composer_checkpoint(local_copy(entry.load_path, "load_path"))
     model, tokenizer = open_model(entry.model, tokenizer or saved_tokenizer)
     load_weights(model, weights, entry.load_path, "make `model` describe the checkpoint's model, or drop `model` "
                  "(load_path alone builds the model the checkpoint holds)")

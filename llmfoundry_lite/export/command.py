@@ -15,21 +15,76 @@ replaced, every other file is kept).
 
 Works on CPU with no process group; tensors stream from the checkpoint into the safetensors
 shards one at a time, and the optimizer state is never read.
+
+Either path may be in an object store (`s3://bucket/prefix`; MinIO, R2: `S3_ENDPOINT_URL`): the
+checkpoint (a `.pt` object, a sharded checkpoint's prefix, or a save_folder's, whose pointer names its
+latest) is downloaded into the cache first and read like a local one; the HF folder is written into a
+local staging folder and uploaded with `config.json` last, under the same rule for what it may replace
+(the prefix's `.llmfoundry_lite.json` object). Both are reached with short timeouts before any work.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
+from typing import Iterator, Tuple
 
+from llmfoundry_lite import stores
 from llmfoundry_lite.assembly.weights import model_from_weights
-from llmfoundry_lite.errors import UserError
-from llmfoundry_lite.export.composer_checkpoint import read_composer_checkpoint
+from llmfoundry_lite.errors import StoreError, UserError
+from llmfoundry_lite.export.composer_checkpoint import fetch_checkpoint, read_composer_checkpoint
 from llmfoundry_lite.export.hf_export import (
     OVERWRITE_DOES,
     PRECISIONS,
+    WRITER,
+    _other_weights,
     check_export_target,
     write_hf_folder,
     write_lora_folder,
 )
+
+
+def check_remote_export(uri: str, overwrite: bool, flags: Tuple[str, str]) -> None:
+    """Before any work: the store of the prefix `uri` is reachable and an export may write there (new,
+    an earlier export of ours, or `overwrite`); nothing is written."""
+    problem = stores.probe(uri, "bucket")
+    if problem:
+        raise StoreError(f"{flags[0]} {problem}")
+    stores.claim_prefix(uri, WRITER, flags[0], overwrite, overwrite_flag=flags[1], overwrite_does=OVERWRITE_DOES)
+
+
+@contextlib.contextmanager
+def export_target(out: str, overwrite: bool, flags: Tuple[str, str], weights: bool = True,
+                  log=print) -> Iterator[str]:
+    """The folder an export writes to: `out` itself (checked by check_export_target), or for an
+    object-store prefix a local staging folder, uploaded when the block succeeds with `config.json` (an
+    adapter folder's `adapter_config.json`) last, so a reader that waits for it never sees half a folder.
+    Objects of ours there that the export does not write again are removed (with `weights`, other weight
+    files too, as a local export removes them); a prefix of someone else's is refused unless `overwrite`."""
+    if not stores.is_remote(out):
+        check_export_target(out, overwrite, flags)
+        yield out
+        return
+    check_remote_export(out, overwrite, flags)
+    # only ever a copy on its way to the bucket; not under "staging": an hf_checkpointer folder is often
+    # inside the run's save_folder, whose staging folder training empties and fills itself
+    staging = stores.local_mirror(out, "exports")
+    shutil.rmtree(staging, ignore_errors=True)
+    yield staging
+    uploaded = stores.publish_folder(staging, out, WRITER, flags[0], overwrite, ("config.json", "adapter_config.json"),
+                                     _other_weights if weights else None, flags[1], OVERWRITE_DOES)
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"uploaded {len(uploaded)} files to {out}")
+
+
+def fetch_composer_path(path: str, flag: str = "--composer_path") -> str:
+    """A local path of the checkpoint `path` names (one in an object store is downloaded, after a quick
+    check that it is there)."""
+    if stores.is_remote(path):
+        problem = stores.probe(path, "folder")
+        if problem:
+            raise StoreError(f"{flag} {problem}")
+    return fetch_checkpoint(path)
 
 
 def convert_composer_to_hf(composer_path: str, hf_output_path: str, output_precision: str = "fp32",
@@ -38,23 +93,30 @@ def convert_composer_to_hf(composer_path: str, hf_output_path: str, output_preci
     adapter folder with `adapter_only`); returns the folder. A folder holding files that are not an
     earlier export of ours is refused before any work, unless `overwrite`."""
     flags = ("--hf_output_path", "--overwrite")
-    check_export_target(hf_output_path, overwrite, flags)
-    config, tokenizer, weights, lora = read_composer_checkpoint(composer_path)
-    if lora is not None:
-        model = model_from_weights(config, weights, composer_path, lora)
-        return write_lora_folder(model, hf_output_path, tokenizer, PRECISIONS[output_precision], adapter_only,
-                                 max_shard_size, log, overwrite, flags)
-    if adapter_only:
+    if stores.is_remote(hf_output_path):
+        check_remote_export(hf_output_path, overwrite, flags)
+    else:
+        check_export_target(hf_output_path, overwrite, flags)
+    config, tokenizer, weights, lora = read_composer_checkpoint(fetch_composer_path(composer_path))
+    if adapter_only and lora is None:
         raise UserError(f"--adapter_only: {composer_path} is not a LoRA run's checkpoint (it has no adapters); "
                         "drop --adapter_only to export the model")
-    return write_hf_folder(config, weights, hf_output_path, tokenizer, PRECISIONS[output_precision],
-                           max_shard_size, log, overwrite, flags)
+    with export_target(hf_output_path, overwrite, flags, weights=not adapter_only, log=log) as out:
+        if lora is not None:
+            model = model_from_weights(config, weights, composer_path, lora)
+            write_lora_folder(model, out, tokenizer, PRECISIONS[output_precision], adapter_only,
+                              max_shard_size, log, overwrite, flags)
+        else:
+            write_hf_folder(config, weights, out, tokenizer, PRECISIONS[output_precision],
+                            max_shard_size, log, overwrite, flags)
+    return hf_output_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--composer_path", required=True,
-                        help="a Composer .pt file, a sharded checkpoint folder, or a save_folder (uses latest)")
-    parser.add_argument("--hf_output_path", required=True, help="folder to write")
+                        help="a Composer .pt file, a sharded checkpoint folder, or a save_folder (uses latest); "
+                             "local or s3://bucket/path")
+    parser.add_argument("--hf_output_path", required=True, help="folder to write (local or s3://bucket/prefix)")
     parser.add_argument("--output_precision", default="fp32", choices=sorted(PRECISIONS))
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     parser.add_argument("--adapter_only", action="store_true",

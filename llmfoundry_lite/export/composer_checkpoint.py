@@ -26,6 +26,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from llmfoundry_lite import stores
 from llmfoundry_lite.assembly.weights import check_state_dict, model_from_weights
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import CheckpointError
@@ -36,6 +37,8 @@ from llmfoundry_lite.models import MPTConfig
 MODEL_PREFIX = "model."
 LATEST = "latest-rank0.pt"  # Composer's default `save_latest_filename` for rank 0
 LATEST_SHARDED = "latest-sharded-rank0"  # llm-foundry's, for sharded checkpoints
+# In an object store a save_folder's latest link is an object holding the checkpoint's key (Composer's name).
+POINTER = LATEST + ".symlink"
 
 
 def is_composer_checkpoint(path: str) -> bool:
@@ -133,6 +136,25 @@ def _open_dcp(path: str) -> Tuple[Dict[str, Any], Mapping[str, torch.Tensor]]:
         _dcp_load(holder, reader)
     hf_state = _nest({hf_paths[fqn]: value for fqn, value in holder.items()})
     return hf_state, _DCPWeights(reader, fqns, metadata), optimizers
+
+
+def pointed_name(uri: str) -> Optional[str]:
+    """The name (under the prefix `uri`) of the checkpoint a save_folder's POINTER object names, or None."""
+    if not stores.exists(stores.join(uri, POINTER)):
+        return None
+    key = stores.read_text(stores.join(uri, POINTER)).strip().rstrip("/")
+    prefix = stores.split(uri)[2] + "/"
+    return key[len(prefix):] if key.startswith(prefix) else os.path.basename(key)
+
+
+def fetch_checkpoint(uri: str) -> str:
+    """A local copy of the checkpoint `uri` names in an object store: a `.pt` object (with its checksum
+    manifest), a sharded checkpoint's prefix, or a save_folder's prefix (the checkpoint its pointer
+    names). Local paths are returned as given; what is downloaded is then read like a local checkpoint."""
+    if not stores.is_remote(uri):
+        return uri
+    name = None if stores.exists(uri) else pointed_name(uri)
+    return stores.localize(stores.join(uri, name) if name else uri, siblings=(checksums.SUFFIX,))
 
 
 def resolve(path: str) -> str:

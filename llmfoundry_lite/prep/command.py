@@ -15,6 +15,13 @@ it the shards hold raw `text`. `data_prep/*.py` are the same commands under llm-
 `train-tokenizer` and `text` replace only what they wrote themselves (the folder's `.llmfoundry_lite.json`);
 another non-empty folder needs `--overwrite`, which replaces the entries of the names they write and keeps
 every other file.
+
+`--out_root` (and `text`'s `--output_folder`, `train-tokenizer`'s `--out`) may be an object-store prefix, `s3://bucket/prefix` (MinIO,
+R2: `S3_ENDPOINT_URL`), or gs:// / oci://: each split is written locally, then uploaded with its
+`index.json` last, so a failed or killed run leaves no `index.json` for a split it did not finish. Before
+any work the bucket must be reachable and each split's prefix new or written by the same command (its
+`.llmfoundry_lite.json` object), else `--overwrite` (see prep/convert.py `Output`). `--tokenizer` and
+`--reference_model` may be object-store folders too (downloaded into the cache first).
 """
 from __future__ import annotations
 
@@ -32,11 +39,13 @@ from llmfoundry_lite.data.sources import Counts, iter_json_records
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.hf_import import load_hf_model
+from llmfoundry_lite.opening import local_copy
 from llmfoundry_lite.prep import convert
-from llmfoundry_lite.prep.convert import TokenizeSpec
+from llmfoundry_lite.prep.convert import TEXT_WRITER, Output, TokenizeSpec
 from llmfoundry_lite.prep.finetuning import convert_finetuning
 from llmfoundry_lite.prep.preference import convert_preference
 from llmfoundry_lite.prep.tokenizer import DEFAULT_SPECIAL_TOKENS, train_tokenizer
+from llmfoundry_lite.prep.tokenizer import WRITER as TOKENIZER_WRITER
 
 
 def parse_data_files(values: Optional[List[str]]) -> Union[None, List[str], Dict[str, str]]:
@@ -76,6 +85,13 @@ def _token_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default=None, help="shard compression, e.g. zstd (default: none)")
 
 
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="an object-store --out_root (s3://...): write a split into a prefix holding objects this "
+                        "command did not write (" + Output.OVERWRITE_DOES + "; other objects are kept). A local "
+                        "split folder must be new or empty")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="what", required=True)
 
@@ -100,6 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--text_column", default="text")
     p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes")
     _token_args(p)
+    _overwrite_arg(p)
 
     p = sub.add_parser("json", help="a .json/.jsonl file or folder -> MDS (convert_dataset_json.py)")
     p.add_argument("--path", required=True, help="a .json/.jsonl file or a folder of them")
@@ -109,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines")
     _token_args(p)
+    _overwrite_arg(p)
 
     p = sub.add_parser("text", help="a folder of .txt files -> MDS, resumable (convert_text_to_mds.py)")
     p.add_argument("--input_folder", required=True)
@@ -162,6 +180,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_files", nargs="+", help="files for a builder: paths, or split=path per split")
     p.add_argument("--splits", nargs="+", default=["train"])
     p.add_argument("--out_root", required=True, help="one sub-folder per split is written here")
+    _overwrite_arg(p)
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -173,24 +192,31 @@ def _spec(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag in ("tokenizer", "reference_model"):  # in an object store: downloaded into the cache first
+        if getattr(args, flag, None):
+            setattr(args, flag, local_copy(getattr(args, flag), f"--{flag}"))
     if args.what == "train-tokenizer":
-        tok = train_tokenizer(args.inputs, args.out, args.vocab_size, args.special_tokens or DEFAULT_SPECIAL_TOKENS,
-                              args.eos_token, args.model_max_length, args.min_frequency, args.overwrite)
-        print(f"tokenizer: {len(tok)} tokens (eos {tok.eos_token!r}, ChatML template) -> {args.out}")
+        output = Output(args.out, [None], TOKENIZER_WRITER, args.overwrite, "--out")  # s3://: staged, uploaded
+        tok = train_tokenizer(args.inputs, output.local(None), args.vocab_size,
+                              args.special_tokens or DEFAULT_SPECIAL_TOKENS, args.eos_token, args.model_max_length,
+                              args.min_frequency, args.overwrite and not output.remote)
+        print(f"tokenizer: {len(tok)} tokens (eos {tok.eos_token!r}, ChatML template) -> {output.publish(None)}")
     elif args.what == "hf":
         summaries = convert.convert_hf(args.dataset, args.out_root, args.splits, _spec(args), args.data_subset,
                                        parse_data_files(args.data_files), args.text_column, args.compression,
-                                       args.num_workers)
+                                       args.num_workers, args.overwrite)
         for split, summary in summaries.items():
             print(f"{os.path.join(args.out_root, split)}: {summary}")
     elif args.what == "json":
         summary = convert.convert_json(args.path, args.out_root, _spec(args), args.split, args.text_column,
-                                       args.compression, args.num_workers, args.skip_bad_lines)
+                                       args.compression, args.num_workers, args.skip_bad_lines, args.overwrite)
         print(f"{os.path.join(args.out_root, args.split or '')}: {summary}")
-    elif args.what == "text":
-        summary = convert.convert_text(args.input_folder, args.output_folder, _spec(args), args.compression,
-                                       args.processes, args.files_per_group, args.reprocess, args.overwrite)
-        print(f"{args.output_folder}: {summary}")
+    elif args.what == "text":  # an object store: converted (and resumed) in the local staging folder
+        output = Output(args.output_folder, [None], TEXT_WRITER, args.overwrite, "--output_folder", resumable=True)
+        summary = convert.convert_text(args.input_folder, output.local(None), _spec(args), args.compression,
+                                       args.processes, args.files_per_group, args.reprocess,
+                                       args.overwrite and not output.remote)
+        print(f"{output.publish(None)}: {summary}")
     elif args.what == "finetuning":
         _finetuning(args)
     else:
@@ -199,16 +225,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _split_sources(args: argparse.Namespace):
-    """[(out folder, `(where, row)` iterator, Counts of lines skipped by it)] per split of --dataset, after
-    checking the flags and that every output folder is new or empty; the rows are read when iterated."""
+    """(Output, [(split, `(where, row)` iterator, Counts of lines skipped by it)] per split of --dataset),
+    after checking the flags and that every output folder (or prefix) may be written; the rows are read
+    when iterated. Write a split to `output.local(split)`, then `output.publish(split)`."""
     local = os.path.exists(args.dataset)
     if local and args.data_files:
         raise UserError(f"--data_files goes with a builder or hub name; {args.dataset} is already a local path")
     if local and len(args.splits) != 1:
         raise UserError(f"--dataset {args.dataset} is one local file or folder: name one split with --splits")
+    output = Output(args.out_root, args.splits, f"data-prep {args.what}", args.overwrite)
     for split in args.splits:
-        check_output_folder(os.path.join(args.out_root, split))
-    return [(os.path.join(args.out_root, split), *_rows(args, split, local)) for split in args.splits]
+        check_output_folder(output.local(split))
+    return output, [(split, *_rows(args, split, local)) for split in args.splits]
 
 
 def _rows(args: argparse.Namespace, split: str, local: bool):
@@ -225,22 +253,24 @@ def _rows(args: argparse.Namespace, split: str, local: bool):
 def _finetuning(args: argparse.Namespace) -> None:
     if args.max_seq_len is not None and args.tokenizer is None:
         raise UserError("--max_seq_len needs --tokenizer (only pre-tokenized examples can be measured)")
-    sources = _split_sources(args)
+    output, sources = _split_sources(args)
     tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs)) if args.tokenizer else None
-    for out, examples, skipped in sources:
-        stats = convert_finetuning(examples, out, tokenizer, args.max_seq_len, args.preprocessor, args.target_prompts,
-                                   args.target_responses, args.chat_template, args.compression, args.skip_bad_lines)
-        print(f"{out}: {Counts({**stats, **skipped})}")
+    for split, examples, skipped in sources:
+        stats = convert_finetuning(examples, output.local(split), tokenizer, args.max_seq_len, args.preprocessor,
+                                   args.target_prompts, args.target_responses, args.chat_template, args.compression,
+                                   args.skip_bad_lines)
+        print(f"{output.publish(split)}: {Counts({**stats, **skipped})}")
 
 
 def _preference(args: argparse.Namespace) -> None:
-    sources = _split_sources(args)
+    output, sources = _split_sources(args)
     tokenizer = build_tokenizer(args.tokenizer, _json_arg("--tokenizer_kwargs", args.tokenizer_kwargs))
     reference = _reference_model(args.reference_model, tokenizer) if args.reference_model else None
-    for out, pairs, skipped in sources:
-        stats = convert_preference(pairs, out, tokenizer, args.max_seq_len, args.preprocessor, args.chat_template,
-                                   args.compression, args.skip_bad_lines, reference, args.batch_size, args.packed)
-        print(f"{out}: {Counts({**stats, **skipped})}")
+    for split, pairs, skipped in sources:
+        stats = convert_preference(pairs, output.local(split), tokenizer, args.max_seq_len, args.preprocessor,
+                                   args.chat_template, args.compression, args.skip_bad_lines, reference,
+                                   args.batch_size, args.packed)
+        print(f"{output.publish(split)}: {Counts({**stats, **skipped})}")
 
 
 def _reference_model(path: str, tokenizer):

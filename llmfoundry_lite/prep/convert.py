@@ -13,6 +13,11 @@ done marker, so a re-run after a crash skips the finished groups; the group inde
 into one `index.json` and a top-level done marker records the summary. The folder's
 `.llmfoundry_lite.json` lists the entries the conversion writes: only those are ever replaced or
 removed (`--reprocess`), and a folder without it is refused unless `--overwrite` (files.py).
+
+An object-store output (`--out_root s3://bucket/prefix`, `Output`) is checked before any work (the
+bucket reachable, each split's prefix new or data prep's own, else `--overwrite`), each split is written
+to a local staging folder and uploaded when it is finished, its `index.json` last: a failed or killed
+data prep leaves no `index.json` in the bucket for a split it did not finish (stores.publish_folder).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
@@ -30,6 +36,7 @@ import numpy as np
 from streaming import MDSWriter
 from tqdm import tqdm
 
+from llmfoundry_lite import stores
 from llmfoundry_lite.data.mds import (
     SHARD_HASHES,
     check_output_folder,
@@ -39,7 +46,7 @@ from llmfoundry_lite.data.mds import (
 )
 from llmfoundry_lite.data.sources import Counts, input_files, iter_json_records, load_hf_dataset
 from llmfoundry_lite.data.tokenizer import build_tokenizer
-from llmfoundry_lite.errors import DataError, UserError
+from llmfoundry_lite.errors import DataError, StoreError, UserError
 from llmfoundry_lite.files import atomic_write, check_folder_path, claim_folder, read_json_file, remove_entries
 from llmfoundry_lite.prep import tokenize_worker
 
@@ -214,17 +221,61 @@ def _read_done(folder: str) -> Optional[Dict]:
     return read_json_file(os.path.join(folder, DONE), "a finished conversion", missing_ok=True)
 
 
+# ---- where the splits go: a local folder, or an object-store prefix -----------------------------
+
+class Output:
+    """The splits' output under `out_root`: local folders (checked by each conversion, as ever), or for an
+    object store (`s3://...`) local staging folders, each uploaded by `publish` once finished, its
+    `index.json` last. Before any work an object store must be reachable and each split's prefix new,
+    empty or written by `writer` (its manifest object), else `overwrite` (stores.claim_prefix)."""
+    OVERWRITE_DOES = "it replaces the objects of the names it writes"
+
+    def __init__(self, out_root: str, splits: Sequence[Optional[str]], writer: str, overwrite: bool = False,
+                 flag: str = "--out_root", resumable: bool = False):
+        self.out_root, self.writer, self.overwrite, self.flag = out_root, writer, overwrite, flag
+        self.remote = stores.is_remote(out_root)
+        if not self.remote:
+            return
+        problem = stores.probe(out_root, "bucket")
+        if problem:
+            raise StoreError(f"{flag} {problem}")
+        for split in splits:
+            stores.claim_prefix(self.uri(split), writer, flag, overwrite, overwrite_does=self.OVERWRITE_DOES)
+        self.staging = stores.local_mirror(out_root, "staging")
+        if not resumable:  # only ever a copy on its way to the bucket (`convert_text` resumes in it)
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def uri(self, split: Optional[str]) -> str:
+        if not split:
+            return self.out_root
+        return stores.join(self.out_root, split) if self.remote else os.path.join(self.out_root, split)
+
+    def local(self, split: Optional[str]) -> str:
+        """The folder the split is written to (for an object store: in the staging folder)."""
+        return os.path.join(self.staging, split or "_") if self.remote else self.uri(split)
+
+    def publish(self, split: Optional[str]) -> str:
+        """Upload the finished split (object stores; index.json last); returns where it now is."""
+        if self.remote:
+            stores.publish_folder(self.local(split), self.uri(split), self.writer, self.flag, self.overwrite,
+                                  last=["index.json"], overwrite_does=self.OVERWRITE_DOES)
+            shutil.rmtree(self.local(split), ignore_errors=True)
+        return self.uri(split)
+
+
 # ---- the three pretraining conversions ---------------------------------------------------------
 
 def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: TokenizeSpec, subset: Optional[str] = None,
                data_files=None, text_column: str = "text", compression: Optional[str] = None,
-               num_workers: int = 1) -> Dict[str, Summary]:
-    """`datasets.load_dataset(dataset, subset, data_files)` splits -> `out_root/<split>/`."""
+               num_workers: int = 1, overwrite: bool = False) -> Dict[str, Summary]:
+    """`datasets.load_dataset(dataset, subset, data_files)` splits -> `out_root/<split>/` (a local folder
+    or an object-store prefix, see `Output`; `overwrite` only concerns the latter)."""
+    output = Output(out_root, splits, "data-prep hf", overwrite)
     for split in splits:
-        check_output_folder(os.path.join(out_root, split))
+        check_output_folder(output.local(split))
     summaries = {}
     for split in splits:
-        with publish_split(os.path.join(out_root, split)) as tmp:
+        with publish_split(output.local(split)) as tmp:
             ds = load_hf_dataset(dataset, split, name=subset, data_files=data_files)
             if text_column not in ds.column_names:
                 raise DataError(f"dataset {dataset!r} split {split!r} has no column '{text_column}' "
@@ -232,19 +283,24 @@ def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: Tokeniz
             docs = (rec[text_column] for rec in ds)
             summaries[split] = _require_documents(write_mds(docs, tmp, spec, compression, num_workers, desc=split),
                                                   f"{dataset} split {split}")
+        output.publish(split)
     return summaries
 
 
 def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[str] = None,
                  text_column: str = "text", compression: Optional[str] = None, num_workers: int = 1,
-                 skip_bad_lines: bool = False) -> Summary:
-    """A .json/.jsonl file or folder -> `out_root` (or `out_root/<split>` when a split is named)."""
-    out = os.path.join(out_root, split) if split else out_root
+                 skip_bad_lines: bool = False, overwrite: bool = False) -> Summary:
+    """A .json/.jsonl file or folder -> `out_root` (or `out_root/<split>` when a split is named): a local
+    folder or an object-store prefix (see `Output`; `overwrite` only concerns the latter)."""
+    output = Output(out_root, [split], "data-prep json", overwrite)
+    out = output.local(split)
     summary = Summary()
     with publish_split(out) as tmp:
         docs = iter_json_files(path, text_column, summary.dropped, skip_bad_lines)
-        return _require_documents(write_mds(docs, tmp, spec, compression, num_workers, summary,
-                                            desc=os.path.basename(out)), path)
+        _require_documents(write_mds(docs, tmp, spec, compression, num_workers, summary,
+                                     desc=split or os.path.basename(output.uri(None).rstrip("/"))), path)
+    output.publish(split)
+    return summary
 
 
 def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, compression: Optional[str] = None,

@@ -2,19 +2,22 @@
 
 Optimizers (`decoupled_adamw`, `decoupled_lionw`, `adamw`), schedulers (`cosine_with_warmup`,
 `linear_decay_with_warmup`, `constant_with_warmup`, `inv_sqrt_with_warmup`), the algorithm
-`gradient_clipping`, callbacks and loggers. A section's keys are the keyword arguments of the
-registered class, so the config check validates them from its signature and a plug-in registers its
-own classes the same way; `Section.build(...)` makes the instance.
+`gradient_clipping`, callbacks and loggers (`mlflow` needs the `mlflow` extra). A section's keys
+are the keyword arguments of the registered class, so the config check validates them from its
+signature and a plug-in registers its own classes the same way; `Section.build(...)` makes the instance.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import torch
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator
 from composer.core import State
-from composer.loggers import ConsoleLogger, ProgressBarLogger
+from composer.loggers import ConsoleLogger, Logger, ProgressBarLogger
+from composer.loggers import MLFlowLogger as ComposerMLFlowLogger
 from composer.optim import (
     ComposerScheduler,
     ConstantWithWarmupScheduler,
@@ -25,6 +28,7 @@ from composer.optim import (
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.compat.composer import convert_time
+from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.training.callbacks import HFCheckpointer, JSONLLogger, LossSpikeGuard, SpeedMonitor, WandBLogger
 
 
@@ -98,6 +102,49 @@ class InverseSquareRootWithWarmupScheduler(ComposerScheduler):
         return at_start + (self.alpha_f_cooldown - at_start) * min((t - start) / cooldown, 1.0)
 
 
+class MLFlowLogger(ComposerMLFlowLogger):
+    """Composer's MLflow logger (`loggers: {mlflow: {tracking_uri, experiment_name, run_name, ...}}`, any
+    argument of Composer's), with `resume` on by default: a run logs into the MLflow run of the experiment
+    tagged with its Composer run_name when there is one, so an autoresumed run continues its MLflow run.
+    It registers no models (Composer's logger does only when a callback asks it to; none here does).
+    A hyperparameter the MLflow run already has keeps its value (warning): MLflow refuses to change one,
+    and logging asynchronously (the default) it then drops the whole buffered batch, metrics included."""
+
+    def __init__(self, *args, resume: bool = True, **kwargs):
+        try:
+            import mlflow  # noqa: F401  # lazy: the optional `mlflow` extra (Composer imports it here too)
+        except ImportError as e:
+            raise UserError("loggers.mlflow needs the mlflow package: pip install 'llmfoundry-lite[mlflow]'") from e
+        super().__init__(*args, resume=resume, **kwargs)
+        self._post_closed, self._params = False, {}
+
+    def init(self, state: State, logger: Logger) -> None:
+        super().init(state, logger)
+        if self._enabled:  # a resumed run's params (Composer's node_name, num_gpus_per_node can differ now)
+            self._params = dict(self._mlflow_client.get_run(self._run_id).data.params)
+
+    def log_hyperparameters(self, hyperparameters: dict) -> None:
+        new = {k: v for k, v in hyperparameters.items() if self._params.get(k, str(v)) == str(v)}
+        if len(new) < len(hyperparameters):
+            warnings.warn(f"MLflow run {self._run_id} keeps its logged values of "
+                          f"{sorted(set(hyperparameters) - set(new))} (MLflow never changes a param)", stacklevel=2)
+        self._params.update((k, str(v)) for k, v in new.items())
+        super().log_hyperparameters(new)
+
+    def post_close(self):
+        # Composer's engine runs post_close again at exit (atexit) for every Trainer not yet garbage collected:
+        # the second time would ask the tracking server for the run's status again (minutes of retries if it is gone).
+        if not self._post_closed:
+            self._post_closed = True
+            super().post_close()
+
+
+# The config check reads a logger's keys from its signature: Composer's, with resume=True.
+_composer_signature = inspect.signature(ComposerMLFlowLogger.__init__)
+MLFlowLogger.__init__.__signature__ = _composer_signature.replace(parameters=[
+    p.replace(default=True) if p.name == "resume" else p for p in _composer_signature.parameters.values()])
+
+
 for reg, entries in (
     (registry.optimizers, {"decoupled_adamw": DecoupledAdamW, "decoupled_lionw": DecoupledLionW,
                            "adamw": torch.optim.AdamW}),
@@ -110,7 +157,7 @@ for reg, entries in (
                           "runtime_estimator": RuntimeEstimator, "hf_checkpointer": HFCheckpointer,
                           "loss_spike_guard": LossSpikeGuard}),
     (registry.loggers, {"wandb": WandBLogger, "console": ConsoleLogger, "progress_bar": ProgressBarLogger,
-                        "jsonl": JSONLLogger}),
+                        "jsonl": JSONLLogger, "mlflow": MLFlowLogger}),
 ):
     for name, obj in entries.items():
         reg.register(name, obj)

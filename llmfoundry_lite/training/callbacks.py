@@ -25,10 +25,12 @@ from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from llmfoundry_lite import stores
 from llmfoundry_lite.assembly.lora import base_model, is_peft
 from llmfoundry_lite.assembly.weights import model_from_weights
 from llmfoundry_lite.compat.composer import give_wandb_runs_get_url
 from llmfoundry_lite.errors import UserError
+from llmfoundry_lite.export.command import check_remote_export, export_target
 from llmfoundry_lite.export.hf_export import check_export_target, write_hf_folder, write_lora_folder
 from llmfoundry_lite.models import flops_per_token
 
@@ -126,7 +128,9 @@ class HFCheckpointer(Callback):
     run writes the model with its adapters merged, or with `adapter_only: true` peft's adapter folder
     (see export/hf_export.py write_lora_folder). A `ba{batch}` folder there that it did not write is
     refused before training unless `overwrite` (llm-foundry's key; its default is true, ours false: see
-    hf_export.OVERWRITE_DOES)."""
+    hf_export.OVERWRITE_DOES). A `save_folder` in an object store (`s3://bucket/prefix`): rank 0 writes
+    each folder into a local staging folder and uploads it, `config.json` last (export/command.py
+    `export_target`); a `ba{batch}` prefix there that no export of ours wrote is refused the same way."""
     FLAGS = ("hf_checkpointer.save_folder", "hf_checkpointer.overwrite: true")  # named in refusals
 
     def __init__(self, save_folder: str, save_interval: str = "1ep", precision: str = "float32",
@@ -146,7 +150,11 @@ class HFCheckpointer(Callback):
         if event == Event.INIT and self.adapter_only and not is_peft(unwrap(state).model):
             raise UserError("hf_checkpointer.adapter_only: this run has no LoRA adapters (model.peft_config); "
                             "remove adapter_only")
-        if event == Event.INIT and dist.get_global_rank() == 0 and os.path.isdir(self.save_folder):
+        if event == Event.INIT and dist.get_global_rank() == 0 and stores.is_remote(self.save_folder):
+            for name in sorted({n.split("/")[0] for n in stores.names(self.save_folder)}):
+                if re.fullmatch(r"ba\d+", name):  # what a later save would replace
+                    check_remote_export(stores.join(self.save_folder, name), self.overwrite, self.FLAGS)
+        elif event == Event.INIT and dist.get_global_rank() == 0 and os.path.isdir(self.save_folder):
             for name in sorted(os.listdir(self.save_folder)):  # what a later save would replace
                 if re.fullmatch(r"ba\d+", name):
                     check_export_target(os.path.join(self.save_folder, name), self.overwrite, self.FLAGS)
@@ -166,15 +174,18 @@ class HFCheckpointer(Callback):
             model = composer_model.model
             config = base_model(model).config.__class__.from_dict(base_model(model).config.to_dict())
             config.init_device = "cpu"  # the folder must load without FSDP
-            out, flags = os.path.join(self.save_folder, f"ba{batch}"), self.FLAGS
-            if is_peft(model):  # a CPU copy of the LoRA model from the gathered weights, exported as convert does
-                copy = model_from_weights(config, weights, "hf_checkpointer", model.peft_config[model.active_adapter])
-                write_lora_folder(copy, out, composer_model.tokenizer, self.dtype, self.adapter_only,
-                                  overwrite=self.overwrite, flags=flags)
-            else:
-                write_hf_folder(config, weights, out, tokenizer=composer_model.tokenizer, dtype=self.dtype,
-                                overwrite=self.overwrite, flags=flags)
-            log.info("hf_checkpointer: wrote %s", out)
+            flags = self.FLAGS
+            target = (stores.join(self.save_folder, f"ba{batch}") if stores.is_remote(self.save_folder)
+                      else os.path.join(self.save_folder, f"ba{batch}"))
+            with export_target(target, self.overwrite, flags, weights=not self.adapter_only, log=log.info) as out:
+                if is_peft(model):  # a CPU copy of the LoRA model from the gathered weights, exported as convert does
+                    copy = model_from_weights(config, weights, "hf_checkpointer", model.peft_config[model.active_adapter])
+                    write_lora_folder(copy, out, composer_model.tokenizer, self.dtype, self.adapter_only,
+                                      overwrite=self.overwrite, flags=flags)
+                else:
+                    write_hf_folder(config, weights, out, tokenizer=composer_model.tokenizer, dtype=self.dtype,
+                                    overwrite=self.overwrite, flags=flags)
+            log.info("hf_checkpointer: wrote %s", target)
         dist.barrier()
 
 

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional
 
 from composer.core import Callback
 from composer.utils import dist
@@ -52,6 +52,12 @@ def gate_composer_loading() -> None:
     os.environ[safe_load.COMPOSER_HOOK] = ours
 
 
+def batch_of(name: str) -> int:
+    """The batch number in a checkpoint's name (`ep0-ba12-rank0.pt`, `ep0-ba12`: 12); -1 without one."""
+    m = _BATCH.search(name)
+    return int(m.group(1)) if m else -1
+
+
 def is_complete(path: str) -> bool:
     """Whether a checkpoint file or sharded folder was written to the end."""
     if os.path.isdir(path):
@@ -65,18 +71,17 @@ def is_complete(path: str) -> bool:
     return os.path.getsize(path) > 0  # compressed/tar checkpoints: no cheap check beyond existence
 
 
-def _checkpoints(folder: str) -> List[Tuple[int, str]]:
-    """(batch, name) of the checkpoints in `folder`, oldest first: `.pt` files and DCP folders."""
+def _checkpoints(folder: str) -> List[str]:
+    """The names of the checkpoints in `folder`, oldest first: `.pt` files and DCP folders."""
     found = []
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        m = _BATCH.search(name)
-        if (m is None or os.path.islink(path)  # also skips INCOMPLETE and CORRUPT (no batch number)
+        if (batch_of(name) < 0 or os.path.islink(path)  # also skips INCOMPLETE and CORRUPT (no batch number)
                 or os.path.isdir(path) and not any(n.endswith(".distcp") or n == ".metadata" for n in os.listdir(path))
                 or os.path.isfile(path) and (".pt" not in name or name.endswith(checksums.SUFFIX))):
             continue
-        found.append((int(m.group(1)), name))
-    return sorted(found)
+        found.append(name)
+    return sorted(found, key=lambda name: (batch_of(name), name))
 
 
 def _set_aside(folder: str, name: str, kind: str) -> str:
@@ -92,7 +97,7 @@ def _set_aside(folder: str, name: str, kind: str) -> str:
 def _complete_checkpoints(folder: str) -> List[str]:
     """Set aside the incomplete checkpoints of `folder`; the paths of the others, newest first."""
     complete = []
-    for _, name in _checkpoints(folder):
+    for name in _checkpoints(folder):
         path = os.path.join(folder, name)
         if is_complete(path):
             complete.append(path)
@@ -127,23 +132,38 @@ def corruption(path: str) -> List[str]:
     return [p for rank_problems in dist.all_gather_object(problems) for p in rank_problems]
 
 
-def prepare_autoresume(folder: str) -> Optional[str]:
+def prepare_autoresume(folder: str, listing: Optional[Callable[[], List[str]]] = None,
+                       fetch: Optional[Callable[[str], object]] = None) -> Optional[str]:
     """(every rank) Set aside the incomplete and corrupt checkpoints in `folder`, point the latest symlink
-    at the newest good one and return its path (None when there is none: the run starts from scratch)."""
-    candidates = [_complete_checkpoints(folder) if dist.get_global_rank() == 0 and os.path.isdir(folder) else []]
+    at the newest good one and return its path (None when there is none: the run starts from scratch).
+    For a save_folder in an object store (store_checkpoints.py), `listing` gives the names to try, newest
+    first, and `fetch(name)` (local rank 0 of each node) downloads one into `folder`, the staging folder."""
+    rank0 = dist.get_global_rank() == 0
+    if listing is None:
+        found = _complete_checkpoints(folder) if rank0 and os.path.isdir(folder) else []
+    else:
+        found = [os.path.join(folder, name) for name in listing()] if rank0 else []
+    candidates = [found]
     dist.broadcast_object_list(candidates, src=0)
     chosen = None
     for path in candidates[0]:
+        if fetch is not None:
+            if dist.get_local_rank() == 0:
+                fetch(os.path.basename(path))
+            dist.barrier()
+            if not is_complete(path):
+                log.warning("checkpoint %s is not complete in the object store; trying the previous one", path)
+                continue
         problems = corruption(path)
         if not problems:
             chosen = path
             break
-        if dist.get_global_rank() == 0:
+        if rank0:
             target = _set_aside(folder, os.path.basename(path), CORRUPT)
             log.warning("checkpoint %s is corrupt (%s); moved it to %s and will not resume from it (the "
                         "previous complete checkpoint is tried next)", path, "; ".join(problems), target)
-    if dist.get_global_rank() == 0 and os.path.isdir(folder):
-        _point_latest(folder, chosen)
+    if (dist.get_local_rank() == 0 if fetch is not None else rank0) and os.path.isdir(folder):
+        _point_latest(folder, chosen)  # in a store's staging folder: on every node
     dist.barrier()
     return chosen
 

@@ -19,20 +19,21 @@ import torch
 from composer import DataSpec, Trainer
 from composer.callbacks import CheckpointSaver
 from composer.core import Evaluator
-from composer.utils import dist, format_name_with_dist, reproducibility
+from composer.utils import dist, reproducibility
 from torch.distributed.checkpoint.api import CheckpointException
 
-from llmfoundry_lite import registry
+from llmfoundry_lite import registry, stores
 from llmfoundry_lite.assembly.lora import is_peft, param_counts
 from llmfoundry_lite.assembly.sharding import materialize_meta, on_meta, prepare_model
 from llmfoundry_lite.compat.composer import MeshFSDP2Config, meta_init_by
 from llmfoundry_lite.compat.torch import average_gradients_on_gloo
 from llmfoundry_lite.config import load_config
 from llmfoundry_lite.config.parallel import FSDPSection, hybrid_degrees
+from llmfoundry_lite.config.schema import flat_values
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
 from llmfoundry_lite.export import checksums
-from llmfoundry_lite.export.composer_checkpoint import check_resumable, resolve
+from llmfoundry_lite.export.composer_checkpoint import POINTER, check_resumable, fetch_checkpoint, resolve
 from llmfoundry_lite.export.safe_load import refusal_inside
 from llmfoundry_lite.opening import open_model
 from llmfoundry_lite.training.callbacks import LossSpikeGuard, TrainingDiverged
@@ -46,7 +47,9 @@ from llmfoundry_lite.training.checkpoints import (
     prepare_autoresume,
 )
 from llmfoundry_lite.training.icl_evaluators import add_icl_metrics, build_icl_evaluators
+from llmfoundry_lite.training.preflight import preflight, save_uri
 from llmfoundry_lite.training.schema import TrainConfig, check_train_config
+from llmfoundry_lite.training.store_checkpoints import UploadCheckpoints, candidates, claim_prefix, fetch, fresh_staging
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +133,13 @@ TRAINER_KEYS = ("max_duration", "eval_interval", "eval_subset_num_batches", "see
 def fit(tc: TrainConfig):
     """Build everything for a checked TrainConfig and run `Trainer.fit()`."""
     _setup_logging(tc.python_log_level)
+    preflight(tc)
     on_gpu = torch.cuda.is_available()
     world_size = dist.get_world_size()
     if world_size > 1:  # loaders, device meshes and HYBRID_SHARD need the process group before the Trainer
         dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
+    if stores.is_remote(tc.load_path):  # downloaded (every node), then checked and loaded like a local one
+        tc = dataclasses.replace(tc, load_path=_on_local_rank0(lambda: fetch_checkpoint(tc.load_path)))
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = tc.tokenizer.build()
     objective = registry.objectives.get(tc.loss_fn())
@@ -148,11 +154,11 @@ def fit(tc: TrainConfig):
     prepare_model(model, tc.compile_config, bool(tc.fsdp_config and tc.fsdp_config.activation_checkpointing),
                   sharded=fsdp is not None, seed=tc.seed)
     evaluators = _evaluators(tc, objective, model, tokenizer, tc.device_eval_batch_size or device_batch)
-    save_folder, resume_from = _prepare_save_folder(tc, model)
+    save_folder, resume_from, bucket = _prepare_save_folder(tc, model)
     _log_parameters(model)
     # only what trains (all of it, or LoRA's adapters): frozen weights get no optimizer state
     optimizer = tc.optimizer.build([p for p in model.parameters() if p.requires_grad])
-    _check_what_loads(tc, model, optimizer, save_folder, resume_from)
+    _check_what_loads(tc, model, optimizer, bucket or save_folder, resume_from)
     meta_under_fsdp = fsdp is not None and on_meta(model)
     gate_composer_loading()
     with meta_init_by(materialize_meta, "cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext(), \
@@ -169,11 +175,14 @@ def fit(tc: TrainConfig):
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
             parallelism_config={"fsdp": fsdp} if fsdp is not None else None, autoresume=tc.autoresume_enabled(),
             load_ignore_keys=_load_ignore_keys(tc, model),
-            **{k: getattr(tc, k) for k in TRAINER_KEYS})
+            **_trainer_keys(tc, save_folder, bucket))
+    trainer.logger.log_hyperparameters(flat_values(tc))  # the run's config, as llm-foundry logs it
     if fsdp is not None:
         average_gradients_on_gloo(trainer.state.model)
     _add_after_saver(trainer, ChecksumManifests)
-    _log_resume(tc, trainer, save_folder)
+    if bucket:  # after the manifests: they are uploaded with the checkpoint
+        _add_after_saver(trainer, lambda saver: UploadCheckpoints(saver, bucket, tc.save_num_checkpoints_to_keep))
+    _log_resume(tc, trainer, save_folder, bucket)
     if tc.load_path or trainer.state.timestamp.batch.value:  # not from the model section's weights
         objective.not_at_start(model)
     if tc.eval_first and evaluators and trainer.state.timestamp.batch.value == 0:
@@ -181,20 +190,27 @@ def fit(tc: TrainConfig):
     try:
         trainer.fit()
     except (OSError, RuntimeError, CheckpointException) as e:
-        full = checkpoint_write_error(e, save_folder)
+        full = checkpoint_write_error(e, bucket or save_folder)
         if full is not None:
             raise full from None
         if not isinstance(e, RuntimeError):
             raise
         # gloo/NCCL: a peer process (another rank or node) went away mid-collective
         if isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in _LOST_PEER):
-            where = (f"autoresume continues from the last complete checkpoint in {save_folder}"
+            where = (f"autoresume continues from the last complete checkpoint in {bucket or save_folder}"
                      if tc.autoresume_enabled() else "set run_name and save_folder to be able to resume such a run")
             raise PeerLost(f"another rank or node stopped during training ({str(e).splitlines()[0][:300]}). Check "
                            f"its log, then relaunch every node with the same command: {where}") from None
         raise
-    _raise_if_stopped(trainer, save_folder)
+    _raise_if_stopped(trainer, bucket or save_folder)
     return trainer
+
+
+def _trainer_keys(tc: TrainConfig, save_folder, bucket) -> dict:
+    keys = {k: getattr(tc, k) for k in TRAINER_KEYS}
+    if bucket:  # Composer saves into the staging folder; UploadCheckpoints uploads and rotates both
+        keys.update(save_folder=save_folder, save_num_checkpoints_to_keep=-1)
+    return keys
 
 
 def _log_parameters(model) -> None:
@@ -228,12 +244,13 @@ def _evaluators(tc: TrainConfig, objective, model, tokenizer, eval_batch: int) -
     return evaluators
 
 
-def _log_resume(tc: TrainConfig, trainer, save_folder) -> None:
+def _log_resume(tc: TrainConfig, trainer, save_folder, bucket) -> None:
     if tc.autoresume_enabled():
         resumed_at = trainer.state.timestamp.batch.value
-        log.info("autoresume: %s", f"resumed from {os.path.join(save_folder, LATEST)} -> "
-                 f"{os.path.realpath(os.path.join(save_folder, LATEST))} at batch {resumed_at}"
-                 if resumed_at else f"no complete checkpoint in {save_folder}; starting from scratch")
+        where, link = bucket or save_folder, os.path.join(save_folder, LATEST)
+        target = stores.join(bucket, os.path.basename(os.path.realpath(link))) if bucket else os.path.realpath(link)
+        log.info("autoresume: %s", f"resumed from {stores.join(where, POINTER if bucket else LATEST)} -> {target} "
+                 f"at batch {resumed_at}" if resumed_at else f"no complete checkpoint in {where}; starting from scratch")
 
 
 # What gloo says when the other end of a collective died.
@@ -244,20 +261,39 @@ class PeerLost(UserError):
     """A rank or node of a multi-process run died; this one cannot go on alone."""
 
 
+def _on_local_rank0(work):
+    """`work()` on local rank 0 of each node (e.g. a download into a folder the node's ranks share);
+    every rank gets its result."""
+    result = [work() if dist.get_local_rank() == 0 else None]
+    dist.broadcast_object_list(result, src=0)  # the same path on every node: cache folders are named by URI
+    dist.barrier()
+    return result[0]
+
+
 def _prepare_save_folder(tc: TrainConfig, model):
     """Check that save_folder can take a checkpoint (global rank 0) and (autoresume) choose the checkpoint
-    to resume from (every rank). Returns (the folder, the checkpoint or None)."""
+    to resume from (every rank). Returns (the local folder Composer saves into, the checkpoint or None,
+    the object-store URI the checkpoints are uploaded to or None)."""
     if not tc.save_folder:
-        return None, None
-    folder = format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
+        return None, None, None
+    folder = save_uri(tc)
+    bucket = folder if stores.is_remote(folder) else None
+    if bucket:
+        if dist.get_global_rank() == 0:
+            claim_prefix(bucket, tc.save_overwrite)
+        folder = fresh_staging(bucket)
     if "{" in folder:
-        return folder, None
+        return folder, None, bucket
     if dist.get_global_rank() == 0:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         check_save_folder(folder, weights if tc.save_weights_only else weights + 2 * trained)  # + 2 Adam moments
     dist.barrier()
-    return folder, prepare_autoresume(folder) if tc.autoresume_enabled() else None
+    if not tc.autoresume_enabled():
+        return folder, None, bucket
+    if bucket:
+        return folder, prepare_autoresume(folder, lambda: candidates(bucket), lambda n: fetch(bucket, n, folder)), bucket
+    return folder, prepare_autoresume(folder), None
 
 
 def _check_what_loads(tc: TrainConfig, model, optimizer, save_folder, resume_from) -> None:
