@@ -11,7 +11,7 @@ the same boto3) move the bytes. This module adds what a run needs around them:
 
 S3-compatible stores (AWS S3, MinIO, Cloudflare R2: `S3_ENDPOINT_URL`, the usual AWS credentials) are
 what the tests exercise against a real server. `gs://`, `oci://` and `azure://` go through Composer's
-GCS, OCI and libcloud clients, which come with the extras `gcs`, `oci` and `azure`.
+GCS, OCI and libcloud clients; streaming brings the GCS and OCI ones, the `azure` extra libcloud.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from composer.utils.object_store import ObjectStore, S3ObjectStore
 from llmfoundry_lite.errors import StoreError, UserError
 from llmfoundry_lite.files import MANIFEST, STAGING, _inside, _refusal
 
-# scheme -> (module its client needs, the extra that installs it); s3's boto3 is a dependency.
-SCHEMES: Dict[str, Optional[Tuple[str, str]]] = {
-    "s3": None, "gs": ("google.cloud.storage", "gcs"), "oci": ("oci", "oci"), "azure": ("libcloud", "azure")}
+# scheme -> (module its client needs, the extra that installs it), or None: installed with the package
+# (boto3; google-cloud-storage and oci come with streaming).
+SCHEMES: Dict[str, Optional[Tuple[str, str]]] = {"s3": None, "gs": None, "oci": None, "azure": ("libcloud", "azure")}
 # The pre-flight's client: a few seconds to connect or answer, one retry, then an error.
 QUICK = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 2, "mode": "standard"}}
 

@@ -8,6 +8,7 @@ relaunched: it ends with the losses, weights and bucket contents of a straight r
 holding someone else's objects is refused, `load_path: s3://` resumes a run's state, a code-running
 checkpoint planted in the bucket is refused, and the pre-flight names every unreachable remote within
 seconds (exit 2)."""
+import importlib.util
 import json
 import os
 import time
@@ -149,6 +150,12 @@ def test_preflight_names_every_unreachable_remote_fast(store, tiny_tokenizer_dir
     assert "save_folder: s3://no-such-bucket-here/r: list failed: the bucket does not exist" in err
     assert f"load_path: {store}/nothing/here.pt: nothing there" in err
     assert "loggers.mlflow.tracking_uri: cannot reach the MLflow tracking server at http://127.0.0.1:9" in err
+
+    # a store whose client is an extra that is not installed (Azure's libcloud is not in the tested venv)
+    assert importlib.util.find_spec("libcloud") is None
+    assert main(["train", TINY_YAML, *overrides[:-1], "save_folder=azure://container/{run_name}"]) == 2
+    assert "save_folder: azure://container/r: azure:// needs the azure extra: pip install 'llmfoundry-lite[azure]'" \
+        in capsys.readouterr().err
 
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")  # the wrong endpoint: every s3 URI named
     start = time.monotonic()
