@@ -24,9 +24,6 @@ import tempfile
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 from urllib.parse import urlparse
 
-from composer.utils.file_helpers import BACKEND_TO_OBJECT_STORE_FACTORY
-from composer.utils.object_store import ObjectStore, S3ObjectStore
-
 from llmfoundry_lite.errors import StoreError, UserError
 from llmfoundry_lite.files import MANIFEST, STAGING, _inside, _refusal
 
@@ -77,15 +74,19 @@ def scheme_problem(uri: str) -> Optional[str]:
     return None
 
 
-_clients: Dict[Tuple, ObjectStore] = {}
+_clients: Dict[Tuple, object] = {}
 
 
-def _client(uri: str, quick: bool = False) -> ObjectStore:
+def _client(uri: str, quick: bool = False):
+    """Composer's ObjectStore for the bucket of `uri` (one per bucket, endpoint and credentials)."""
+    from composer.utils.file_helpers import BACKEND_TO_OBJECT_STORE_FACTORY  # lazy: generate never loads Composer
+    from composer.utils.object_store import S3ObjectStore  # lazy: (unless it reads from a store)
     problem = scheme_problem(uri)
     if problem:
         raise UserError(problem)
     scheme, bucket, _ = split(uri)
-    key = (scheme, bucket, quick, os.environ.get("S3_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))  # bound to both
+    # a client is bound to its endpoint and credentials
+    key = (scheme, bucket, quick, os.environ.get("S3_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
     if key not in _clients:
         with _errors(uri, "connect"):
             _clients[key] = (S3ObjectStore(bucket, client_config=dict(QUICK) if quick else None)
@@ -224,7 +225,7 @@ def delete(uri: str) -> None:
     """Delete one object (S3 API, GCS and OCI clients)."""
     store, key = _client(uri), _key(uri)
     with _errors(uri, "delete"):
-        if isinstance(store, S3ObjectStore):
+        if split(uri)[0] == "s3":
             store.client.delete_object(Bucket=store.bucket, Key=key)
         elif split(uri)[0] == "gs":
             store.bucket.blob(key).delete()

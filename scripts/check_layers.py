@@ -38,7 +38,8 @@ APART = [("training", "eval")]
 # Third-party modules a function may import lazily: optional extras and heavy libraries that only
 # some commands load.
 OPTIONAL = {"peft", "wandb", "mlflow", "datasets", "pyspark", "boto3", "gguf", "llama_cpp", "flash_attn",
-            "torchao", "tensorboard", "jinja2", "nbformat", "nbclient", "ipywidgets", "IPython", "matplotlib"}
+            "torchao", "tensorboard", "jinja2", "nbformat", "nbclient", "ipywidgets", "IPython", "matplotlib",
+            "composer"}  # composer: only for object stores in modules that inference commands load (stores.py)
 # Modules whose llmfoundry_lite imports inside functions are the lazy boundary itself.
 BOUNDARIES = {"__init__"}
 

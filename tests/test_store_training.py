@@ -17,8 +17,9 @@ import uuid
 import boto3
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from llmfoundry_lite import stores
+from llmfoundry_lite import stores, train
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.errors import CheckpointError, UserError
 from llmfoundry_lite.export.composer_checkpoint import POINTER
@@ -118,6 +119,17 @@ def test_bucket_prefixes_load_path_and_planted_checkpoints(store, tiny_tokenizer
                               load_path=f"{store}/full"))
     assert loaded.state.timestamp.batch.value == 3
     assert [p["step"] for p in loaded.state.optimizers[0].state.values()][0].item() == 3
+
+    # an HF folder in the bucket (convert's export of that run) as the model and tokenizer to train from
+    assert main(["convert", "--composer_path", f"{store}/full", "--hf_output_path", f"{store}/hf"]) == 0
+    cfg = OmegaConf.to_container(OmegaConf.load(TINY_YAML))
+    cfg.update(model={"name": "hf_causal_lm", "pretrained_model_name_or_path": f"{store}/hf"},
+               tokenizer={"name": f"{store}/hf"})
+    overrides = [o for o in one_process(store, tiny_tokenizer_dir, tmp_path / "e", run_name="from-hf",
+                                        max_duration="1ba") if not o.startswith("model.")]
+    from_hf = train(cfg, overrides)
+    from_hf.close()
+    assert from_hf.state.timestamp.batch.value == 1
 
     # a newer checkpoint planted in the bucket with a code-running entry: refused on autoresume
     local = stores.download(f"{store}/full/ep0-ba2-rank0.pt", str(tmp_path / "ba2.pt"))

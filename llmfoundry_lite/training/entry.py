@@ -33,9 +33,9 @@ from llmfoundry_lite.config.schema import flat_values
 from llmfoundry_lite.data.loaders import build_dataloader, labelled_loaders
 from llmfoundry_lite.errors import ConfigError, DataError, UserError
 from llmfoundry_lite.export import checksums
-from llmfoundry_lite.export.composer_checkpoint import POINTER, check_resumable, fetch_checkpoint, resolve
+from llmfoundry_lite.export.composer_checkpoint import POINTER, check_resumable, resolve
 from llmfoundry_lite.export.safe_load import refusal_inside
-from llmfoundry_lite.opening import open_model
+from llmfoundry_lite.opening import local_copy, open_model
 from llmfoundry_lite.training.callbacks import LossSpikeGuard, TrainingDiverged
 from llmfoundry_lite.training.checkpoints import (
     LATEST,
@@ -138,8 +138,7 @@ def fit(tc: TrainConfig):
     world_size = dist.get_world_size()
     if world_size > 1:  # loaders, device meshes and HYBRID_SHARD need the process group before the Trainer
         dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
-    if stores.is_remote(tc.load_path):  # downloaded (every node), then checked and loaded like a local one
-        tc = dataclasses.replace(tc, load_path=_on_local_rank0(lambda: fetch_checkpoint(tc.load_path)))
+    tc = _local_copies(tc)
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = tc.tokenizer.build()
     objective = registry.objectives.get(tc.loss_fn())
@@ -259,6 +258,22 @@ _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken p
 
 class PeerLost(UserError):
     """A rank or node of a multi-process run died; this one cannot go on alone."""
+
+
+def _local_copies(tc: TrainConfig) -> TrainConfig:
+    """`tc` with its object-store `load_path`, model folder and tokenizer downloaded (once per node, into
+    the cache) and named by their local copies, which are then checked and loaded like local ones."""
+    folder = tc.model.kwargs.get("pretrained_model_name_or_path")
+    if stores.is_remote(folder):
+        local = _on_local_rank0(lambda: local_copy(folder, "model.pretrained_model_name_or_path"))
+        tc = dataclasses.replace(tc, model=dataclasses.replace(
+            tc.model, kwargs={**tc.model.kwargs, "pretrained_model_name_or_path": local}))
+    if stores.is_remote(tc.tokenizer.name):
+        local = _on_local_rank0(lambda: local_copy(tc.tokenizer.name, "tokenizer.name"))
+        tc = dataclasses.replace(tc, tokenizer=dataclasses.replace(tc.tokenizer, name=local))
+    if stores.is_remote(tc.load_path):
+        tc = dataclasses.replace(tc, load_path=_on_local_rank0(lambda: local_copy(tc.load_path, "load_path")))
+    return tc
 
 
 def _on_local_rank0(work):

@@ -41,8 +41,10 @@ def remotes(tc: TrainConfig) -> List[Tuple[str, str, str]]:
     found = [(path, uri, "object") for path, uri in _data_remotes(tc)]
     if tc.save_folder and stores.is_remote(tc.save_folder):
         found.append(("save_folder", save_uri(tc), "bucket"))
-    if tc.load_path and stores.is_remote(tc.load_path):
-        found.append(("load_path", tc.load_path, "folder"))
+    for path, uri in (("load_path", tc.load_path), ("tokenizer.name", tc.tokenizer.name),
+                      ("model.pretrained_model_name_or_path", tc.model.kwargs.get("pretrained_model_name_or_path"))):
+        if isinstance(uri, str) and stores.is_remote(uri):
+            found.append((path, uri, "folder"))
     for name, section in tc.callbacks.items():
         folder = section.kwargs.get("save_folder")
         if isinstance(folder, str) and stores.is_remote(folder):
