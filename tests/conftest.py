@@ -60,6 +60,26 @@ def torch_one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def release_streaming_shared_memory():
+    """Streaming keeps every dataset's shared memory (an open file in /dev/shm per segment, 10-40 per
+    dataset) until the process exits, through an atexit cleanup per segment; one pytest session trains
+    hundreds of times in process and would run out of file descriptors (20,000 here). After each test
+    module, the segments its runs left are released as at exit (one still mapped by a live array stays)."""
+    yield
+    import atexit
+    import gc
+
+    from streaming.base.shared.memory import SharedMemory
+    for shm in [o for o in gc.get_objects() if isinstance(o, SharedMemory)]:
+        try:
+            shm.cleanup()
+        except BufferError:  # still exported to a live numpy array: leave it to the atexit cleanup
+            continue
+        atexit.unregister(shm.cleanup)
+        shm.created_shms, shm.opened_shms = [], []
+
+
 # --- servers (issue 26): moto's S3 and an MLflow tracking server, from .venv-tools (tests/servers.py) --
 import servers
 
