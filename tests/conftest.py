@@ -71,7 +71,7 @@ def release_streaming_shared_memory():
     import gc
 
     from streaming.base.shared.memory import SharedMemory
-    for shm in [o for o in gc.get_objects() if isinstance(o, SharedMemory)]:
+    for shm in [o for o in gc.get_objects() if type(o) is SharedMemory]:  # type(): a dead weakproxy raises
         try:
             shm.cleanup()
         except BufferError:  # still exported to a live numpy array: leave it to the atexit cleanup
