@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Set, Tuple, Union
 
 import torch
 from safetensors.torch import save_file
@@ -86,13 +86,21 @@ def _native_checks(cfg) -> Dict[str, Tuple[bool, str]]:
 
 def native_blockers(config) -> List[str]:
     """'key = value: reason' for every setting stock `transformers.MptForCausalLM` cannot represent."""
-    checks = _native_checks(config)
+    return config_blockers(config, _native_checks(config), _NEUTRAL, "not part of stock transformers' Mpt")
+
+
+def config_blockers(config, checks: Dict[str, Tuple[bool, str]], neutral: Set[str], unknown: str) -> List[str]:
+    """'key = value: reason' for each failed check of a format (key path -> (representable, why not)), then
+    for each other key changed from its default, unless a check covers it (the key or a section above it)
+    or a part of its path is in `neutral`: `unknown` says why (an option the format does not know)."""
     out = [f"{key} = {_get(config, key)!r}: {why}" for key, (ok, why) in checks.items() if not ok]
-    skip = set(checks) | PRETRAINED_CONFIG_KEYS
-    out += [f"{key} = {value!r}: not part of stock transformers' Mpt"  # options this exporter does not know
-            for key, value in _changed(config.to_dict(), MPTConfig().to_dict())
-            if key not in skip and key.split(".")[-1] not in _NEUTRAL]
-    return out
+
+    def covered(key: str) -> bool:
+        parts = key.split(".")
+        return (key in PRETRAINED_CONFIG_KEYS or any(".".join(parts[:i]) in checks for i in range(1, len(parts) + 1))
+                or any(part in neutral for part in parts))
+    return out + [f"{key} = {value!r}: {unknown}" for key, value in _changed(config.to_dict(), MPTConfig().to_dict())
+                  if not covered(key)]
 
 
 def _get(config, path: str):
