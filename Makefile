@@ -16,17 +16,20 @@ CURRENT_TESTS := tests/test_model_parity.py tests/test_model_options.py tests/te
 	tests/test_eval_model.py tests/test_eval_runner.py tests/test_gpu_check.py tests/test_parallel_layouts.py \
 	tests/test_multinode.py tests/test_llmfoundry_interop.py tests/test_hf_causal_lm.py \
 	tests/test_init_device_multiprocess.py tests/test_llmfoundry_yamls.py tests/test_llmfoundry_checkpoints.py tests/test_lora.py \
-	tests/test_lora_export.py tests/test_dpo.py tests/test_dpo_packing.py tests/test_dpo_data_prep.py
+	tests/test_lora_export.py tests/test_dpo.py tests/test_dpo_packing.py tests/test_dpo_data_prep.py tests/test_export_gguf.py
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 # Server programs the tests start (moto's S3, the MLflow tracking server; tests/servers.py), in a venv
 # of their own so they never change what the tested venv holds.
 TOOLS := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed-stamp
+# llama.cpp's bindings, for `make gguf-check` only (a source build; see requirements/llama-cpp.txt).
+LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 # Wheels for a lent GPU machine (Python 3.12, manylinux x86_64): see requirements/gpu-carry.txt.
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
 	manylinux_2_5_x86_64 manylinux1_x86_64,--platform $(p))
 
-.PHONY: install install-current install-tools lint test test-fast test-current quickstart benchmarks gpu-wheels gpu-check clean
+.PHONY: install install-current install-tools lint test test-fast test-current gguf-check quickstart benchmarks gpu-wheels \
+	gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -71,10 +74,31 @@ test: $(STAMP) $(CURRENT_STAMP) $(TOOLS_STAMP)
 	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
 
 test-fast: $(STAMP) $(TOOLS_STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -m 'not multiprocess' tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m 'not multiprocess and not llamacpp' tests
 
 test-current: $(CURRENT_STAMP)
 	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
+
+# A portable x86-64 build (AVX2), not -march=native: a native build runs q8_0 matrix products on AMX tiles
+# where the CPU has them, and here (a VM) its first tile instruction dies of SIGILL (gdb: `tilezero` in
+# ggml_backend_amx_mul_mat, in an OpenMP worker), so any q8_0 file would crash llama.cpp. pip's
+# own wheel cache would not tell builds with other flags apart, so the wheel is kept in a folder named
+# after the requirement and the flags, and built only when that folder has none.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_WHEELS := $(HOME)/.cache/llmfoundry_lite/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | \
+	cat - requirements/llama-cpp.txt | sha1sum | cut -c1-12)
+
+$(LLAMA_STAMP): requirements/llama-cpp.txt $(STAMP)
+	ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir \
+		-w $(LLAMA_WHEELS) -r requirements/llama-cpp.txt
+	$(BIN)/python -m pip install -q --find-links $(LLAMA_WHEELS) -r requirements/llama-cpp.txt
+	touch $(LLAMA_STAMP)
+
+# GGUF exports run by llama.cpp itself: tokens, chat template, greedy continuations, perplexity (.ci/run
+# runs it after `make test`; a cold build of the bindings is most of its time).
+gguf-check: $(LLAMA_STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -m llamacpp tests/test_gguf_llamacpp.py
 
 gpu-wheels:
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \

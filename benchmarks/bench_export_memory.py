@@ -1,4 +1,4 @@
-"""Peak memory of `convert` (Composer checkpoint -> HF folder) against the checkpoint size.
+"""Peak memory of `convert` (Composer checkpoint -> HF folder, and -> GGUF file) against the checkpoint size.
 
 For each model size a full Composer-layout checkpoint (`state.model` with `model.` prefixes, AdamW
 `exp_avg`/`exp_avg_sq` for every weight, the HF config under `state.integrations.huggingface`) is
@@ -6,7 +6,8 @@ written with torch.save, then converted in a fresh process that samples its own 
 every 5 ms. Reported, as growth over the process's memory just before converting:
 - anon: private memory (what conversion allocates; the target: about one shard + one tensor),
 - rss: anon + file pages of the mmapped checkpoint that were read (page cache the kernel can drop).
-Both fp32 (the shard holds the mmapped tensors themselves) and bf16 (converted copies) exports.
+Both fp32 (the shard holds the mmapped tensors themselves) and bf16 (converted copies) exports, and
+GGUF files in fp16 and q8_0 (the target: about one tensor and its converted copy).
 Prints one JSON line per size and precision; `--out FILE` also appends Markdown rows to FILE.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json, sys, threading, time
 # import everything conversion uses first, so the baseline includes the code, not just the data
 import safetensors.torch, transformers
 from transformers import GenerationConfig
-from llmfoundry_lite.export.command import convert_composer_to_hf
+from llmfoundry_lite.export.command import convert_composer_to_hf, convert_to_gguf
 from llmfoundry_lite.models import MPTForCausalLM
 
 def status():
@@ -49,7 +50,10 @@ def sample():
         time.sleep(0.005)
 thread = threading.Thread(target=sample); thread.start()
 t0 = time.perf_counter()
-convert_composer_to_hf(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[3], log=lambda m: None)
+if len(sys.argv) > 5:  # a GGUF file, with the tokenizer folder sys.argv[5]
+    convert_to_gguf(sys.argv[2], sys.argv[1], precision=sys.argv[4], tokenizer=sys.argv[5], log=lambda m: None)
+else:
+    convert_composer_to_hf(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[3], log=lambda m: None)
 seconds = time.perf_counter() - t0
 done = True; thread.join()
 print(json.dumps({"anon": peak["RssAnon"] - base["RssAnon"],
@@ -75,6 +79,19 @@ def write_checkpoint(path: str, shape: dict) -> dict:
             "checkpoint_bytes": os.path.getsize(path)}
 
 
+def write_tokenizer(folder: str) -> str:
+    """A small byte-level BPE (a GGUF file holds its tokenizer; the checkpoint above has none)."""
+    from llmfoundry_lite.prep.tokenizer import train_tokenizer
+    text = os.path.join(folder, "text.txt")
+    with open(text, "w") as f:
+        f.write(" ".join(dir(__builtins__)) * 50)
+    train_tokenizer([text], os.path.join(folder, "tokenizer"), vocab_size=512)
+    return os.path.join(folder, "tokenizer")
+
+
+EXPORTS = [("fp32", "hf"), ("bf16", "hf"), ("fp16", "gguf"), ("q8_0", "gguf")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -86,10 +103,14 @@ def main() -> None:
             ckpt = os.path.join(tmp, "ckpt.pt")
             info = write_checkpoint(ckpt, SIZES[name])
             subprocess.run(["sync"], check=False)
-            for precision in ("fp32", "bf16"):
-                out = subprocess.run([sys.executable, "-c", CHILD, ckpt, os.path.join(tmp, precision), SHARD,
-                                      precision], check=True, capture_output=True, text=True).stdout
-                result = {"model": name, "precision": precision, "shard_limit": SHARD, **info,
+            tokenizer = write_tokenizer(tmp)
+            for precision, kind in EXPORTS:
+                argv = [ckpt, os.path.join(tmp, precision), SHARD, precision] if kind == "hf" else \
+                    [ckpt, os.path.join(tmp, f"{precision}.gguf"), "-", precision, tokenizer]
+                out = subprocess.run([sys.executable, "-c", CHILD, *argv], check=True, capture_output=True,
+                                     text=True).stdout
+                result = {"model": name, "precision": precision if kind == "hf" else f"GGUF {precision}",
+                          "shard_limit": SHARD if kind == "hf" else "-", **info,
                           **json.loads(out.strip().splitlines()[-1])}
                 mb = {k: round(v / 2 ** 20) for k, v in result.items() if k.endswith("bytes") or k in ("anon", "rss")}
                 print(json.dumps({**result, "MiB": mb}), flush=True)

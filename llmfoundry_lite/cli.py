@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("llmfoundry_lite.training.command", "train from a YAML config (same schema as llm-foundry)"),
     "eval": ("llmfoundry_lite.eval.command", "evaluate perplexity and ICL tasks from a YAML config"),
     "data-prep": ("llmfoundry_lite.prep.command", "train a tokenizer and convert datasets to MDS shards"),
-    "convert": ("llmfoundry_lite.export.command", "convert a Composer checkpoint to a Hugging Face folder"),
+    "convert": ("llmfoundry_lite.export.command", "convert a checkpoint to a Hugging Face folder or a GGUF file"),
     "generate": ("llmfoundry_lite.inference.generate", "generate completions for prompts"),
     "chat": ("llmfoundry_lite.inference.chat", "chat with a model in the ChatML format"),
     "serve": ("llmfoundry_lite.inference.serve", "serve a model over HTTP (MPT endpoint request format)"),

@@ -327,6 +327,8 @@ def _finish(paths: SimpleNamespace, steps: List[Step], seconds: Dict[str, float]
     lines += ["Next:",
               f"  llmfoundry-lite chat {paths.hf}",
               f"  llmfoundry-lite serve {paths.hf} --port 8080",
+              f"  llmfoundry-lite convert --hf_path {paths.hf} --gguf_output_path {paths.out}/mpt-tiny.gguf"
+              "   # for llama.cpp / Ollama",
               f"  llmfoundry-lite eval {EVAL_YAML} variables.out={paths.out}   # with the ICL task suite",
               f"  llmfoundry-lite train {PRETRAIN_YAML} variables.data_local={paths.data} "
               f"variables.tokenizer_name={paths.tokenizer} save_folder={paths.out}/checkpoints/longer "

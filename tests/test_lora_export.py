@@ -177,3 +177,19 @@ def test_bad_adapters_are_clear_errors(lora_run, exported, tmp_path, capsys):
         assert message in err and "--adapter" in err and "Traceback" not in err, err
     assert main(["convert", "--composer_path", os.path.join(exported["merged"], "model.safetensors"),
                  "--hf_output_path", str(tmp_path / "x"), "--adapter_only"]) == 2
+
+
+def test_gguf_of_a_lora_run_holds_the_merged_weights(lora_run, exported, tmp_path):
+    import gguf
+    from safetensors.torch import load_file
+    out = str(tmp_path / "merged.gguf")
+    assert main(["convert", "--composer_path", lora_run["ckpt"], "--gguf_output_path", out,
+                 "--output_precision", "fp32"]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    merged = load_file(os.path.join(exported["merged"], "model.safetensors"))
+    base = load_file(os.path.join(lora_run["base"], "model.safetensors"))
+    for ours, theirs in (("blk.0.attn_qkv.weight", "transformer.blocks.0.attn.Wqkv.weight"),
+                         ("blk.1.ffn_down.weight", "transformer.blocks.1.ffn.down_proj.weight")):
+        t = tensors[ours]
+        values = torch.from_numpy(t.data.reshape(tuple(reversed(t.shape.tolist()))).copy())
+        assert torch.equal(values, merged[theirs]) and not torch.equal(values, base[theirs])

@@ -36,6 +36,11 @@ def needs_hardware(body: str) -> bool:
     return body.startswith("# needs a GPU") or body.startswith("# needs several machines")
 
 
+def needs_llama_cpp(body: str) -> bool:
+    """llama.cpp's bindings (tests/test_gguf_llamacpp.py runs that block) or its programs / Ollama."""
+    return body.startswith("# needs llama")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,7 +59,7 @@ def test_every_shell_block_runs(tmp_path, s3_server):
     port = str(_free_port())
     ran = 0
     for body in blocks("bash"):
-        if needs_hardware(body) or any(c in body for c in COVERED_ELSEWHERE):
+        if needs_hardware(body) or needs_llama_cpp(body) or any(c in body for c in COVERED_ELSEWHERE):
             continue
         script = body.replace("8080", port)
         for pattern, tiny in TINY:

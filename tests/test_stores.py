@@ -192,6 +192,20 @@ def test_convert_refuses_a_foreign_prefix(checkpoints, bucket, capsys):
     assert {"README.md", "config.json", "model.safetensors"} <= set(stores.names(out))
 
 
+def test_gguf_from_and_to_s3_equals_local(checkpoints, bucket, tmp_path, capsys):
+    local = tmp_path / "m.gguf"
+    assert cli(["convert", "--composer_path", checkpoints["sharded"], "--gguf_output_path", str(local)]) == 0
+    source = f"s3://{bucket}/ckpt"
+    stores.upload_folder(checkpoints["sharded"], source, last=[".metadata"])
+    out = f"s3://{bucket}/models/m.gguf"
+    assert cli(["convert", "--composer_path", source, "--gguf_output_path", out]) == 0
+    back = stores.download(out, str(tmp_path / "back" / "m.gguf"))
+    assert open(back, "rb").read() == local.read_bytes()
+    err = _timed_exit_2(["convert", "--composer_path", source, "--gguf_output_path", out], capsys, out)
+    assert "exists" in err and "--overwrite" in err
+    assert cli(["convert", "--composer_path", source, "--gguf_output_path", out, "--overwrite"]) == 0
+
+
 def test_hf_checkpointer_uploads_each_folder_config_json_last(bucket, tiny_tokenizer_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
