@@ -140,6 +140,8 @@ def hf_folder(tok, tmp_path):
     (dict(ffn_config=dict(ffn_type="mptmlp", ffn_act_fn=dict(name="silu"))), "ffn_config.ffn_act_fn"),
     (dict(norm_type="rmsnorm"), "norm_type"),
     (dict(logit_scale=2.0), "logit_scale"),
+    (dict(attn_config=dict(alibi_bias_max=0)), "attn_config.alibi_bias_max"),
+    (dict(attn_config=dict(clip_qkv=0.0)), "attn_config.clip_qkv"),
 ])
 def test_what_llama_cpp_cannot_represent_is_refused_naming_the_key(overrides, key, hf_folder, tmp_path, capsys):
     folder = hf_folder(**overrides)
@@ -150,19 +152,63 @@ def test_what_llama_cpp_cannot_represent_is_refused_naming_the_key(overrides, ke
     assert not out.exists() and not (tmp_path / "m.gguf.tmp").exists()
 
 
-def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(hf_folder, tok, tmp_path, capsys):
-    from tokenizers import pre_tokenizers
+def _variant(tok, folder, change):
+    """A copy of `tok` with `change(tokenizer)` applied, saved to `folder`."""
     from transformers import PreTrainedTokenizerFast
     other = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer.__class__.from_str(
-        tok.backend_tokenizer.to_str()), eos_token=tok.eos_token)
-    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    other.save_pretrained(tmp_path / "digits")
-    out = tmp_path / "m.gguf"
-    assert cli(["convert", "--hf_path", hf_folder(), "--gguf_output_path", str(out),
-                "--tokenizer", str(tmp_path / "digits")]) == 2
-    err = capsys.readouterr().err
-    assert "tokenizer.json pre_tokenizer" in err and "Digits" in err and not out.exists()
+        tok.backend_tokenizer.to_str()), eos_token=tok.eos_token, bos_token=tok.bos_token)
+    change(other)
+    other.save_pretrained(folder)
+    return str(folder)
+
+
+def _template(single):
+    from tokenizers import processors
+
+    def change(other):
+        ids = [(t, other.convert_tokens_to_ids(t)) for t in ("<|endoftext|>", "<|im_start|>")]
+        other.backend_tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=ids)
+    return change
+
+
+def test_a_tokenizer_llama_cpp_would_read_differently_is_refused(hf_folder, tok, tmp_path, capsys):
+    from tokenizers import AddedToken, pre_tokenizers
+
+    def digits(other):
+        other.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    cases = [(digits, "tokenizer.json pre_tokenizer"),
+             (lambda other: other.add_tokens([AddedToken("<sep>", lstrip=True)]), "strip spaces"),
+             (_template("<|im_start|> $A"), "can add only BOS")]
+    folder, out = hf_folder(), tmp_path / "m.gguf"
+    for i, (change, said) in enumerate(cases):
+        assert cli(["convert", "--hf_path", folder, "--gguf_output_path", str(out),
+                    "--tokenizer", _variant(tok, tmp_path / f"tok{i}", change)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and not out.exists(), err
+
+
+def test_a_tokenizer_adding_bos_and_eos_says_so(hf_folder, tok, tmp_path):
+    changed = _variant(tok, tmp_path / "tok", _template("<|endoftext|> $A <|endoftext|>"))
+    out = str(tmp_path / "m.gguf")
+    assert cli(["convert", "--hf_path", hf_folder(), "--gguf_output_path", out, "--tokenizer", changed]) == 0
+    fields, _ = _read(out)
+    assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is True
+
+
+def test_an_hf_folder_converts_to_what_its_weights_write(hf_folder, tok, tmp_path):
+    """Read from a folder (whose safetensors list names alphabetically: Wk before Wq), the unfused q, k, v are
+    still concatenated in that order."""
+    folder = hf_folder(**CARRIED)
+    out = str(tmp_path / "from_folder.gguf")
+    assert cli(["convert", "--hf_path", folder, "--gguf_output_path", out, "--output_precision", "fp32"]) == 0
+    model = _model(**CARRIED)
+    direct = write_gguf(model.config, model.state_dict(), tok, str(tmp_path / "direct.gguf"), "fp32",
+                        log=lambda m: None)
+    ours, theirs = _read(out)[1], _read(direct)[1]
+    assert list(ours) == list(theirs)
+    for name, t in theirs.items():
+        np.testing.assert_array_equal(_values(ours[name]), _values(t), err_msg=name)
 
 
 def test_the_target_file_rule_and_the_flag_combinations(hf_folder, tmp_path, capsys):
@@ -178,6 +224,8 @@ def test_the_target_file_rule_and_the_flag_combinations(hf_folder, tmp_path, cap
         gguf.GGMLQuantizationType.Q8_0  # an earlier export of ours is replaced without --overwrite
     assert cli(["convert", "--hf_path", folder, "--gguf_output_path", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert cli(["convert", "--hf_path", folder, "--gguf_output_path", str(out / "m.gguf")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
     for argv, said in ((["--hf_output_path", str(tmp_path / "hf2"), "--output_precision", "q8_0"], "GGUF type"),
                        (["--hf_output_path", str(tmp_path / "hf2")], "--hf_path is for --gguf_output_path"),

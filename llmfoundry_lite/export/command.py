@@ -135,7 +135,7 @@ def read_model(composer_path: Optional[str] = None, hf_path: Optional[str] = Non
         _, config = load_hf_config(folder)
         weights, source = FolderWeights(folder), hf_path
         has_tokenizer = any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
-        stored = build_tokenizer(folder) if has_tokenizer else None
+        stored = build_tokenizer(folder) if has_tokenizer and not tokenizer else None
     else:
         config, stored, weights, lora = read_composer_checkpoint(fetch_composer_path(composer_path))
         if lora is not None:
@@ -166,9 +166,12 @@ def convert_to_gguf(gguf_output_path: str, composer_path: Optional[str] = None, 
     if not remote:
         return gguf_export.write_gguf(config, weights, tok, gguf_output_path, precision, log)
     staged = os.path.join(stores.local_mirror(gguf_output_path, "exports"), os.path.basename(gguf_output_path))
-    gguf_export.write_gguf(config, weights, tok, staged, precision, log)
-    stores.upload(staged, gguf_output_path)
-    os.remove(staged)
+    try:
+        gguf_export.write_gguf(config, weights, tok, staged, precision, log)
+        stores.upload(staged, gguf_output_path)
+    finally:  # only ever a copy on its way to the bucket
+        if os.path.exists(staged):
+            os.remove(staged)
     log(f"uploaded to {gguf_output_path}")
     return gguf_output_path
 

@@ -41,6 +41,7 @@ import torch
 from llmfoundry_lite.assembly.weights import check_state_dict
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.hf_export import config_blockers
+from llmfoundry_lite.files import check_folder_path
 from llmfoundry_lite.models import MPTForCausalLM
 
 Q = gguf.GGMLQuantizationType
@@ -73,6 +74,10 @@ def _gguf_checks(cfg) -> Dict[str, Tuple[bool, str]]:
         "attn_config.qk_ln": (not attn["qk_ln"] or cfg.kv_n_heads == cfg.n_heads,
                               "llama.cpp's MPT sizes the k LayerNorm d_model wide, so qk_ln needs multi-head "
                               "attention (not grouped- or multi-query)"),
+        "attn_config.alibi_bias_max": (not attn["alibi"] or attn["alibi_bias_max"] > 0,
+                                       "llama.cpp's MPT switches ALiBi off at a maximum bias of 0 or below"),
+        "attn_config.clip_qkv": (attn["clip_qkv"] is None or attn["clip_qkv"] > 0,
+                                 "llama.cpp's MPT clamps q, k, v only at a positive clip_qkv"),
         "attn_config.softmax_scale": (scale is None or math.isclose(scale, cfg.head_dim ** -0.5),
                                       "llama.cpp's MPT scales attention by 1/sqrt(head_dim)"),
         "attn_config.sliding_window_size": (attn["sliding_window_size"] == -1,
@@ -112,13 +117,20 @@ def _tokenizer_problem(tokenizer) -> str:
     spec = json.loads(backend.to_str())
     model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or model.get("end_of_word_suffix"):
-        return f"tokenizer.json model {model.get('type')!r}: GGUF carries a byte-level BPE model only"
+            or model.get("end_of_word_suffix") or model.get("ignore_merges"):
+        return (f"tokenizer.json model {model.get('type')!r} (byte_fallback, continuing_subword_prefix, "
+                "end_of_word_suffix and ignore_merges unset): GGUF carries a plain byte-level BPE model only")
     if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
         return (f"tokenizer.json pre_tokenizer {json.dumps(pre)}: llama.cpp splits text as ByteLevel(use_regex=true, "
                 "add_prefix_space=false) does (GPT-2's pattern); another split would tokenize differently")
-    if norm is not None and norm.get("type") != "NFC":
+    if norm is not None and norm.get("type") != "NFC":  # NFC (GPT-NeoX's) is kept, as llama.cpp's converter does:
+        # text already in NFC, which nearly all is, tokenizes the same
         return f"tokenizer.json normalizer {norm.get('type')!r}: llama.cpp's byte-level BPE does not normalize text"
+    stripped = [t["content"] for t in spec.get("added_tokens", []) if t.get("lstrip") or t.get("rstrip")
+                or t.get("single_word")]
+    if stripped:
+        return (f"added tokens {stripped[:5]} strip spaces around them or match single words only, which "
+                "llama.cpp does not do")
     return ""
 
 
@@ -142,11 +154,16 @@ def _vocab(tokenizer, n_vocab: int) -> Tuple[List[str], List[int]]:
 
 
 def _adds(tokenizer) -> Dict[str, bool]:
-    """Whether encoding text adds BOS / EOS, as the tokenizer really does it."""
+    """Whether encoding text adds BOS / EOS, as the tokenizer really does it; anything else it adds is a
+    UserError (llama.cpp adds only those two)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
-    return {"bos": len(full) > len(plain) and full[0] == tokenizer.bos_token_id and full[1:len(plain) + 1] == plain,
-            "eos": len(full) > len(plain) and full[-1] == tokenizer.eos_token_id and full[:len(plain)] == plain}
+    bos = full[:1] == [tokenizer.bos_token_id] and full[1:len(plain) + 1] == plain
+    eos = full[-1:] == [tokenizer.eos_token_id] and len(full) == len(plain) + bos + 1
+    if full != [tokenizer.bos_token_id] * bos + plain + [tokenizer.eos_token_id] * eos:
+        raise UserError(f"the tokenizer turns 'a' into {full} (without its special tokens: {plain}); llama.cpp can "
+                        "add only BOS before and EOS after the text, so it would tokenize differently")
+    return {"bos": bos, "eos": eos}
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int) -> None:
@@ -158,7 +175,10 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, n_vocab: int) -> None:
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as folder:  # SpecialVocab reads the files save_pretrained writes
         tokenizer.save_pretrained(folder)
-        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
+        try:
+            special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
+        except ValueError as e:  # merges in a layout gguf does not know
+            raise UserError(f"the tokenizer's merges cannot go into a GGUF file: {e}") from None
     special.add_special_token = _adds(tokenizer)
     special.add_to_gguf(writer, quiet=True)
 
@@ -223,7 +243,8 @@ def write_gguf(config, weights: Mapping[str, torch.Tensor], tokenizer, path: str
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = check_state_dict(model, weights, f"export to {path}",
                              "nothing was written; give the weights of the model this config describes")
-    plan = _plan(config, names)
+    given = set(names)
+    plan = _plan(config, [k for k in shapes if k in given])  # the model's order: an unfused q, k, v in that order
     types = {}
     for target, sources in plan.items():
         shape = (sum(shapes[s][0] for s in sources), *shapes[sources[0]][1:])
@@ -235,12 +256,12 @@ def write_gguf(config, weights: Mapping[str, torch.Tensor], tokenizer, path: str
         log(f"q8_0 stores rows in blocks of 32 values, and {keys} (not a multiple of 32) sets the row length of "
             f"{len(kept)} tensor(s): they stay f16: {', '.join(kept)}")
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.tmp"
+    partial = f"{path}.tmp"  # files.atomic_write's convention: written beside, renamed over `path` when whole
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MPT])
+    _add_header(writer, config, qtype, os.path.splitext(os.path.basename(path))[0])
+    _add_tokenizer(writer, tokenizer, config.vocab_size)
     try:
-        _add_header(writer, config, qtype, os.path.splitext(os.path.basename(path))[0])
-        _add_tokenizer(writer, tokenizer, config.vocab_size)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         for target, (shape, tt) in types.items():
             stored, dtype, nbytes = _info(shape, tt)
             writer.add_tensor_info(target, stored, dtype, nbytes, raw_dtype=None if tt in (Q.F32, Q.F16) else tt)
@@ -253,6 +274,8 @@ def write_gguf(config, weights: Mapping[str, torch.Tensor], tokenizer, path: str
             writer.write_tensor_data(gguf.quants.quantize(tensor.cpu().numpy(), types[target][1]))
         writer.close()
         os.replace(partial, path)
+    except OSError as e:  # an unwritable folder, a full disk
+        raise UserError(f"cannot write {path}: {e.strerror or e}; no GGUF was written") from None
     finally:
         writer.close()
         if os.path.exists(partial):
@@ -296,6 +319,7 @@ def check_gguf_target(path: str, overwrite: bool, flags: Tuple[str, str]) -> Non
     """Before any work: `path` is a new file name, a GGUF this export wrote, or `overwrite` is given."""
     if os.path.isdir(path):
         raise UserError(f"{flags[0]} {path} is a folder; give the file to write, e.g. {os.path.join(path, 'model.gguf')}")
+    check_folder_path(os.path.dirname(os.path.abspath(path)), flags[0])
     if os.path.exists(path) and not overwrite and not written_by_us(path):
         raise UserError(f"{flags[0]} {path} exists and is not a GGUF file this command wrote; nothing was "
                         f"changed. Choose a new file name, or pass {flags[1]} to replace it")
