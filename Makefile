@@ -7,16 +7,18 @@ STAMP := $(VENV)/.installed-stamp
 # Today's stack (newest torch, transformers 5; Composer and streaming without their pins) in a second venv.
 CURRENT := .venv-current
 CURRENT_STAMP := $(CURRENT)/.installed-stamp
-# What runs on today's stack too: model parity, export/import, generation, fast paths, 1-process and
-# 2-rank FSDP2 training with bit-exact resume, eval, the GPU check's CPU dry run, and the parallel
-# layouts and two-node runs (HYBRID_SHARD trains on CPU only with today's torch).
+# What runs on today's stack too: model parity, export/import, generation, serving (all but the lm-eval
+# client check: the harness is installed in .venv only), fast paths, 1-process and 2-rank FSDP2 training
+# with bit-exact resume, eval, the GPU check's CPU dry run, and the parallel layouts and two-node runs
+# (HYBRID_SHARD trains on CPU only with today's torch).
 CURRENT_TESTS := tests/test_model_parity.py tests/test_model_options.py tests/test_export_hf.py \
 	tests/test_export_convert.py tests/test_reliability_checkpoints.py tests/test_inference_generate.py \
 	tests/test_inference_chat.py tests/test_fast_paths.py tests/test_train_loop.py tests/test_train_multiprocess.py \
 	tests/test_eval_model.py tests/test_eval_runner.py tests/test_gpu_check.py tests/test_parallel_layouts.py \
 	tests/test_multinode.py tests/test_llmfoundry_interop.py tests/test_hf_causal_lm.py \
 	tests/test_init_device_multiprocess.py tests/test_llmfoundry_yamls.py tests/test_llmfoundry_checkpoints.py tests/test_lora.py \
-	tests/test_lora_export.py tests/test_dpo.py tests/test_dpo_packing.py tests/test_dpo_data_prep.py tests/test_export_gguf.py
+	tests/test_lora_export.py tests/test_dpo.py tests/test_dpo_packing.py tests/test_dpo_data_prep.py tests/test_export_gguf.py \
+	tests/test_inference_serve.py tests/test_reliability_serve.py tests/test_serve_openai.py
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 # Server programs the tests start (moto's S3, the MLflow tracking server; tests/servers.py), in a venv
 # of their own so they never change what the tested venv holds.
@@ -71,13 +73,13 @@ test: $(STAMP) $(CURRENT_STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python scripts/check_layers.py
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs tests
-	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
+	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs -k 'not lm_eval' $(CURRENT_TESTS)
 
 test-fast: $(STAMP) $(TOOLS_STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m 'not multiprocess and not llamacpp' tests
 
 test-current: $(CURRENT_STAMP)
-	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs $(CURRENT_TESTS)
+	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs -k 'not lm_eval' $(CURRENT_TESTS)
 
 # A portable x86-64 build (AVX2), not -march=native: a native build runs q8_0 matrix products on AMX tiles
 # where the CPU has them, and here (a VM) its first tile instruction dies of SIGILL (gdb: `tilezero` in

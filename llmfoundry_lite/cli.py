@@ -19,7 +19,7 @@ COMMANDS = {
     "convert": ("llmfoundry_lite.export.command", "convert a checkpoint to a Hugging Face folder or a GGUF file"),
     "generate": ("llmfoundry_lite.inference.generate", "generate completions for prompts"),
     "chat": ("llmfoundry_lite.inference.chat", "chat with a model in the ChatML format"),
-    "serve": ("llmfoundry_lite.inference.serve", "serve a model over HTTP (MPT endpoint request format)"),
+    "serve": ("llmfoundry_lite.inference.serve", "serve a model over HTTP (the OpenAI API and the MPT endpoint format)"),
     "quickstart": ("llmfoundry_lite.quickstart", "the whole job, offline, on CPU: data, train, eval, export, generate"),
 }
 

@@ -1,6 +1,7 @@
-"""The HTTP endpoint: the MPT-7B endpoint sample request, every bad request's 4xx, concurrency."""
+"""The HTTP endpoint's MPT-7B request format: the sample request, every bad request's 4xx, concurrency."""
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from llmfoundry_lite.inference import generate
+from llmfoundry_lite.inference.batching import GenerationRequest, Update
 from llmfoundry_lite.inference.generate import SamplingOptions
 from llmfoundry_lite.inference.serve import Endpoint, Limits, RequestError, make_server
 from llmfoundry_lite.models import MPTConfig, MPTForCausalLM
@@ -106,13 +108,18 @@ def test_bad_requests_get_a_4xx_naming_the_field(url, body, status, field):
 
 
 def test_a_request_gets_the_servers_defaults_for_what_it_does_not_set(model_and_tokenizer, monkeypatch):
-    seen = []
-    monkeypatch.setattr("llmfoundry_lite.inference.serve.generate", lambda *args, **kw: seen.append(kw) or ["x"])
     endpoint = Endpoint(*model_and_tokenizer, Limits(max_new_tokens=8),
                         SamplingOptions(max_new_tokens=20, do_sample=True, temperature=0.7, seed=1))
-    endpoint.answer(json.dumps(_with()).encode())
+    seen = []
+
+    def submit(requests):  # what the batcher is asked for, answered at once
+        for r in requests:
+            seen.append(r.options)
+            r.on_update(Update(text="x", prompt_len=1, finish_reason="stop"))
+    monkeypatch.setattr(endpoint.batcher, "submit", submit)
+    assert endpoint.answer(json.dumps(_with()).encode()) == [{"0": "hellox"}]
     endpoint.answer(json.dumps(_with(seed=2, max_new_tokens=3)).encode())
-    assert [(kw["max_new_tokens"], kw["do_sample"], kw["temperature"], kw["seed"]) for kw in seen] == [
+    assert [(o.max_new_tokens, o.do_sample, o.temperature, o.seed) for o in seen] == [
         (8, True, 0.7, 1), (3, True, 0.7, 2)]  # the default max_new_tokens is capped by the limit
 
 
@@ -149,29 +156,23 @@ def test_concurrent_clients_each_get_their_own_answer(url, model_and_tokenizer):
     assert answers == [(200, [{"0": text}]) for text in expected]
 
 
-def test_a_full_queue_answers_503(model_and_tokenizer, monkeypatch):
-    """One request in the worker, one waiting: a third is refused at once instead of piling up."""
+def test_a_full_queue_answers_503(model_and_tokenizer):
+    """One sequence decoding (held inside its first update), one waiting: a third is refused at once."""
+    endpoint = Endpoint(*model_and_tokenizer, Limits(queue_size=1, max_batch_size=1))
     release, started = threading.Event(), threading.Event()
-
-    def slow_generate(*args, **kwargs):
-        started.set()
-        release.wait(30)
-        return ["done"]
-    monkeypatch.setattr("llmfoundry_lite.inference.serve.generate", slow_generate)
-    endpoint = Endpoint(*model_and_tokenizer, Limits(queue_size=1))
+    held = GenerationRequest("hello", SamplingOptions(max_new_tokens=2),
+                             on_update=lambda update: started.set() or release.wait(30))
+    endpoint.batcher.submit([held])
+    assert started.wait(30)
     body = json.dumps(_with(max_new_tokens=2)).encode()
     results = []
-    first = threading.Thread(target=lambda: results.append(endpoint.answer(body)))
-    first.start()
-    assert started.wait(30)
-    second = threading.Thread(target=lambda: results.append(endpoint.answer(body)))
-    second.start()
-    while endpoint.jobs.qsize() < 1:
-        pass
+    waiting = threading.Thread(target=lambda: results.append(endpoint.answer(body)))
+    waiting.start()
+    while endpoint.batcher.status()["queued"] < 1:
+        time.sleep(0.01)
     with pytest.raises(RequestError) as busy:
         endpoint.answer(body)
-    assert busy.value.status == 503
+    assert busy.value.status == 503 and "server busy" in busy.value.message
     release.set()
-    first.join()
-    second.join()
-    assert results == [[{"0": "done"}]] * 2
+    waiting.join(30)
+    assert results and results[0][0]["0"].startswith("hello")

@@ -20,7 +20,9 @@ TINY = [(r"max_duration=\d+ba", "max_duration=4ba"), (r"eval_interval=\d+ba", "e
 EXPECT = {
     "llmfoundry-lite generate": "tokens/s",
     "llmfoundry-lite chat": "Assistant:",
-    "llmfoundry-lite serve": '[{"0": "the meaning of life is',
+    "llmfoundry-lite serve": '[{"0":"the meaning of life is',
+    "from openai import OpenAI": "chat:",
+    "lm_eval --model local-completions": "|stdlib_choice|",
     "AutoModelForCausalLM": "MptForCausalLM",
     "llmfoundry-lite eval": "mpt-tiny-trained",
 }

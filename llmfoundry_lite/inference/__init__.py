@@ -1,4 +1,4 @@
-"""Inference: batched generation, ChatML chat and an HTTP endpoint over an MPT model.
+"""Inference: batched generation, ChatML chat and an HTTP endpoint (the OpenAI API, continuous batching).
 
 `generate(model, tokenizer, prompts, ...)` is the function the three commands share;
 `load_model_and_tokenizer(path, device, dtype)` opens a model folder or a Composer checkpoint.
