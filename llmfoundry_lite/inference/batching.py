@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llmfoundry_lite.inference.generate import SamplingOptions, generation_kwargs
+from llmfoundry_lite.inference.generate import SamplingOptions, generation_kwargs, too_long
 
 
 class BatchCache:
@@ -202,9 +202,9 @@ class Batcher:
             raise PromptError("the prompt has no tokens")
         if not all(0 <= i < vocab for i in ids):
             raise PromptError(f"token ids must be in [0, {vocab})")
-        if len(ids) + req.options.max_new_tokens > max_len:
-            raise PromptError(f"{len(ids)} tokens + max_new_tokens {req.options.max_new_tokens} exceeds the model's "
-                              f"max_seq_len {max_len}; shorten it or lower max_new_tokens")
+        problem = too_long(len(ids), req.options.max_new_tokens, max_len)
+        if problem:
+            raise PromptError(problem)
         return ids
 
     def _admit(self, req: GenerationRequest) -> None:

@@ -42,16 +42,22 @@ class _Streamer(TextStreamer):
         self.out.flush()
 
 
+def chat_stop_ids(tokenizer) -> List[int]:
+    """Where an assistant's reply ends: ChatML's end token and the tokenizer's EOS (a UserError when the
+    tokenizer lacks the ChatML tokens)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)]
+    if tokenizer.unk_token_id in ids or None in ids:
+        raise UserError(f"the tokenizer has no {IM_START}/{IM_END} tokens, which ChatML needs; add them as "
+                        "special tokens (the tokenizers `data-prep train-tokenizer` writes have them)")
+    return [ids[1]] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
 class ChatSession:
     """A conversation with one model; `reply(message)` streams and returns the assistant's answer."""
 
     def __init__(self, model, tokenizer, system_prompt: Optional[str] = MPT_SYSTEM_PROMPT, **sampling):
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in (IM_START, IM_END)]
-        if tokenizer.unk_token_id in ids or None in ids:
-            raise UserError(f"the tokenizer has no {IM_START}/{IM_END} tokens, which ChatML needs; add them as "
-                            "special tokens (the tokenizers `data-prep train-tokenizer` writes have them)")
+        self.stop_ids = chat_stop_ids(tokenizer)
         self.model, self.tokenizer, self.sampling = model, tokenizer, SamplingOptions(**sampling).checked()
-        self.stop_ids = [ids[1]] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.messages: List[dict] = []
 

@@ -117,11 +117,19 @@ def generation_kwargs(tokenizer, options: SamplingOptions, eos_token_id=None) ->
                 eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
 
 
+def too_long(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> Optional[str]:
+    """Why a prompt of `prompt_tokens` tokens, with `max_new_tokens`, does not fit the model's context; or None."""
+    if prompt_tokens + max_new_tokens <= max_seq_len:
+        return None
+    return (f"{prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len "
+            f"{max_seq_len}; shorten it or lower max_new_tokens")
+
+
 def overlong(tokenizer, prompts: Sequence[str], max_new_tokens: int, max_seq_len: int) -> List[Tuple[int, str]]:
     """(index, message) for each prompt that, with `max_new_tokens`, would not fit in the model's context."""
-    return [(i, f"{len(ids)} tokens + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len "
-                f"{max_seq_len}; shorten it or lower max_new_tokens")
-            for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]) if len(ids) + max_new_tokens > max_seq_len]
+    problems = [(i, too_long(len(ids), max_new_tokens, max_seq_len))
+                for i, ids in enumerate(tokenizer(list(prompts))["input_ids"])]
+    return [(i, message) for i, message in problems if message]
 
 
 @torch.inference_mode()

@@ -17,7 +17,6 @@ import torch
 
 from llmfoundry_lite.config import check
 from llmfoundry_lite.config.schema import rule
-from llmfoundry_lite.data.chat import IM_END
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.inference.batching import TokenInfo
 from llmfoundry_lite.inference.chat import chatml
@@ -146,15 +145,6 @@ def parse(cls, data) -> _Request:
         top = param.split(".")[0].split("[")[0]
         raise RequestError(400, top if top in names else param, "; ".join(problems)[:1000])
     return request
-
-
-def chat_stop_ids(tokenizer) -> List[int]:
-    """ChatML's end token and the tokenizer's EOS: where an assistant's reply ends."""
-    end = tokenizer.convert_tokens_to_ids(IM_END)
-    if end is None or end == tokenizer.unk_token_id:
-        raise RequestError(400, "messages", f"this model's tokenizer has no {IM_END} token, which ChatML needs; use "
-                                        "/v1/completions")
-    return [end] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 # ---- answers ----

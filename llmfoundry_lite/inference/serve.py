@@ -36,8 +36,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmfoundry_lite.config import check
+from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.inference import openai_api as oa
 from llmfoundry_lite.inference.batching import Batcher, GenerationRequest, PromptError, QueueFull
+from llmfoundry_lite.inference.chat import chat_stop_ids
 from llmfoundry_lite.inference.generate import SamplingOptions
 from llmfoundry_lite.inference.http_server import EndpointServer, guarded_protocol
 from llmfoundry_lite.inference.loading import add_model_arguments, open_model
@@ -139,9 +141,9 @@ class Endpoint:
         self.chat_stop_ids: Optional[List[int]] = None
         self.no_chat: Optional[RequestError] = None
         try:
-            self.chat_stop_ids = oa.chat_stop_ids(tokenizer)
-        except RequestError as e:
-            self.no_chat = e
+            self.chat_stop_ids = chat_stop_ids(tokenizer)
+        except UserError as e:
+            self.no_chat = RequestError(400, "messages", f"{e}; or use /v1/completions")
         self.batcher = Batcher(model, tokenizer, limits.max_batch_size, limits.queue_size)
 
     def answer(self, body: bytes):
