@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 CURRENT := .venv-current
 CURRENT_STAMP := $(CURRENT)/.installed-stamp
 # What runs on today's stack too: model parity, export/import, generation, serving (all but the lm-eval
-# client check: the harness is installed in .venv only), fast paths, 1-process and 2-rank FSDP2 training
-# with bit-exact resume, eval, the GPU check's CPU dry run, and the parallel layouts and two-node runs
-# (HYBRID_SHARD trains on CPU only with today's torch).
+# client check: the harness is installed in .venv only), fast paths, 1-process training, eval, the GPU
+# check's CPU dry run, and the parallel layouts and two-node runs (HYBRID_SHARD trains on CPU only with
+# today's torch). 2- and 4-rank runs resumed on other world sizes: `make test-resize`, on today's stack.
 CURRENT_TESTS := tests/test_model_parity.py tests/test_model_options.py tests/test_export_hf.py \
 	tests/test_export_convert.py tests/test_reliability_checkpoints.py tests/test_inference_generate.py \
-	tests/test_inference_chat.py tests/test_fast_paths.py tests/test_train_loop.py tests/test_train_multiprocess.py \
+	tests/test_inference_chat.py tests/test_fast_paths.py tests/test_train_loop.py \
 	tests/test_eval_model.py tests/test_eval_runner.py tests/test_gpu_check.py tests/test_parallel_layouts.py \
 	tests/test_multinode.py tests/test_llmfoundry_interop.py tests/test_hf_causal_lm.py \
 	tests/test_init_device_multiprocess.py tests/test_llmfoundry_yamls.py tests/test_llmfoundry_checkpoints.py tests/test_lora.py \
@@ -30,7 +30,8 @@ LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
 	manylinux_2_5_x86_64 manylinux1_x86_64,--platform $(p))
 
-.PHONY: install install-current install-tools lint test test-fast test-current gguf-check quickstart benchmarks gpu-wheels \
+.PHONY: install install-current install-tools lint test test-fast test-current test-resize test-slurm gguf-check quickstart \
+	benchmarks gpu-wheels \
 	gpu-check clean
 
 $(BIN)/python:
@@ -99,6 +100,16 @@ $(LLAMA_STAMP): requirements/llama-cpp.txt $(STAMP)
 
 # GGUF exports run by llama.cpp itself: tokens, chat template, greedy continuations, perplexity (.ci/run
 # runs it after `make test`; a cold build of the bindings is most of its time).
+# Resuming on other world sizes, the wider matrix: 4 ranks, and HYBRID_SHARD (which needs today's torch on CPU).
+test-resize: $(CURRENT_STAMP)
+	$(TEST_ENV) $(CURRENT)/bin/python -m pytest -q -rs -m resize tests/test_resize_matrix.py
+
+# The README's sbatch recipe on a one-machine Slurm cluster the test starts (root, apt reachable: CI has both).
+test-slurm: $(STAMP)
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -m slurm tests/test_slurm.py
+
 gguf-check: $(LLAMA_STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -rs -m llamacpp tests/test_gguf_llamacpp.py
 

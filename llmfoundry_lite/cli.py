@@ -42,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return module.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 def entry(*command: str) -> None:

@@ -11,7 +11,10 @@ fault: `LLMF_FAULT="<kind>:<rank>:<batch>"` kills rank `<rank>` with SIGKILL
   manifest were uploaded, right before its latest-checkpoint pointer object is written;
 - `node`: like `mid_step`, but SIGKILLs the rank's whole process group: on a node started in its own
   session, the `composer` launcher and every rank of that node die together, as when a machine fails.
+- `stall`: sends itself SIGSTOP at the end of batch `<batch>` (a rank that stops answering);
+- `sigterm`: sends itself SIGTERM at the end of batch `<batch>` (a preemption notice to that rank).
 `nan_grads:<rank>:<b1,b2,...>` instead poisons the gradients of those batches (NaN) on that rank.
+A fault happens once: not in the workers `torchrun --max-restarts` starts again after it.
 """
 import os
 import signal
@@ -30,7 +33,8 @@ class FaultInjection(Callback):
     def __init__(self):
         kind, rank, batches = (os.environ.get("LLMF_FAULT") or "none:-1:0").split(":")
         self.kind, self.batches = kind, {int(b) for b in batches.split(",")}
-        self.armed = dist.get_global_rank() == int(rank)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.armed = dist.get_global_rank() == int(rank) and first_attempt
 
     def _now(self, state) -> int:
         return state.timestamp.batch.value + 1  # the batch being trained, 1-based
@@ -55,8 +59,12 @@ class FaultInjection(Callback):
                     break
 
     def batch_end(self, state, logger):
-        if self.armed and self.kind == "between" and state.timestamp.batch.value in self.batches:
+        if not self.armed or state.timestamp.batch.value not in self.batches:
+            return
+        if self.kind == "between":
             _die()
+        if self.kind in ("stall", "sigterm"):
+            os.kill(os.getpid(), signal.SIGSTOP if self.kind == "stall" else signal.SIGTERM)
 
     def _arm_checkpoint_write(self, state):
         import torch.distributed.checkpoint as dcp

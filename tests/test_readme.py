@@ -1,5 +1,5 @@
 """The README works as written: every shell block runs (in order, in a scratch folder, with tiny
-training lengths), blocks marked `# needs a GPU` / `# needs several machines` name files that exist,
+training lengths), blocks marked `# needs a GPU` / `# needs several machines` / `# needs a Slurm cluster` name files that exist,
 the YAML reference lists every top-level key with its real default, the FSDP and plug-in snippets are
 valid, and every recorded benchmark is referenced."""
 import dataclasses
@@ -35,7 +35,10 @@ def blocks(lang):
 
 
 def needs_hardware(body: str) -> bool:
-    return body.startswith("# needs a GPU") or body.startswith("# needs several machines")
+    """GPUs, several machines, or a Slurm cluster (tests/test_slurm.py submits that block to one; as a batch
+    script it starts with its shebang)."""
+    return body.removeprefix("#!/bin/bash\n").startswith(
+        ("# needs a GPU", "# needs several machines", "# needs a Slurm cluster"))
 
 
 def needs_llama_cpp(body: str) -> bool:

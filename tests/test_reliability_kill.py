@@ -4,9 +4,18 @@ command after each kill: every relaunch resumes from the last complete checkpoin
 the partial checkpoint is set aside, and the final weights equal those of an uninterrupted run. Then
 the newest checkpoint's bytes are damaged (found by the rank that wrote them, set aside, the previous
 one resumed) and a checkpoint with a code-running entry is planted (refused, nothing executed). On a
-disk with room for one sharded checkpoint, the second is 'disk full' on every rank."""
+disk with room for one sharded checkpoint, the second is 'disk full' on every rank.
+
+Without a person: `torchrun --max-restarts` brings a killed rank's group back and autoresume finishes
+the straight run; SIGTERM (preemption) saves a checkpoint that the relaunch resumes, again to the
+straight run's weights; a rank that stops answering (SIGSTOP) ends the job through the heartbeat."""
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -128,3 +137,62 @@ def test_full_disk_while_saving_a_sharded_checkpoint(data, tiny_tokenizer_dir, s
     assert "disk full" in ranks and str(small) in ranks and "Traceback" not in ranks
     assert all(checksums.verify(str(copy / "ep0-ba3"), rank, 2) == ([], []) for rank in (0, 1))
     assert not os.path.exists(copy / "ep0-ba6" / ".metadata")
+
+
+def same_weights(a_dir, b_dir) -> bool:
+    a, b = torch.load(a_dir / "weights.pt"), torch.load(b_dir / "weights.pt")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_restarts_the_group_after_a_killed_rank(data, tiny_tokenizer_dir, straight, tmp_path):
+    run = tmp_path / "restarted"
+    log = launch(command(data, tiny_tokenizer_dir, run), str(run / "logs"), fault="mid_step:1:5", fails=False,
+                 torchrun=["--max-restarts", "1"])
+    assert "failed (exitcode: -9) local_rank: 1" in log                     # torchrun: which rank died, when
+    assert "torchrun restarted the workers after one failed (restart 1 of at most 1" in log
+    assert "ep0-ba3 at batch 3" in log
+    assert same_weights(straight, run)
+
+
+def test_sigterm_saves_a_checkpoint_that_the_relaunch_resumes(data, tiny_tokenizer_dir, straight, tmp_path):
+    """Only rank 1 is signalled: the ranks agree after the batch, and both stop with its checkpoint."""
+    run, ckpt = tmp_path / "preempted", tmp_path / "preempted" / "ckpt"
+    log = launch(command(data, tiny_tokenizer_dir, run), str(run / "logs1"), fault="sigterm:1:4")
+    ranks = rank_logs(run / "logs1") + log
+    assert "rank 1: SIGTERM received" in ranks and "exited with code 143" in ranks
+    assert "error: stopped by SIGTERM after batch 4, with a checkpoint of it in" in (run / "logs1" / "err1.txt").read_text()
+    assert sorted(os.listdir(ckpt)) == ["ep0-ba4", "latest-rank0.pt"] and os.path.isfile(ckpt / "ep0-ba4" / ".metadata")
+    log = launch(command(data, tiny_tokenizer_dir, run), str(run / "logs2"))
+    assert "ep0-ba4 at batch 4" in log
+    assert same_weights(straight, run)
+
+
+def test_a_stalled_rank_ends_the_job_with_its_name(data, tiny_tokenizer_dir, tmp_path):
+    """Rank 1 SIGSTOPs itself after batch 4; with dist_timeout at 600 s, rank 0's heartbeat (4 s) ends the job."""
+    import psutil
+    run = tmp_path / "stalled"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMF_FAULT": "stall:1:4",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
+    rank0 = run / "rank0.txt"
+    run.mkdir()
+    with open(rank0, "w") as out:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "composer.cli.launcher", "-n", "2", "--stdout", str(run / "out{rank}.txt"),
+             "--stderr", str(run / "err{rank}.txt"),
+             *command(data, tiny_tokenizer_dir, run), "heartbeat_timeout=4", "dist_timeout=600"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 240
+        while launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if "stopped answering" in rank0.read_text():  # the launcher would wait 30 s for the stopped rank
+                for child in psutil.Process(launcher.pid).children():
+                    if child.status() == psutil.STATUS_STOPPED:
+                        child.send_signal(signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            pytest.fail("the job did not end after a rank stopped answering")
+    log = rank0.read_text()
+    assert launcher.returncode != 0
+    assert "rank 0 stops (this rank completed batch" in log and "exited with code 3" in log
+    assert "rank 1 stopped answering: no heartbeat for" in log
+    assert re.search(r"its last completed batch is [34] ", log)  # its beat after batch 4 may not have gone out

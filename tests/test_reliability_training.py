@@ -34,7 +34,9 @@ def _overrides(copy_data, tokenizer, tmp_path, name, **extra):
     data = str(tmp_path / f"data-{name}")
     if not os.path.exists(data):  # streaming refuses two live datasets on one local folder
         shutil.copytree(copy_data, data)
-    return tiny_overrides(data, tokenizer, **{"run_name": name, "save_folder": str(tmp_path / name), **extra})
+    # one process without fsdp_config: whole-model `.pt` checkpoints (sharded ones: test_reliability_kill.py)
+    return tiny_overrides(data, tokenizer, **{"run_name": name, "save_folder": str(tmp_path / name),
+                                              "fsdp_config": "null", **extra})
 
 
 def _train(overrides):

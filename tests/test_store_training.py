@@ -93,8 +93,9 @@ class Payload:
 
 
 def one_process(store, tokenizer, tmp_path, **extra):
+    """One process (FSDP2 over a world of one) saving whole-model `.pt` checkpoints."""
     values = {"train_loader.dataset.remote": f"{store}/data", "train_loader.dataset.local": str(tmp_path / "data"),
-              "global_train_batch_size": 4, "save_interval": "1ba", **extra}
+              "global_train_batch_size": 4, "save_interval": "1ba", "fsdp_config.state_dict_type": "full", **extra}
     return tiny_overrides(str(tmp_path), tokenizer, **values)
 
 

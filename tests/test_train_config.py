@@ -183,11 +183,13 @@ def test_precision_and_fsdp_mapping():
     with pytest.warns(UserWarning, match="fp32 on CPU"):
         assert resolve_precision("amp_bf16", on_gpu=False) == "fp32"
     assert resolve_precision("amp_bf16", on_gpu=True) == "amp_bf16"
-    with pytest.warns(UserWarning, match="single process"):
-        assert fsdp2_config(FSDPSection(), world_size=1) is None
     assert fsdp2_config(FSDPSection(sharding_strategy="NO_SHARD"), 2) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # one process runs FSDP2 too (a world of one: its checkpoints resume on any world size); HYBRID_SHARD
+        # there is a one-dimensional mesh
+        single = fsdp2_config(FSDPSection(sharding_strategy="HYBRID_SHARD", data_parallel_shard_degree=8), 1)
+        assert single.data_parallel_shard_degree == -1 and single.data_parallel_replicate_degree is None
         zero2 = fsdp2_config(FSDPSection(sharding_strategy="SHARD_GRAD_OP", state_dict_type="full",
                                          activation_checkpointing=True), 2)
         zero3 = fsdp2_config(FSDPSection(), 2)

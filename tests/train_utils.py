@@ -51,6 +51,34 @@ def tiny_overrides(data: str, tokenizer: str, **extra) -> list:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def resize_overrides(data, tok, run_dir, duration, **extra):
+    """A run of the tiny model that checkpoints (sharded) every 2 batches and records its losses and samples
+    in run_dir, for relaunches on other layouts."""
+    return tiny_overrides(data, tok, **{
+        "max_duration": duration, "global_train_batch_size": 8, "run_name": "r",
+        "save_folder": os.path.join(run_dir, "ckpt"), "save_interval": "2ba", "save_num_checkpoints_to_keep": -1,
+        "fsdp_config.state_dict_type": "sharded", "model.init_device": "meta", "python_log_level": "info",
+        "loggers.jsonl.path": os.path.join(run_dir, "metrics.jsonl"),
+        "callbacks.sample_recorder.out": run_dir, **extra})
+
+
+# Both runs sum the same float32 numbers in another order (one process adds 8 rows' losses and gradients
+# at once, two add 4 each and then average): losses and weights differ by a few float32 ulps.
+TOLERANCE = 1e-5
+
+
+def samples(run_dir) -> dict:
+    """step -> the sorted token rows every rank trained on at that step (the copy task's rows are distinct)."""
+    import collections
+    import json
+    steps = collections.defaultdict(list)
+    with open(os.path.join(run_dir, "rows.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            steps[record["step"]] += [tuple(row) for row in record["rows"]]
+    return {step: sorted(rows) for step, rows in steps.items()}
+
+
 def fresh_copy(data: str, tmp_path, name: str) -> str:
     """Each run reads its own copy: streaming refuses two live datasets on one local folder."""
     import shutil
@@ -74,21 +102,27 @@ def read_losses(jsonl: str) -> list:
     return [(r["step"], r["loss/train/total"]) for r in rows if "loss/train/total" in r]
 
 
-def launch(script_args, log_dir, fault=None, fails=None, prefix=()):
+def launch(script_args, log_dir, fault=None, fails=None, prefix=(), nproc=2, torchrun=None):
     """`composer -n 2 ...` with the ranks' output in log_dir/{out,err}{rank}.txt (shown when a run fails).
 
     `fault` sets LLMF_FAULT (see fault_injection.py): the launch must then fail (or as `fails` says).
-    `prefix` runs the launcher through another command (tests/mounts.py). Returns the launcher's output,
-    which includes rank 0's (the launcher does not redirect local rank 0)."""
+    `prefix` runs the launcher through another command (tests/mounts.py). `nproc` processes; `torchrun`
+    (a list of its options, e.g. ["--max-restarts", "1"]) launches with `torchrun --standalone` instead,
+    every rank's output in the launcher's. Returns the launcher's output, which includes rank 0's (the
+    `composer` launcher does not redirect local rank 0)."""
     path = [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     env.pop("LLMF_FAULT", None)
     if fault:
         env["LLMF_FAULT"] = fault
     os.makedirs(log_dir, exist_ok=True)
-    cmd = [*prefix, sys.executable, "-m", "composer.cli.launcher", "-n", "2",
-           "--stdout", os.path.join(log_dir, "out{rank}.txt"), "--stderr", os.path.join(log_dir, "err{rank}.txt"),
-           *script_args]
+    if torchrun is not None:
+        cmd = [*prefix, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               *torchrun, *script_args]
+    else:
+        cmd = [*prefix, sys.executable, "-m", "composer.cli.launcher", "-n", str(nproc),
+               "--stdout", os.path.join(log_dir, "out{rank}.txt"), "--stderr", os.path.join(log_dir, "err{rank}.txt"),
+               *script_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     logs = "".join(open(p).read()[-3000:] for p in sorted(glob.glob(os.path.join(log_dir, "*.txt"))))
     fails = bool(fault) if fails is None else fails

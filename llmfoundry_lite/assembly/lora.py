@@ -203,7 +203,9 @@ def wrap_on_meta(model, peft_config, source: str):
 
 
 def is_peft(model) -> bool:
-    return type(model).__module__.startswith("peft.")
+    """Whether `model` is a peft model; FSDP2 re-classes what it shards (`FSDPPeftModelForCausalLM`,
+    defined by torch), so the classes it derives from are looked at."""
+    return any(cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
 def base_model(model):

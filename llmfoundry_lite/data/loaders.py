@@ -282,10 +282,9 @@ def _packed_batch(cfg, dataset, collate, rows: int) -> int:
 
 
 def map_sampler(dataset, shuffle: bool, seed: int):
-    """Each rank its own part when torch.distributed is up (Composer sets it up), else the whole set."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-    if shuffle:
-        return torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    return None
-
+    """One order of the whole set (reshuffled each epoch from `seed`) of which each of the N ranks takes
+    every N-th example: a global batch holds the same examples on any number of ranks, so a run resumed
+    on another world size continues where it stopped (Composer skips the batches already trained)."""
+    on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.utils.data.DistributedSampler(
+        dataset, num_replicas=None if on else 1, rank=None if on else 0, shuffle=shuffle, seed=seed)

@@ -18,7 +18,7 @@ import glob
 import json
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import xxhash
 
@@ -27,6 +27,7 @@ from llmfoundry_lite.files import atomic_write
 
 SUFFIX = ".checksums.json"
 _RANK_MANIFEST = re.compile(r"^\.checksums\.rank(\d+)\.json$")
+_SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 _CHUNK = 16 * 2**20
 
 
@@ -45,8 +46,9 @@ def _entry(path: str) -> Dict:
     return {"size": os.path.getsize(path), "xxh3_128": file_hash(path)}
 
 
-def write_manifest(checkpoint: str, rank: int) -> str:
-    """Record the files `rank` wrote for `checkpoint` (a DCP folder, or a `.pt` file rank 0 wrote)."""
+def write_manifest(checkpoint: str, rank: int, layout: Optional[Dict] = None) -> str:
+    """Record the files `rank` wrote for `checkpoint` (a DCP folder, or a `.pt` file rank 0 wrote), and
+    (rank 0) the run's `layout` (world size and global batch: what a relaunch on another world size checks)."""
     if os.path.isdir(checkpoint):
         names = sorted(n for n in os.listdir(checkpoint) if n.startswith(f"__{rank}_") and n.endswith(".distcp"))
         names += [".metadata"] if rank == 0 else []
@@ -55,9 +57,27 @@ def write_manifest(checkpoint: str, rank: int) -> str:
     else:
         files = {os.path.basename(checkpoint): _entry(checkpoint)}
         path = checkpoint + SUFFIX
+    record = {"rank": rank, "files": files, **({"layout": layout} if layout else {})}
     with atomic_write(path) as f:
-        json.dump({"rank": rank, "files": files}, f, indent=1)
+        json.dump(record, f, indent=1)
     return path
+
+
+def layout(checkpoint: str) -> Dict:
+    """The layout rank 0's manifest recorded for `checkpoint` ({} when none did); without one, a DCP
+    folder still tells its world size by its `__R_*.distcp` file names."""
+    for manifest, _ in _manifests(checkpoint):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                record = json.load(f)
+            if record.get("layout"):
+                return dict(record["layout"])
+        except (OSError, ValueError, AttributeError):
+            continue
+    if os.path.isdir(checkpoint):
+        writers = {m.group(1) for m in map(_SHARD_FILE.match, os.listdir(checkpoint)) if m}
+        return {"world_size": len(writers)} if writers else {}
+    return {}
 
 
 def _manifests(checkpoint: str) -> List[Tuple[str, str]]:

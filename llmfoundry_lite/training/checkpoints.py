@@ -132,6 +132,16 @@ def corruption(path: str) -> List[str]:
     return [p for rank_problems in dist.all_gather_object(problems) for p in rank_problems]
 
 
+def resume_candidate(folder: str) -> Optional[str]:
+    """The checkpoint autoresume would start from in a local `folder` (what its latest symlink names, else
+    the newest), read only: for checks made before the run starts."""
+    link = os.path.join(folder, LATEST)
+    if os.path.exists(link):
+        return os.path.realpath(link)
+    found = _checkpoints(folder) if os.path.isdir(folder) else []
+    return os.path.join(folder, found[-1]) if found else None
+
+
 def prepare_autoresume(folder: str, listing: Optional[Callable[[], List[str]]] = None,
                        fetch: Optional[Callable[[str], object]] = None) -> Optional[str]:
     """(every rank) Set aside the incomplete and corrupt checkpoints in `folder`, point the latest symlink
@@ -170,10 +180,10 @@ def prepare_autoresume(folder: str, listing: Optional[Callable[[], List[str]]] =
 
 class ChecksumManifests(Callback):
     """After each checkpoint Composer's saver writes, every rank records the checksums of the files it
-    wrote (export/checksums.py). It must run after the saver on the same event."""
+    wrote (export/checksums.py), rank 0 with the run's `layout`. It must run after the saver on the same event."""
 
-    def __init__(self, saver):
-        self.saver, self.last = saver, None
+    def __init__(self, saver, layout: dict):
+        self.saver, self.layout, self.last = saver, layout, None
 
     def _record(self) -> None:
         saved = self.saver.saved_checkpoints[-1] if self.saver.saved_checkpoints else None
@@ -181,7 +191,8 @@ class ChecksumManifests(Callback):
             return
         self.last = saved
         sharded = os.path.basename(saved).endswith(".distcp")
-        checksums.write_manifest(os.path.dirname(saved) if sharded else saved, dist.get_global_rank())
+        rank = dist.get_global_rank()
+        checksums.write_manifest(os.path.dirname(saved) if sharded else saved, rank, self.layout if rank == 0 else None)
         if not sharded:  # the saver deletes rotated-out `.pt` files, not the manifests beside them
             folder = os.path.dirname(saved)
             for name in os.listdir(folder):

@@ -46,9 +46,12 @@ from llmfoundry_lite.training.checkpoints import (
     gate_composer_loading,
     prepare_autoresume,
 )
+from llmfoundry_lite.training.heartbeat import Heartbeat
 from llmfoundry_lite.training.icl_evaluators import add_icl_metrics, build_icl_evaluators
-from llmfoundry_lite.training.preflight import preflight, save_uri
-from llmfoundry_lite.training.schema import TrainConfig, check_train_config
+from llmfoundry_lite.training.launch import start_process_group
+from llmfoundry_lite.training.preemption import Preempted, PreemptionSave
+from llmfoundry_lite.training.preflight import preflight
+from llmfoundry_lite.training.schema import TrainConfig, check_train_config, save_uri
 from llmfoundry_lite.training.store_checkpoints import UploadCheckpoints, candidates, claim_prefix, fetch, fresh_staging
 
 log = logging.getLogger(__name__)
@@ -86,24 +89,23 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
 
 
 def fsdp2_config(section: Optional[FSDPSection], world_size: int):
-    """The `FSDP2Config` for llm-foundry's `fsdp_config`, or None for no FSDP (none given, one process:
-    it shards nothing, NO_SHARD: Composer's DDP). Composer shards each MPT block and the model:
+    """The `FSDP2Config` for llm-foundry's `fsdp_config`, or None for no FSDP (none given, or NO_SHARD:
+    Composer's DDP). Composer shards each MPT block and the model:
 
       FULL_SHARD     -> reshard_after_forward=True (ZeRO-3)
       SHARD_GRAD_OP  -> reshard_after_forward=False (ZeRO-2: params stay gathered between fwd and bwd)
       HYBRID_SHARD   -> a 2-D mesh (replicate, shard): shard inside groups, replicate across them
+
+    One process runs FSDP2 too, over a world of one: its checkpoints then have the format
+    `state_dict_type` names, so a run saved by N processes resumes on M (DCP reshards on load).
     """
     if section is None:
-        return None
-    if world_size == 1:
-        warnings.warn("fsdp_config shards nothing with a single process (only its activation_checkpointing applies)",
-                      stacklevel=2)
         return None
     if section.sharding_strategy == "NO_SHARD":
         log.info("fsdp_config.sharding_strategy NO_SHARD: using DDP")
         return None
     rep, shard = None, -1  # one shard group of all ranks
-    if section.sharding_strategy == "HYBRID_SHARD":
+    if section.sharding_strategy == "HYBRID_SHARD" and world_size > 1:
         if section.data_parallel_shard_degree in (-1, None) and section.data_parallel_replicate_degree is None:
             # llm-foundry's default: shard within a node, replicate across nodes
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -136,8 +138,8 @@ def fit(tc: TrainConfig):
     preflight(tc)
     on_gpu = torch.cuda.is_available()
     world_size = dist.get_world_size()
-    if world_size > 1:  # loaders, device meshes and HYBRID_SHARD need the process group before the Trainer
-        dist.initialize_dist("gpu" if on_gpu else "cpu", tc.dist_timeout)
+    if world_size > 1 or tc.fsdp_config:  # loaders and device meshes need the process group before the Trainer
+        start_process_group(on_gpu, tc.dist_timeout)
     tc = _local_copies(tc)
     reproducibility.seed_all(tc.seed)  # the same initial weights on every rank
     tokenizer = tc.tokenizer.build()
@@ -168,7 +170,8 @@ def fit(tc: TrainConfig):
             eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],
-            callbacks=[*(s.build() for s in tc.callbacks.values()), *objective.callbacks()],
+            callbacks=[*(s.build() for s in tc.callbacks.values()), *objective.callbacks(),
+                       *([Heartbeat(tc.heartbeat_timeout)] if tc.heartbeat_timeout else [])],
             loggers=[s.build() for s in tc.loggers.values()],
             device="gpu" if on_gpu else "cpu", precision=resolve_precision(tc.precision, on_gpu),
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
@@ -178,7 +181,10 @@ def fit(tc: TrainConfig):
     trainer.logger.log_hyperparameters(flat_values(tc))  # the run's config, as llm-foundry logs it
     if fsdp is not None:
         average_gradients_on_gloo(trainer.state.model)
-    _add_after_saver(trainer, ChecksumManifests)
+    layout = {"world_size": world_size, "global_train_batch_size": tc.global_train_batch_size}
+    _add_after_saver(trainer, lambda saver: ChecksumManifests(saver, layout))
+    preemption = _add_before_saver(trainer, PreemptionSave(tc.preemption_grace_period)) \
+        if tc.preemption_grace_period and save_folder else None
     if bucket:  # after the manifests: they are uploaded with the checkpoint
         _add_after_saver(trainer, lambda saver: UploadCheckpoints(saver, bucket, tc.save_num_checkpoints_to_keep))
     _log_resume(tc, trainer, save_folder, bucket)
@@ -202,6 +208,9 @@ def fit(tc: TrainConfig):
                            f"its log, then relaunch every node with the same command: {where}") from None
         raise
     _raise_if_stopped(trainer, bucket or save_folder)
+    if preemption is not None and preemption.stopped_at is not None:
+        raise Preempted(f"stopped by SIGTERM after batch {preemption.stopped_at}, with a checkpoint of it in "
+                        f"{bucket or save_folder}; relaunch the same command to resume from it")
     return trainer
 
 
@@ -250,6 +259,11 @@ def _log_resume(tc: TrainConfig, trainer, save_folder, bucket) -> None:
         target = stores.join(bucket, os.path.basename(os.path.realpath(link))) if bucket else os.path.realpath(link)
         log.info("autoresume: %s", f"resumed from {stores.join(where, POINTER if bucket else LATEST)} -> {target} "
                  f"at batch {resumed_at}" if resumed_at else f"no complete checkpoint in {where}; starting from scratch")
+        before = checksums.layout(os.path.realpath(link)).get("world_size") if resumed_at else None
+        if before and before != dist.get_world_size():
+            log.info("autoresume: the checkpoint was written by %d processes; %d go on with the same global batch of "
+                     "%d (%d each)", before, dist.get_world_size(), tc.global_train_batch_size,
+                     tc.global_train_batch_size // dist.get_world_size())
 
 
 # What gloo says when the other end of a collective died.
@@ -343,6 +357,16 @@ def _add_after_saver(trainer, callback) -> None:
     saver = next((cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver)), None)
     if saver is not None:
         trainer.state.callbacks.append(callback(saver))
+
+
+def _add_before_saver(trainer, callback):
+    """Insert `callback` to run right before Composer's CheckpointSaver on the same events; None without a saver."""
+    callbacks = trainer.state.callbacks
+    at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, CheckpointSaver)), None)
+    if at is None:
+        return None
+    callbacks.insert(at, callback)
+    return callback
 
 
 def _raise_if_stopped(trainer, save_folder) -> None:

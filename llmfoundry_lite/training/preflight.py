@@ -12,12 +12,10 @@ import urllib.error
 import urllib.request
 from typing import Iterator, List, Optional, Tuple
 
-from composer.utils import format_name_with_dist
-
 from llmfoundry_lite import stores
 from llmfoundry_lite.data.loaders import labelled_loaders
 from llmfoundry_lite.errors import ConfigError
-from llmfoundry_lite.training.schema import TrainConfig
+from llmfoundry_lite.training.schema import TrainConfig, save_uri
 
 TIMEOUT = 5  # seconds for an HTTP probe
 
@@ -50,10 +48,6 @@ def remotes(tc: TrainConfig) -> List[Tuple[str, str, str]]:
         if isinstance(folder, str) and stores.is_remote(folder):
             found.append((f"callbacks.{name}.save_folder", folder, "bucket"))
     return found
-
-
-def save_uri(tc: TrainConfig) -> str:
-    return format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
 
 
 def _mlflow_problem(path: str, uri: Optional[str]) -> Optional[str]:

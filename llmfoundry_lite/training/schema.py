@@ -16,14 +16,17 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 from composer.core import Time
+from composer.utils import format_name_with_dist
 
-from llmfoundry_lite import registry
+from llmfoundry_lite import registry, stores
 from llmfoundry_lite.config import Named, NamedMap, Positive, Rule, check, cross, join
 from llmfoundry_lite.config.parallel import FSDPSection
 from llmfoundry_lite.data.loaders import EvalLoaders, eval_loader_problems
 from llmfoundry_lite.data.tokenizer import TokenizerSection
 from llmfoundry_lite.errors import ConfigError
+from llmfoundry_lite.export import checksums
 from llmfoundry_lite.icl.tasks import ICLTasks
+from llmfoundry_lite.training.checkpoints import resume_candidate
 
 
 def _duration_problem(value) -> Optional[str]:
@@ -41,6 +44,8 @@ def _duration_problem(value) -> Optional[str]:
 Duration = Annotated[Union[int, str], Rule(_duration_problem)]
 MicroBatch = Annotated[Union[int, Literal["auto"]],
                        Rule(lambda v: None if v == "auto" or v > 0 else f"must be positive or 'auto', got {v}")]
+
+Seconds = Annotated[float, Rule(lambda v: None if v > 0 else f"must be positive seconds (or null: off), got {v}")]
 
 
 @dataclass
@@ -87,6 +92,10 @@ class TrainConfig:
     console_log_interval: Duration = "1ba"
     python_log_level: Optional[Literal["debug", "info", "warning", "error", "critical"]] = "info"
     dist_timeout: float = 600.0
+    # seconds a rank may go without a heartbeat before every other rank stops (training/heartbeat.py); null: off
+    heartbeat_timeout: Optional[Seconds] = 120.0
+    # seconds from SIGTERM to exit, saving a checkpoint after the batch in progress (training/preemption.py); null: off
+    preemption_grace_period: Optional[Seconds] = 60.0
 
     @cross("eval_loader")
     def _eval_labels(self, path):
@@ -174,10 +183,34 @@ def layout_problems(config, world_size: int) -> List[str]:
     return problems
 
 
+def save_uri(tc: TrainConfig) -> str:
+    """`save_folder` with `{run_name}` filled in."""
+    return format_name_with_dist(tc.save_folder, tc.run_name) if tc.run_name else tc.save_folder
+
+
+def resume_problems(tc: TrainConfig, world_size: int, problems: List[str]) -> List[str]:
+    """`problems` (the layout's on `world_size` processes), naming the checkpoint autoresume would start from
+    when it was written by another number of processes; plus a change of global batch, which would repeat or
+    skip samples (a data loader resumes by counting batches) and is refused."""
+    folder = save_uri(tc) if tc.save_folder and tc.autoresume_enabled() else None
+    checkpoint = resume_candidate(folder) if folder and not stores.is_remote(folder) else None
+    saved = checksums.layout(checkpoint) if checkpoint else {}
+    before, batch = saved.get("world_size"), saved.get("global_train_batch_size")
+    if before and before != world_size:
+        problems = [f"{p} (autoresume: {checkpoint} was written by {before} processes, this launch has {world_size})"
+                    for p in problems]
+    if batch and tc.global_train_batch_size and batch != tc.global_train_batch_size:
+        problems.append(f"global_train_batch_size: {tc.global_train_batch_size}, but autoresume would continue "
+                        f"{checkpoint}, trained with {batch}: a run resumes with its global batch (on any number of "
+                        f"processes that divides it); set global_train_batch_size: {batch}, or start a new run "
+                        "(another run_name or save_folder) with load_path and load_weights_only: true")
+    return problems
+
+
 def check_train_config(data: dict, world_size: int = 1) -> TrainConfig:
     """The TrainConfig for `data` run by `world_size` processes, or one ConfigError listing every problem."""
     tc, problems = check(TrainConfig, data, partial=True)
-    problems += layout_problems(tc, world_size) if tc is not None else []
+    problems += resume_problems(tc, world_size, layout_problems(tc, world_size)) if tc is not None else []
     if problems:
         raise ConfigError(problems, "invalid training config")
     return tc
