@@ -80,7 +80,7 @@ def test_sbatch_recipe_is_preempted_by_scancel_and_resumes(cluster, tmp_path, ti
     wait_until(lambda: not in_queue(cluster, first), 120, "the cancelled job to end", cluster)
     log = (tmp_path / "first.out").read_text()
     stopped = re.findall(r"stopped by SIGTERM after batch (\d+), with a checkpoint of it", log)
-    assert len(stopped) == 2 and len(set(stopped)) == 1, log[-5000:]     # both ranks, the same batch
+    assert stopped and len(set(stopped)) == 1, log[-5000:]     # every rank that said so: the same batch
     batch = int(stopped[0])
     assert 2 < batch < 400 and os.path.isfile(run / "ckpt" / f"ep0-ba{batch}" / ".metadata")
 
@@ -89,4 +89,4 @@ def test_sbatch_recipe_is_preempted_by_scancel_and_resumes(cluster, tmp_path, ti
     log = (tmp_path / "second.out").read_text()
     assert f"ep0-ba{batch} at batch {batch}" in log, log[-5000:]
     steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl") if "loss/train/total" in line]
-    assert steps[-1] == 399 and sorted(set(steps)) == list(range(400))  # every batch once, none lost
+    assert steps == list(range(400))  # every batch once, in order, none lost or repeated

@@ -110,13 +110,25 @@ def test_a_relaunch_that_cannot_keep_the_batch_is_refused_before_loading(runs, t
 def finetuning_runs(tmp_path_factory, tiny_tokenizer_dir):
     """The finetuning loader (a map-style dataset, shuffled per epoch): 2 ranks for 7 batches, then one
     process to 10, against one process throughout; 40 examples are 5 batches of 8 an epoch, so the
-    relaunch lands mid-way through the second epoch's reshuffled order."""
+    relaunch lands mid-way through the second epoch's reshuffled order. The examples all have the same
+    number of tokens: the loss averages each process's tokens, then the processes, so with unequal
+    lengths another world size weighs the tokens of a batch differently (a different loss, not noise)."""
+    import collections
+
     import yaml
+    from transformers import AutoTokenizer
 
     from llmfoundry_lite.config import load_config
     root = tmp_path_factory.mktemp("finetuning")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    by_length = collections.defaultdict(list)
+    for i in range(400):
+        example = {"prompt": f"{i} plus {i} is", "response": f" {2 * i}"}
+        by_length[len(tok(example["prompt"]).input_ids), len(tok(example["response"]).input_ids)].append(example)
+    examples = max(by_length.values(), key=len)[:40]
+    assert len(examples) == 40
     with open(root / "sft.jsonl", "w") as f:
-        f.writelines(json.dumps({"prompt": f"{i} plus {i} is", "response": f" {2 * i}"}) + "\n" for i in range(40))
+        f.writelines(json.dumps(example) + "\n" for example in examples)
     cfg = load_config(TINY_YAML, tiny_overrides(str(root), tiny_tokenizer_dir))
     cfg["train_loader"] = {"name": "finetuning", "dataset": {"hf_name": str(root / "sft.jsonl"), "max_seq_len": 17,
                                                              "shuffle": True}, "drop_last": True}

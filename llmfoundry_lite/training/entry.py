@@ -161,6 +161,7 @@ def fit(tc: TrainConfig):
     optimizer = tc.optimizer.build([p for p in model.parameters() if p.requires_grad])
     _check_what_loads(tc, model, optimizer, bucket or save_folder, resume_from)
     meta_under_fsdp = fsdp is not None and on_meta(model)
+    heartbeat = Heartbeat(tc.heartbeat_timeout or None)
     gate_composer_loading()
     with meta_init_by(materialize_meta, "cuda" if on_gpu else "cpu") if meta_under_fsdp else contextlib.nullcontext(), \
             _refusals_unwrapped():
@@ -170,8 +171,7 @@ def fit(tc: TrainConfig):
             eval_dataloader=evaluators or None, optimizers=optimizer,
             schedulers=tc.scheduler.build() if tc.scheduler else None,
             algorithms=[s.build() for s in tc.algorithms.values()],
-            callbacks=[*(s.build() for s in tc.callbacks.values()), *objective.callbacks(),
-                       *([Heartbeat(tc.heartbeat_timeout)] if tc.heartbeat_timeout else [])],
+            callbacks=[*(s.build() for s in tc.callbacks.values()), *objective.callbacks(), heartbeat],
             loggers=[s.build() for s in tc.loggers.values()],
             device="gpu" if on_gpu else "cpu", precision=resolve_precision(tc.precision, on_gpu),
             device_train_microbatch_size=_microbatch(tc, device_batch, auto_ok=on_gpu and fsdp is None),
@@ -207,6 +207,10 @@ def fit(tc: TrainConfig):
             raise PeerLost(f"another rank or node stopped during training ({str(e).splitlines()[0][:300]}). Check "
                            f"its log, then relaunch every node with the same command: {where}") from None
         raise
+    finally:
+        heartbeat.stop()
+        if preemption is not None:
+            preemption.release()
     _raise_if_stopped(trainer, bucket or save_folder)
     if preemption is not None and preemption.stopped_at is not None:
         raise Preempted(f"stopped by SIGTERM after batch {preemption.stopped_at}, with a checkpoint of it in "

@@ -30,12 +30,15 @@ from composer.utils import dist
 
 log = logging.getLogger(__name__)
 EXIT_CODE = 3
+DONE = "done"
 _fits = 0  # fits started in this process: each gets its own keys (the tests run several per process)
 
 
 class Heartbeat(Callback):
-    def __init__(self, timeout: float):
-        self.timeout, self.interval = timeout, max(0.5, min(5.0, timeout / 10))
+    """`timeout` None: off. `stop()` ends it after fit (entry.py), also after a fit that raised."""
+
+    def __init__(self, timeout: Optional[float]):
+        self.timeout, self.interval = timeout, max(0.5, min(5.0, (timeout or 0) / 10))
         self.batch = 0
         self._done, self._batch_ended = threading.Event(), threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -44,7 +47,7 @@ class Heartbeat(Callback):
         global _fits
         _fits += 1
         world = dist.get_world_size()
-        if world == 1 or "MASTER_ADDR" not in os.environ:
+        if not self.timeout or world == 1 or "MASTER_ADDR" not in os.environ:
             return
         self.batch = state.timestamp.batch.value
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun keeps its store across restarts
@@ -63,23 +66,28 @@ class Heartbeat(Callback):
         self.batch = state.timestamp.batch.value
         self._batch_ended.set()
 
-    def fit_end(self, state, logger) -> None:
+    def stop(self) -> None:
+        """(after fit, also one that raised) Beat `done` and stop: the others no longer wait for this rank."""
         self._done.set()
         self._batch_ended.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout)
+            self._thread = None
 
-    def close(self, state, logger) -> None:
-        self.fit_end(state, logger)
-
-    def _beat(self, count: int) -> str:
+    def _beat(self, count) -> str:
         return f"{count} {self.batch}"
 
     def _watch(self, store, keys, rank: int, where: str) -> None:
         last: Dict[int, tuple] = {}  # rank -> (beat seen, when it changed, by this rank's clock)
         count = 0
-        while not self._done.is_set():
+        while True:
             self._batch_ended.wait(self.interval)
             self._batch_ended.clear()
             if self._done.is_set():
+                try:
+                    store.set(keys[rank], self._beat(DONE))
+                except Exception:  # noqa: BLE001 (the job is ending; a store gone by now changes nothing)
+                    pass
                 return
             count += 1
             started = time.monotonic()
@@ -96,6 +104,8 @@ class Heartbeat(Callback):
                 return
             now = time.monotonic()
             for other, (beat, batch) in enumerate(beats):
+                if beat == DONE:  # past its training loop: it may rightly wait, or have left
+                    continue
                 seen = last.get(other)
                 if seen is None or seen[0] != beat:
                     last[other] = (beat, now, batch)

@@ -2,8 +2,8 @@
 evicting a pod, `torchrun` stopping its workers) ends the run with a checkpoint, not a lost stretch.
 
 The signal only sets a flag. After each batch, before Composer's checkpoint saver runs, the ranks
-agree (one all-reduce: any rank signalled), stop training and let the saver write this batch's
-checkpoint as the last one; `fit` then raises `Preempted`. A relaunch resumes from that checkpoint.
+agree (one all-reduce: any rank signalled), stop training (no end-of-run evaluation) and let the saver
+write this batch's checkpoint as the last one; `fit` then raises `Preempted`. A relaunch resumes from that checkpoint.
 `preemption_grace_period` bounds it: if the process has not left that many seconds after the
 signal (a long batch, a save that hangs), it says so and exits, before the scheduler's SIGKILL would
 leave no word; the partial checkpoint is set aside on the next launch.
@@ -69,8 +69,10 @@ class PreemptionSave(Callback):
         if flag.item():
             self.stopped_at = state.timestamp.batch.value
             state.stop_training()  # the saver, next on this event, checkpoints a run at its end
+            state.evaluators = []  # and no evaluation at the end of this shortened run
 
-    def fit_end(self, state, logger) -> None:  # the last checkpoint is written: SIGTERM means what it meant before
+    def release(self) -> None:
+        """(after fit, also one that raised) SIGTERM means again what it meant before."""
         self._left.set()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)

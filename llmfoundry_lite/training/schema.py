@@ -95,7 +95,7 @@ class TrainConfig:
     # seconds a rank may go without a heartbeat before every other rank stops (training/heartbeat.py); null: off
     heartbeat_timeout: Optional[Seconds] = 120.0
     # seconds from SIGTERM to exit, saving a checkpoint after the batch in progress (training/preemption.py); null: off
-    preemption_grace_period: Optional[Seconds] = 60.0
+    preemption_grace_period: Optional[Seconds] = 25.0
 
     @cross("eval_loader")
     def _eval_labels(self, path):
@@ -199,6 +199,10 @@ def resume_problems(tc: TrainConfig, world_size: int, problems: List[str]) -> Li
     if before and before != world_size:
         problems = [f"{p} (autoresume: {checkpoint} was written by {before} processes, this launch has {world_size})"
                     for p in problems]
+        if getattr(getattr(tc.train_loader.config, "dataset", None), "packing_ratio", None) is not None:
+            problems.append(f"train_loader.dataset.packing_ratio: autoresume would continue {checkpoint}, written by "
+                            f"{before} processes, on {world_size}; each process packs its own examples, so packed "
+                            f"rows cannot continue on another world size: relaunch on {before} processes")
     if batch and tc.global_train_batch_size and batch != tc.global_train_batch_size:
         problems.append(f"global_train_batch_size: {tc.global_train_batch_size}, but autoresume would continue "
                         f"{checkpoint}, trained with {batch}: a run resumes with its global batch (on any number of "
