@@ -74,7 +74,8 @@ def _microbatch(tc: TrainConfig, device_batch: int, auto_ok: bool):
     mb = tc.device_train_microbatch_size
     if mb == "auto" and not auto_ok:
         # Composer searches microbatch sizes only on GPU and not under FSDP2.
-        warnings.warn("device_train_microbatch_size 'auto' needs a GPU without FSDP2; using the whole device batch "
+        warnings.warn("device_train_microbatch_size 'auto' needs a GPU without FSDP2 (fsdp_config: null on one GPU); "
+                      "using the whole device batch "
                       f"({device_batch}); set an int to save memory", stacklevel=2)
         mb = None
     return device_batch if mb is None else mb  # one larger than the device batch: one microbatch (Composer)
