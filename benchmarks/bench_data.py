@@ -1,31 +1,71 @@
-"""Data speed: JSONL -> MDS conversion tokens/s (1 vs 2 workers) and text-loader tokens/s.
+"""Data prep against the tokenizer's own speed, on 1, 2, ... cores; and the text loader's tokens/s.
 
-The corpus is the quickstart's (standard-library docstrings), repeated `--copies` times into one
-JSONL file; the tokenizer is a byte-level BPE trained on it (vocab 4096). Both conversions write
-128-token rows and must produce identical shards. The loader reads the 2-worker output with the
-`text` loader of `yamls/pretrain/mpt-tiny-cpu.yaml` (batch 16 x 128, shuffled, `num_workers: 0`,
-i.e. in the training process) and reports tokens/s next to the training figure it must outpace.
-Prints one JSON line; `--out FILE` also appends a Markdown row to FILE.
+For each core count N (1 up to the cores this machine has, or `--cores`), a child process pinned to
+the first N cores (CPU affinity, so the Rust tokenizer's thread pool and our threads see N cores)
+measures on the same input:
+- **limit**: `tokenizers`' own `encode_batch` over the documents in batches of 1024, reading each
+  encoding's ids (the least any data prep must do); `encode_batch_fast` beside it;
+- `data-prep json`, `hf` (the `json` builder, its Arrow cache built in the run) and `text` end to end
+  with `--num_workers N` (`--processes N`): tokenizer loading, reading, tokenizing, cutting rows,
+  writing and publishing the shards, but not the interpreter's start and imports;
+and prints one JSON line with each one's tokens/s and its ratio to the limit. The corpus is the
+quickstart's (standard-library docstrings) repeated to `--documents` JSONL lines, with a byte-level
+BPE (vocab 4096) trained on it and 128-token rows. The `text` input is the same documents in .txt
+files of 100 (a file is a document, so its tokens differ). `--out FILE` appends Markdown rows.
+Then the `text` loader of `yamls/pretrain/mpt-tiny-cpu.yaml` (batch 16 x 128, shuffled, in the
+training process) reads the json output: its tokens/s next to the ~3,000 that model trains at here.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import filecmp
+import gc
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
-import torch
+SEQ_LEN, BATCH, EOS = 128, 16, "<|endoftext|>"
 
-from llmfoundry_lite.data.loaders import build_dataloader
-from llmfoundry_lite.prep.convert import TokenizeSpec, convert_json
-from llmfoundry_lite.prep.tokenizer import train_tokenizer
-from llmfoundry_lite.quickstart_corpus import documents
 
-SEQ_LEN, BATCH = 128, 16
+def tokens_per_s(run) -> float:
+    start = time.perf_counter()
+    tokens = run()
+    return tokens / (time.perf_counter() - start)
+
+
+def child(root: str, cores: int) -> dict:
+    """Everything measured on `cores` cores (this process is already pinned to them)."""
+    from tokenizers import Tokenizer
+
+    from llmfoundry_lite.prep.convert import TokenizeSpec, convert_hf, convert_json, convert_text
+
+    with open(os.path.join(root, "corpus.jsonl")) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tok = Tokenizer.from_file(os.path.join(root, "tokenizer", "tokenizer.json"))
+
+    def limit(encode):
+        return sum(len(e.ids) for i in range(0, len(texts), 1024) for e in encode(texts[i:i + 1024], add_special_tokens=False))
+    row = {"cores": cores, "documents": len(texts)}
+    row["limit_encode_batch"] = round(max(tokens_per_s(lambda: limit(tok.encode_batch)) for _ in range(2)))
+    row["limit_encode_batch_fast"] = round(max(tokens_per_s(lambda: limit(tok.encode_batch_fast)) for _ in range(2)))
+    spec = TokenizeSpec(tokenizer=os.path.join(root, "tokenizer"), concat_tokens=SEQ_LEN, eos_text=EOS)
+    runs = {
+        "json": lambda: convert_json(os.path.join(root, "corpus.jsonl"), os.path.join(root, f"json{cores}"), spec,
+                                     num_workers=cores).tokens,
+        "hf": lambda: convert_hf("json", os.path.join(root, f"hf{cores}"), ["train"], spec,
+                                 data_files={"train": os.path.join(root, "corpus.jsonl")}, num_workers=cores)["train"].tokens,
+        "text": lambda: convert_text(os.path.join(root, "txt"), os.path.join(root, f"text{cores}"), spec,
+                                     processes=cores).tokens,
+    }
+    for name, run in runs.items():
+        row[f"{name}_tok_s"] = round(tokens_per_s(run))
+        row[f"{name}_vs_limit"] = round(row[f"{name}_tok_s"] / row["limit_encode_batch"], 2)
+    return row
 
 
 def same_shards(a: str, b: str) -> bool:
@@ -34,55 +74,79 @@ def same_shards(a: str, b: str) -> bool:
         filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
 
 
+def loader_tok_s(root: str, batches: int) -> float:
+    import torch
+
+    from llmfoundry_lite.data.loaders import build_dataloader
+    from llmfoundry_lite.data.tokenizer import build_tokenizer
+    torch.set_num_threads(1)
+    loader = build_dataloader({"name": "text", "drop_last": True, "dataset": {
+        "local": os.path.join(root, "json1"), "shuffle": True, "max_seq_len": SEQ_LEN}},
+        build_tokenizer(os.path.join(root, "tokenizer")), BATCH)
+    seen, start = 0, time.perf_counter()
+    while seen < batches:
+        for batch in loader:
+            assert batch["input_ids"].shape == (BATCH, SEQ_LEN)
+            seen += 1
+            if seen == batches:
+                break
+    seconds = time.perf_counter() - start
+    del loader  # its dataset's threads end before the folder goes
+    gc.collect()
+    return seen * BATCH * SEQ_LEN / seconds
+
+
+def prepare(root: str, documents: int) -> None:
+    from llmfoundry_lite.prep.tokenizer import train_tokenizer
+    from llmfoundry_lite.quickstart_corpus import documents as corpus
+    docs = corpus()
+    with open(os.path.join(root, "corpus.txt"), "w") as f:
+        f.write("\n\n".join(docs))
+    train_tokenizer([os.path.join(root, "corpus.txt")], os.path.join(root, "tokenizer"), vocab_size=4096)
+    lines = [docs[i % len(docs)] for i in range(documents)]
+    with open(os.path.join(root, "corpus.jsonl"), "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in lines)
+    os.makedirs(os.path.join(root, "txt"))
+    for i in range(0, documents, 100):
+        with open(os.path.join(root, "txt", f"{i // 100:05d}.txt"), "w") as f:
+            f.write("\n\n".join(lines[i:i + 100]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=4, help="how many times the corpus is repeated")
+    parser.add_argument("--documents", type=int, default=60_000, help="JSONL lines (quickstart documents, repeated)")
+    parser.add_argument("--cores", type=int, nargs="+", default=None, help="core counts (default: 1 .. all)")
     parser.add_argument("--loader_batches", type=int, default=400)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--child", nargs=2, metavar=("ROOT", "CORES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    available = sorted(os.sched_getaffinity(0))
+    rows = []
     with tempfile.TemporaryDirectory() as root:
-        docs = documents()
-        with open(os.path.join(root, "corpus.txt"), "w") as f:
-            f.write("\n\n".join(docs))
-        tokenizer = os.path.join(root, "tokenizer")
-        train_tokenizer([os.path.join(root, "corpus.txt")], tokenizer, vocab_size=4096)
-        with open(os.path.join(root, "corpus.jsonl"), "w") as f:
-            for _ in range(args.copies):
-                for d in docs:
-                    f.write(json.dumps({"text": d}) + "\n")
-        spec = TokenizeSpec(tokenizer=tokenizer, concat_tokens=SEQ_LEN, eos_text="<|endoftext|>")
-        row = {"documents": len(docs) * args.copies}
-        for workers in (1, 2):
-            summary = convert_json(os.path.join(root, "corpus.jsonl"), os.path.join(root, f"mds{workers}"), spec,
-                                   num_workers=workers)
-            row["tokens"] = summary.tokens
-            row[f"prep_tok_s_{workers}_workers"] = round(summary.tokens / summary.seconds)
-        row["prep_speedup_2_vs_1"] = round(row["prep_tok_s_2_workers"] / row["prep_tok_s_1_workers"], 2)
-        row["identical_shards"] = same_shards(os.path.join(root, "mds1"), os.path.join(root, "mds2"))
-
-        from llmfoundry_lite.data.tokenizer import build_tokenizer
-        loader = build_dataloader({"name": "text", "drop_last": True, "dataset": {
-            "local": os.path.join(root, "mds2"), "shuffle": True, "max_seq_len": SEQ_LEN}},
-            build_tokenizer(tokenizer), BATCH)
-        batches, start = 0, time.perf_counter()
-        while batches < args.loader_batches:
-            for batch in loader:
-                assert batch["input_ids"].shape == (BATCH, SEQ_LEN)
-                batches += 1
-                if batches == args.loader_batches:
-                    break
-        seconds = time.perf_counter() - start
-        row["loader_batches_s"] = round(batches / seconds, 1)
-        row["loader_tok_s"] = round(batches * BATCH * SEQ_LEN / seconds)
-    row.update(threads=1, torch=torch.__version__)
-    print(json.dumps(row), flush=True)
+        prepare(root, args.documents)
+        for cores in args.cores or range(1, len(available) + 1):
+            pinned = ",".join(map(str, available[:cores]))
+            env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(root, f"hf_cache{cores}"),
+                   "TOKENIZERS_PARALLELISM": "true"}
+            out = subprocess.run(["taskset", "-c", pinned, sys.executable, __file__, "--child", root, str(cores)],
+                                 env=env, check=True, capture_output=True, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row["json_same_shards_as_1_core"] = same_shards(os.path.join(root, "json1"), os.path.join(root, f"json{cores}"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        loader = round(loader_tok_s(root, args.loader_batches))
+        print(json.dumps({"loader_tok_s": loader}), flush=True)
     if args.out:
         with open(args.out, "a") as f:
-            f.write(f"\n<!-- {datetime.date.today()} {platform.machine()}, {os.cpu_count()} cores -->\n")
-            f.write(f"| {row['documents']} | {row['tokens']:,} | {row['prep_tok_s_1_workers']:,} | "
-                    f"{row['prep_tok_s_2_workers']:,} | {row['prep_speedup_2_vs_1']}x | {row['identical_shards']} | "
-                    f"{row['loader_batches_s']} | {row['loader_tok_s']:,} |\n")
+            f.write(f"\n<!-- {datetime.date.today()} {platform.machine()}, {os.cpu_count()} cores; "
+                    f"{args.documents} documents; loader {loader:,} tok/s -->\n")
+            for r in rows:
+                f.write(f"| {r['cores']} | {r['limit_encode_batch']:,} | {r['limit_encode_batch_fast']:,} | "
+                        f"{r['json_tok_s']:,} ({r['json_vs_limit']}) | {r['hf_tok_s']:,} ({r['hf_vs_limit']}) | "
+                        f"{r['text_tok_s']:,} ({r['text_vs_limit']}) | {r['json_same_shards_as_1_core']} |\n")
 
 
 if __name__ == "__main__":

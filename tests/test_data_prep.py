@@ -190,3 +190,28 @@ def test_parallel_tokenization_gives_identical_shards(tiny_tokenizer_dir, tmp_pa
     two = convert_json(src, str(tmp_path / "w2"), spec, num_workers=2)
     assert (one.samples, one.tokens) == (two.samples, two.tokens)
     assert (tmp_path / "w1" / "shard.00000.mds").read_bytes() == (tmp_path / "w2" / "shard.00000.mds").read_bytes()
+
+
+def test_tokenizer_truncation_setting_is_off_as_in_tok_call(tiny_tokenizer_dir, tmp_path, docs):
+    """Data prep encodes with the Rust tokenizer directly; a tokenizer.json that truncates (or pads) must
+    still give every token, as `tok(texts)` does (it turns both off), and TOKENIZERS_PARALLELISM is put back."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    folder = tmp_path / "truncating"
+    shutil.copytree(tiny_tokenizer_dir, folder)
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.enable_truncation(5)
+    backend.enable_padding(length=7)
+    backend.save(str(folder / "tokenizer.json"))
+    tok = build_tokenizer(str(folder))
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        out = tmp_path / "out"
+        convert_json(write_jsonl(tmp_path / "in.jsonl", docs[:40]), str(out), TokenizeSpec(str(folder), concat_tokens=16))
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    finally:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    ds = StreamingTextDataset(tokenizer=tok, local=str(out), max_seq_len=16, shuffle=False)
+    stream = sum((tok(d, add_special_tokens=False)["input_ids"] for d in docs[:40]), [])  # no bos/eos here
+    assert [ds[i].tolist() for i in range(len(ds))] == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]

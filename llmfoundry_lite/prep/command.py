@@ -114,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", nargs="+", default=["train", "validation"])
     p.add_argument("--out_root", required=True, help="one sub-folder per split is written here")
     p.add_argument("--text_column", default="text")
-    p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="tokenizing threads, one core each (default: every core this process may use)")
     _token_args(p)
     _overwrite_arg(p)
 
@@ -123,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out_root", required=True)
     p.add_argument("--split", default=None, help="write to out_root/<split> (default: out_root itself)")
     p.add_argument("--text_column", default="text")
-    p.add_argument("--num_workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="tokenizing threads, one core each (default: every core this process may use)")
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines")
     _token_args(p)
     _overwrite_arg(p)
@@ -131,8 +133,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("text", help="a folder of .txt files -> MDS, resumable (convert_text_to_mds.py)")
     p.add_argument("--input_folder", required=True)
     p.add_argument("--output_folder", required=True)
-    p.add_argument("--processes", type=int, default=1, help="groups of files converted in parallel")
-    p.add_argument("--files_per_group", type=int, default=None, help="default: about 4 groups per process")
+    p.add_argument("--processes", type=int, default=None,
+                   help="tokenizing threads, one core each (default: every core this process may use)")
+    p.add_argument("--files_per_group", type=int, default=None,
+                   help="files converted (and resumed) together; default: a quarter of them, or of them / --processes")
     p.add_argument("--reprocess", action="store_true",
                    help="redo a finished or partial conversion (removes only what this command wrote there)")
     p.add_argument("--overwrite", action="store_true",

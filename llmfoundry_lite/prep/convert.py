@@ -6,9 +6,10 @@ drops the rest of a document once a row is cut from it, as llm-foundry's `--no_w
 `concat_tokens` the shards hold the raw `text`. Nothing is dropped silently: `Summary.dropped` counts
 empty documents, malformed lines and the tokens that did not fill a last row.
 
-Parallelism is real: `num_workers > 1` tokenizes batches of documents in worker processes while the
-main process reads input and writes shards in order, so the output does not depend on the worker
-count. `.txt` folders are converted in groups of files, each group into its own sub-folder with a
+Tokenizing runs on `num_workers` threads (default: every core the process may use), each encoding a
+batch of documents at a time on one core, while the main thread reads input, cuts rows and writes
+shards in input order: the output does not depend on the worker count. `.txt` folders are converted
+in groups of files, each group into its own sub-folder with a
 done marker, so a re-run after a crash skips the finished groups; the group indexes are then merged
 into one `index.json` and a top-level done marker records the summary. The folder's
 `.llmfoundry_lite.json` lists the entries the conversion writes: only those are ever replaced or
@@ -22,18 +23,21 @@ data prep leaves no `index.json` in the bucket for a split it did not finish (st
 from __future__ import annotations
 
 import collections
-import itertools
+import contextlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 from streaming import MDSWriter
+from streaming.base.util import merge_index
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from llmfoundry_lite import stores
@@ -48,11 +52,10 @@ from llmfoundry_lite.data.sources import Counts, input_files, iter_json_records,
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, StoreError, UserError
 from llmfoundry_lite.files import atomic_write, check_folder_path, claim_folder, read_json_file, remove_entries
-from llmfoundry_lite.prep import tokenize_worker
 
 DONE = ".done"  # marker: a folder's conversion finished; holds the summary as JSON
 TEXT_WRITER = "data-prep text"  # named in the manifest of the folders convert_text writes (files.py)
-BATCH = 256  # documents per tokenization task
+BATCH, BATCH_CHARS = 256, 1 << 18  # a tokenizing task: this many documents, or fewer of this many characters
 
 
 @dataclass
@@ -122,83 +125,171 @@ def iter_text_files(files: Sequence[str]) -> Iterator[str]:
             raise DataError(f"{name}: not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
 
 
-# ---- tokenizing (in worker processes when num_workers > 1: prep/tokenize_worker.py) -------------
-
 def _documents(docs: Iterable[str], summary: Summary) -> Iterator[str]:
     """The non-empty documents, counted in `summary` (the empty ones as dropped)."""
     for doc in docs:
         if not isinstance(doc, str):
             raise DataError(f"document {summary.documents} is a {type(doc).__name__}, not text")
-        if not doc.strip():
+        if not doc or doc.isspace():
             summary.dropped.add("empty documents")
             continue
         summary.documents += 1
         yield doc
 
 
-def _ordered_map(pool, batches: Iterator[List[str]], window: int) -> Iterator[List[np.ndarray]]:
-    """Tokenized batches in input order, with at most `window` in flight (`pool.imap` reads all input at once)."""
+# ---- tokenizing: `num_workers` threads, each encoding one batch at a time -----------------------
+
+def _encoder(tok, bos: List[int], eos: List[int], dtype: str):
+    """A function: a batch of documents -> (one array of `bos + ids + eos` for each in turn, their lengths).
+
+    A fast tokenizer's Rust side (`encode_batch_fast`: the ids of `encode_batch` without the character
+    offsets data prep never reads) runs without the GIL, so threads calling it tokenize in parallel
+    while the main thread reads input and writes shards. Its truncation and padding are off, as
+    `tok(texts)` turns them off."""
+    if getattr(tok, "is_fast", False):
+        backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+        encode = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]  # noqa: E731
+    else:
+        encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def encode_batch(texts: List[str]):
+        flat: List[int] = []
+        lengths = []
+        for ids in encode(texts):
+            flat += bos
+            flat += ids
+            flat += eos
+            lengths.append(len(bos) + len(ids) + len(eos))
+        return np.array(flat, dtype=dtype), lengths
+    return encode_batch
+
+
+@contextlib.contextmanager
+def _one_thread_per_encode() -> Iterator[None]:
+    """Each `encode_batch` call on one core, so that `num_workers` threads use `num_workers` cores (the
+    tokenizers library reads TOKENIZERS_PARALLELISM at every call; the caller's value is put back)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _batches(documents: Iterator[str]) -> Iterator[List[str]]:
+    """Lists of up to BATCH documents, ended early at BATCH_CHARS characters: long documents (whole
+    .txt files) in small enough tasks to keep every worker busy."""
+    batch: List[str] = []
+    chars = 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) == BATCH or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: Iterator, window: int) -> Iterator:
+    """`fn(item)` for each item, run on the pool with at most `window` in flight, yielded in input order."""
     pending: collections.deque = collections.deque()
-    for batch in batches:
-        pending.append(pool.apply_async(tokenize_worker.tokenize, (batch,)))
+    for item in items:
+        pending.append(pool.submit(fn, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
+
+
+# ---- cutting rows ------------------------------------------------------------------------------
+
+def _token_rows(tokenized: Iterable, spec: TokenizeSpec, dropped: Counts, hold: Optional[List] = None) -> Iterator[np.ndarray]:
+    """Blocks of rows (`rows x concat_tokens` arrays) cut from the concatenated documents.
+
+    With `hold` (a list), the last `concat_tokens` to `2 * concat_tokens - 1` tokens (or all, when
+    fewer) are not cut but appended to it: a piece of a sharded job hands them to the merge, which
+    cuts them together with the next pieces' (prep/pieces.py). Without, they are cut and the tokens
+    that do not fill a last row are dropped."""
+    size = spec.concat_tokens
+    rest = None
+    for flat, lengths in tokenized:
+        if spec.wrap:
+            rest = flat if rest is None else np.concatenate([rest, flat])
+            rows = len(rest) // size - (hold is not None)  # keep one row back for the merge
+            if rows > 0:
+                yield rest[:rows * size].reshape(rows, size)
+                rest = rest[rows * size:]
+            continue
+        start = 0
+        for n in lengths:  # --no_wrap: a row ends a document; the rest of it is dropped
+            doc = flat[start:start + n]
+            start += n
+            rest = doc if rest is None else np.concatenate([rest, doc])
+            if len(rest) >= size:
+                yield rest[None, :size]
+                dropped.add("tokens after a row cut (--no_wrap)", len(rest) - size)
+                rest = rest[:0]
+    if rest is None:
+        return
+    if hold is not None:
+        hold.append(rest)
+        return
+    rows = len(rest) // size
+    if rows:
+        yield rest[:rows * size].reshape(rows, size)
+    dropped.add("tokens in the last partial row", len(rest) - rows * size)
 
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def _token_rows(tokenized: Iterable[List[np.ndarray]], tok, spec: TokenizeSpec, dropped: Counts) -> Iterator[List[int]]:
-    """Concatenated `bos + doc + eos` ids cut into rows of `spec.concat_tokens`."""
-    bos, eos = (tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (spec.bos_text, spec.eos_text))
-    buffer: List[int] = []
-    for ids in itertools.chain.from_iterable(tokenized):
-        buffer += bos + ids.tolist() + eos
-        while len(buffer) >= spec.concat_tokens:
-            yield buffer[:spec.concat_tokens]
-            buffer = buffer[spec.concat_tokens:]
-            if not spec.wrap:
-                dropped.add("tokens after a row cut (--no_wrap)", len(buffer))
-                buffer = []
-    dropped.add("tokens in the last partial row", len(buffer))
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a Slurm allocation, a container)."""
+    return len(os.sched_getaffinity(0))
 
 
 def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression: Optional[str] = None,
-              num_workers: int = 1, summary: Optional[Summary] = None, desc: str = "") -> Summary:
-    """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary."""
+              num_workers: Optional[int] = None, summary: Optional[Summary] = None, desc: str = "",
+              hold: Optional[List] = None) -> Summary:
+    """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary. `hold`: see
+    `_token_rows`."""
     summary = summary or Summary()
     start = time.time()
     tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
-    encoding = token_column_encoding(len(tok)) if tok else None
-    documents = _documents(docs, summary)
-    batches = iter(lambda: list(itertools.islice(documents, BATCH)), [])  # lists of BATCH documents until none
-    pool = None
-    if tok and num_workers > 1 and getattr(tok, "is_fast", False):
-        pool = multiprocessing.get_context("spawn").Pool(num_workers, tokenize_worker.init_worker,
-                                                         (tok.backend_tokenizer.to_str(),))
-        tokenized = _ordered_map(pool, batches, window=4 * num_workers)
-    elif tok:
-        tokenized = ([np.asarray(x, dtype=np.int64) for x in tok(b, add_special_tokens=False)["input_ids"]]
-                     for b in batches)
     bar = tqdm(desc=desc or os.path.basename(out_dir), unit=" tok" if tok else " doc", unit_scale=True, mininterval=1.0)
-    columns = {"tokens": encoding} if tok else {"text": "str"}
-    try:
-        with bar, MDSWriter(out=out_dir, columns=columns, compression=compression, hashes=SHARD_HASHES) as writer:
-            if tok is None:
-                for text in documents:
-                    writer.write({"text": text})
-                    summary.samples += 1
-                    bar.update(1)
-            else:
-                for row in _token_rows(tokenized, tok, spec, summary.dropped):
-                    writer.write({"tokens": np.asarray(row, dtype=encoding.split(":")[1])})
-                    summary.samples += 1
-                    summary.tokens += len(row)
-                    bar.update(len(row))
-    finally:
-        if pool is not None:
-            pool.terminate()
+    documents = _documents(docs, summary)
+    if tok is None:
+        with bar, MDSWriter(out=out_dir, columns={"text": "str"}, compression=compression, hashes=SHARD_HASHES) as writer:
+            for text in documents:
+                writer.write({"text": text})
+                summary.samples += 1
+                bar.update(1)
+        return _count_shards(out_dir, summary, start)
+    encoding = token_column_encoding(len(tok))
+    bos, eos = (tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (spec.bos_text, spec.eos_text))
+    encode = _encoder(tok, bos, eos, encoding.split(":")[1])
+    batches = _batches(documents)
+    workers = num_workers or default_workers()
+    with bar, _one_thread_per_encode(), ThreadPoolExecutor(workers) as pool, \
+            MDSWriter(out=out_dir, columns={"tokens": encoding}, compression=compression, hashes=SHARD_HASHES) as writer:
+        try:
+            for block in _token_rows(_in_order(pool, encode, batches, window=2 * workers), spec, summary.dropped, hold):
+                for row in block:
+                    writer.write({"tokens": row})
+                summary.samples += len(block)
+                summary.tokens += block.size
+                bar.update(block.size)
+        finally:
+            pool.shutdown(cancel_futures=True)
+    return _count_shards(out_dir, summary, start)
+
+
+def _count_shards(out_dir: str, summary: Summary, start: float) -> Summary:
     summary.seconds += time.time() - start
     shards = read_json_file(os.path.join(out_dir, "index.json"), "data prep")["shards"]
     summary.shards += len(shards)
@@ -267,7 +358,7 @@ class Output:
 
 def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: TokenizeSpec, subset: Optional[str] = None,
                data_files=None, text_column: str = "text", compression: Optional[str] = None,
-               num_workers: int = 1, overwrite: bool = False) -> Dict[str, Summary]:
+               num_workers: Optional[int] = None, overwrite: bool = False) -> Dict[str, Summary]:
     """`datasets.load_dataset(dataset, subset, data_files)` splits -> `out_root/<split>/` (a local folder
     or an object-store prefix, see `Output`; `overwrite` only concerns the latter)."""
     output = Output(out_root, splits, "data-prep hf", overwrite)
@@ -280,7 +371,7 @@ def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: Tokeniz
             if text_column not in ds.column_names:
                 raise DataError(f"dataset {dataset!r} split {split!r} has no column '{text_column}' "
                                 f"(columns: {ds.column_names}); choose one with --text_column")
-            docs = (rec[text_column] for rec in ds)
+            docs = (text for rows in ds.iter(batch_size=BATCH) for text in rows[text_column])
             summaries[split] = _require_documents(write_mds(docs, tmp, spec, compression, num_workers, desc=split),
                                                   f"{dataset} split {split}")
         output.publish(split)
@@ -288,7 +379,7 @@ def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: Tokeniz
 
 
 def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[str] = None,
-                 text_column: str = "text", compression: Optional[str] = None, num_workers: int = 1,
+                 text_column: str = "text", compression: Optional[str] = None, num_workers: Optional[int] = None,
                  skip_bad_lines: bool = False, overwrite: bool = False) -> Summary:
     """A .json/.jsonl file or folder -> `out_root` (or `out_root/<split>` when a split is named): a local
     folder or an object-store prefix (see `Output`; `overwrite` only concerns the latter)."""
@@ -304,7 +395,7 @@ def convert_json(path: str, out_root: str, spec: TokenizeSpec, split: Optional[s
 
 
 def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, compression: Optional[str] = None,
-                 processes: int = 1, files_per_group: Optional[int] = None, reprocess: bool = False,
+                 processes: Optional[int] = None, files_per_group: Optional[int] = None, reprocess: bool = False,
                  overwrite: bool = False) -> Summary:
     """A folder of .txt files -> one MDS folder, resumable (see the module docstring).
 
@@ -318,7 +409,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
     files = input_files(input_folder, (".txt",))
     args = {"input_folder": os.path.abspath(input_folder), "spec": asdict(spec), "compression": compression,
             "files": len(files)}
-    per_group = files_per_group or max(1, math.ceil(len(files) / (4 * max(1, processes))))
+    per_group = files_per_group or max(1, math.ceil(len(files) / (4 * (processes or 1))))
     groups = [files[i:i + per_group] for i in range(0, len(files), per_group)]
     names = ["plan.json", "index.json", DONE, *(f"group_{i:05d}" for i in range(len(groups)))]
     ours = claim_folder(output_folder, TEXT_WRITER, "--output_folder", overwrite, names,
@@ -344,40 +435,32 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
         raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
                         "pass --reprocess to start over or choose another --output_folder")
     folders = [os.path.join(output_folder, f"group_{i:05d}") for i in range(len(groups))]
-    todo = [(g, f, spec, compression) for g, f in zip(groups, folders, strict=True) if _read_done(f) is None]
+    todo = [(g, f, spec, compression, processes) for g, f in zip(groups, folders, strict=True) if _read_done(f) is None]
     if len(todo) < len(groups):
         print(f"resuming: {len(groups) - len(todo)} of {len(groups)} groups already done")
     start = time.time()
-    if processes > 1 and len(todo) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(processes, len(todo))) as pool:
-            pool.starmap(_convert_group, todo)
-    else:
-        for job in todo:
-            _convert_group(*job)
+    for job in todo:
+        _convert_group(*job)
     total = Summary()
     for folder in folders:
         total.add(Summary(**_read_done(folder)["summary"]))
     total.seconds = time.time() - start
     _require_documents(total, input_folder)
-    _merge_indexes(output_folder, folders)
+    merge_indexes(output_folder, folders)
     _mark_done(output_folder, total, args)
     return total
 
 
-def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str]) -> None:
+def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str], workers: int) -> None:
     remove_entries(os.path.dirname(folder), [os.path.basename(folder)])  # a crashed attempt's partial shards
-    summary = write_mds(iter_text_files(files), folder, spec, compression, desc=os.path.basename(folder))
+    summary = write_mds(iter_text_files(files), folder, spec, compression, workers, desc=os.path.basename(folder))
     _mark_done(folder, summary, {"files": files})
 
 
-def _merge_indexes(out_dir: str, folders: Sequence[str]) -> None:
-    """One index.json over the groups' shards (their basenames get the group folder prefix)."""
-    shards = []
-    for folder in folders:
-        for shard in read_json_file(os.path.join(folder, "index.json"), "data prep")["shards"]:
-            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
-                if shard.get(key):
-                    shard[key]["basename"] = os.path.join(os.path.basename(folder), shard[key]["basename"])
-            shards.append(shard)
-    with atomic_write(os.path.join(out_dir, "index.json")) as f:
-        json.dump({"version": 2, "shards": shards}, f)
+def merge_indexes(out_dir: str, folders: Sequence[str]) -> None:
+    """One `out_dir/index.json` over the shards of `folders` (sub-folders of `out_dir`, in this order),
+    by streaming's index merging; written to a temporary folder first and renamed into place, so that
+    a reader sees no index or the whole one."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp:
+        merge_index([os.path.join(f, "index.json") for f in folders], tmp)
+        os.replace(os.path.join(tmp, "index.json"), os.path.join(out_dir, "index.json"))
