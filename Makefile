@@ -40,7 +40,7 @@ $(BIN)/python:
 
 # Re-install only when the package metadata changed: a second `make test` starts at once.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev,mlflow]'
+	$(BIN)/python -m pip install -e '.[dev,mlflow,spark]'
 	touch $(STAMP)
 
 install: $(STAMP)

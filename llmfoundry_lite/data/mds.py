@@ -150,6 +150,9 @@ def check_local_split(folder: str) -> None:
     if os.path.isfile(os.path.join(folder, "plan.json")):
         raise DataError(f"{folder} holds an unfinished `data-prep text` conversion (no index.json yet); run the same "
                         "command again to resume it")
+    if glob.glob(os.path.join(folder, "piece-*-of-*")):
+        raise DataError(f"{folder} holds pieces of a split (--num_shards) that were never merged: run "
+                        f"`llmfoundry-lite data-prep merge` on it once every piece is written")
     if glob.glob(os.path.join(folder, "**", "*.mds*"), recursive=True):
         raise DataError(f"{folder} has MDS shards but no index.json: the run that wrote them did not finish (or the "
                         "index was deleted); write the split again with `llmfoundry-lite data-prep`")

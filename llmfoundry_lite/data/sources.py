@@ -3,9 +3,11 @@ datasets, and `Counts`, the counts of what a reader or filter dropped. Data prep
 finetuning and preference loaders read their rows through these."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from llmfoundry_lite.errors import DataError, UserError
 
@@ -33,13 +35,58 @@ def input_files(path: str, suffixes) -> List[str]:
     return files
 
 
-def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[Tuple[str, Any]]:
+class Piece(NamedTuple):
+    """Piece `index` of `count` of an input (`--shard_index`, `--num_shards`): the files' bytes taken as one
+    run, cut into `count` equal ranges; a record (a JSONL line, a .txt file, a JSON array file) belongs to
+    the piece whose range holds its first byte. Pieces in order are the input in order."""
+    index: int
+    count: int
+
+    def byte_range(self, files: Sequence[str]) -> Tuple[int, int]:
+        total = sum(os.path.getsize(f) for f in files)
+        return total * self.index // self.count, total * (self.index + 1) // self.count
+
+    def files(self, files: Sequence[str]) -> List[str]:
+        """The files whose first byte lies in this piece."""
+        lo, hi = self.byte_range(files)
+        starts = itertools.accumulate((os.path.getsize(f) for f in files), initial=0)
+        return [f for f, start in zip(files, starts, strict=False) if lo <= start < hi]  # starts: one more
+
+
+def _lines(f, name: str, lo: int, hi: int) -> Iterator[Tuple[str, bytes]]:
+    """(`file:line`, line) for the lines of the open file `f` that start at a byte in [lo, hi); a line
+    reached by seeking is named by its byte offset (its number is unknown without reading all before)."""
+    pos = 0
+    if lo > 0:
+        f.seek(lo - 1)
+        pos = lo - 1 + len(f.readline())  # the end of the line holding byte lo - 1: the first line from lo
+    lineno = 1 if pos == 0 else None
+    while pos < hi:
+        raw = f.readline()
+        if not raw:
+            return
+        yield (f"{name}:{lineno}" if lineno else f"{name} (the line at byte {pos})"), raw
+        pos += len(raw)
+        lineno = lineno and lineno + 1
+
+
+def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False,
+                      piece: Optional[Piece] = None) -> Iterator[Tuple[str, Any]]:
     """(`file:line`, record) of a .json/.jsonl file or a folder of them, read a line at a time (a JSON
     array file at once); a bad line is an error naming file and line, or a counted skip with
-    `skip_bad_lines`."""
-    for name in input_files(path, (".json", ".jsonl")):
+    `skip_bad_lines`. With `piece`: only that piece's records."""
+    files = input_files(path, (".json", ".jsonl"))
+    lo, hi = piece.byte_range(files) if piece else (0, math.inf)
+    start = 0
+    for name in files:
+        size = os.path.getsize(name)
+        first, start = start, start + size
+        if not (first < hi and first + size > lo):  # no line of this file starts in the range
+            continue
         with open(name, "rb") as f:
             if name.endswith(".json") and f.read(64).lstrip().startswith(b"["):
+                if not lo <= first < hi:  # a JSON array belongs to the piece holding its first byte
+                    continue
                 f.seek(0)
                 try:
                     records = json.loads(f.read().decode("utf-8"))
@@ -50,8 +97,7 @@ def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False) 
                 for i, rec in enumerate(records):
                     yield f"{name}:[{i}]", rec
                 continue
-            f.seek(0)
-            for lineno, raw in enumerate(f, 1):
+            for where, raw in _lines(f, name, max(0, lo - first), hi - first):
                 try:
                     line = raw.decode("utf-8")
                     if not line.strip():
@@ -63,10 +109,10 @@ def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False) 
                 except json.JSONDecodeError as e:
                     problem, kind = f"malformed JSON ({e.msg}); fix the line", "malformed lines"
                 else:
-                    yield f"{name}:{lineno}", rec
+                    yield where, rec
                     continue
                 if not skip_bad_lines:
-                    raise DataError(f"{name}:{lineno}: {problem} or pass --skip_bad_lines to skip and count such lines")
+                    raise DataError(f"{where}: {problem} or pass --skip_bad_lines to skip and count such lines")
                 dropped.add(kind)
 
 

@@ -10,6 +10,12 @@
                          --tokenizer T --max_seq_len N [--preprocessor hh_rlhf] [--reference_model HF_FOLDER]
                          [--packed]
 
+    data-prep merge      --out_root DIR [--splits S ...] [--realign]
+
+json, text and hf also run in pieces (prep/pieces.py): `--num_shards K --shard_index i` writes piece i
+of K into `<split>/piece-i-of-K/` (a job array runs them all), `merge` publishes the split once all are
+there; `--spark MASTER [--num_shards K]` runs the pieces as Spark tasks and merges (prep/spark.py).
+
 [tokens] is `--concat_tokens N --tokenizer T [--bos_text ...] [--eos_text ...] [--no_wrap]`; without
 it the shards hold raw `text`. `data_prep/*.py` are the same commands under llm-foundry's script names.
 `train-tokenizer` and `text` replace only what they wrote themselves (the folder's `.llmfoundry_lite.json`);
@@ -33,16 +39,18 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from llmfoundry_lite import stores
 from llmfoundry_lite.data.finetuning import load_raw_examples, numbered
 from llmfoundry_lite.data.mds import check_output_folder
-from llmfoundry_lite.data.sources import Counts, iter_json_records
+from llmfoundry_lite.data.sources import Counts, Piece, iter_json_records
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import UserError
 from llmfoundry_lite.export.hf_import import load_hf_model
 from llmfoundry_lite.opening import local_copy
-from llmfoundry_lite.prep import convert
+from llmfoundry_lite.prep import convert, spark
 from llmfoundry_lite.prep.convert import TEXT_WRITER, Output, TokenizeSpec
 from llmfoundry_lite.prep.finetuning import convert_finetuning
+from llmfoundry_lite.prep.pieces import PieceJob, merge, piece_name
 from llmfoundry_lite.prep.preference import convert_preference
 from llmfoundry_lite.prep.tokenizer import DEFAULT_SPECIAL_TOKENS, train_tokenizer
 from llmfoundry_lite.prep.tokenizer import WRITER as TOKENIZER_WRITER
@@ -85,6 +93,17 @@ def _token_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default=None, help="shard compression, e.g. zstd (default: none)")
 
 
+def _piece_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("in pieces, on many machines (then `data-prep merge`), or on Spark")
+    g.add_argument("--num_shards", type=int, default=None, help="split the input into this many pieces")
+    g.add_argument("--shard_index", type=int, default=None, help="write this piece (0 .. --num_shards - 1) only")
+    g.add_argument("--spark", default=None, metavar="MASTER",
+                   help="run every piece as a Spark task and merge, e.g. local[4] or spark://host:7077 "
+                        "(--num_shards default: Spark's parallelism)")
+    g.add_argument("--realign", action="store_true", help="with --spark: see `data-prep merge --realign`")
+    g.add_argument("--upload_to", default=None, help="with --spark: see `data-prep merge --upload_to`")
+
+
 def _overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="an object-store --out_root (s3://...): write a split into a prefix holding objects this "
@@ -117,6 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", type=int, default=None,
                    help="tokenizing threads, one core each (default: every core this process may use)")
     _token_args(p)
+    _piece_args(p)
     _overwrite_arg(p)
 
     p = sub.add_parser("json", help="a .json/.jsonl file or folder -> MDS (convert_dataset_json.py)")
@@ -128,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="tokenizing threads, one core each (default: every core this process may use)")
     p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines")
     _token_args(p)
+    _piece_args(p)
     _overwrite_arg(p)
 
     p = sub.add_parser("text", help="a folder of .txt files -> MDS, resumable (convert_text_to_mds.py)")
@@ -143,6 +164,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="convert into a folder this command did not write: its plan.json, index.json, .done and "
                         "group_* entries are replaced, other files are kept")
     _token_args(p)
+    _piece_args(p)
+
+    p = sub.add_parser("merge", help="publish a split written in pieces (--num_shards): one index.json over them")
+    p.add_argument("--out_root", required=True, help="the --out_root (or text's --output_folder) the pieces went to")
+    p.add_argument("--splits", nargs="+", default=None, help="the splits to merge (default: --out_root itself)")
+    p.add_argument("--realign", action="store_true",
+                   help="rewrite every row in input order: byte-identical to a one-machine run (one more pass "
+                        "over the tokens, no tokenizing; uncompressed pieces)")
+    p.add_argument("--upload_to", default=None, metavar="URI",
+                   help="then publish each merged split to this object-store prefix (s3://..., its index.json last)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--upload_to a prefix holding objects this command did not write (" + Output.OVERWRITE_DOES + ")")
 
     p = sub.add_parser("finetuning", help="prompt/response or chat examples -> MDS (convert_finetuning_dataset.py)")
     _source_args(p)
@@ -205,6 +238,12 @@ def run(args: argparse.Namespace) -> int:
                               args.special_tokens or DEFAULT_SPECIAL_TOKENS, args.eos_token, args.model_max_length,
                               args.min_frequency, args.overwrite and not output.remote)
         print(f"tokenizer: {len(tok)} tokens (eos {tok.eos_token!r}, ChatML template) -> {output.publish(None)}")
+    elif args.what == "merge":
+        targets = {split: _upload_target(split, args) for split in args.splits or [None]}
+        for split, target in targets.items():
+            _merge(os.path.join(args.out_root, split) if split else args.out_root, target, args)
+    elif args.what in ("json", "text", "hf") and (args.num_shards, args.shard_index, args.spark) != (None, None, None):
+        _in_pieces(args)
     elif args.what == "hf":
         summaries = convert.convert_hf(args.dataset, args.out_root, args.splits, _spec(args), args.data_subset,
                                        parse_data_files(args.data_files), args.text_column, args.compression,
@@ -226,6 +265,58 @@ def run(args: argparse.Namespace) -> int:
     else:
         _preference(args)
     return 0
+
+
+def _upload_target(split: Optional[str], args: argparse.Namespace) -> Optional[str]:
+    """Where --upload_to publishes `split` (the prefix checked now, before any work), or None."""
+    if not args.upload_to:
+        return None
+    if not stores.is_remote(args.upload_to):
+        raise UserError(f"--upload_to {args.upload_to}: not an object-store URI (s3://, gs://, oci://)")
+    target = stores.join(args.upload_to, split) if split else args.upload_to
+    stores.claim_prefix(target, "data-prep merge", "--upload_to", args.overwrite, overwrite_does=Output.OVERWRITE_DOES)
+    return target
+
+
+def _merge(folder: str, target: Optional[str], args: argparse.Namespace) -> None:
+    """Merge the pieces in `folder`; publish the split at `target` (an object-store prefix) when given."""
+    summary = merge(folder, args.realign)
+    if target:
+        stores.publish_folder(folder, target, "data-prep merge", "--upload_to", args.overwrite, last=["index.json"],
+                              overwrite_does=Output.OVERWRITE_DOES)
+    print(f"{target or folder}: {summary}")
+
+
+def _in_pieces(args: argparse.Namespace) -> None:
+    """json/text/hf with --num_shards/--shard_index (one piece) or --spark (all pieces, then the merge)."""
+    if args.shard_index is not None and args.num_shards is None:
+        raise UserError("--shard_index needs --num_shards")
+    if (args.shard_index is None) == (args.spark is None):
+        raise UserError("--num_shards goes with --shard_index (write one piece here) or --spark (run every piece on "
+                        "Spark), one of them")
+    if (args.realign or args.upload_to) and not args.spark:
+        raise UserError("--realign and --upload_to belong to the merge: pass them to `data-prep merge`")
+    out = args.output_folder if args.what == "text" else args.out_root
+    if stores.is_remote(out):
+        raise UserError(f"{out}: pieces are written to a folder all of them see (a shared file system); copy the "
+                        "merged split to the object store afterwards")
+    if args.what == "json":
+        jobs = [PieceJob("json", args.path, os.path.join(out, args.split or ""), _spec(args), args.num_shards or 0,
+                         args.text_column, args.compression, args.skip_bad_lines, num_workers=args.num_workers)]
+    elif args.what == "text":
+        jobs = [PieceJob("text", args.input_folder, out, _spec(args), args.num_shards or 0,
+                         compression=args.compression, num_workers=args.processes, flag="--output_folder")]
+    else:
+        hf = {"name": args.data_subset, "data_files": parse_data_files(args.data_files)}
+        jobs = [PieceJob("hf", args.dataset, os.path.join(out, split), _spec(args), args.num_shards or 0,
+                         args.text_column, args.compression, hf={**hf, "split": split}, num_workers=args.num_workers)
+                for split in args.splits]
+    targets = [_upload_target(job.hf.get("split") or getattr(args, "split", None), args) for job in jobs]
+    for job, target in zip(jobs, targets, strict=True):
+        if args.spark:
+            _merge(spark.run_pieces(job, args.spark).split_dir, target, args)
+        else:
+            print(f"{job.split_dir}/{piece_name(Piece(args.shard_index, job.count))}: {job.run(args.shard_index)}")
 
 
 def _split_sources(args: argparse.Namespace):

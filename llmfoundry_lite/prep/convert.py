@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -48,7 +49,7 @@ from llmfoundry_lite.data.mds import (
     publish_split,
     token_column_encoding,
 )
-from llmfoundry_lite.data.sources import Counts, input_files, iter_json_records, load_hf_dataset
+from llmfoundry_lite.data.sources import Counts, Piece, input_files, iter_json_records, load_hf_dataset
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, StoreError, UserError
 from llmfoundry_lite.files import atomic_write, check_folder_path, claim_folder, read_json_file, remove_entries
@@ -103,9 +104,10 @@ class Summary:
 
 # ---- reading documents -------------------------------------------------------------------------
 
-def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: bool = False) -> Iterator[str]:
-    """Texts (the `column` field) from a .json/.jsonl file or a folder of them."""
-    for where, rec in iter_json_records(path, dropped, skip_bad_lines):
+def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: bool = False,
+                    piece: Optional[Piece] = None) -> Iterator[str]:
+    """Texts (the `column` field) from a .json/.jsonl file or a folder of them (or one piece of them)."""
+    for where, rec in iter_json_records(path, dropped, skip_bad_lines, piece):
         if not isinstance(rec, dict) or column not in rec:
             have = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
             raise DataError(f"{where}: no '{column}' field (has {have}); choose the field with --text_column")
@@ -113,6 +115,13 @@ def iter_json_files(path: str, column: str, dropped: Counts, skip_bad_lines: boo
             raise DataError(f"{where}: '{column}' is a {type(rec[column]).__name__}, not text; fix the line or "
                             "choose the text field with --text_column")
         yield rec[column]
+
+
+def hf_texts(ds, column: str, what: str) -> Iterator[str]:
+    """The `column` texts of a `datasets.Dataset`, read in Arrow batches."""
+    if column not in ds.column_names:
+        raise DataError(f"{what} has no column '{column}' (columns: {ds.column_names}); choose one with --text_column")
+    return (text for rows in ds.iter(batch_size=BATCH) for text in rows[column])
 
 
 def iter_text_files(files: Sequence[str]) -> Iterator[str]:
@@ -209,7 +218,7 @@ def _in_order(pool: ThreadPoolExecutor, fn, items: Iterator, window: int) -> Ite
 
 # ---- cutting rows ------------------------------------------------------------------------------
 
-def _token_rows(tokenized: Iterable, spec: TokenizeSpec, dropped: Counts, hold: Optional[List] = None) -> Iterator[np.ndarray]:
+def token_rows(tokenized: Iterable, spec: TokenizeSpec, dropped: Counts, hold: Optional[List] = None) -> Iterator[np.ndarray]:
     """Blocks of rows (`rows x concat_tokens` arrays) cut from the concatenated documents.
 
     With `hold` (a list), the last `concat_tokens` to `2 * concat_tokens - 1` tokens (or all, when
@@ -257,7 +266,7 @@ def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression
               num_workers: Optional[int] = None, summary: Optional[Summary] = None, desc: str = "",
               hold: Optional[List] = None) -> Summary:
     """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary. `hold`: see
-    `_token_rows`."""
+    `token_rows`."""
     summary = summary or Summary()
     start = time.time()
     tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
@@ -269,32 +278,43 @@ def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression
                 writer.write({"text": text})
                 summary.samples += 1
                 bar.update(1)
-        return _count_shards(out_dir, summary, start)
+        _count_shards(out_dir, summary)
+        summary.seconds += time.time() - start
+        return summary
     encoding = token_column_encoding(len(tok))
     bos, eos = (tok(t, add_special_tokens=False)["input_ids"] if t else [] for t in (spec.bos_text, spec.eos_text))
     encode = _encoder(tok, bos, eos, encoding.split(":")[1])
     batches = _batches(documents)
     workers = num_workers or default_workers()
-    with bar, _one_thread_per_encode(), ThreadPoolExecutor(workers) as pool, \
-            MDSWriter(out=out_dir, columns={"tokens": encoding}, compression=compression, hashes=SHARD_HASHES) as writer:
+    with bar, _one_thread_per_encode(), ThreadPoolExecutor(workers) as pool:
         try:
-            for block in _token_rows(_in_order(pool, encode, batches, window=2 * workers), spec, summary.dropped, hold):
-                for row in block:
-                    writer.write({"tokens": row})
-                summary.samples += len(block)
-                summary.tokens += block.size
-                bar.update(block.size)
+            blocks = token_rows(_in_order(pool, encode, batches, window=2 * workers), spec, summary.dropped, hold)
+            write_rows(blocks, out_dir, encoding, compression, summary, bar)
         finally:
             pool.shutdown(cancel_futures=True)
-    return _count_shards(out_dir, summary, start)
-
-
-def _count_shards(out_dir: str, summary: Summary, start: float) -> Summary:
     summary.seconds += time.time() - start
+    return summary
+
+
+def write_rows(blocks: Iterable[np.ndarray], out_dir: str, encoding: str, compression: Optional[str],
+               summary: Summary, bar: Optional[tqdm] = None) -> None:
+    """Write blocks of token rows to one MDS folder, counted in `summary`."""
+    dtype = encoding.split(":")[1]
+    with MDSWriter(out=out_dir, columns={"tokens": encoding}, compression=compression, hashes=SHARD_HASHES) as writer:
+        for block in blocks:
+            for row in block.astype(dtype, copy=False):
+                writer.write({"tokens": row})
+            summary.samples += len(block)
+            summary.tokens += block.size
+            if bar is not None:
+                bar.update(block.size)
+    _count_shards(out_dir, summary)
+
+
+def _count_shards(out_dir: str, summary: Summary) -> None:
     shards = read_json_file(os.path.join(out_dir, "index.json"), "data prep")["shards"]
     summary.shards += len(shards)
     summary.bytes += sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in shards)
-    return summary
 
 
 def _require_documents(summary: Summary, source: str) -> Summary:
@@ -303,12 +323,12 @@ def _require_documents(summary: Summary, source: str) -> Summary:
     return summary
 
 
-def _mark_done(folder: str, summary: Summary, args: Dict) -> None:
+def mark_done(folder: str, summary: Summary, args: Dict) -> None:
     with atomic_write(os.path.join(folder, DONE)) as f:
         json.dump({"args": args, "summary": asdict(summary)}, f)
 
 
-def _read_done(folder: str) -> Optional[Dict]:
+def read_done(folder: str) -> Optional[Dict]:
     return read_json_file(os.path.join(folder, DONE), "a finished conversion", missing_ok=True)
 
 
@@ -367,11 +387,8 @@ def convert_hf(dataset: str, out_root: str, splits: Sequence[str], spec: Tokeniz
     summaries = {}
     for split in splits:
         with publish_split(output.local(split)) as tmp:
-            ds = load_hf_dataset(dataset, split, name=subset, data_files=data_files)
-            if text_column not in ds.column_names:
-                raise DataError(f"dataset {dataset!r} split {split!r} has no column '{text_column}' "
-                                f"(columns: {ds.column_names}); choose one with --text_column")
-            docs = (text for rows in ds.iter(batch_size=BATCH) for text in rows[text_column])
+            docs = hf_texts(load_hf_dataset(dataset, split, name=subset, data_files=data_files), text_column,
+                            f"dataset {dataset!r} split {split!r}")
             summaries[split] = _require_documents(write_mds(docs, tmp, spec, compression, num_workers, desc=split),
                                                   f"{dataset} split {split}")
         output.publish(split)
@@ -418,7 +435,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
         remove_entries(output_folder, ours | set(names))
     elif overwrite:  # entries of our names that this command did not write: not a conversion to resume
         remove_entries(output_folder, set(names) - ours)
-    done = _read_done(output_folder)
+    done = read_done(output_folder)
     if done is not None:
         if done["args"] != args:
             raise UserError(f"{output_folder} holds a finished conversion made with other settings; "
@@ -435,7 +452,7 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
         raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
                         "pass --reprocess to start over or choose another --output_folder")
     folders = [os.path.join(output_folder, f"group_{i:05d}") for i in range(len(groups))]
-    todo = [(g, f, spec, compression, processes) for g, f in zip(groups, folders, strict=True) if _read_done(f) is None]
+    todo = [(g, f, spec, compression, processes) for g, f in zip(groups, folders, strict=True) if read_done(f) is None]
     if len(todo) < len(groups):
         print(f"resuming: {len(groups) - len(todo)} of {len(groups)} groups already done")
     start = time.time()
@@ -443,24 +460,36 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
         _convert_group(*job)
     total = Summary()
     for folder in folders:
-        total.add(Summary(**_read_done(folder)["summary"]))
+        total.add(Summary(**read_done(folder)["summary"]))
     total.seconds = time.time() - start
     _require_documents(total, input_folder)
     merge_indexes(output_folder, folders)
-    _mark_done(output_folder, total, args)
+    mark_done(output_folder, total, args)
     return total
 
 
 def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str], workers: int) -> None:
     remove_entries(os.path.dirname(folder), [os.path.basename(folder)])  # a crashed attempt's partial shards
     summary = write_mds(iter_text_files(files), folder, spec, compression, workers, desc=os.path.basename(folder))
-    _mark_done(folder, summary, {"files": files})
+    mark_done(folder, summary, {"files": files})
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """merge_index logs a warning about its temporary folder on the root logger at every call."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def merge_indexes(out_dir: str, folders: Sequence[str]) -> None:
     """One `out_dir/index.json` over the shards of `folders` (sub-folders of `out_dir`, in this order),
     by streaming's index merging; written to a temporary folder first and renamed into place, so that
     a reader sees no index or the whole one."""
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp, _quiet_root_logger():
         merge_index([os.path.join(f, "index.json") for f in folders], tmp)
         os.replace(os.path.join(tmp, "index.json"), os.path.join(out_dir, "index.json"))
