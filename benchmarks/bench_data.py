@@ -12,6 +12,8 @@ and prints one JSON line with each one's tokens/s and its ratio to the limit. Th
 quickstart's (standard-library docstrings) repeated to `--documents` JSONL lines, with a byte-level
 BPE (vocab 4096) trained on it and 128-token rows. The `text` input is the same documents in .txt
 files of 100 (a file is a document, so its tokens differ). `--out FILE` appends Markdown rows.
+Then Spark (`--spark local[1]` and `local[2]`, 4 pieces, merged): the JSON input's tokens/s from the
+job's start to the merged split (the JVM's start apart), beside the one-process figures above.
 Then the `text` loader of `yamls/pretrain/mpt-tiny-cpu.yaml` (batch 16 x 128, shuffled, in the
 training process) reads the json output: its tokens/s next to the ~3,000 that model trains at here.
 """
@@ -68,6 +70,25 @@ def child(root: str, cores: int) -> dict:
     return row
 
 
+def spark_child(root: str, master: str) -> dict:
+    """`data-prep json --spark MASTER --num_shards 4`'s work, timed once Spark is up."""
+    from llmfoundry_lite.prep.convert import TokenizeSpec
+    from llmfoundry_lite.prep.pieces import PieceJob, merge
+    from llmfoundry_lite.prep.spark import run_pieces, session
+    start = time.perf_counter()
+    spark = session(master)
+    spark.sparkContext.parallelize([0]).count()  # executors up
+    up = time.perf_counter() - start
+    spec = TokenizeSpec(tokenizer=os.path.join(root, "tokenizer"), concat_tokens=SEQ_LEN, eos_text=EOS)
+    out = os.path.join(root, f"spark_{master}")
+    start = time.perf_counter()
+    run_pieces(PieceJob("json", os.path.join(root, "corpus.jsonl"), out, spec, 4), master)
+    tokens = merge(out).tokens
+    seconds = time.perf_counter() - start
+    spark.stop()
+    return {"spark": master, "pieces": 4, "tok_s": round(tokens / seconds), "spark_start_s": round(up, 1)}
+
+
 def same_shards(a: str, b: str) -> bool:
     names = sorted(n for n in os.listdir(a) if n.endswith(".mds") or n == "index.json")
     return names == sorted(n for n in os.listdir(b) if n.endswith(".mds") or n == "index.json") and all(
@@ -118,10 +139,15 @@ def main() -> None:
     parser.add_argument("--cores", type=int, nargs="+", default=None, help="core counts (default: 1 .. all)")
     parser.add_argument("--loader_batches", type=int, default=400)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no_spark", action="store_true", help="skip the Spark rows")
     parser.add_argument("--child", nargs=2, metavar=("ROOT", "CORES"), help=argparse.SUPPRESS)
+    parser.add_argument("--spark_child", nargs=2, metavar=("ROOT", "MASTER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    if args.spark_child:
+        print(json.dumps(spark_child(*args.spark_child)))
         return
     available = sorted(os.sched_getaffinity(0))
     rows = []
@@ -137,6 +163,12 @@ def main() -> None:
             row["json_same_shards_as_1_core"] = same_shards(os.path.join(root, "json1"), os.path.join(root, f"json{cores}"))
             rows.append(row)
             print(json.dumps(row), flush=True)
+        sparks = []
+        for master in ([] if args.no_spark else [f"local[{n}]" for n in range(1, len(available) + 1)]):
+            out = subprocess.run([sys.executable, __file__, "--spark_child", root, master], check=True,
+                                 capture_output=True, text=True).stdout
+            sparks.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(sparks[-1]), flush=True)
         loader = round(loader_tok_s(root, args.loader_batches))
         print(json.dumps({"loader_tok_s": loader}), flush=True)
     if args.out:
@@ -147,6 +179,9 @@ def main() -> None:
                 f.write(f"| {r['cores']} | {r['limit_encode_batch']:,} | {r['limit_encode_batch_fast']:,} | "
                         f"{r['json_tok_s']:,} ({r['json_vs_limit']}) | {r['hf_tok_s']:,} ({r['hf_vs_limit']}) | "
                         f"{r['text_tok_s']:,} ({r['text_vs_limit']}) | {r['json_same_shards_as_1_core']} |\n")
+            for r in sparks:
+                f.write(f"| Spark {r['spark']}, {r['pieces']} pieces | | | {r['tok_s']:,} (Spark up in "
+                        f"{r['spark_start_s']} s) | | | |\n")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def test_pieces_split_every_record_once_in_order(tmp_path):
             expected.append(rec["id"])
         (folder / f"{f}.jsonl").write_text("".join(lines))
     (folder / "3.json").write_text(json.dumps([{"text": "a", "id": "array-0"}, {"text": "b", "id": "array-1"}]))
-    expected += ["array-0", "array-1"]
+    (folder / "4.json").write_text("".join(json.dumps({"text": "c", "id": f"lines-{i}"}) + "\n" for i in range(9)))
+    (folder / "5.jsonl").write_text("")  # an empty last file
+    expected += ["array-0", "array-1"] + [f"lines-{i}" for i in range(9)]
     everything = [r["id"] for _, r in iter_json_records(str(folder), Counts())]
     assert everything == expected
     for count in (1, 2, 3, 5, 13, 200):
@@ -129,12 +131,18 @@ def test_text_and_hf_pieces_realign_to_the_one_machine_output(tiny_tokenizer_dir
     merge(str(tmp_path / "text_pieces"), realign=True)
     assert shard_bytes(str(tmp_path / "text_pieces")) == shard_bytes(str(tmp_path / "text_one"))
 
+    convert_json(jsonl, str(tmp_path / "json_one"), spec)
     convert_hf("json", str(tmp_path / "hf_one"), ["train"], spec, data_files={"train": jsonl})
     for i in range(3):
         PieceJob("hf", "json", str(tmp_path / "hf_pieces" / "train"), spec, 3,
                  hf={"split": "train", "data_files": {"train": jsonl}}).run(i)
     assert cli.main(["data-prep", "merge", "--out_root", str(tmp_path / "hf_pieces"), "--splits", "train", "--realign"]) == 0
     assert shard_bytes(str(tmp_path / "hf_pieces" / "train")) == shard_bytes(str(tmp_path / "hf_one" / "train"))
+
+    for i in range(50):  # more pieces than rows: most hold a tail only, some nothing
+        PieceJob("json", jsonl, str(tmp_path / "many"), spec, 50).run(i)
+    merge(str(tmp_path / "many"), realign=True)
+    assert shard_bytes(str(tmp_path / "many")) == shard_bytes(str(tmp_path / "json_one"))
 
     raw = TokenizeSpec()  # raw text: the pieces in order are the split
     convert_json(jsonl, str(tmp_path / "raw_one"), raw)
@@ -154,6 +162,8 @@ def test_piece_mistakes_are_clear_errors(tiny_tokenizer_dir, tmp_path, jsonl, ca
         (["--out_root", out, "--num_shards", "2"], "goes with --shard_index"),
         (["--out_root", out, "--num_shards", "2", "--shard_index", "0", "--realign"], "pass them to `data-prep merge`"),
         (["--out_root", "s3://bucket/x", "--num_shards", "2", "--shard_index", "0"], "a shared file system"),
+        (["--out_root", out, "--realign"], "pass them to `data-prep merge`"),
+        (["--out_root", out, "--num_workers", "-1"], "--num_workers (--processes) must be at least 1"),
     ]
     for extra, message in cases:
         assert cli.main(base + extra) == 2, extra

@@ -42,9 +42,11 @@ class Piece(NamedTuple):
     index: int
     count: int
 
-    def byte_range(self, files: Sequence[str]) -> Tuple[int, int]:
+    def byte_range(self, files: Sequence[str]) -> Tuple[int, float]:
+        """[lo, hi): the last piece's goes on past the end (empty files there start at the end)."""
         total = sum(os.path.getsize(f) for f in files)
-        return total * self.index // self.count, total * (self.index + 1) // self.count
+        last = self.index == self.count - 1
+        return total * self.index // self.count, math.inf if last else total * (self.index + 1) // self.count
 
     def files(self, files: Sequence[str]) -> List[str]:
         """The files whose first byte lies in this piece."""
@@ -97,6 +99,7 @@ def iter_json_records(path: str, dropped: Counts, skip_bad_lines: bool = False,
                 for i, rec in enumerate(records):
                     yield f"{name}:[{i}]", rec
                 continue
+            f.seek(0)
             for where, raw in _lines(f, name, max(0, lo - first), hi - first):
                 try:
                     line = raw.decode("utf-8")

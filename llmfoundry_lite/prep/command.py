@@ -242,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         targets = {split: _upload_target(split, args) for split in args.splits or [None]}
         for split, target in targets.items():
             _merge(os.path.join(args.out_root, split) if split else args.out_root, target, args)
-    elif args.what in ("json", "text", "hf") and (args.num_shards, args.shard_index, args.spark) != (None, None, None):
+    elif args.what in ("json", "text", "hf") and (
+            args.realign or (args.num_shards, args.shard_index, args.spark, args.upload_to) != (None,) * 4):
         _in_pieces(args)
     elif args.what == "hf":
         summaries = convert.convert_hf(args.dataset, args.out_root, args.splits, _spec(args), args.data_subset,
@@ -280,7 +281,10 @@ def _upload_target(split: Optional[str], args: argparse.Namespace) -> Optional[s
 
 def _merge(folder: str, target: Optional[str], args: argparse.Namespace) -> None:
     """Merge the pieces in `folder`; publish the split at `target` (an object-store prefix) when given."""
-    summary = merge(folder, args.realign)
+    if target and os.path.exists(os.path.join(folder, "index.json")):  # merged, its upload interrupted: upload
+        summary = "merged before; uploaded now"
+    else:
+        summary = merge(folder, args.realign)
     if target:
         stores.publish_folder(folder, target, "data-prep merge", "--upload_to", args.overwrite, last=["index.json"],
                               overwrite_does=Output.OVERWRITE_DOES)
@@ -289,22 +293,23 @@ def _merge(folder: str, target: Optional[str], args: argparse.Namespace) -> None
 
 def _in_pieces(args: argparse.Namespace) -> None:
     """json/text/hf with --num_shards/--shard_index (one piece) or --spark (all pieces, then the merge)."""
+    if (args.realign or args.upload_to) and not args.spark:
+        raise UserError("--realign and --upload_to belong to the merge: pass them to `data-prep merge` (or run with --spark)")
     if args.shard_index is not None and args.num_shards is None:
         raise UserError("--shard_index needs --num_shards")
     if (args.shard_index is None) == (args.spark is None):
         raise UserError("--num_shards goes with --shard_index (write one piece here) or --spark (run every piece on "
                         "Spark), one of them")
-    if (args.realign or args.upload_to) and not args.spark:
-        raise UserError("--realign and --upload_to belong to the merge: pass them to `data-prep merge`")
     out = args.output_folder if args.what == "text" else args.out_root
     if stores.is_remote(out):
-        raise UserError(f"{out}: pieces are written to a folder all of them see (a shared file system); copy the "
-                        "merged split to the object store afterwards")
+        raise UserError(f"{out}: pieces are written to a folder all of them see (a shared file system): "
+                        "write them there, then publish the split with `data-prep merge --upload_to URI`")
+    out = os.path.abspath(out)  # the same on every executor
     if args.what == "json":
-        jobs = [PieceJob("json", args.path, os.path.join(out, args.split or ""), _spec(args), args.num_shards or 0,
+        jobs = [PieceJob("json", os.path.abspath(args.path), os.path.join(out, args.split or ""), _spec(args), args.num_shards or 0,
                          args.text_column, args.compression, args.skip_bad_lines, num_workers=args.num_workers)]
     elif args.what == "text":
-        jobs = [PieceJob("text", args.input_folder, out, _spec(args), args.num_shards or 0,
+        jobs = [PieceJob("text", os.path.abspath(args.input_folder), out, _spec(args), args.num_shards or 0,
                          compression=args.compression, num_workers=args.processes, flag="--output_folder")]
     else:
         hf = {"name": args.data_subset, "data_files": parse_data_files(args.data_files)}

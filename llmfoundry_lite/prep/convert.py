@@ -259,7 +259,7 @@ def token_rows(tokenized: Iterable, spec: TokenizeSpec, dropped: Counts, hold: O
 
 def default_workers() -> int:
     """The cores this process may run on (its CPU affinity: taskset, a Slurm allocation, a container)."""
-    return len(os.sched_getaffinity(0))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression: Optional[str] = None,
@@ -286,6 +286,8 @@ def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression
     encode = _encoder(tok, bos, eos, encoding.split(":")[1])
     batches = _batches(documents)
     workers = num_workers or default_workers()
+    if workers < 1:
+        raise UserError(f"--num_workers (--processes) must be at least 1, got {workers}")
     with bar, _one_thread_per_encode(), ThreadPoolExecutor(workers) as pool:
         try:
             blocks = token_rows(_in_order(pool, encode, batches, window=2 * workers), spec, summary.dropped, hold)

@@ -9,7 +9,7 @@ What the merge gives, for token rows (`--concat_tokens N`): each piece cuts rows
 and hands its last N to 2N-1 tokens (all of them when it has fewer) to the merge, which concatenates
 these tails in piece order and cuts them into the last rows. The split then holds exactly the tokens a
 one-machine run writes (the same ones dropped at the end: the tails end with the last piece's, which
-holds at least the N - 1 final tokens of the input), but a row that would span two pieces is
+holds the input's last N tokens, or all of its own and the pieces' before it that it needs), but a row that would span two pieces is
 found among the tail rows instead. `merge --realign` rewrites every row in input order (one pass over
 the tokens, no tokenizing): the shards are then byte-identical to the one-machine output.
 `--no_wrap` cannot be pieced: where a piece starts changes which tokens it drops.
@@ -29,7 +29,7 @@ from llmfoundry_lite.data.mds import check_output_links, publish_split, token_co
 from llmfoundry_lite.data.sources import Piece, input_files, load_hf_dataset
 from llmfoundry_lite.data.tokenizer import build_tokenizer
 from llmfoundry_lite.errors import DataError, UserError
-from llmfoundry_lite.files import check_folder_path, remove_entries
+from llmfoundry_lite.files import check_folder_path, read_json_file, remove_entries
 from llmfoundry_lite.prep.convert import (
     Summary,
     TokenizeSpec,
@@ -205,9 +205,10 @@ def _realign(split_dir: str, folders: List[str], spec: TokenizeSpec, compression
 
     def stream():
         for folder in folders:
-            rows = LocalDataset(folder)
-            for i in range(len(rows)):
-                yield rows[i]["tokens"], ()
+            if read_json_file(os.path.join(folder, "index.json"), "a piece")["shards"]:  # else no rows to read
+                rows = LocalDataset(folder)
+                for i in range(len(rows)):
+                    yield rows[i]["tokens"], ()
             yield np.load(os.path.join(folder, TAIL)), ()
     out = os.path.join(split_dir, REALIGNED)
     summary = Summary(documents=total.documents, dropped=total.dropped)

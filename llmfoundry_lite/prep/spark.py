@@ -19,7 +19,7 @@ from typing import Optional
 from llmfoundry_lite.data.sources import Piece
 from llmfoundry_lite.errors import DataError, UserError
 from llmfoundry_lite.prep.convert import Summary, TokenizeSpec
-from llmfoundry_lite.prep.pieces import PieceJob, merge, write_piece
+from llmfoundry_lite.prep.pieces import PieceJob, check_piece, merge, write_piece
 
 
 def session(master: str):
@@ -57,6 +57,7 @@ def run_pieces(job: PieceJob, master: str) -> PieceJob:
     next (pieces.merge). Returns the job as run."""
     spark = session(master)
     count = job.count or spark.sparkContext.defaultParallelism
+    check_piece(Piece(0, count), job.spec)
     job = replace(job, count=count, num_workers=_task_cpus(spark))
     _collect(spark.sparkContext.parallelize(range(count), count).map(job.run))
     return job
