@@ -95,15 +95,14 @@ def same_shards(a: str, b: str) -> bool:
         filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False) for n in names)
 
 
-def loader_tok_s(root: str, batches: int) -> float:
+def loader_tok_s(data: str, tokenizer: str, batches: int) -> float:
     import torch
 
     from llmfoundry_lite.data.loaders import build_dataloader
     from llmfoundry_lite.data.tokenizer import build_tokenizer
     torch.set_num_threads(1)
     loader = build_dataloader({"name": "text", "drop_last": True, "dataset": {
-        "local": os.path.join(root, "json1"), "shuffle": True, "max_seq_len": SEQ_LEN}},
-        build_tokenizer(os.path.join(root, "tokenizer")), BATCH)
+        "local": data, "shuffle": True, "max_seq_len": SEQ_LEN}}, build_tokenizer(tokenizer), BATCH)
     seen, start = 0, time.perf_counter()
     while seen < batches:
         for batch in loader:
@@ -153,14 +152,15 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         prepare(root, args.documents)
-        for cores in args.cores or range(1, len(available) + 1):
+        counts = args.cores or list(range(1, len(available) + 1))
+        for cores in counts:
             pinned = ",".join(map(str, available[:cores]))
             env = {**os.environ, "HF_DATASETS_CACHE": os.path.join(root, f"hf_cache{cores}"),
                    "TOKENIZERS_PARALLELISM": "true"}
             out = subprocess.run(["taskset", "-c", pinned, sys.executable, __file__, "--child", root, str(cores)],
                                  env=env, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
-            row["json_same_shards_as_1_core"] = same_shards(os.path.join(root, "json1"), os.path.join(root, f"json{cores}"))
+            row["json_same_shards_as_first"] = same_shards(os.path.join(root, f"json{counts[0]}"), os.path.join(root, f"json{cores}"))
             rows.append(row)
             print(json.dumps(row), flush=True)
         sparks = []
@@ -169,7 +169,8 @@ def main() -> None:
                                  capture_output=True, text=True).stdout
             sparks.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(sparks[-1]), flush=True)
-        loader = round(loader_tok_s(root, args.loader_batches))
+        loader = round(loader_tok_s(os.path.join(root, f"json{counts[0]}"), os.path.join(root, "tokenizer"),
+                                    args.loader_batches))
         print(json.dumps({"loader_tok_s": loader}), flush=True)
     if args.out:
         with open(args.out, "a") as f:
@@ -178,7 +179,7 @@ def main() -> None:
             for r in rows:
                 f.write(f"| {r['cores']} | {r['limit_encode_batch']:,} | {r['limit_encode_batch_fast']:,} | "
                         f"{r['json_tok_s']:,} ({r['json_vs_limit']}) | {r['hf_tok_s']:,} ({r['hf_vs_limit']}) | "
-                        f"{r['text_tok_s']:,} ({r['text_vs_limit']}) | {r['json_same_shards_as_1_core']} |\n")
+                        f"{r['text_tok_s']:,} ({r['text_vs_limit']}) | {r['json_same_shards_as_first']} |\n")
             for r in sparks:
                 f.write(f"| Spark {r['spark']}, {r['pieces']} pieces | | | {r['tok_s']:,} (Spark up in "
                         f"{r['spark_start_s']} s) | | | |\n")

@@ -264,12 +264,13 @@ def default_workers() -> int:
 
 def write_mds(docs: Iterable[str], out_dir: str, spec: TokenizeSpec, compression: Optional[str] = None,
               num_workers: Optional[int] = None, summary: Optional[Summary] = None, desc: str = "",
-              hold: Optional[List] = None) -> Summary:
+              hold: Optional[List] = None, tok=None) -> Summary:
     """Write documents to one MDS folder (`tokens` rows or `text`); returns the summary. `hold`: see
-    `token_rows`."""
+    `token_rows`; `tok`: `spec`'s tokenizer when the caller has built it already."""
     summary = summary or Summary()
     start = time.time()
-    tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
+    if spec.tokenizer and tok is None:
+        tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs)
     bar = tqdm(desc=desc or os.path.basename(out_dir), unit=" tok" if tok else " doc", unit_scale=True, mininterval=1.0)
     documents = _documents(docs, summary)
     if tok is None:
@@ -454,7 +455,8 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
         raise UserError(f"{output_folder} holds an unfinished conversion made with other settings; "
                         "pass --reprocess to start over or choose another --output_folder")
     folders = [os.path.join(output_folder, f"group_{i:05d}") for i in range(len(groups))]
-    todo = [(g, f, spec, compression, processes) for g, f in zip(groups, folders, strict=True) if read_done(f) is None]
+    tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None  # once, not per group
+    todo = [(g, f, spec, compression, processes, tok) for g, f in zip(groups, folders, strict=True) if read_done(f) is None]
     if len(todo) < len(groups):
         print(f"resuming: {len(groups) - len(todo)} of {len(groups)} groups already done")
     start = time.time()
@@ -470,9 +472,11 @@ def convert_text(input_folder: str, output_folder: str, spec: TokenizeSpec, comp
     return total
 
 
-def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str], workers: int) -> None:
+def _convert_group(files: List[str], folder: str, spec: TokenizeSpec, compression: Optional[str], workers: int,
+                   tok) -> None:
     remove_entries(os.path.dirname(folder), [os.path.basename(folder)])  # a crashed attempt's partial shards
-    summary = write_mds(iter_text_files(files), folder, spec, compression, workers, desc=os.path.basename(folder))
+    summary = write_mds(iter_text_files(files), folder, spec, compression, workers, desc=os.path.basename(folder),
+                        tok=tok)
     mark_done(folder, summary, {"files": files})
 
 

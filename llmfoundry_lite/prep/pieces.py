@@ -90,9 +90,9 @@ def write_piece(docs: Iterable[str], split_dir: str, piece: Piece, spec: Tokeniz
     check_piece(piece, spec)
     _check_split_folder(split_dir, piece.count, flag)
     folder = os.path.join(split_dir, piece_name(piece))
+    tok = build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs) if spec.tokenizer else None
     settings = {**settings, "spec": asdict(spec), "compression": compression,
-                "encoding": token_column_encoding(len(build_tokenizer(spec.tokenizer, spec.tokenizer_kwargs)))
-                if spec.tokenizer else None}
+                "encoding": token_column_encoding(len(tok)) if tok else None}
     done = read_done(folder)
     if done is not None:
         if done["args"] != settings:
@@ -101,7 +101,7 @@ def write_piece(docs: Iterable[str], split_dir: str, piece: Piece, spec: Tokeniz
         return Summary(**done["summary"])
     hold: Optional[List[np.ndarray]] = [] if spec.concat_tokens else None
     with publish_split(folder, flag) as tmp:
-        summary = write_mds(docs, tmp, spec, compression, num_workers, summary, desc=piece_name(piece), hold=hold)
+        summary = write_mds(docs, tmp, spec, compression, num_workers, summary, desc=piece_name(piece), hold=hold, tok=tok)
         if hold is not None:
             np.save(os.path.join(tmp, TAIL), hold[0] if hold else np.zeros(0, np.int64))
         mark_done(tmp, summary, settings)
